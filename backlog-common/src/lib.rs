@@ -1,0 +1,260 @@
+//! Types shared by the kernel programs (backlog-ebpf) and user space (backlog-user).
+//!
+//! This crate plays the role of libbpf-tools' shared header: every struct here is
+//! `#[repr(C)]`, has no pointers, and is laid out identically on both sides. The
+//! recorder writes these same structs to disk, so changing a layout is a file-format
+//! change (bump `record::VERSION` in backlog-user).
+#![no_std]
+
+/// Why the kernel dropped a connection at the listener.
+///
+/// The numbering is the index into `ListenerStats::drops` and is stable: it is
+/// part of the recorder's file format.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A SYN arrived while the accept queue was full (counts ListenOverflows).
+    AcceptQueueFull = 0,
+    /// A SYN arrived while the SYN queue was full and syncookies were off
+    /// (counts TCPReqQFullDrop).
+    SynQueueFull = 1,
+    /// The final ACK of a handshake arrived while the accept queue was full
+    /// (counts ListenOverflows).
+    AckOverflow = 2,
+    /// Any other tcp_listendrop(): allocation, route or security failures,
+    /// the tcp_max_syn_backlog quarter reserved for proven peers.
+    Other = 3,
+}
+
+pub const N_REASONS: usize = 4;
+
+impl DropReason {
+    pub const ALL: [DropReason; N_REASONS] = [
+        DropReason::AcceptQueueFull,
+        DropReason::SynQueueFull,
+        DropReason::AckOverflow,
+        DropReason::Other,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    /// The name used in JSON, tables and Prometheus labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::AcceptQueueFull => "accept_queue_full",
+            DropReason::SynQueueFull => "syn_queue_full",
+            DropReason::AckOverflow => "ack_overflow",
+            DropReason::Other => "other",
+        }
+    }
+
+    /// Whether the kernel also counted this drop in TcpExt ListenOverflows.
+    pub fn is_overflow(self) -> bool {
+        matches!(self, DropReason::AcceptQueueFull | DropReason::AckOverflow)
+    }
+}
+
+/// What a ring-buffer record describes.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A connection dropped at a listener (`reason` says why).
+    Drop = 1,
+    /// A socket entered LISTEN (pid/comm are the task that called listen()).
+    Listen = 2,
+    /// A listening socket left LISTEN (closed or shut down).
+    Unlisten = 3,
+    /// An established connection was taken off the accept queue.
+    Accept = 4,
+    /// A queued connection left the accept queue without being accepted.
+    Abandon = 5,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => EventKind::Drop,
+            2 => EventKind::Listen,
+            3 => EventKind::Unlisten,
+            4 => EventKind::Accept,
+            5 => EventKind::Abandon,
+            _ => return None,
+        })
+    }
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const COMM_LEN: usize = 16;
+
+/// One record in the ring buffer, and in the recorder's file.
+///
+/// A single fixed-size record for every kind keeps the kernel side simple (one
+/// reserve/submit path) and lets `record`/`report` share one reader.
+/// Addresses are in network byte order as on the wire; an IPv4 address sits in
+/// the first four bytes. Ports are host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns); user space converts to wall time.
+    pub ts_ns: u64,
+    /// Kernel address of the listening socket: the identity of a listener while it
+    /// lives. Never printed; addresses are reused after close.
+    pub sk: u64,
+    /// Inode of the listener's `struct socket` (what /proc/PID/fd links name).
+    pub sock_ino: u64,
+    /// Kind-specific: the accept-queue wait in ns for `Accept`; 0 otherwise.
+    pub value: u64,
+    /// Network namespace inode (`ip netns identify`, /proc/PID/ns/net).
+    pub netns: u32,
+    /// Task that did the work, where it means something (`Listen`, `Accept`).
+    pub pid: u32,
+    pub kind: u8,
+    pub reason: u8,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    /// Accept-queue length and limit (sk_ack_backlog / sk_max_ack_backlog).
+    pub queue_len: u32,
+    pub queue_max: u32,
+    /// SYN-queue length (request socks not yet acknowledged).
+    pub syn_queue_len: u32,
+    /// Backlog asked of listen() (for `Listen`), 0 when not seen.
+    pub requested_backlog: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Event {
+            ts_ns: 0,
+            sk: 0,
+            sock_ino: 0,
+            value: 0,
+            netns: 0,
+            pid: 0,
+            kind: 0,
+            reason: 0,
+            family: 0,
+            lport: 0,
+            rport: 0,
+            laddr: [0; 16],
+            raddr: [0; 16],
+            queue_len: 0,
+            queue_max: 0,
+            syn_queue_len: 0,
+            requested_backlog: 0,
+            comm: [0; COMM_LEN],
+        }
+    }
+}
+
+/// Per-listener counters, one copy per CPU (summed in user space).
+///
+/// These are the source of truth for counts: they stay exact when the ring buffer
+/// is full and events are lost.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    pub drops: [u64; N_REASONS],
+    /// Connections taken by accept() and their summed wait.
+    pub accepts: u64,
+    pub abandoned: u64,
+    /// Highest accept-queue length seen on this CPU since user space last reset it.
+    pub queue_peak: u32,
+    pub queue_max: u32,
+}
+
+/// Counters that are not per listener (index into the `GLOBAL` per-CPU array).
+pub mod global {
+    /// Ring-buffer records that could not be reserved.
+    pub const LOST_EVENTS: u32 = 0;
+    /// Packet windows closed without a matching open window (diagnostic).
+    pub const UNMATCHED_END: u32 = 1;
+    /// Drops seen at listeners whose stats map entry could not be created.
+    pub const STATS_FULL: u32 = 2;
+    /// Accept-queue children that were never timed (tracer started after enqueue).
+    pub const UNMATCHED_ACCEPT: u32 = 3;
+    pub const N: u32 = 8;
+}
+
+/// Field offsets and constants read from the running kernel's BTF at load time and
+/// written into the eBPF object's `.rodata` before it is loaded, so the verifier
+/// sees them as constants. No offset is ever compiled in from one kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock_common
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_num: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    // struct sock
+    pub sk_drops: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    pub sk_socket: u32,
+    // struct inet_connection_sock: &icsk_accept_queue.qlen
+    pub icsk_accept_queue_qlen: u32,
+    // struct socket -> file -> f_inode -> i_ino
+    pub socket_file: u32,
+    pub file_f_inode: u32,
+    pub inode_i_ino: u32,
+    // struct net
+    pub net_ns_inum: u32,
+    pub net_ipv4_sysctl_tcp_syncookies: u32,
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_transport_header: u32,
+    pub skb_network_header: u32,
+    // enum skb_drop_reason: SKB_DROP_REASON_TCP_LISTEN_OVERFLOW, or u32::MAX when
+    // the kernel has no such reason (before 6.15 the final-ACK overflow is
+    // NOT_SPECIFIED and is recognised by sk_drops moving by two instead).
+    pub reason_listen_overflow: u32,
+    /// 1 when the kfree_skb tracepoint carries rx_sk (6.11+).
+    pub kfree_has_rx_sk: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), plain old data, valid for any bit pattern.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::ListenerStats {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+/// Map and program names, shared so the loader cannot drift from the object.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const STATS: &str = "STATS";
+    pub const GLOBAL: &str = "GLOBAL";
+    pub const OFFSETS: &str = "OFFSETS";
+    pub const FILTER_PORTS: &str = "FILTER_PORTS";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip_and_overflow_split() {
+        for r in DropReason::ALL {
+            assert_eq!(DropReason::from_u8(r as u8), Some(r));
+        }
+        assert_eq!(DropReason::from_u8(4), None);
+        let overflows: usize = DropReason::ALL.iter().filter(|r| r.is_overflow()).count();
+        assert_eq!(overflows, 2);
+    }
+
+    #[test]
+    fn event_layout_is_stable() {
+        // The recorder's file format depends on this size.
+        assert_eq!(core::mem::size_of::<Event>(), 128);
+    }
+}

@@ -1,0 +1,126 @@
+//! Command line: the live tracer is the default command; `check`, `record` and
+//! `report` are subcommands that share its filters and output model.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "backlog-trace",
+    version,
+    about = "Catch and explain TCP listen-queue drops, per listener, as they happen",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Diagnose every listener's queue configuration (no eBPF needed).
+    Check(crate::check::CheckArgs),
+}
+
+/// Attach mode for the kernel programs.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fentry => "fentry",
+            Mode::Kprobe => "kprobe",
+            Mode::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// Which listeners to look at; shared by the tracer, `record` and `report`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Filters {
+    /// Only listeners on this local port (repeatable).
+    #[arg(long = "port", short = 'p', value_parser = clap::value_parser!(u16).range(1..=65535))]
+    pub ports: Vec<u16>,
+    /// Only listeners owned by this process (repeatable).
+    #[arg(long = "pid", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+    /// Only this network namespace: a name from `ip netns`, a path such as
+    /// /proc/PID/ns/net, or an inode number (repeatable).
+    #[arg(long = "netns", value_parser = crate::netns::parse_netns)]
+    pub netns: Vec<u32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub filters: Filters,
+    /// Print the per-listener table every this many seconds.
+    #[arg(long, short = 'i', value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// One line per drop as it happens.
+    #[arg(long)]
+    pub events: bool,
+    /// Stop after this long (e.g. 30, 30s, 5m).
+    #[arg(long, short = 'd', value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// NDJSON on stdout: a start line, one line per drop, a summary at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// Force an attach mode instead of the best one the kernel allows.
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+}
+
+/// Accepts "30", "30s", "250ms", "5m", "1h".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (try 10s, 500ms, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit '{unit}' in '{s}' (use ms, s, m or h)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("duration '{s}' must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn port_zero_is_rejected() {
+        let e = Cli::try_parse_from(["backlog-trace", "--port", "0"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = Cli::try_parse_from(["backlog-trace", "--port", "65536"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let ok = Cli::try_parse_from(["backlog-trace", "--port", "80", "-p", "443"]).unwrap();
+        assert_eq!(ok.trace.filters.ports, vec![80, 443]);
+    }
+}
