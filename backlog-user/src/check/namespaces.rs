@@ -1,0 +1,116 @@
+//! Finding every network namespace in use and looking into each one.
+//!
+//! A namespace is in use if some process lives in it (/proc/*/ns/net) or `ip netns`
+//! pinned it (/run/netns/*). To look inside, a short-lived thread enters it with
+//! setns(CLONE_NEWNET) and opens what the check needs there: a sock_diag socket, the
+//! netstat file and the sysctls. Sockets and open proc files stay bound to the namespace
+//! they were opened in, so the main thread samples them afterwards without moving.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::diag::Diag;
+use super::netstat::Netstat;
+use super::sysctl::Sysctls;
+
+#[derive(Debug, Clone)]
+pub struct NetnsInfo {
+    pub inode: u32,
+    /// The `ip netns` name, when it has one.
+    pub name: Option<String>,
+    /// A file that refers to the namespace, to enter it by.
+    pub path: PathBuf,
+}
+
+pub struct Enumeration {
+    pub namespaces: Vec<NetnsInfo>,
+    /// Processes whose namespace we may not look at (other users' processes without
+    /// root, or processes protected from us).
+    pub hidden_pids: usize,
+}
+
+/// What a namespace looks like from inside, ready to sample.
+pub struct Inside {
+    pub sysctls: Sysctls,
+    pub diag: Diag,
+    pub netstat: Netstat,
+}
+
+fn ns_inode(path: &Path) -> io::Result<u32> {
+    Ok(std::fs::metadata(path)?.ino() as u32)
+}
+
+pub fn enumerate() -> io::Result<Enumeration> {
+    let mut found: BTreeMap<u32, NetnsInfo> = BTreeMap::new();
+    let mut hidden_pids = 0;
+    // Named namespaces first, so a namespace that is both named and in use keeps its name.
+    for dir in ["/run/netns", "/var/run/netns"] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if let Ok(inode) = ns_inode(&path) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                found.entry(inode).or_insert(NetnsInfo { inode, name: Some(name), path });
+            }
+        }
+    }
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        match ns_inode(&path) {
+            Ok(inode) => {
+                found.entry(inode).or_insert(NetnsInfo { inode, name: None, path });
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => hidden_pids += 1,
+            Err(_) => {} // the process exited, or is a kernel thread without one
+        }
+    }
+    Ok(Enumeration { namespaces: found.into_values().collect(), hidden_pids })
+}
+
+/// Opens the check's view of `ns`. Our own namespace needs no privilege; any other
+/// needs CAP_SYS_ADMIN for setns.
+pub fn enter(ns: &NetnsInfo, current: u32) -> io::Result<Inside> {
+    fn look() -> io::Result<Inside> {
+        Ok(Inside { sysctls: Sysctls::read(), diag: Diag::open()?, netstat: Netstat::open()? })
+    }
+    if ns.inode == current {
+        return look();
+    }
+    let (path, inode) = (ns.path.clone(), ns.inode);
+    std::thread::spawn(move || {
+        let f = File::open(&path)?;
+        // The pid behind /proc/PID/ns/net may have exited and been reused since enumeration.
+        if f.metadata()?.ino() as u32 != inode {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "namespace went away"));
+        }
+        // SAFETY: plain syscall on a valid fd; it only changes this helper thread.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        look()
+    })
+    .join()
+    .map_err(|_| io::Error::other("namespace helper thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_is_listed_and_enterable() {
+        let me = crate::netns::current().unwrap();
+        let all = enumerate().unwrap();
+        let own = all.namespaces.iter().find(|n| n.inode == me).expect("own netns");
+        let inside = enter(own, me).unwrap();
+        assert!(inside.sysctls.somaxconn.is_some());
+    }
+}
