@@ -161,6 +161,13 @@ impl Event {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenerStats {
     pub drops: [u64; N_REASONS],
+    /// The listener's identity, so user space can name a listener whose every event
+    /// was lost.
+    pub sock_ino: u64,
+    pub netns: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub laddr: [u8; 16],
     /// Connections taken by accept() and their summed wait.
     pub accepts: u64,
     pub abandoned: u64,
@@ -217,8 +224,23 @@ pub struct KernelOffsets {
     // the kernel has no such reason (before 6.15 the final-ACK overflow is
     // NOT_SPECIFIED and is recognised by sk_drops moving by two instead).
     pub reason_listen_overflow: u32,
+    /// SKB_DROP_REASON_NO_SOCKET: what a SYN-cookie ACK that failed to become a
+    /// child is freed with.
+    pub reason_no_socket: u32,
+    /// SKB_DROP_REASON_NOT_SPECIFIED.
+    pub reason_not_specified: u32,
     /// 1 when the kfree_skb tracepoint carries rx_sk (6.11+).
     pub kfree_has_rx_sk: u32,
+}
+
+/// Run-time settings written into `.rodata` next to the offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// 1 when `FILTER_PORTS` lists the only local ports to watch.
+    pub filter_ports: u32,
+    /// Offset of `backlog` in the syscalls:sys_enter_listen record (from its format file).
+    pub listen_backlog_off: u32,
 }
 
 #[cfg(feature = "user")]
@@ -227,6 +249,7 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::ListenerStats {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Config {}
 }
 
 /// Map and program names, shared so the loader cannot drift from the object.
@@ -235,6 +258,7 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const GLOBAL: &str = "GLOBAL";
     pub const OFFSETS: &str = "OFFSETS";
+    pub const CONFIG: &str = "CONFIG";
     pub const FILTER_PORTS: &str = "FILTER_PORTS";
 }
 

@@ -1,6 +1,5 @@
 //! Command line: the live tracer is the default command; `check`, `record` and
 //! `report` are subcommands that share its filters and output model.
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};

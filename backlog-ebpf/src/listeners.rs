@@ -1,0 +1,69 @@
+//! Listener registry: sockets entering and leaving LISTEN, with the task that made
+//! them and the backlog it asked for. Runs in process context (listen(), close()),
+//! so the current task is the owner, unlike at drop time.
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::map,
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use backlog_common::{Event, EventKind};
+
+use crate::kernel::{self, TCP_CLOSE, TCP_LISTEN};
+use crate::maps;
+
+/// listen() backlog argument by thread, from sys_enter_listen until the socket
+/// reaches LISTEN inside the same syscall.
+#[map(name = "LISTEN_ARGS")]
+static LISTEN_ARGS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
+
+#[inline(always)]
+pub fn on_sys_enter_listen(ctx: &TracePointContext) {
+    let off = kernel::config().listen_backlog_off as usize;
+    // SAFETY: offset of a u64 field inside the tracepoint record (from its format file).
+    let Ok(backlog) = (unsafe { ctx.read_at::<u64>(off) }) else {
+        return;
+    };
+    let _ = LISTEN_ARGS.insert(&bpf_get_current_pid_tgid(), &(backlog as u32), 0);
+}
+
+/// inet_sock_set_state for a socket entering or leaving LISTEN.
+#[inline(always)]
+pub fn on_state(sk: u64, old: u8, new: u8) {
+    let kind = if new == TCP_LISTEN {
+        EventKind::Listen
+    } else if old == TCP_LISTEN && new == TCP_CLOSE {
+        EventKind::Unlisten
+    } else {
+        return;
+    };
+    let o = kernel::offsets();
+    let (family, laddr, lport) = kernel::local_addr(sk, &o);
+    if !maps::port_watched(lport) {
+        return;
+    }
+    let q = kernel::queue_state(sk, &o);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let mut ev = Event::zeroed();
+    ev.ts_ns = maps::now_ns();
+    ev.sk = sk;
+    ev.sock_ino = kernel::socket_inode(sk, &o);
+    ev.netns = kernel::netns_inum(kernel::sk_net(sk, &o), &o);
+    ev.kind = kind as u8;
+    ev.family = family;
+    ev.lport = lport;
+    ev.laddr = laddr;
+    ev.queue_len = q.ack_backlog;
+    ev.queue_max = q.max_ack_backlog;
+    ev.syn_queue_len = q.syn_qlen;
+    ev.pid = (pid_tgid >> 32) as u32;
+    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    if kind == EventKind::Listen {
+        // SAFETY: plain value lookup.
+        if let Some(b) = unsafe { LISTEN_ARGS.get(&pid_tgid) } {
+            ev.requested_backlog = *b;
+        }
+        let _ = LISTEN_ARGS.remove(&pid_tgid);
+    }
+    maps::emit(&ev);
+}

@@ -1,0 +1,193 @@
+//! Field offsets and enum values from the running kernel's BTF.
+//!
+//! Nothing about kernel struct layout is compiled into backlog-trace: each offset the
+//! eBPF programs use is looked up here by name, walking anonymous unions and structs
+//! the way the C compiler would, and handed to the programs through `.rodata`.
+use anyhow::{anyhow, bail, Context, Result};
+use backlog_common::KernelOffsets;
+use btf_rs::{Btf, Type};
+use fallible_iterator::FallibleIterator;
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn open(path: &str) -> Result<Self> {
+        let btf = Btf::from_file(path).with_context(|| format!("reading kernel BTF from {path}"))?;
+        Ok(KernelBtf { btf })
+    }
+
+    /// Strips typedefs and qualifiers.
+    fn resolve(&self, mut ty: Type) -> Result<Type> {
+        for _ in 0..16 {
+            match &ty {
+                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
+                    let inner = ty.as_btf_type().ok_or_else(|| anyhow!("untyped qualifier"))?;
+                    ty = self.btf.resolve_chained_type(inner)?;
+                }
+                _ => return Ok(ty),
+            }
+        }
+        bail!("type chain too deep")
+    }
+
+    fn composite(&self, name: &str) -> Result<btf_rs::Struct> {
+        let types = self.btf.resolve_types_by_name(name).with_context(|| format!("no type '{name}' in kernel BTF"))?;
+        types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("'{name}' is not a struct in kernel BTF"))
+    }
+
+    /// Finds `name` in `s`, descending into anonymous members; returns its bit offset
+    /// from the start of `s` and its type.
+    fn find(&self, s: &btf_rs::Struct, name: &str, depth: u32) -> Result<Option<(u32, Type)>> {
+        if depth > 8 {
+            return Ok(None);
+        }
+        for m in &s.members {
+            let mname = self.btf.resolve_name(m).unwrap_or_default();
+            let mty = self.resolve(self.btf.resolve_chained_type(m)?)?;
+            if mname == name {
+                return Ok(Some((m.bit_offset(), mty)));
+            }
+            if mname.is_empty() {
+                if let Type::Struct(inner) | Type::Union(inner) = &mty {
+                    if let Some((off, t)) = self.find(inner, name, depth + 1)? {
+                        return Ok(Some((m.bit_offset() + off, t)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Byte offset of `path` (e.g. ["icsk_accept_queue", "qlen"]) inside `strukt`.
+    pub fn offset(&self, strukt: &str, path: &[&str]) -> Result<u32> {
+        let mut cur = self.composite(strukt)?;
+        let mut bits = 0u32;
+        for (i, field) in path.iter().enumerate() {
+            let (off, ty) = self
+                .find(&cur, field, 0)?
+                .ok_or_else(|| anyhow!("kernel BTF: struct {strukt} has no field {}", path[..=i].join(".")))?;
+            bits += off;
+            if i + 1 < path.len() {
+                cur = match ty {
+                    Type::Struct(s) | Type::Union(s) => s,
+                    _ => bail!("kernel BTF: {strukt}.{} is not a struct", path[..=i].join(".")),
+                };
+            }
+        }
+        if bits % 8 != 0 {
+            bail!("kernel BTF: {strukt}.{} is a bitfield", path.join("."));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Value of an enumerator, if the kernel has it.
+    pub fn enum_value(&self, enumerator: &str) -> Option<u32> {
+        let mut types = self.btf.type_iter();
+        while let Ok(Some(ty)) = types.next() {
+            if let Type::Enum(e) = ty {
+                for m in &e.members {
+                    if self.btf.resolve_name(m).ok().as_deref() == Some(enumerator) {
+                        return Some(m.val());
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Number of arguments a raw tracepoint passes (from its btf_trace_* typedef,
+    /// minus the leading context pointer).
+    pub fn tracepoint_args(&self, tp: &str) -> Option<usize> {
+        let name = format!("btf_trace_{tp}");
+        let ty = self.btf.resolve_types_by_name(&name).ok()?.into_iter().next()?;
+        let ptr = self.resolve(ty).ok()?;
+        let proto = self.btf.resolve_chained_type(ptr.as_btf_type()?).ok()?;
+        match proto {
+            Type::FuncProto(fp) => Some(fp.parameters.len().saturating_sub(1)),
+            _ => None,
+        }
+    }
+
+    pub fn has_function(&self, name: &str) -> bool {
+        self.btf
+            .resolve_types_by_name(name)
+            .map(|ts| ts.iter().any(|t| matches!(t, Type::Func(_))))
+            .unwrap_or(false)
+    }
+
+    /// Everything the eBPF programs read from kernel memory.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
+        let sk_common = |f: &str| self.offset("sock", &["__sk_common", f]);
+        Ok(KernelOffsets {
+            skc_family: sk_common("skc_family")?,
+            skc_state: sk_common("skc_state")?,
+            skc_num: sk_common("skc_num")?,
+            skc_rcv_saddr: sk_common("skc_rcv_saddr")?,
+            skc_v6_rcv_saddr: sk_common("skc_v6_rcv_saddr")?,
+            skc_net: sk_common("skc_net")?,
+            sk_drops: self.offset("sock", &["sk_drops"])?,
+            sk_ack_backlog: self.offset("sock", &["sk_ack_backlog"])?,
+            sk_max_ack_backlog: self.offset("sock", &["sk_max_ack_backlog"])?,
+            sk_socket: self.offset("sock", &["sk_socket"])?,
+            icsk_accept_queue_qlen: self.offset("inet_connection_sock", &["icsk_accept_queue", "qlen"])?,
+            socket_file: self.offset("socket", &["file"])?,
+            file_f_inode: self.offset("file", &["f_inode"])?,
+            inode_i_ino: self.offset("inode", &["i_ino"])?,
+            net_ns_inum: self.offset("net", &["ns", "inum"])?,
+            net_ipv4_sysctl_tcp_syncookies: self.offset("net", &["ipv4", "sysctl_tcp_syncookies"])?,
+            skb_head: self.offset("sk_buff", &["head"])?,
+            skb_transport_header: self.offset("sk_buff", &["transport_header"])?,
+            skb_network_header: self.offset("sk_buff", &["network_header"])?,
+            reason_listen_overflow: self.enum_value("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW").unwrap_or(u32::MAX),
+            reason_no_socket: self.enum_value("SKB_DROP_REASON_NO_SOCKET").unwrap_or(u32::MAX),
+            reason_not_specified: self.enum_value("SKB_DROP_REASON_NOT_SPECIFIED").unwrap_or(u32::MAX),
+            kfree_has_rx_sk: u32::from(self.tracepoint_args("kfree_skb").unwrap_or(0) >= 4),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn btf() -> KernelBtf {
+        KernelBtf::open(VMLINUX).expect("these unit tests read the build machine's /sys/kernel/btf/vmlinux")
+    }
+
+    #[test]
+    fn offsets_walk_anonymous_members() {
+        let b = btf();
+        // __sk_common is the first member of struct sock on every kernel.
+        assert_eq!(b.offset("sock", &["__sk_common"]).unwrap(), 0);
+        // skc_num sits in an anonymous struct inside an anonymous union; it follows
+        // skc_dport in the same 4-byte port pair.
+        let dport = b.offset("sock_common", &["skc_dport"]).unwrap();
+        let num = b.offset("sock_common", &["skc_num"]).unwrap();
+        assert_eq!(num, dport + 2);
+        let o = b.kernel_offsets().unwrap();
+        assert_eq!(o.skc_num, num);
+        assert_eq!(o.sk_max_ack_backlog, o.sk_ack_backlog + 4);
+        assert!(o.icsk_accept_queue_qlen > o.sk_drops);
+    }
+
+    #[test]
+    fn missing_fields_and_enums_are_errors_not_zero() {
+        let b = btf();
+        let e = b.offset("sock", &["no_such_field"]).unwrap_err().to_string();
+        assert!(e.contains("no field no_such_field"), "{e}");
+        assert!(b.offset("no_such_struct_xyz", &["a"]).is_err());
+        assert_eq!(b.enum_value("SKB_DROP_REASON_NOT_SPECIFIED"), Some(2));
+        assert_eq!(b.enum_value("NO_SUCH_ENUMERATOR_XYZ"), None);
+        assert_eq!(b.tracepoint_args("consume_skb"), Some(2));
+    }
+}

@@ -1,0 +1,172 @@
+//! Loading and attaching the kernel side.
+//!
+//! Each attach mode (how drops are detected) is a sibling module implementing
+//! [`AttachMode`]; this file owns what every mode shares: checks, BTF offsets, the
+//! listener hooks, maps, and choosing a mode.
+mod btf;
+pub mod env;
+mod tracepoint;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::{BtfTracePoint, TracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
+use backlog_common::{names, Config, ListenerStats};
+
+use crate::cli::Mode;
+
+/// The eBPF object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backlog"));
+
+/// What is known about the running kernel before choosing a mode.
+pub struct KernelInfo {
+    pub release: String,
+}
+
+/// One way of detecting drops. Adding a mode is adding a sibling module.
+pub trait AttachMode {
+    fn name(&self) -> &'static str;
+    /// Program names this mode attaches (for diagnostics).
+    fn programs(&self) -> Vec<&'static str>;
+    /// Why this mode cannot work on this kernel, if that is known without trying.
+    fn unavailable(&self, k: &KernelInfo) -> Option<String>;
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()>;
+}
+
+fn implementation(mode: Mode) -> Box<dyn AttachMode> {
+    match mode {
+        Mode::Tracepoint => Box::new(tracepoint::Tracepoint),
+        Mode::Fentry | Mode::Kprobe => Box::new(Unsupported(mode)),
+    }
+}
+
+/// Preference order when no mode is forced.
+const PREFERENCE: [Mode; 3] = [Mode::Fentry, Mode::Kprobe, Mode::Tracepoint];
+
+/// A mode this build does not carry programs for.
+struct Unsupported(Mode);
+
+impl AttachMode for Unsupported {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn programs(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+    fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
+        let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+        Some(if !kprobes {
+            "this kernel has no kprobes (CONFIG_KPROBES is not set) and no fentry support for them".to_string()
+        } else {
+            format!("this build of backlog-trace has no {} programs; use --mode tracepoint", self.0.name())
+        })
+    }
+    fn attach(&self, _: &mut Ebpf, _: &Btf) -> Result<()> {
+        bail!("{} mode is not available", self.0.name())
+    }
+}
+
+pub struct StartOptions {
+    pub mode: Option<Mode>,
+    pub ports: Vec<u16>,
+}
+
+/// A loaded and attached tracer. Dropping it detaches everything.
+pub struct Session {
+    ebpf: Ebpf,
+    pub mode: &'static str,
+    pub kernel: String,
+    /// Modes tried and passed over, with the reason, for the start line.
+    pub fallbacks: Vec<String>,
+}
+
+impl Session {
+    pub fn start(opts: &StartOptions) -> Result<Session> {
+        if OBJECT.is_empty() {
+            bail!("this binary was built with AYA_BUILD_SKIP and carries no eBPF programs: rebuild it without that variable");
+        }
+        env::require_privileges()?;
+        env::require_btf()?;
+        let kbtf = btf::KernelBtf::open(btf::VMLINUX)?;
+        let offsets = kbtf.kernel_offsets().context("this kernel's BTF lacks a field backlog-trace reads")?;
+        let tracefs = env::ensure_tracefs()?;
+        let config = Config {
+            filter_ports: u32::from(!opts.ports.is_empty()),
+            listen_backlog_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_enter_listen", "backlog")?,
+        };
+        let aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
+        let info = KernelInfo { release: env::kernel_release() };
+
+        let candidates: Vec<Mode> = match opts.mode {
+            Some(m) => vec![m],
+            None => PREFERENCE.to_vec(),
+        };
+        let mut fallbacks = Vec::new();
+        for mode in candidates {
+            let imp = implementation(mode);
+            if let Some(why) = imp.unavailable(&info) {
+                if opts.mode.is_some() {
+                    bail!("{} mode is unavailable: {why}", imp.name());
+                }
+                fallbacks.push(format!("{}: {why}", imp.name()));
+                continue;
+            }
+            // A fresh load per attempt: a half-attached mode must leave nothing behind.
+            let mut ebpf = EbpfLoader::new()
+                .btf(Some(&aya_btf))
+                .set_global(names::OFFSETS, &offsets, true)
+                .set_global(names::CONFIG, &config, true)
+                .load(OBJECT)
+                .context("loading the eBPF object")?;
+            set_port_filter(&mut ebpf, &opts.ports)?;
+            let attached = attach_listeners(&mut ebpf, &aya_btf).and_then(|()| imp.attach(&mut ebpf, &aya_btf));
+            match attached {
+                Ok(()) => {
+                    return Ok(Session { ebpf, mode: imp.name(), kernel: info.release, fallbacks });
+                }
+                Err(e) if opts.mode.is_none() && mode != Mode::Tracepoint => {
+                    fallbacks.push(format!("{}: {e:#}", imp.name()));
+                }
+                Err(e) => return Err(e.context(format!("{} mode", imp.name()))),
+            }
+        }
+        bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))
+    }
+
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let m = self.ebpf.take_map(names::EVENTS).context("EVENTS map")?;
+        Ok(RingBuf::try_from(m)?)
+    }
+
+    pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, u64, ListenerStats>> {
+        let m = self.ebpf.map_mut(names::STATS).context("STATS map")?;
+        Ok(PerCpuHashMap::try_from(m)?)
+    }
+
+    /// Sum over CPUs of one global counter.
+    pub fn global(&self, index: u32) -> Result<u64> {
+        let m = self.ebpf.map(names::GLOBAL).context("GLOBAL map")?;
+        let a: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(m)?;
+        Ok(a.get(&index, 0)?.iter().sum())
+    }
+}
+
+fn set_port_filter(ebpf: &mut Ebpf, ports: &[u16]) -> Result<()> {
+    let mut m: HashMap<&mut MapData, u16, u8> =
+        HashMap::try_from(ebpf.map_mut(names::FILTER_PORTS).context("FILTER_PORTS map")?)?;
+    for p in ports {
+        m.insert(p, 1, 0)?;
+    }
+    Ok(())
+}
+
+/// The listener registry runs in every mode: listen() and socket state changes.
+fn attach_listeners(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    let p: &mut BtfTracePoint = ebpf.program_mut("bt_set_state").context("bt_set_state")?.try_into()?;
+    p.load("inet_sock_set_state", btf).context("loading tp_btf/inet_sock_set_state")?;
+    p.attach().context("attaching tp_btf/inet_sock_set_state")?;
+    let p: &mut TracePoint = ebpf.program_mut("bt_listen").context("bt_listen")?.try_into()?;
+    p.load().context("loading syscalls:sys_enter_listen")?;
+    p.attach("syscalls", "sys_enter_listen").context("attaching syscalls:sys_enter_listen")?;
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Tracepoint mode: the programs of backlog-ebpf/src/drops/tracepoint.rs, for
+//! kernels without kprobes or fentry. Needs only tracepoints, tp_btf and cgroup_skb.
+use std::fs::File;
+
+use anyhow::{Context, Result};
+use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::{Btf, Ebpf};
+
+use super::{env, AttachMode};
+
+pub struct Tracepoint;
+
+const TP_BTF: [(&str, &str); 3] = [
+    ("bt_tp_xmit", "net_dev_queue"),
+    ("bt_tp_consume", "consume_skb"),
+    ("bt_tp_kfree", "kfree_skb"),
+];
+
+impl AttachMode for Tracepoint {
+    fn name(&self) -> &'static str {
+        "tracepoint"
+    }
+
+    fn programs(&self) -> Vec<&'static str> {
+        let mut p: Vec<_> = TP_BTF.iter().map(|(p, _)| *p).collect();
+        p.push("bt_tp_ingress");
+        p
+    }
+
+    fn unavailable(&self, _k: &super::KernelInfo) -> Option<String> {
+        None
+    }
+
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+        // The free hooks close windows, so they attach first; the ingress hook that
+        // opens windows attaches last.
+        for (prog, tp) in TP_BTF {
+            let p: &mut BtfTracePoint = ebpf.program_mut(prog).context(prog)?.try_into()?;
+            p.load(tp, btf).with_context(|| format!("loading {prog} for tp_btf/{tp}"))?;
+            p.attach().with_context(|| format!("attaching {prog} to tp_btf/{tp}"))?;
+        }
+        let root = env::cgroup2_root()?;
+        let cg = File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
+        let p: &mut CgroupSkb = ebpf.program_mut("bt_tp_ingress").context("bt_tp_ingress")?.try_into()?;
+        p.load().context("loading the cgroup_skb ingress program")?;
+        // aya attaches through a bpf_link, which always coexists with other programs
+        // on the cgroup (multi semantics) and rejects the ALLOW_MULTI flag itself.
+        p.attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching to cgroup {} (ingress)", root.display()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The per-listener model every output is rendered from, fed by kernel events (live
+//! or recorded) and corrected by the kernel's exact per-listener counters.
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use backlog_common::{DropReason, Event, EventKind, ListenerStats, AF_INET6, N_REASONS};
+
+use crate::attribute::Owners;
+use crate::cli::Filters;
+
+#[derive(Clone, Debug, Default)]
+pub struct Listener {
+    pub sk: u64,
+    pub netns: u32,
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+    pub sock_ino: u64,
+    pub owners: Owners,
+    /// What the application passed to listen(), when the tracer saw it.
+    pub requested_backlog: Option<u32>,
+    pub queue_max: u32,
+    pub queue_len: u32,
+    pub queue_peak: u32,
+    /// Drops by reason: exact kernel counts where known, else counted from events.
+    pub drops: [u64; N_REASONS],
+    pub closed: bool,
+}
+
+impl Listener {
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    pub fn overflows(&self) -> u64 {
+        DropReason::ALL.iter().filter(|r| r.is_overflow()).map(|r| self.drops[*r as usize]).sum()
+    }
+
+    pub fn local(&self) -> String {
+        fmt_sockaddr(self.addr, self.port)
+    }
+
+    pub fn matches(&self, f: &Filters) -> bool {
+        (f.ports.is_empty() || f.ports.contains(&self.port))
+            && (f.netns.is_empty() || f.netns.contains(&self.netns))
+            && (f.pids.is_empty() || self.owners.keys().any(|p| f.pids.contains(p)))
+    }
+}
+
+pub fn fmt_sockaddr(addr: Option<IpAddr>, port: u16) -> String {
+    match addr {
+        Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
+        Some(IpAddr::V4(a)) => format!("{a}:{port}"),
+        None => format!("*:{port}"),
+    }
+}
+
+/// The address bytes of an event as an IP address of the event's family.
+pub fn ip(family: u16, bytes: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        let v6 = Ipv6Addr::from(*bytes);
+        // Show v4-mapped peers of dual-stack listeners as IPv4, like ss does.
+        match v6.to_ipv4_mapped() {
+            Some(v4) if bytes[..10].iter().all(|b| *b == 0) && bytes[10] == 0xff => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        }
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+#[derive(Default)]
+pub struct Model {
+    pub listeners: BTreeMap<u64, Listener>,
+    pub lost_events: u64,
+}
+
+impl Model {
+    fn entry(&mut self, ev: &Event) -> &mut Listener {
+        let l = self.listeners.entry(ev.sk).or_insert_with(|| Listener {
+            sk: ev.sk,
+            netns: ev.netns,
+            addr: Some(match ip(ev.family, &ev.laddr) {
+                // A listener's own address keeps its family (:: stays ::).
+                IpAddr::V4(a) if ev.family == AF_INET6 => IpAddr::V6(a.to_ipv6_mapped()),
+                a => a,
+            }),
+            port: ev.lport,
+            sock_ino: ev.sock_ino,
+            ..Default::default()
+        });
+        if l.sock_ino == 0 {
+            l.sock_ino = ev.sock_ino;
+        }
+        l
+    }
+
+    /// Folds one event in; returns the listener it concerns.
+    pub fn apply(&mut self, ev: &Event) -> Option<&mut Listener> {
+        let kind = EventKind::from_u8(ev.kind)?;
+        let l = self.entry(ev);
+        match kind {
+            EventKind::Drop => {
+                let r = DropReason::from_u8(ev.reason)?;
+                l.drops[r as usize] += 1;
+                l.queue_len = ev.queue_len;
+                l.queue_max = ev.queue_max;
+                l.queue_peak = l.queue_peak.max(ev.queue_len);
+            }
+            EventKind::Listen => {
+                l.closed = false;
+                l.queue_max = ev.queue_max;
+                if ev.requested_backlog != 0 {
+                    l.requested_backlog = Some(ev.requested_backlog);
+                }
+                if ev.pid != 0 {
+                    l.owners.insert(ev.pid, comm_str(&ev.comm));
+                }
+            }
+            EventKind::Unlisten => l.closed = true,
+            EventKind::Accept | EventKind::Abandon => {}
+        }
+        Some(l)
+    }
+
+    /// Replaces event-derived counts with the kernel's exact per-listener counters
+    /// (summed over CPUs). Events can be lost; these cannot, and they carry the
+    /// listener's identity for the case where every event about it was lost.
+    pub fn set_kernel_stats(&mut self, sk: u64, per_cpu: &[ListenerStats]) {
+        let Some(id) = per_cpu.iter().find(|s| s.lport != 0) else { return };
+        let mut ev = Event::zeroed();
+        ev.sk = sk;
+        ev.netns = id.netns;
+        ev.family = id.family;
+        ev.lport = id.lport;
+        ev.laddr = id.laddr;
+        ev.sock_ino = id.sock_ino;
+        let l = self.entry(&ev);
+        let mut drops = [0u64; N_REASONS];
+        for s in per_cpu {
+            for (d, v) in drops.iter_mut().zip(s.drops) {
+                *d += v;
+            }
+            l.queue_peak = l.queue_peak.max(s.queue_peak);
+            l.queue_max = l.queue_max.max(s.queue_max);
+        }
+        l.drops = drops;
+    }
+
+    pub fn matching<'a>(&'a self, f: &'a Filters) -> impl Iterator<Item = &'a Listener> + 'a {
+        self.listeners.values().filter(move |l| l.matches(f))
+    }
+}
+
+pub fn comm_str(c: &[u8]) -> String {
+    let end = c.iter().position(|b| *b == 0).unwrap_or(c.len());
+    String::from_utf8_lossy(&c[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backlog_common::AF_INET;
+
+    fn drop_ev(sk: u64, reason: DropReason) -> Event {
+        let mut e = Event::zeroed();
+        e.kind = EventKind::Drop as u8;
+        e.reason = reason as u8;
+        e.sk = sk;
+        e.family = AF_INET;
+        e.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        e.lport = 8080;
+        e.netns = 42;
+        e.queue_len = 9;
+        e.queue_max = 8;
+        e
+    }
+
+    #[test]
+    fn events_aggregate_per_listener_and_kernel_counts_win() {
+        let mut m = Model::default();
+        for r in [DropReason::AcceptQueueFull, DropReason::AcceptQueueFull, DropReason::SynQueueFull, DropReason::AckOverflow] {
+            m.apply(&drop_ev(1, r));
+        }
+        m.apply(&drop_ev(2, DropReason::Other));
+        let l = &m.listeners[&1];
+        assert_eq!((l.total_drops(), l.overflows()), (4, 3));
+        assert_eq!(l.local(), "127.0.0.1:8080");
+        assert_eq!(l.queue_peak, 9);
+        assert_eq!(m.listeners[&2].total_drops(), 1);
+
+        // Two CPUs' counters: the sum replaces what the (lossy) events said.
+        let a = ListenerStats { drops: [5, 0, 1, 0], queue_peak: 9, queue_max: 8, lport: 8080, ..Default::default() };
+        let b = ListenerStats { drops: [2, 0, 0, 1], queue_peak: 12, queue_max: 8, ..Default::default() };
+        m.set_kernel_stats(1, &[a, b]);
+        let l = &m.listeners[&1];
+        assert_eq!(l.drops, [7, 0, 1, 1]);
+        assert_eq!((l.total_drops(), l.overflows(), l.queue_peak), (9, 8, 12));
+
+        // A listener known only from the kernel's counters (all its events lost).
+        m.set_kernel_stats(99, &[a]);
+        assert_eq!((m.listeners[&99].port, m.listeners[&99].total_drops()), (8080, 6));
+    }
+
+    #[test]
+    fn filters_and_addresses() {
+        let mut m = Model::default();
+        let mut e = drop_ev(7, DropReason::Other);
+        e.family = AF_INET6;
+        e.laddr = Ipv6Addr::LOCALHOST.octets();
+        m.apply(&e);
+        let l = &m.listeners[&7];
+        assert_eq!(l.local(), "[::1]:8080");
+        let f = Filters { ports: vec![8080], netns: vec![42], pids: vec![] };
+        assert!(l.matches(&f));
+        assert!(!l.matches(&Filters { ports: vec![80], ..f.clone() }));
+        assert!(!l.matches(&Filters { pids: vec![1], ..f }));
+        let mapped = Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets();
+        assert_eq!(ip(AF_INET6, &mapped).to_string(), "10.1.2.3");
+    }
+}

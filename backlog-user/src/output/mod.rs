@@ -1,0 +1,52 @@
+//! Where drops are *printed*: text for people, NDJSON for programs. Both render the
+//! same model and events.
+mod json;
+mod text;
+
+use std::io::Write;
+
+use backlog_common::Event;
+
+use crate::model::{Listener, Model};
+
+pub use json::Json;
+pub use text::Text;
+
+/// What a session says at start, per event, per interval and at the end.
+pub trait Output {
+    fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str);
+    fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener);
+    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &std::collections::HashMap<u64, u64>);
+    fn summary(&self, listeners: &[&Listener], lost_events: u64, secs: f64);
+}
+
+/// stdout, flushed per record so pipes and tests see lines as they happen; a closed
+/// pipe ends the program quietly, like other Unix tools.
+pub(crate) fn emit(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock nanoseconds.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let get = |id| {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: valid pointer to a timespec.
+            unsafe { libc::clock_gettime(id, &mut ts) };
+            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+        };
+        Clock { offset_ns: get(libc::CLOCK_REALTIME) - get(libc::CLOCK_MONOTONIC) }
+    }
+
+    pub fn wall_ns(&self, mono_ns: u64) -> u64 {
+        (mono_ns as i128 + self.offset_ns).max(0) as u64
+    }
+}

@@ -1,0 +1,147 @@
+//! The live session: attach, stream events into the model, print, detach.
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use backlog_common::{global, Event, EventKind};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::attribute::Resolver;
+use crate::cli::TraceArgs;
+use crate::kernel::{Session, StartOptions};
+use crate::model::{Listener, Model};
+use crate::output::{Clock, Json, Output, Text};
+
+fn scope(args: &TraceArgs) -> String {
+    let f = &args.filters;
+    let join = |v: Vec<String>| v.join(",");
+    let ports = if f.ports.is_empty() {
+        "all ports".to_string()
+    } else {
+        format!("port {}", join(f.ports.iter().map(u16::to_string).collect()))
+    };
+    let ns = if f.netns.is_empty() {
+        "all network namespaces".to_string()
+    } else {
+        format!("netns {}", join(f.netns.iter().map(u32::to_string).collect()))
+    };
+    format!("{ports} in {ns}")
+}
+
+struct Live {
+    model: Model,
+    owners: Resolver,
+    out: Box<dyn Output>,
+    clock: Clock,
+    args: TraceArgs,
+}
+
+impl Live {
+    fn handle(&mut self, ev: &Event) {
+        let Some(l) = self.model.apply(ev) else { return };
+        // The listen() caller is known from the event; forked workers and sockets
+        // that predate the tracer are found through /proc.
+        if l.owners.is_empty() || ev.kind == EventKind::Listen as u8 {
+            if let Some(o) = self.owners.owners(l.sock_ino) {
+                l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
+            }
+        }
+        if ev.kind == EventKind::Drop as u8 && (self.args.events || self.args.json) && l.matches(&self.args.filters) {
+            let wall = self.clock.wall_ns(ev.ts_ns);
+            self.out.drop_event(wall, ev, l);
+        }
+    }
+
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+        while let Some(item) = rb.next() {
+            if item.len() < std::mem::size_of::<Event>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole Event (repr(C), any bit pattern valid).
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+            drop(item);
+            self.handle(&ev);
+        }
+    }
+
+    /// Pulls the exact per-listener counts from the kernel and releases the map
+    /// entries of listeners that have closed (their totals stay in the model).
+    fn sync_kernel(&mut self, session: &mut Session) -> Result<()> {
+        self.model.lost_events = session.global(global::LOST_EVENTS)?;
+        let mut stats = session.stats()?;
+        let entries: Vec<(u64, Vec<_>)> =
+            stats.iter().filter_map(|r| r.ok()).map(|(sk, v)| (sk, v.iter().copied().collect())).collect();
+        for (sk, per_cpu) in entries {
+            self.model.set_kernel_stats(sk, &per_cpu);
+            if self.model.listeners.get(&sk).is_some_and(|l| l.closed) {
+                let _ = stats.remove(&sk);
+            }
+        }
+        Ok(())
+    }
+
+    fn selected(&self) -> Vec<&Listener> {
+        self.model.matching(&self.args.filters).collect()
+    }
+}
+
+/// Runs the tracer until Ctrl-C, SIGTERM or --duration; returns the exit code.
+pub async fn run(args: TraceArgs) -> Result<i32> {
+    let mut session = Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone() })?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
+    // the AsyncFd (and with it the RingBuf) is dropped below.
+    let mut rb = unsafe { AsyncFd::register(session.take_events()?) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
+    let mut live = Live { model: Model::default(), owners: Resolver::new(Duration::from_millis(500)), out, clock: Clock::now(), args };
+    live.owners.refresh();
+    live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope(&live.args));
+
+    let started = Instant::now();
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let deadline = live.args.duration.map(|d| tokio::time::Instant::now() + d);
+    let period = live.args.interval.unwrap_or(Duration::from_secs(3600));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut prev: HashMap<u64, u64> = HashMap::new();
+    let mut last_tick = Instant::now();
+
+    loop {
+        tokio::select! {
+            guard = rb.readable_mut() => {
+                let mut guard = guard?;
+                live.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = ticker.tick(), if live.args.interval.is_some() => {
+                live.drain(rb.get_mut());
+                live.sync_kernel(&mut session)?;
+                let secs = last_tick.elapsed().as_secs_f64();
+                last_tick = Instant::now();
+                let rows = live.selected();
+                live.out.interval(&live.model, &rows, secs, &prev);
+                prev = rows.iter().map(|l| (l.sk, l.total_drops())).collect();
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => break,
+        }
+    }
+
+    // Final accounting: whatever is still in the ring, then the exact counters.
+    live.drain(rb.get_mut());
+    live.sync_kernel(&mut session)?;
+    live.owners.refresh();
+    let Live { model, owners, .. } = &mut live;
+    for l in model.listeners.values_mut() {
+        if let Some(o) = owners.owners(l.sock_ino) {
+            l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
+        }
+    }
+    let rows = live.selected();
+    live.out.summary(&rows, live.model.lost_events, started.elapsed().as_secs_f64());
+    drop(rb);
+    drop(session);
+    Ok(0)
+}
