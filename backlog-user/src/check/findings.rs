@@ -136,7 +136,7 @@ fn drops(ns: &NetnsReport, mine: &[&ListenerGroup], out: &mut Vec<Finding>) {
         [(g, d)] => {
             f.listener = Some(g.endpoint());
             f.summary = format!("{} is dropping connections: its accept queue overflows", g.endpoint());
-            f.evidence = format!("{rates} in this namespace; {} own drop counter rose by {d}", g.endpoint());
+            f.evidence = format!("{rates} in this namespace; the drop counter of {} itself rose by {d}", g.endpoint());
         }
         [] => {
             // No socket counter moved: the dropping listener was closed, filtered out by --port,

@@ -48,14 +48,6 @@ pub struct CheckArgs {
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let mut not_visible = Vec::new();
     let mut watched = open_namespaces(args, &mut not_visible)?;
-    if !args.json {
-        eprintln!(
-            "sampling {} network namespace(s) for {:.1}s (change with --sample)…",
-            watched.len(),
-            args.sample.as_secs_f64()
-        );
-    }
-
     let mut sampler = Sampler::new(&args.ports);
     observe(&mut watched, &mut sampler)?;
     let mut scan = procs::owners_of(&sampler.inodes());
@@ -63,6 +55,12 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
         scan.owners.values().flatten().filter_map(|o| procs::cpu_sample(o.pid).map(|s| (o.pid, s))).collect();
     let counters_before = read_counters(&mut watched)?;
     let start = Instant::now();
+    // On stderr in every mode: it tells a person (or a test) the window is open.
+    eprintln!(
+        "sampling {} network namespace(s) for {:.1}s (change with --sample)…",
+        watched.len(),
+        args.sample.as_secs_f64()
+    );
 
     // Bounded: one dump per tick until the window closes, the last one at its end.
     let tick = (args.sample / 20).clamp(Duration::from_millis(10), Duration::from_millis(100));
@@ -157,7 +155,7 @@ fn open_namespaces(args: &CheckArgs, not_visible: &mut Vec<String>) -> anyhow::R
         }
     }
     if watched.is_empty() {
-        bail!("could not look into any network namespace (see above); run as root");
+        bail!("could not look into any network namespace ({}); run as root", not_visible.join("; "));
     }
     Ok(watched)
 }

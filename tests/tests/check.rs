@@ -1,0 +1,550 @@
+//! `backlog-trace check` against network namespaces these tests create: exact limits,
+//! exact member counts, exact counter deltas and exit codes.
+//!
+//! Needs root (ip netns, setns). Run with `--test-threads=1`: the tests are timing
+//! sensitive and each one samples for a couple of seconds.
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+// ---------- namespaces ----------
+
+static NEXT_NS: AtomicUsize = AtomicUsize::new(0);
+
+/// A network namespace made with `ip netns add`, loopback up, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        require_root();
+        let name = format!("bt-chk-{}-{}", std::process::id(), NEXT_NS.fetch_add(1, Ordering::SeqCst));
+        run(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn exec(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(cmd);
+        run(&full)
+    }
+
+    fn sysctl(&self, kv: &str) {
+        self.exec(&["sysctl", "-q", "-w", kv]);
+    }
+
+    /// The namespace's TcpExt counter, read the way an operator would.
+    fn counter(&self, name: &str) -> u64 {
+        let text = self.exec(&["cat", "/proc/net/netstat"]);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+        let names = lines[0].split_whitespace();
+        let values = lines[1].split_whitespace();
+        names.zip(values).find(|(n, _)| *n == name).map(|(_, v)| v.parse().unwrap()).unwrap_or(0)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it creates stay
+    /// in the namespace wherever they are used afterwards.
+    fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a valid fd, affecting only this thread.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .expect("thread inside the namespace panicked")
+    }
+
+    /// A TCP listener on 127.0.0.1:port made with listen(backlog).
+    fn listen(&self, port: u16, backlog: i32, reuseport: bool) -> TcpListener {
+        self.inside(move || listener(port, backlog, reuseport))
+    }
+
+    /// `n` non-blocking connects to 127.0.0.1:port; the SYNs are on the wire on return.
+    fn connect_many(&self, port: u16, n: usize) -> Vec<OwnedFd> {
+        self.inside(move || (0..n).map(|_| connect_nonblocking(port)).collect())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn require_root() {
+    // SAFETY: no arguments, cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("these tests create network namespaces and need root: run them with sudo");
+    }
+}
+
+fn run(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+// ---------- sockets ----------
+
+fn check_rc(what: &str, rc: libc::c_int) {
+    assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
+}
+
+fn sockaddr(port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// std's TcpListener always listens with 128; the tests need exact backlogs.
+fn listener(port: u16, backlog: i32, reuseport: bool) -> TcpListener {
+    // SAFETY: plain socket calls on a descriptor we own; the fd goes to TcpListener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        check_rc("socket", fd);
+        let one: libc::c_int = 1;
+        let opt = if reuseport { libc::SO_REUSEPORT } else { libc::SO_REUSEADDR };
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        check_rc("setsockopt", libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&one as *const libc::c_int).cast(), len));
+        let sa = sockaddr(port);
+        let salen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        check_rc("bind", libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), salen));
+        check_rc("listen", libc::listen(fd, backlog));
+        TcpListener::from_raw_fd(fd)
+    }
+}
+
+fn connect_nonblocking(port: u16) -> OwnedFd {
+    // SAFETY: plain socket calls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+        check_rc("socket", fd);
+        let sa = sockaddr(port);
+        let salen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), salen);
+        let err = std::io::Error::last_os_error();
+        assert!(rc == 0 || err.raw_os_error() == Some(libc::EINPROGRESS), "connect: {err}");
+        OwnedFd::from_raw_fd(fd)
+    }
+}
+
+// ---------- the binary ----------
+
+fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BACKLOG_TRACE_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let found =
+        ["debug", "release"].iter().map(|p| root.join("target").join(p).join("backlog-trace")).find(|p| p.exists());
+    found.unwrap_or_else(|| {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", "backlog-user"])
+            .env("AYA_BUILD_SKIP", "1")
+            .current_dir(&root)
+            .status()
+            .expect("cargo build");
+        assert!(st.success(), "building backlog-trace failed");
+        root.join("target/debug/backlog-trace")
+    })
+}
+
+fn spawn_check(args: &[&str]) -> Child {
+    Command::new(binary())
+        .arg("check")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting backlog-trace")
+}
+
+/// Blocks until the binary says its sampling window is open (its stderr line), then
+/// hands back the rest of stderr through the returned receiver.
+fn wait_window_open(child: &mut Child) -> mpsc::Receiver<String> {
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.starts_with("sampling "), "unexpected stderr: {line}");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        let _ = tx.send(rest);
+    });
+    rx
+}
+
+fn check_json(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(binary()).arg("check").args(args).arg("--json").output().expect("running backlog-trace");
+    parse(out)
+}
+
+fn parse(out: Output) -> (i32, Value) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let doc: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): stdout {stdout} stderr {}", String::from_utf8_lossy(&out.stderr)));
+    assert_schema(&doc);
+    (out.status.code().expect("exit code"), doc)
+}
+
+fn listeners_on(doc: &Value, port: u16) -> Vec<&Value> {
+    doc["listeners"].as_array().unwrap().iter().filter(|l| l["port"] == port).collect()
+}
+
+fn counter(doc: &Value, ns: usize, name: &str) -> u64 {
+    let c = doc["namespaces"][ns]["counters"].as_array().unwrap().iter().find(|c| c["name"] == name);
+    c.unwrap_or_else(|| panic!("no counter {name}"))["delta"].as_u64().unwrap()
+}
+
+// ---------- the JSON schema ----------
+
+fn is_u(v: &Value) -> bool {
+    v.is_u64()
+}
+fn is_opt_u(v: &Value) -> bool {
+    v.is_null() || v.is_u64()
+}
+fn is_f(v: &Value) -> bool {
+    v.is_number()
+}
+fn is_s(v: &Value) -> bool {
+    v.is_string()
+}
+fn is_opt_s(v: &Value) -> bool {
+    v.is_null() || v.is_string()
+}
+fn is_b(v: &Value) -> bool {
+    v.is_boolean()
+}
+fn is_a(v: &Value) -> bool {
+    v.is_array()
+}
+
+/// Every object has exactly these fields with these types.
+fn fields(obj: &Value, what: &str, spec: &[(&str, fn(&Value) -> bool)]) {
+    let map = obj.as_object().unwrap_or_else(|| panic!("{what} is not an object: {obj}"));
+    let mut want: Vec<&str> = spec.iter().map(|(k, _)| *k).collect();
+    let mut got: Vec<&str> = map.keys().map(String::as_str).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "{what} fields");
+    for (k, ok) in spec {
+        assert!(ok(&map[*k]), "{what}.{k} has the wrong type: {}", map[*k]);
+    }
+}
+
+fn assert_schema(doc: &Value) {
+    fields(
+        doc,
+        "report",
+        &[
+            ("schema_version", is_u),
+            ("sample_seconds", is_f),
+            ("namespaces", is_a),
+            ("listeners", is_a),
+            ("findings", is_a),
+            ("not_visible", is_a),
+            ("exit_code", is_u),
+        ],
+    );
+    assert_eq!(doc["schema_version"], 1);
+    for ns in doc["namespaces"].as_array().unwrap() {
+        fields(
+            ns,
+            "namespace",
+            &[("inode", is_u), ("name", is_opt_s), ("sysctls", Value::is_object), ("counters", is_a)],
+        );
+        fields(
+            &ns["sysctls"],
+            "sysctls",
+            &[
+                ("somaxconn", is_opt_u),
+                ("tcp_max_syn_backlog", is_opt_u),
+                ("tcp_syncookies", is_opt_u),
+                ("tcp_abort_on_overflow", is_opt_u),
+            ],
+        );
+        let names: Vec<&str> = ns["counters"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies", "SyncookiesSent"]
+        );
+        for c in ns["counters"].as_array().unwrap() {
+            fields(
+                c,
+                "counter",
+                &[("name", is_s), ("start", is_u), ("end", is_u), ("delta", is_u), ("per_second", is_f)],
+            );
+            assert_eq!(c["end"].as_u64().unwrap() - c["start"].as_u64().unwrap(), c["delta"].as_u64().unwrap());
+        }
+    }
+    for l in doc["listeners"].as_array().unwrap() {
+        fields(
+            l,
+            "listener",
+            &[
+                ("netns", is_u),
+                ("address", is_s),
+                ("port", is_u),
+                ("reuseport", is_b),
+                ("members", is_a),
+                ("syn_queue_now", is_u),
+                ("syn_queue_peak", is_u),
+            ],
+        );
+        for m in l["members"].as_array().unwrap() {
+            fields(
+                m,
+                "member",
+                &[
+                    ("inode", is_u),
+                    ("limit", is_u),
+                    ("queue_now", is_u),
+                    ("queue_peak", is_u),
+                    ("samples", is_u),
+                    ("samples_full", is_u),
+                    ("full_seconds", is_f),
+                    ("drops_total", is_opt_u),
+                    ("drops_window", is_opt_u),
+                    ("owners", is_a),
+                ],
+            );
+            for o in m["owners"].as_array().unwrap() {
+                fields(o, "owner", &[("pid", is_u), ("comm", is_s), ("cpu", |v| v.is_null() || v.is_object())]);
+                if o["cpu"].is_object() {
+                    fields(
+                        &o["cpu"],
+                        "cpu",
+                        &[("total_percent", is_f), ("busiest_thread_percent", is_f), ("threads", is_u)],
+                    );
+                }
+            }
+        }
+    }
+    for f in doc["findings"].as_array().unwrap() {
+        fields(
+            f,
+            "finding",
+            &[
+                ("severity", is_s),
+                ("kind", is_s),
+                ("netns", is_u),
+                ("listener", is_opt_s),
+                ("summary", is_s),
+                ("evidence", is_s),
+                ("fix", is_s),
+            ],
+        );
+        assert!(["info", "warning", "critical"].contains(&f["severity"].as_str().unwrap()));
+    }
+    for n in doc["not_visible"].as_array().unwrap() {
+        assert!(n.is_string());
+    }
+    let warned = doc["findings"].as_array().unwrap().iter().any(|f| f["severity"] != "info");
+    assert_eq!(doc["exit_code"], i32::from(warned), "exit_code follows the findings");
+}
+
+// ---------- the tests ----------
+
+#[test]
+fn somaxconn_caps_listen_511_to_128() {
+    let ns = Netns::new();
+    ns.sysctl("net.core.somaxconn=128");
+    let _l = ns.listen(8511, 511, false);
+
+    let (code, doc) = check_json(&["--netns", &ns.name, "--sample", "1s"]);
+    assert_eq!(code, 1);
+    assert_eq!(doc["namespaces"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["namespaces"][0]["name"], ns.name.as_str());
+    assert_eq!(doc["namespaces"][0]["sysctls"]["somaxconn"], 128);
+    let l = listeners_on(&doc, 8511);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["address"], "127.0.0.1");
+    assert_eq!(l[0]["members"][0]["limit"], 128);
+    let me = std::process::id();
+    assert!(l[0]["members"][0]["owners"].as_array().unwrap().iter().any(|o| o["pid"] == me), "owner is this test");
+    let capped: Vec<&Value> =
+        doc["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "capped_by_somaxconn").collect();
+    assert_eq!(capped.len(), 1);
+    assert_eq!(capped[0]["severity"], "warning");
+    assert_eq!(capped[0]["listener"], "127.0.0.1:8511");
+    assert!(capped[0]["summary"].as_str().unwrap().contains("capped by net.core.somaxconn at 128"));
+
+    // The text report says the same to a person.
+    let out = Command::new(binary()).args(["check", "--netns", &ns.name, "--sample", "200ms"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("net.core.somaxconn=128"), "{text}");
+    assert!(text.contains("limit 128"), "{text}");
+    assert!(text.contains("capped by net.core.somaxconn at 128"), "{text}");
+}
+
+#[test]
+fn overflowing_listener_is_named_and_its_drops_counted() {
+    let ns = Netns::new();
+    let _full = ns.listen(8404, 4, false); // never accepts
+    let _quiet = ns.listen(8405, 4, false); // no traffic: must not be blamed
+    let overflows_before = ns.counter("ListenOverflows");
+
+    let mut child = spawn_check(&["--netns", &ns.name, "--sample", "3s", "--json"]);
+    let stderr = wait_window_open(&mut child);
+    // 50 handshakes at a queue that holds 5: the rest overflow. Closing the clients a
+    // moment later stops SYN retransmits, so every drop falls inside the window.
+    let clients = ns.connect_many(8404, 50);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(clients);
+    let out = child.wait_with_output().unwrap();
+    let (code, doc) = parse(out);
+    let overflows = ns.counter("ListenOverflows") - overflows_before;
+    let _ = stderr.recv_timeout(Duration::from_secs(5));
+
+    assert!(overflows >= 40, "the kernel saw only {overflows} overflows");
+    assert_eq!(counter(&doc, 0, "ListenOverflows"), overflows, "reported delta equals the kernel's");
+    let rate = doc["namespaces"][0]["counters"][0]["per_second"].as_f64().unwrap();
+    let secs = doc["sample_seconds"].as_f64().unwrap();
+    assert!((rate - overflows as f64 / secs).abs() < 1e-6, "rate {rate} over {secs}s");
+    assert_eq!(code, 1);
+
+    let full = listeners_on(&doc, 8404);
+    let m = &full[0]["members"][0];
+    assert_eq!(m["limit"], 4);
+    assert_eq!(m["queue_peak"], 5, "a listen(4) queue holds 5 before it drops");
+    assert!(m["samples_full"].as_u64().unwrap() > 0);
+    assert_eq!(m["drops_window"].as_u64().unwrap(), overflows, "the socket's own drop counter");
+
+    let drops: Vec<&Value> =
+        doc["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "listen_drops").collect();
+    assert_eq!(drops.len(), 1);
+    assert_eq!(drops[0]["severity"], "critical");
+    assert_eq!(drops[0]["listener"], "127.0.0.1:8404");
+    let evidence = drops[0]["evidence"].as_str().unwrap();
+    assert!(evidence.contains(&format!("ListenOverflows +{overflows}")), "{evidence}");
+    assert!(!doc["findings"].as_array().unwrap().iter().any(|f| f["listener"] == "127.0.0.1:8405"));
+}
+
+#[test]
+fn healthy_namespace_with_accepting_server_exits_0() {
+    let ns = Netns::new();
+    let server = ns.listen(8080, 128, false);
+    server.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let acceptor = std::thread::spawn(move || {
+        let mut accepted = 0;
+        while accepted < 20 && Instant::now() < deadline {
+            match server.accept() {
+                Ok(_) => accepted += 1,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        accepted
+    });
+
+    let mut child = spawn_check(&["--netns", &ns.name, "--sample", "2s", "--json"]);
+    let _stderr = wait_window_open(&mut child);
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.extend(ns.connect_many(8080, 1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, doc) = parse(child.wait_with_output().unwrap());
+    drop(clients);
+    let accepted = acceptor.join().unwrap();
+
+    assert_eq!(accepted, 20, "the server accepted every client");
+    assert_eq!(doc["findings"], Value::Array(Vec::new()));
+    assert_eq!(code, 0);
+    assert_eq!(counter(&doc, 0, "ListenOverflows"), 0);
+    let l = listeners_on(&doc, 8080);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["members"][0]["limit"], 128);
+    assert_eq!(l[0]["members"][0]["drops_window"], 0);
+}
+
+#[test]
+fn reuseport_group_of_four_is_one_listener() {
+    let ns = Netns::new();
+    let backlogs = [16, 32, 64, 100];
+    let _members: Vec<TcpListener> = backlogs.iter().map(|&b| ns.listen(8443, b, true)).collect();
+
+    let (_, doc) = check_json(&["--netns", &ns.name, "--sample", "500ms", "--port", "8443"]);
+    assert_eq!(doc["listeners"].as_array().unwrap().len(), 1, "--port keeps only the group");
+    let g = listeners_on(&doc, 8443);
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0]["reuseport"], true);
+    let members = g[0]["members"].as_array().unwrap();
+    assert_eq!(members.len(), 4);
+    let mut limits: Vec<u64> = members.iter().map(|m| m["limit"].as_u64().unwrap()).collect();
+    limits.sort();
+    assert_eq!(limits, [16, 32, 64, 100]);
+    let me = std::process::id();
+    assert!(members.iter().all(|m| m["owners"][0]["pid"] == me));
+    let small: Vec<&Value> =
+        doc["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "reuseport_small_members").collect();
+    assert_eq!(small.len(), 1);
+    assert!(small[0]["evidence"].as_str().unwrap().contains("member limits"), "{}", small[0]);
+}
+
+/// As an unprivileged user (no capabilities) the check still reports our own
+/// namespace's sysctls and counters, and says what it could not see.
+#[test]
+fn without_privileges_reports_what_it_can() {
+    let ns = Netns::new();
+    let setpriv =
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"];
+    let bin = binary();
+    let bin = bin.to_str().unwrap();
+
+    let mut cmd = setpriv.to_vec();
+    cmd.extend_from_slice(&[bin, "check", "--sample", "300ms", "--json"]);
+    let (code, doc) = parse(Command::new(cmd[0]).args(&cmd[1..]).output().unwrap());
+    assert!(code == 0 || code == 1, "exit {code}");
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    let namespaces = doc["namespaces"].as_array().unwrap();
+    assert_eq!(namespaces.len(), 1, "only its own namespace");
+    assert_eq!(namespaces[0]["inode"], own);
+    let want = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse::<u64>().unwrap();
+    assert_eq!(namespaces[0]["sysctls"]["somaxconn"], want);
+    assert_eq!(namespaces[0]["counters"].as_array().unwrap().len(), 5);
+    let hidden: Vec<&str> = doc["not_visible"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(
+        hidden.iter().any(|h| h.contains(&ns.name) && h.contains("could not enter")),
+        "names the namespace it could not enter: {hidden:?}"
+    );
+    assert!(hidden.iter().any(|h| h.contains("open files of")), "says owners were hidden: {hidden:?}");
+
+    // Asking for only that namespace leaves nothing to check: exit 2, one clear line.
+    let mut cmd = setpriv.to_vec();
+    cmd.extend_from_slice(&[bin, "check", "--netns", &ns.name, "--sample", "100ms"]);
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("run as root"), "{err}");
+}
+
+#[test]
+fn bad_input_exits_2_without_panicking() {
+    for args in [&["--netns", "no-such-netns-bt"][..], &["--sample", "soon"], &["--port", "0"], &["--netns", "4"]] {
+        let out = Command::new(binary()).arg("check").args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
