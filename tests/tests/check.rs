@@ -215,30 +215,18 @@ fn counter(doc: &Value, ns: usize, name: &str) -> u64 {
 
 // ---------- the JSON schema ----------
 
-fn is_u(v: &Value) -> bool {
-    v.is_u64()
-}
 fn is_opt_u(v: &Value) -> bool {
     v.is_null() || v.is_u64()
-}
-fn is_f(v: &Value) -> bool {
-    v.is_number()
-}
-fn is_s(v: &Value) -> bool {
-    v.is_string()
 }
 fn is_opt_s(v: &Value) -> bool {
     v.is_null() || v.is_string()
 }
-fn is_b(v: &Value) -> bool {
-    v.is_boolean()
-}
-fn is_a(v: &Value) -> bool {
-    v.is_array()
-}
+
+/// A field name and the test its value must pass.
+type FieldSpec<'a> = (&'a str, fn(&Value) -> bool);
 
 /// Every object has exactly these fields with these types.
-fn fields(obj: &Value, what: &str, spec: &[(&str, fn(&Value) -> bool)]) {
+fn fields(obj: &Value, what: &str, spec: &[FieldSpec]) {
     let map = obj.as_object().unwrap_or_else(|| panic!("{what} is not an object: {obj}"));
     let mut want: Vec<&str> = spec.iter().map(|(k, _)| *k).collect();
     let mut got: Vec<&str> = map.keys().map(String::as_str).collect();
@@ -255,13 +243,13 @@ fn assert_schema(doc: &Value) {
         doc,
         "report",
         &[
-            ("schema_version", is_u),
-            ("sample_seconds", is_f),
-            ("namespaces", is_a),
-            ("listeners", is_a),
-            ("findings", is_a),
-            ("not_visible", is_a),
-            ("exit_code", is_u),
+            ("schema_version", Value::is_u64),
+            ("sample_seconds", Value::is_number),
+            ("namespaces", Value::is_array),
+            ("listeners", Value::is_array),
+            ("findings", Value::is_array),
+            ("not_visible", Value::is_array),
+            ("exit_code", Value::is_u64),
         ],
     );
     assert_eq!(doc["schema_version"], 1);
@@ -269,7 +257,12 @@ fn assert_schema(doc: &Value) {
         fields(
             ns,
             "namespace",
-            &[("inode", is_u), ("name", is_opt_s), ("sysctls", Value::is_object), ("counters", is_a)],
+            &[
+                ("inode", Value::is_u64),
+                ("name", is_opt_s),
+                ("sysctls", Value::is_object),
+                ("counters", Value::is_array),
+            ],
         );
         fields(
             &ns["sysctls"],
@@ -290,7 +283,13 @@ fn assert_schema(doc: &Value) {
             fields(
                 c,
                 "counter",
-                &[("name", is_s), ("start", is_u), ("end", is_u), ("delta", is_u), ("per_second", is_f)],
+                &[
+                    ("name", Value::is_string),
+                    ("start", Value::is_u64),
+                    ("end", Value::is_u64),
+                    ("delta", Value::is_u64),
+                    ("per_second", Value::is_number),
+                ],
             );
             assert_eq!(c["end"].as_u64().unwrap() - c["start"].as_u64().unwrap(), c["delta"].as_u64().unwrap());
         }
@@ -300,13 +299,13 @@ fn assert_schema(doc: &Value) {
             l,
             "listener",
             &[
-                ("netns", is_u),
-                ("address", is_s),
-                ("port", is_u),
-                ("reuseport", is_b),
-                ("members", is_a),
-                ("syn_queue_now", is_u),
-                ("syn_queue_peak", is_u),
+                ("netns", Value::is_u64),
+                ("address", Value::is_string),
+                ("port", Value::is_u64),
+                ("reuseport", Value::is_boolean),
+                ("members", Value::is_array),
+                ("syn_queue_now", Value::is_u64),
+                ("syn_queue_peak", Value::is_u64),
             ],
         );
         for m in l["members"].as_array().unwrap() {
@@ -314,25 +313,33 @@ fn assert_schema(doc: &Value) {
                 m,
                 "member",
                 &[
-                    ("inode", is_u),
-                    ("limit", is_u),
-                    ("queue_now", is_u),
-                    ("queue_peak", is_u),
-                    ("samples", is_u),
-                    ("samples_full", is_u),
-                    ("full_seconds", is_f),
+                    ("inode", Value::is_u64),
+                    ("limit", Value::is_u64),
+                    ("queue_now", Value::is_u64),
+                    ("queue_peak", Value::is_u64),
+                    ("samples", Value::is_u64),
+                    ("samples_full", Value::is_u64),
+                    ("full_seconds", Value::is_number),
                     ("drops_total", is_opt_u),
                     ("drops_window", is_opt_u),
-                    ("owners", is_a),
+                    ("owners", Value::is_array),
                 ],
             );
             for o in m["owners"].as_array().unwrap() {
-                fields(o, "owner", &[("pid", is_u), ("comm", is_s), ("cpu", |v| v.is_null() || v.is_object())]);
+                fields(
+                    o,
+                    "owner",
+                    &[("pid", Value::is_u64), ("comm", Value::is_string), ("cpu", |v| v.is_null() || v.is_object())],
+                );
                 if o["cpu"].is_object() {
                     fields(
                         &o["cpu"],
                         "cpu",
-                        &[("total_percent", is_f), ("busiest_thread_percent", is_f), ("threads", is_u)],
+                        &[
+                            ("total_percent", Value::is_number),
+                            ("busiest_thread_percent", Value::is_number),
+                            ("threads", Value::is_u64),
+                        ],
                     );
                 }
             }
@@ -343,13 +350,13 @@ fn assert_schema(doc: &Value) {
             f,
             "finding",
             &[
-                ("severity", is_s),
-                ("kind", is_s),
-                ("netns", is_u),
+                ("severity", Value::is_string),
+                ("kind", Value::is_string),
+                ("netns", Value::is_u64),
                 ("listener", is_opt_s),
-                ("summary", is_s),
-                ("evidence", is_s),
-                ("fix", is_s),
+                ("summary", Value::is_string),
+                ("evidence", Value::is_string),
+                ("fix", Value::is_string),
             ],
         );
         assert!(["info", "warning", "critical"].contains(&f["severity"].as_str().unwrap()));

@@ -24,7 +24,7 @@ pub fn analyze(namespaces: &[NetnsReport], listeners: &[ListenerGroup]) -> Vec<F
         abort_on_overflow(ns, &mut out);
     }
     saturated(listeners, &mut out);
-    out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    out.sort_by_key(|f| std::cmp::Reverse(f.severity));
     out
 }
 
