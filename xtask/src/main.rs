@@ -1,1 +1,100 @@
-fn main() {}
+//! Project automation: `cargo xtask <task>` (alias in .cargo/config.toml).
+
+mod apt;
+mod initramfs;
+mod kernels;
+mod qemu;
+mod vmlinux;
+mod vmtest;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "backlog-trace project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Boot stock Debian kernels under qemu (TCG) and run COMMAND in each, once per mode.
+    ///
+    /// The guest sees the host's root read-only (cwd = the workspace root), a tmpfs /tmp
+    /// and /run, and a writable $BACKLOG_VM_OUT (host: target/vm/results/<kernel>/<mode>/,
+    /// which also gets console.log and exit-status). BACKLOG_VM_KERNEL and BACKLOG_MODE are
+    /// set. Exits non-zero if any run fails. Kernels and package lists are cached in
+    /// target/vm/; only the first run (or --refresh) uses the network.
+    VmTest {
+        /// Kernel line: 6.1, 6.12, 7 (newest 7.x) or all; comma-separated for several.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Attach modes, each run in its own boot with BACKLOG_MODE set.
+        #[arg(long, value_delimiter = ',', default_value = "fentry,kprobe,tracepoint",
+              value_parser = ["fentry", "kprobe", "tracepoint"])]
+        mode: Vec<String>,
+        /// Only print the resolved kernel releases.
+        #[arg(long)]
+        list: bool,
+        /// Re-resolve the newest kernels (fetches package lists).
+        #[arg(long)]
+        refresh: bool,
+        /// Seconds before a guest is killed and its run reported as "timeout".
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Program and arguments run in the guest (no shell: use `sh -c '...'` for one).
+        #[arg(last = true, default_values = ["target/release/backlog-trace", "--help"])]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<bool> {
+    // xtask lives one level below the workspace root.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent dir");
+    match Cli::parse().task {
+        Task::VmTest {
+            kernel,
+            mode,
+            list,
+            refresh,
+            timeout,
+            command,
+        } => {
+            let mut series = Vec::new();
+            for k in kernel.split(',') {
+                for s in kernels::Series::parse(k.trim())? {
+                    if !series.contains(&s) {
+                        series.push(s);
+                    }
+                }
+            }
+            let opts = vmtest::Options {
+                series,
+                modes: mode,
+                list,
+                refresh,
+                timeout: Duration::from_secs(timeout),
+                command,
+            };
+            vmtest::run(workspace, &opts)
+        }
+    }
+}

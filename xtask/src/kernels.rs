@@ -1,0 +1,282 @@
+//! Which stock Debian kernels to test, and their files under target/vm/kernels/<release>/:
+//! `vmlinux` (booted directly as PVH: faster under TCG than the self-decompressing image)
+//! and `root/lib/modules/<release>` (all modules, with modules.dep), which the guest
+//! bind-mounts so that modprobe and the kernel's module autoloading work inside it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::apt::Apt;
+use crate::vmlinux;
+
+/// A kernel line we test: 6.1 (bookworm), 6.12 (bookworm's newer line), 7 (newest 7.x).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Series {
+    V6_1,
+    V6_12,
+    V7,
+}
+
+impl Series {
+    pub const ALL: [Series; 3] = [Series::V6_1, Series::V6_12, Series::V7];
+
+    pub fn parse(s: &str) -> Result<Vec<Series>> {
+        Ok(match s {
+            "6.1" => vec![Series::V6_1],
+            "6.12" => vec![Series::V6_12],
+            "7" => vec![Series::V7],
+            "all" => Series::ALL.to_vec(),
+            _ => bail!("unknown kernel '{s}': use 6.1, 6.12, 7 or all"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Series::V6_1 => "6.1",
+            Series::V6_12 => "6.12",
+            Series::V7 => "7",
+        }
+    }
+
+    fn contains(self, v: &Version) -> bool {
+        match self {
+            Series::V6_1 => (v.major, v.minor) == (6, 1),
+            Series::V6_12 => (v.major, v.minor) == (6, 12),
+            Series::V7 => v.major == 7,
+        }
+    }
+}
+
+/// A generic-flavour release, parsed from its package name: 6.1 names its ABI after the
+/// base version (6.1.0-56-amd64), later lines name the upstream version (6.12.117+deb12-amd64).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Version {
+    major: u32,
+    minor: u32,
+    patch: u32,
+    abi: u32,
+}
+
+fn parse_release(release: &str) -> Option<Version> {
+    let base = release.strip_suffix("-amd64")?;
+    let (upstream, abi) = match base.split_once('-') {
+        Some((u, abi)) => (u, abi.parse().ok()?),
+        None => (base.split_once("+deb")?.0, 0),
+    };
+    let mut it = upstream.split('.').map(|n| n.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch)), None) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
+        return None;
+    };
+    Some(Version {
+        major,
+        minor,
+        patch,
+        abi,
+    })
+}
+
+/// Kernel package sets: 6.x ship everything in linux-image-R; 7.x split it into
+/// linux-binary-R (vmlinuz), linux-base-R (maps, modules.builtin) and linux-modules-R.
+const PACKAGE_PREFIXES: &[&str] = &[
+    "linux-image-",
+    "linux-binary-",
+    "linux-base-",
+    "linux-modules-",
+];
+
+pub struct Kernels {
+    vm_dir: PathBuf,
+    apt: Apt,
+}
+
+pub struct Prepared {
+    pub vmlinux: PathBuf,
+    /// Holds lib/modules/<release>; the guest mounts it over /lib/modules.
+    pub modules_root: PathBuf,
+}
+
+impl Kernels {
+    pub fn new(vm_dir: &Path) -> Self {
+        Kernels {
+            vm_dir: vm_dir.to_owned(),
+            apt: Apt::new(vm_dir.join("apt")),
+        }
+    }
+
+    /// Release names for the series, from target/vm/kernels.list unless `refresh` or it
+    /// lacks one: only then are the package lists fetched (so re-runs stay offline).
+    pub fn resolve(&self, series: &[Series], refresh: bool) -> Result<Vec<(Series, String)>> {
+        let list = self.vm_dir.join("kernels.list");
+        if !refresh {
+            if let Ok(text) = fs::read_to_string(&list) {
+                let cached: Option<Vec<_>> = series
+                    .iter()
+                    .map(|s| lookup(&text, *s).map(|r| (*s, r)))
+                    .collect();
+                if let Some(found) = cached {
+                    return Ok(found);
+                }
+            }
+        }
+        eprintln!(
+            "vm: resolving kernels (apt-get update on a private config in {})",
+            self.vm_dir.join("apt").display()
+        );
+        self.apt.update()?;
+        let names = self
+            .apt
+            .search_names(r"^linux-image-[0-9.]+(-[0-9]+|\+deb[0-9]+)-amd64$")?;
+        let mut text = String::new();
+        for s in Series::ALL {
+            let newest = names
+                .iter()
+                .filter_map(|n| n.strip_prefix("linux-image-"))
+                .filter_map(|r| parse_release(r).map(|v| (v, r)))
+                .filter(|(v, _)| s.contains(v))
+                .max();
+            match newest {
+                Some((_, r)) => text += &format!("{} {r}\n", s.name()),
+                None => eprintln!("vm: no {} generic kernel in the archive", s.name()),
+            }
+        }
+        fs::create_dir_all(&self.vm_dir)?;
+        fs::write(&list, &text)?;
+        series
+            .iter()
+            .map(|s| {
+                lookup(&text, *s)
+                    .map(|r| (*s, r))
+                    .with_context(|| format!("no {} kernel available", s.name()))
+            })
+            .collect()
+    }
+
+    /// Downloads and unpacks a release once; later calls only check the `ready` marker.
+    pub fn prepare(&self, release: &str) -> Result<Prepared> {
+        let dir = self.vm_dir.join("kernels").join(release);
+        let prepared = Prepared {
+            vmlinux: dir.join("vmlinux"),
+            modules_root: dir.join("root"),
+        };
+        if dir.join("ready").exists() {
+            return Ok(prepared);
+        }
+        // A half-done earlier attempt (interrupted) is simply redone.
+        if dir.exists() {
+            fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing stale {}", dir.display()))?;
+        }
+        let debs = dir.join("debs");
+        let extract = dir.join("extract");
+        let available = self.apt.search_names(&format!(
+            "^linux-(image|binary|base|modules)-{}$",
+            release.replace('.', r"\.").replace('+', r"\+")
+        ))?;
+        let packages: Vec<String> = PACKAGE_PREFIXES
+            .iter()
+            .map(|p| format!("{p}{release}"))
+            .filter(|p| available.contains(p))
+            .collect();
+        if packages.is_empty() {
+            bail!(
+                "kernel {release} left the archive: rerun with --refresh to pick the current one"
+            );
+        }
+        eprintln!("vm: downloading {}", packages.join(" "));
+        self.apt.download(&packages, &debs)?;
+        for deb in fs::read_dir(&debs)? {
+            let deb = deb?.path();
+            run(Command::new("dpkg").arg("-x").arg(&deb).arg(&extract))?;
+        }
+
+        // Debian moved /lib to /usr/lib and, for 7.x, vmlinuz into the modules dir.
+        let find = |candidates: &[String]| {
+            candidates
+                .iter()
+                .map(|c| extract.join(c))
+                .find(|p| p.exists())
+        };
+        let vmlinuz = find(&[
+            format!("boot/vmlinuz-{release}"),
+            format!("usr/lib/modules/{release}/vmlinuz"),
+        ])
+        .with_context(|| format!("no vmlinuz in the packages of {release}"))?;
+        let modules = find(&[
+            format!("lib/modules/{release}"),
+            format!("usr/lib/modules/{release}"),
+        ])
+        .with_context(|| format!("no modules dir in the packages of {release}"))?;
+
+        eprintln!("vm: extracting vmlinux from {}", vmlinuz.display());
+        vmlinux::extract(&vmlinuz, &prepared.vmlinux)?;
+        let target = prepared.modules_root.join("lib/modules").join(release);
+        fs::create_dir_all(target.parent().unwrap())?;
+        fs::rename(&modules, &target)?;
+        // Leave only modules in the tree the guest sees as /lib/modules/<release>.
+        let _ = fs::remove_file(target.join("vmlinuz"));
+        // The packages ship no modules.dep (their postinst makes it at install time).
+        run(Command::new("depmod")
+            .arg("-b")
+            .arg(&prepared.modules_root)
+            .arg(release))
+        .context("depmod failed (is kmod installed? run scripts/vm-deps.sh)")?;
+        fs::remove_dir_all(&extract)?;
+        fs::remove_dir_all(&debs)?;
+        fs::write(dir.join("ready"), "")?;
+        Ok(prepared)
+    }
+}
+
+fn lookup(list: &str, s: Series) -> Option<String> {
+    list.lines()
+        .find_map(|l| l.strip_prefix(s.name()).and_then(|r| r.strip_prefix(' ')))
+        .map(str::to_owned)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_release_name_styles() {
+        assert_eq!(
+            parse_release("6.1.0-56-amd64"),
+            Some(Version {
+                major: 6,
+                minor: 1,
+                patch: 0,
+                abi: 56
+            })
+        );
+        assert_eq!(
+            parse_release("6.12.117+deb12-amd64"),
+            Some(Version {
+                major: 6,
+                minor: 12,
+                patch: 117,
+                abi: 0
+            })
+        );
+        assert_eq!(parse_release("6.1.0-56-cloud-amd64"), None);
+        assert!(parse_release("7.3.4+deb13-amd64") > parse_release("7.2.13+deb14-amd64"));
+    }
+}

@@ -1,0 +1,174 @@
+//! `vm-test`: for each kernel × mode, one fresh boot running the command, then a table.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::initramfs::{self, GUEST_DIR, GUEST_OUT};
+use crate::kernels::{Kernels, Series};
+use crate::qemu::{self, Boot, Outcome};
+
+pub struct Options {
+    pub series: Vec<Series>,
+    pub modes: Vec<String>,
+    pub list: bool,
+    pub refresh: bool,
+    pub timeout: Duration,
+    pub command: Vec<String>,
+}
+
+struct Row {
+    kernel: String,
+    mode: String,
+    result: String,
+    boot: String,
+    time: Duration,
+}
+
+/// Returns whether every run passed.
+pub fn run(workspace: &Path, opts: &Options) -> Result<bool> {
+    let vm_dir = workspace.join("target/vm");
+    let kernels = Kernels::new(&vm_dir);
+    let resolved = kernels.resolve(&opts.series, opts.refresh)?;
+    if opts.list {
+        for (series, release) in &resolved {
+            println!("{:<6}{release}", series.name());
+        }
+        return Ok(true);
+    }
+    qemu::check_installed()?;
+    check_command(workspace, &opts.command)?;
+
+    let mut rows = Vec::new();
+    for (_, release) in &resolved {
+        let kernel = kernels.prepare(release)?;
+        let initrd = vm_dir.join("kernels").join(release).join("initramfs.cpio");
+        initramfs::build(release, &kernel.modules_root, &initrd)?;
+        for mode in &opts.modes {
+            let out_dir = vm_dir.join("results").join(release).join(mode);
+            if out_dir.exists() {
+                fs::remove_dir_all(&out_dir)?;
+            }
+            fs::create_dir_all(&out_dir)?;
+            fs::write(
+                out_dir.join("run.sh"),
+                run_script(workspace, release, mode, &opts.command),
+            )?;
+            let boot = Boot {
+                vmlinux: &kernel.vmlinux,
+                initramfs: &initrd,
+                out_dir: &out_dir,
+                timeout: opts.timeout,
+            };
+            let (result, time) = match boot.run() {
+                Ok((Outcome::Exited(0), t)) => ("passed".to_owned(), t),
+                Ok((Outcome::Exited(code), t)) => (format!("failed({code})"), t),
+                Ok((Outcome::NoStatus, t)) => ("no-status".to_owned(), t),
+                Ok((Outcome::Timeout, t)) => ("timeout".to_owned(), t),
+                Err(e) => {
+                    eprintln!("vm: {release} {mode}: {e:#}");
+                    ("error".to_owned(), Duration::ZERO)
+                }
+            };
+            let boot_secs = fs::read_to_string(out_dir.join("boot-seconds"))
+                .map(|s| format!("{}s", s.trim()))
+                .unwrap_or_else(|_| "-".into());
+            eprintln!(
+                "vm: {release} {mode}: {result} in {}s (log: {})",
+                time.as_secs(),
+                out_dir.join("console.log").display()
+            );
+            if result != "passed" {
+                print_tail(&out_dir.join("console.log"));
+            }
+            rows.push(Row {
+                kernel: release.clone(),
+                mode: mode.clone(),
+                result,
+                boot: boot_secs,
+                time,
+            });
+        }
+    }
+    print!("{}", table(&rows));
+    Ok(rows.iter().all(|r| r.result == "passed"))
+}
+
+/// Catches the common mistake of testing a binary that was never built, before booting.
+fn check_command(workspace: &Path, command: &[String]) -> Result<()> {
+    let program = &command[0];
+    if program.contains('/') && !workspace.join(program).exists() {
+        bail!(
+            "{program} not found in {}: build it first (cargo build --release)",
+            workspace.display()
+        );
+    }
+    Ok(())
+}
+
+/// The per-run script the guest's stage2 executes (with the host's /bin/sh).
+fn run_script(workspace: &Path, release: &str, mode: &str, command: &[String]) -> String {
+    let mut s = String::from("set -u\n");
+    let _ = writeln!(s, "cut -d' ' -f1 /proc/uptime > {GUEST_OUT}/boot-seconds");
+    let _ = writeln!(s, "cd {} || exit 125", quote(&workspace.to_string_lossy()));
+    // Pass through the logging knobs and any BACKLOG_* setting of the caller.
+    for (k, v) in std::env::vars() {
+        if k.starts_with("BACKLOG_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" {
+            let _ = writeln!(s, "export {k}={}", quote(&v));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "export BACKLOG_VM_KERNEL={} BACKLOG_MODE={} BACKLOG_VM_OUT={GUEST_OUT}",
+        quote(release),
+        quote(mode)
+    );
+    let _ = writeln!(
+        s,
+        "export HOME=/root TERM=dumb PATH={GUEST_DIR}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    );
+    let words: Vec<String> = command.iter().map(|w| quote(w)).collect();
+    let _ = writeln!(s, "exec {}", words.join(" "));
+    s
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn print_tail(log: &Path) {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    for l in &lines[lines.len().saturating_sub(15)..] {
+        eprintln!("  | {l}");
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.kernel.len())
+        .max()
+        .unwrap_or(6)
+        .max(6)
+        + 2;
+    let mut s = format!(
+        "{:<width$}{:<12}{:<12}{:<8}{}\n",
+        "kernel", "mode", "result", "boot", "time"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:<width$}{:<12}{:<12}{:<8}{}s",
+            r.kernel,
+            r.mode,
+            r.result,
+            r.boot,
+            r.time.as_secs()
+        );
+    }
+    s
+}
