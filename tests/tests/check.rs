@@ -508,6 +508,26 @@ fn reuseport_group_of_four_is_one_listener() {
     assert!(small[0]["evidence"].as_str().unwrap().contains("member limits"), "{}", small[0]);
 }
 
+#[test]
+fn syn_queue_counts_pending_handshakes() {
+    let ns = Netns::new();
+    let _l = ns.listen(8600, 64, false);
+    // Drop the handshakes' last ACK so every request stays in SYN_RECV.
+    ns.exec(&[
+        "nft",
+        "add table inet bt; add chain inet bt in { type filter hook input priority 0; }; \
+         add rule inet bt in tcp dport 8600 tcp flags & (syn|ack) == ack drop",
+    ]);
+    let _clients = ns.connect_many(8600, 10);
+
+    let (_, doc) = check_json(&["--netns", &ns.name, "--sample", "500ms"]);
+    let l = listeners_on(&doc, 8600);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["syn_queue_now"], 10);
+    assert_eq!(l[0]["syn_queue_peak"], 10);
+    assert_eq!(l[0]["members"][0]["queue_peak"], 0, "nothing completed the handshake");
+}
+
 /// As an unprivileged user (no capabilities) the check still reports our own
 /// namespace's sysctls and counters, and says what it could not see.
 #[test]

@@ -330,6 +330,21 @@ mod tests {
     }
 
     #[test]
+    fn a_saturated_owner_is_named_once() {
+        use crate::check::model::OwnerUse;
+        use crate::check::procs::CpuUse;
+        let cpu = CpuUse { total_percent: 130.0, busiest_thread_percent: 97.0, threads: 4 };
+        let mut groups = [group(80, &[511], 0, 0), group(443, &[511], 0, 0)];
+        for g in &mut groups {
+            g.members[0].owners = vec![OwnerUse { pid: 42, comm: "nginx".into(), cpu: Some(cpu) }];
+        }
+        let f = analyze(&[ns(4096, 0, &[])], &groups);
+        assert_eq!(kinds(&f), ["owner_saturated"]);
+        assert!(f[0].summary.contains("nginx (pid 42)") && f[0].summary.contains("97%"), "{}", f[0].summary);
+        assert!(f[0].evidence.contains("0.0.0.0:80, 0.0.0.0:443"), "{}", f[0].evidence);
+    }
+
+    #[test]
     fn reuseport_syncookies_and_abort() {
         let f = analyze(&[ns(4096, 1, &[("SyncookiesSent", 2)])], &[group(80, &[64, 64, 64, 64], 0, 0)]);
         let mut k = kinds(&f);
