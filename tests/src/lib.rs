@@ -1,1 +1,53 @@
-//! Integration-test harness: network namespaces, workloads, kernel counters.
+//! Integration-test harness: network namespaces, workloads, kernel counters,
+//! and a driver for the `backlog-trace` binary.
+//!
+//! Everything here panics on failure with a message meant for the test log:
+//! a harness problem must fail the test loudly, never skip it.
+pub mod bpf;
+pub mod netns;
+pub mod scenario;
+pub mod sys;
+pub mod tracer;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Fails the test unless it runs as root (namespaces, nftables and eBPF need it).
+pub fn require_root() {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("needs root: run the suite as root (sudo)");
+    }
+}
+
+/// The Cargo workspace this crate belongs to.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Polls `probe` every 50 ms until it yields a value; panics after `timeout`
+/// naming `what` so a hung step is obvious in the log.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fresh path for a ready file (not created), unique within this process.
+pub fn scratch_path(what: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("bt-{what}-{}-{n}", std::process::id()))
+}

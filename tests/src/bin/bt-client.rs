@@ -1,0 +1,120 @@
+//! Test workload: many concurrent TCP connects, held open for a while.
+//!
+//! bt-client --port P [--addr IP] [--count N] [--hold SECS] [--send] [--ready-file PATH]
+//!
+//! Issues N non-blocking connects at once, keeps the sockets open for SECS, then
+//! exits. With --send, writes one byte on each socket as soon as its connect
+//! completes; the ready file is written once every connect has been issued (and,
+//! with --send, every socket has connected and sent, or the hold time ran out).
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use backlog_tests::sys::{check, sockaddr, tcp_socket, write_ready_file, Flags};
+
+/// One fd per connection plus stdio and slack; the default soft limit (1024)
+/// would cap large counts.
+fn raise_nofile(count: usize) {
+    let want = count as libc::rlim_t + 64;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer.
+    check(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
+        "getrlimit",
+    );
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        lim.rlim_max = lim.rlim_max.max(want);
+        // SAFETY: `lim` is valid for reading.
+        check(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
+            "setrlimit",
+        );
+    }
+}
+
+fn connect(addr: SocketAddr) -> RawFd {
+    let fd = tcp_socket(&addr, libc::SOCK_NONBLOCK);
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: `sa` is a valid sockaddr of length `len`.
+    let r = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };
+    let err = std::io::Error::last_os_error();
+    if r < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
+        panic!("connect {addr}: {err}");
+    }
+    fd
+}
+
+/// Waits (until `deadline`) for each connect to finish and sends one byte on
+/// those that succeeded. Returns how many sent.
+fn send_when_connected(fds: &[RawFd], deadline: Instant) -> usize {
+    let mut pending: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        })
+        .collect();
+    let mut sent = 0;
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // SAFETY: `pending` is a valid array of its length.
+        unsafe {
+            libc::poll(
+                pending.as_mut_ptr(),
+                pending.len() as libc::nfds_t,
+                left.as_millis() as i32,
+            )
+        };
+        pending.retain(|p| {
+            if p.revents == 0 {
+                return true;
+            }
+            let mut err: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: out-pointers valid for the sizes given.
+            unsafe {
+                libc::getsockopt(
+                    p.fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    &mut err as *mut _ as *mut libc::c_void,
+                    &mut len,
+                );
+                if err == 0 && libc::write(p.fd, b"x".as_ptr() as *const libc::c_void, 1) == 1 {
+                    sent += 1;
+                }
+            }
+            false
+        });
+    }
+    sent
+}
+
+fn main() {
+    let flags = Flags::from_env();
+    let ip: IpAddr = flags.get("addr", IpAddr::from([127, 0, 0, 1]));
+    let addr = SocketAddr::new(ip, flags.required("port"));
+    let count: usize = flags.get("count", 100);
+    let deadline = Instant::now() + Duration::from_secs(flags.get("hold", 5));
+    raise_nofile(count);
+
+    let fds: Vec<RawFd> = (0..count).map(|_| connect(addr)).collect();
+    let report = if flags.opt("send").is_some() {
+        format!("sent {}\n", send_when_connected(&fds, deadline))
+    } else {
+        format!("connecting {count}\n")
+    };
+    if let Some(path) = flags.opt("ready-file") {
+        write_ready_file(path, &report);
+    }
+    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+    // Exiting closes every socket.
+}

@@ -1,0 +1,52 @@
+//! Which eBPF programs are loaded, to check the tracer leaves nothing behind.
+use std::process::Command;
+
+use serde::Deserialize;
+
+/// Every program the tracer loads is named `bt_...`.
+pub const PROGRAM_PREFIX: &str = "bt_";
+
+#[derive(Deserialize, Debug)]
+struct Holder {
+    pid: u32,
+    comm: String,
+}
+
+#[derive(Deserialize, Debug)]
+struct Prog {
+    id: u32,
+    #[serde(default)]
+    name: String,
+    /// Processes holding an fd on the program (bpftool fills this in when the
+    /// kernel supports BPF iterators).
+    #[serde(default)]
+    pids: Vec<Holder>,
+}
+
+/// The tracer's programs currently loaded in the kernel, as
+/// "name (id N, held by comm[pid] ...)".
+pub fn our_programs_loaded() -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["prog", "list", "-j"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool: {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool prog list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let progs: Vec<Prog> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool prog list -j: unexpected JSON ({e})"));
+    progs
+        .into_iter()
+        .filter(|p| p.name.starts_with(PROGRAM_PREFIX))
+        .map(|p| {
+            let holders: Vec<String> = p
+                .pids
+                .iter()
+                .map(|h| format!("{}[{}]", h.comm, h.pid))
+                .collect();
+            format!("{} (id {}, held by {})", p.name, p.id, holders.join(" "))
+        })
+        .collect()
+}

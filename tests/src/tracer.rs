@@ -1,0 +1,245 @@
+//! Running `backlog-trace --json` and reading its NDJSON output.
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::wait_for;
+
+/// Bound on attaching (first line) and on exiting after a stop request.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One listener of the final summary line.
+#[derive(Deserialize, Debug, Clone)]
+pub struct Listener {
+    pub netns: u64,
+    pub port: u16,
+    pub local: String,
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub drops: u64,
+    pub overflows: u64,
+    pub drops_by_reason: BTreeMap<String, u64>,
+}
+
+impl Listener {
+    /// Drops of one reason (accept_queue_full, syn_queue_full, ack_overflow, other).
+    pub fn reason(&self, reason: &str) -> u64 {
+        self.drops_by_reason.get(reason).copied().unwrap_or(0)
+    }
+}
+
+/// The final `{"type":"summary",...}` line.
+#[derive(Deserialize, Debug, Clone)]
+pub struct Summary {
+    pub listeners: Vec<Listener>,
+    pub lost_events: u64,
+}
+
+/// One `{"type":"drop",...}` line.
+#[derive(Deserialize, Debug, Clone)]
+pub struct DropEvent {
+    pub ts_ns: u64,
+    pub netns: u64,
+    pub port: u16,
+    pub local: String,
+    pub peer: String,
+    pub reason: String,
+    pub queue_len: u64,
+    pub queue_max: u64,
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+}
+
+/// The tracer binary: $BACKLOG_TRACE_BIN, else the workspace's release build.
+pub fn tracer_bin() -> PathBuf {
+    match std::env::var_os("BACKLOG_TRACE_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => crate::workspace_root().join("target/release/backlog-trace"),
+    }
+}
+
+/// A command for the tracer binary; fails the test clearly if it is not built.
+pub fn tracer_command() -> Command {
+    let bin = tracer_bin();
+    assert!(
+        bin.exists(),
+        "tracer binary {} not found: build backlog-trace in release mode or set BACKLOG_TRACE_BIN",
+        bin.display()
+    );
+    Command::new(bin)
+}
+
+/// A running `backlog-trace --json`; killed on drop if still running.
+pub struct Tracer {
+    child: Child,
+    /// The parsed start line.
+    pub start: serde_json::Value,
+    lines: Receiver<String>,
+    /// Lines after the start line, complete once the tracer has exited.
+    rest: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<JoinHandle<()>>,
+}
+
+impl Tracer {
+    /// Starts the tracer with `--json` plus `args` (and `--mode $BACKLOG_MODE`
+    /// when set) and returns once it printed its start line, i.e. once every
+    /// program is attached.
+    pub fn start(args: &[&str]) -> Tracer {
+        crate::require_root();
+        let mut cmd = tracer_command();
+        cmd.arg("--json").args(args);
+        if let Ok(mode) = std::env::var("BACKLOG_MODE") {
+            cmd.args(["--mode", &mode]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tracer_bin().display()));
+
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("piped");
+        let sink = stderr.clone();
+        let stderr_reader = Some(std::thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = pipe.read_to_string(&mut buf);
+            sink.lock().expect("stderr lock").push_str(&buf);
+        }));
+
+        let mut tracer = Tracer {
+            child,
+            start: serde_json::Value::Null,
+            lines,
+            rest: Vec::new(),
+            stderr,
+            stderr_reader,
+        };
+        let first = match tracer.lines.recv_timeout(STEP_TIMEOUT) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("backlog-trace printed no start line within {STEP_TIMEOUT:?}")
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = tracer.wait_exit();
+                panic!(
+                    "backlog-trace {args:?} exited ({status}) before its start line; stderr:\n{}",
+                    tracer.stderr()
+                );
+            }
+        };
+        tracer.start = serde_json::from_str(&first)
+            .unwrap_or_else(|e| panic!("start line is not JSON ({e}): {first}"));
+        assert_eq!(
+            tracer.start["type"], "start",
+            "first line should be the start line: {first}"
+        );
+        tracer
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&mut self, sig: libc::c_int) -> ExitStatus {
+        // SAFETY: plain syscall on our own, not yet reaped, child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        self.wait_exit()
+    }
+
+    /// Asks the tracer to stop (Ctrl-C) and waits for it to exit.
+    pub fn stop_sigint(&mut self) -> ExitStatus {
+        self.signal(libc::SIGINT)
+    }
+
+    pub fn stop_sigterm(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM)
+    }
+
+    pub fn kill(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Waits (bounded) for the tracer to exit and collects the rest of its
+    /// output. On timeout the test fails and `Drop` kills the tracer.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        let status = wait_for("backlog-trace to exit", STEP_TIMEOUT, || {
+            child.try_wait().expect("wait for tracer")
+        });
+        // The stdout reader ends at EOF, which closes the channel.
+        self.rest.extend(self.lines.iter());
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    /// What the tracer wrote on stderr (complete once it has exited).
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    fn lines_of_type(&self, kind: &str) -> Vec<&String> {
+        self.rest
+            .iter()
+            .filter(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {l}"));
+                v["type"] == kind
+            })
+            .collect()
+    }
+
+    /// The parsed final summary line (call after the tracer has exited).
+    pub fn summary(&self) -> Summary {
+        let lines = self.lines_of_type("summary");
+        let [line] = lines.as_slice() else {
+            panic!(
+                "expected exactly one summary line, got {}; stdout after start:\n{}\nstderr:\n{}",
+                lines.len(),
+                self.rest.join("\n"),
+                self.stderr()
+            );
+        };
+        serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("summary line does not match the contract ({e}): {line}"))
+    }
+
+    /// The parsed drop lines.
+    pub fn drops(&self) -> Vec<DropEvent> {
+        self.lines_of_type("drop")
+            .into_iter()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("drop line does not match the contract ({e}): {l}"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Driving the workload binaries (bt-server, bt-client) inside namespaces.
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus};
+use std::time::Duration;
+
+use crate::netns::Netns;
+use crate::{scratch_path, wait_for};
+
+/// A started process, killed and reaped on drop unless it already ended.
+pub struct Spawned {
+    what: String,
+    child: Child,
+}
+
+impl Spawned {
+    pub(crate) fn new(what: String, child: Child) -> Spawned {
+        Spawned { what, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait for {}: {e}", self.what))
+    }
+
+    /// Waits for the process to end by itself, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let what = format!("{} to exit", self.what);
+        wait_for(&what, timeout, || self.try_wait())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Path of a workload binary. Cargo builds a package's binaries before its
+/// integration tests, into the directory above the test binary's deps/.
+pub fn workload_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "workload binary {} missing: build with `cargo build -p backlog-tests --tests`",
+        path.display()
+    );
+    path
+}
+
+/// How a bt-server listens and accepts.
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    pub addr: String,
+    pub port: u16,
+    pub backlog: u32,
+    /// none | all | delay=MS
+    pub accept: String,
+    /// Worker processes sharing the listener (0: the listening process accepts).
+    pub fork: u32,
+    /// SO_REUSEPORT sockets on the port (0: one plain socket).
+    pub reuseport: u32,
+}
+
+impl ServerSpec {
+    /// listen(8), never accepting: the shape that overflows.
+    pub fn new(addr: &str, port: u16) -> ServerSpec {
+        ServerSpec {
+            addr: addr.into(),
+            port,
+            backlog: 8,
+            accept: "none".into(),
+            fork: 0,
+            reuseport: 0,
+        }
+    }
+}
+
+/// A listening bt-server.
+pub struct Server {
+    proc: Spawned,
+    /// Every process holding the listener: the listening process first, then
+    /// forked workers.
+    pub pids: Vec<u32>,
+    pub spec: ServerSpec,
+}
+
+impl Server {
+    /// Starts bt-server in `ns` and returns once it listens (bounded wait on
+    /// its ready file).
+    pub fn start(ns: &Netns, spec: ServerSpec) -> Server {
+        let ready = scratch_path("server-ready");
+        let bin = workload_bin("bt-server");
+        let args = [
+            bin.to_str().expect("utf-8 path").to_string(),
+            format!("--addr={}", spec.addr),
+            format!("--port={}", spec.port),
+            format!("--backlog={}", spec.backlog),
+            format!("--accept={}", spec.accept),
+            format!("--fork={}", spec.fork),
+            format!("--reuseport={}", spec.reuseport),
+            format!("--ready-file={}", ready.display()),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc = ns.spawn(&argv);
+        let pids: Vec<u32> = wait_ready(&mut proc, &ready, |text| {
+            text.lines()
+                .map(|l| l.parse().expect("pid in server ready file"))
+                .collect()
+        });
+        assert_eq!(
+            pids[0],
+            proc.pid(),
+            "bt-server should listen in the process we started"
+        );
+        Server { proc, pids, spec }
+    }
+
+    /// The process that created the listening socket(s).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
+/// A batch of concurrent connects (bt-client).
+#[derive(Clone, Debug)]
+pub struct Clients {
+    pub addr: String,
+    pub port: u16,
+    pub count: u32,
+    pub hold_secs: u32,
+    /// Send one byte on each socket once connected.
+    pub send: bool,
+}
+
+impl Clients {
+    pub fn new(addr: &str, port: u16, count: u32) -> Clients {
+        Clients {
+            addr: addr.into(),
+            port,
+            count,
+            hold_secs: 5,
+            send: false,
+        }
+    }
+
+    /// Starts the batch in `ns`; returns once every connect has been issued
+    /// (with `send`: once every socket connected and sent, or the hold ran out).
+    pub fn start(&self, ns: &Netns) -> ClientBatch {
+        let ready = scratch_path("client-ready");
+        let bin = workload_bin("bt-client");
+        let mut args = vec![
+            bin.to_str().expect("utf-8 path").to_string(),
+            format!("--addr={}", self.addr),
+            format!("--port={}", self.port),
+            format!("--count={}", self.count),
+            format!("--hold={}", self.hold_secs),
+            format!("--ready-file={}", ready.display()),
+        ];
+        if self.send {
+            args.push("--send".into());
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc = ns.spawn(&argv);
+        let sent = wait_ready(&mut proc, &ready, |text| {
+            text.strip_prefix("sent ")
+                .map(|n| n.trim().parse().expect("count in client ready file"))
+        });
+        ClientBatch {
+            proc,
+            spec: self.clone(),
+            sent,
+        }
+    }
+
+    /// Runs the batch in `ns` to its end.
+    pub fn run(&self, ns: &Netns) {
+        self.start(ns).finish();
+    }
+}
+
+/// A started batch of clients.
+pub struct ClientBatch {
+    proc: Spawned,
+    spec: Clients,
+    /// With `send`: how many sockets connected and sent their byte.
+    pub sent: Option<u32>,
+}
+
+impl ClientBatch {
+    /// Waits for the batch to end (bounded: the hold time plus a margin).
+    pub fn finish(mut self) {
+        let status = self
+            .proc
+            .wait(Duration::from_secs(u64::from(self.spec.hold_secs) + 30));
+        assert!(
+            status.success(),
+            "bt-client {:?} failed: {status}",
+            self.spec
+        );
+    }
+}
+
+/// Waits (bounded) for a workload's ready file and parses it; fails early if
+/// the process exits first.
+fn wait_ready<T>(proc: &mut Spawned, path: &PathBuf, parse: impl Fn(&str) -> T) -> T {
+    let what = format!("{} to write {}", proc.what, path.display());
+    let text = wait_for(&what, Duration::from_secs(30), || {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return Some(text);
+        }
+        if let Some(status) = proc.try_wait() {
+            panic!("{} exited ({status}) before it was ready", proc.what);
+        }
+        None
+    });
+    let _ = std::fs::remove_file(path);
+    parse(&text)
+}

@@ -1,0 +1,216 @@
+//! Issue 2's "must show": per listener, the tracer's drop and overflow counts
+//! equal the kernel's ListenDrops/ListenOverflows increments exactly, with the
+//! right reason, namespace, port and owning processes.
+//!
+//! Run as root, serially, once backlog-trace is built in release mode:
+//!   cargo test -p backlog-tests --test drops -- --test-threads=1
+use backlog_tests::netns::{nft, veth_pair, Netns};
+use backlog_tests::require_root;
+use backlog_tests::scenario::{traced, Run};
+use backlog_tests::workload::{Clients, Server, ServerSpec};
+
+const PORT: u16 = 8080;
+
+/// One namespace, one listener built from `spec`, 300 concurrent local
+/// clients held 5 s: far more than listen(8) admits, so the accept queue
+/// overflows. Checks the namespace totals exactly.
+fn local_flood(tag: &str, spec: ServerSpec) -> (Netns, Server, Run) {
+    require_root();
+    let ns = Netns::new(tag);
+    let server = Server::start(&ns, spec.clone());
+    let run = traced(&[&ns], &[], || {
+        Clients::new(&spec.addr, spec.port, 300).run(&ns)
+    });
+    run.expect_kernel(&ns, "ListenOverflows");
+    run.assert_exact(&ns);
+    (ns, server, run)
+}
+
+fn single_listener(addr: &str, local: &str) {
+    let (ns, server, run) = local_flood("single", ServerSpec::new(addr, PORT));
+    let l = run.listener(&ns, PORT);
+    assert_eq!(l.local, local);
+    assert!(
+        l.pids.contains(&server.pid()),
+        "server pid {} missing from {l:#?}",
+        server.pid()
+    );
+    // SYNs arriving while 9 connections wait in the full accept queue.
+    assert!(l.reason("accept_queue_full") > 0, "{l:#?}");
+    for d in run.drops() {
+        assert_eq!(
+            (d.netns, d.port),
+            (ns.inode(), PORT),
+            "drop outside the traced listener: {d:#?}"
+        );
+    }
+}
+
+#[test]
+fn ipv4_accept_queue_overflow_is_counted_exactly() {
+    single_listener("127.0.0.1", "127.0.0.1:8080");
+}
+
+#[test]
+fn ipv6_accept_queue_overflow_is_counted_exactly() {
+    single_listener("::1", "[::1]:8080");
+}
+
+/// A server namespace and a client namespace joined by a veth pair, whose
+/// client drops its own ACK-bearing segments (no SYN flag) to the server port,
+/// so the server sees SYNs but never the final ACKs: handshakes stay half-open.
+struct HeldAcks {
+    server_ns: Netns,
+    client_ns: Netns,
+    server_addr: String,
+}
+
+impl HeldAcks {
+    fn new(syncookies: &str) -> HeldAcks {
+        require_root();
+        let server_ns = Netns::new("srv");
+        let client_ns = Netns::new("cli");
+        let link = veth_pair(&server_ns, &client_ns);
+        server_ns.sysctl("net.ipv4.tcp_syncookies", syncookies);
+        nft(
+            &client_ns,
+            &format!(
+                "table inet bt_hold {{\n\tchain output {{ type filter hook output priority 0; policy accept; \
+                 tcp dport {PORT} tcp flags & (syn | ack) == ack drop; }}\n}}\n"
+            ),
+        );
+        HeldAcks {
+            server_ns,
+            client_ns,
+            server_addr: link.server_addr.to_string(),
+        }
+    }
+
+    /// Lets the held-back ACKs through from now on (retransmissions arrive).
+    fn release(&self) {
+        nft(&self.client_ns, "delete table inet bt_hold\n");
+    }
+}
+
+#[test]
+fn syn_queue_full_without_syncookies_is_counted_exactly() {
+    let h = HeldAcks::new("0");
+    let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
+    // The SYN queue (as long as the backlog) fills with half-open requests;
+    // without syncookies every further SYN is dropped.
+    let run = traced(&[&h.server_ns], &[], || {
+        Clients::new(&h.server_addr, PORT, 200).run(&h.client_ns)
+    });
+    let full = run.expect_kernel(&h.server_ns, "TCPReqQFullDrop");
+    run.assert_exact(&h.server_ns);
+    let l = run.listener(&h.server_ns, PORT);
+    assert_eq!(
+        l.reason("syn_queue_full"),
+        full,
+        "syn_queue_full vs TCPReqQFullDrop: {l:#?}"
+    );
+}
+
+#[test]
+fn final_ack_overflow_is_counted_exactly() {
+    // With syncookies the server answers every SYN (cookies once its SYN queue
+    // is full) and the accept queue stays empty while the ACKs are held.
+    let h = HeldAcks::new("1");
+    h.server_ns.sysctl("net.ipv4.tcp_max_syn_backlog", "4096");
+    let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
+    let clients = Clients {
+        send: true,
+        hold_secs: 10,
+        ..Clients::new(&h.server_addr, PORT, 100)
+    };
+    let run = traced(&[&h.server_ns], &[], || {
+        // Returns once every client connected and sent a byte, which is held
+        // back and retransmitted (every ~0.2-1.6 s) with the ACK it carries.
+        let batch = clients.start(&h.client_ns);
+        assert_eq!(
+            batch.sent,
+            Some(clients.count),
+            "harness problem: not every handshake was answered"
+        );
+        h.release();
+        // The retransmissions now complete the handshakes together: the
+        // first 9 fill the accept queue, the rest overflow in syn_recv_sock.
+        batch.finish();
+    });
+    run.expect_kernel(&h.server_ns, "ListenOverflows");
+    run.assert_exact(&h.server_ns);
+    let l = run.listener(&h.server_ns, PORT);
+    assert!(l.reason("ack_overflow") > 0, "{l:#?}");
+}
+
+#[test]
+fn listeners_in_two_namespaces_are_counted_apart() {
+    require_root();
+    let a = Netns::new("multi-a");
+    let b = Netns::new("multi-b");
+    // The same port in both namespaces: only the namespace tells them apart.
+    let listeners = [(&a, PORT), (&a, PORT + 1), (&b, PORT)];
+    let servers: Vec<Server> = listeners
+        .iter()
+        .map(|(ns, port)| Server::start(ns, ServerSpec::new("127.0.0.1", *port)))
+        .collect();
+    let run = traced(&[&a, &b], &[], || {
+        let batches: Vec<_> = listeners
+            .iter()
+            .map(|(ns, port)| Clients::new("127.0.0.1", *port, 150).start(ns))
+            .collect();
+        batches.into_iter().for_each(|b| b.finish());
+    });
+    for ns in [&a, &b] {
+        run.expect_kernel(ns, "ListenOverflows");
+        run.assert_exact(ns);
+    }
+    for ((ns, port), server) in listeners.iter().zip(&servers) {
+        let l = run.listener(ns, *port);
+        assert!(l.drops > 0, "{l:#?}");
+        assert!(
+            l.pids.contains(&server.pid()),
+            "server pid {} missing from {l:#?}",
+            server.pid()
+        );
+    }
+}
+
+#[test]
+fn forked_workers_sharing_a_listener_are_all_listed() {
+    // Workers accept slowly (one connection per second each): still overflowing,
+    // and every worker really uses the socket.
+    let spec = ServerSpec {
+        fork: 3,
+        accept: "delay=1000".into(),
+        ..ServerSpec::new("127.0.0.1", PORT)
+    };
+    let (ns, server, run) = local_flood("fork", spec);
+    let l = run.listener(&ns, PORT);
+    // The parent keeps the listening fd open, as nginx's master does.
+    assert_eq!(server.pids.len(), 4);
+    for pid in &server.pids {
+        assert!(
+            l.pids.contains(pid),
+            "pid {pid} of {:?} missing from {l:#?}",
+            server.pids
+        );
+    }
+}
+
+#[test]
+fn reuseport_sockets_are_counted_per_socket() {
+    let spec = ServerSpec {
+        reuseport: 2,
+        ..ServerSpec::new("127.0.0.1", PORT)
+    };
+    let (ns, server, run) = local_flood("reuseport", spec);
+    // assert_exact already checked that their drops add up to ListenDrops.
+    let ls = run.listeners_on(&ns, PORT);
+    assert_eq!(ls.len(), 2, "one entry per SO_REUSEPORT socket: {ls:#?}");
+    for l in ls {
+        // Connections hash over both sockets, and each overflows on its own.
+        assert!(l.drops > 0, "{l:#?}");
+        assert!(l.pids.contains(&server.pid()), "{l:#?}");
+    }
+}
