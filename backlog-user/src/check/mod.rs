@@ -84,9 +84,10 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     scan.unreadable = scan.unreadable.max(late.unreadable);
     if scan.unreadable > 0 {
         not_visible.push(format!(
-            "the open files of {} processes we may not inspect, so some listeners' owners and their CPU use \
-             (other users' processes need root)",
-            scan.unreadable
+            "the open files of {} process(es) we may not inspect, so some listeners' owners and their CPU use \
+             ({})",
+            scan.unreadable,
+            why_hidden()
         ));
     }
 
@@ -126,8 +127,9 @@ fn open_namespaces(args: &CheckArgs, not_visible: &mut Vec<String>) -> anyhow::R
     let chosen: Vec<NetnsInfo> = if args.netns.is_empty() {
         if all.hidden_pids > 0 {
             not_visible.push(format!(
-                "the network namespaces of {} processes we may not inspect (other users' processes need root)",
-                all.hidden_pids
+                "the network namespaces of {} process(es) we may not inspect ({})",
+                all.hidden_pids,
+                why_hidden()
             ));
         }
         all.namespaces
@@ -158,6 +160,17 @@ fn open_namespaces(args: &CheckArgs, not_visible: &mut Vec<String>) -> anyhow::R
         bail!("could not look into any network namespace ({}); run as root", not_visible.join("; "));
     }
     Ok(watched)
+}
+
+/// Why /proc hid something from us: without root it is other users' processes; as root
+/// it is a process protected by a sandbox, an LSM or a different user namespace.
+fn why_hidden() -> &'static str {
+    // SAFETY: no arguments, cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        "protected even from root, e.g. by a sandbox or another user namespace"
+    } else {
+        "other users' processes need root"
+    }
 }
 
 fn observe(watched: &mut [(NetnsInfo, Inside)], sampler: &mut Sampler) -> anyhow::Result<()> {

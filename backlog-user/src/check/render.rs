@@ -33,7 +33,9 @@ pub fn text(r: &Report) -> String {
             listener(&mut s, g);
         }
     }
-    if r.findings.is_empty() {
+    if r.findings.is_empty() && r.listeners.is_empty() {
+        let _ = writeln!(s, "\nNo findings: no TCP listeners in the namespaces checked.");
+    } else if r.findings.is_empty() {
         let _ = writeln!(s, "\nNo findings: every listener shown has headroom.");
     } else {
         let _ = writeln!(s, "\nFindings:");
