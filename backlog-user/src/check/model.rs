@@ -30,7 +30,7 @@ pub struct NetnsReport {
 }
 
 /// A TcpExt counter at the start and end of the window.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize)]
 pub struct CounterDelta {
     pub name: &'static str,
     pub start: u64,

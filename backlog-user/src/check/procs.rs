@@ -7,7 +7,7 @@ use std::time::Instant;
 use procfs::process::{all_processes, Process};
 use serde::Serialize;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Owner {
     pub pid: i32,
     pub comm: String,
@@ -85,7 +85,7 @@ pub fn cpu_sample(pid: i32) -> Option<CpuSample> {
     Some(CpuSample { at: Instant::now(), ticks })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct CpuUse {
     /// Whole process, in percent of one CPU (can exceed 100 with several threads).
     pub total_percent: f64,

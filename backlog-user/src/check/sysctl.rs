@@ -4,7 +4,7 @@
 //! them, so `read` must run on a thread that has entered the namespace.
 use serde::Serialize;
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Sysctls {
     /// net.core.somaxconn: ceiling on every listen() backlog.
     pub somaxconn: Option<u32>,
