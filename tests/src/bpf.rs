@@ -23,8 +23,8 @@ struct Prog {
     pids: Vec<Holder>,
 }
 
-/// The tracer's programs currently loaded in the kernel, as
-/// "name (id N, held by comm[pid] ...)".
+/// The tracer's programs currently loaded in the kernel, as "name (id N)",
+/// followed by " held by comm[pid] ..." when bpftool can tell.
 pub fn our_programs_loaded() -> Vec<String> {
     let out = Command::new("bpftool")
         .args(["prog", "list", "-j"])
@@ -46,7 +46,11 @@ pub fn our_programs_loaded() -> Vec<String> {
                 .iter()
                 .map(|h| format!("{}[{}]", h.comm, h.pid))
                 .collect();
-            format!("{} (id {}, held by {})", p.name, p.id, holders.join(" "))
+            let mut s = format!("{} (id {})", p.name, p.id);
+            if !holders.is_empty() {
+                s += &format!(" held by {}", holders.join(" "));
+            }
+            s
         })
         .collect()
 }

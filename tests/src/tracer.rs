@@ -12,8 +12,9 @@ use serde::Deserialize;
 
 use crate::wait_for;
 
-/// Bound on attaching (first line) and on exiting after a stop request.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on attaching (first line) and on exiting after a stop request;
+/// generous because the VM runner emulates the CPU (qemu TCG).
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One listener of the final summary line.
 #[derive(Deserialize, Debug, Clone)]

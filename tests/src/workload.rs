@@ -205,7 +205,7 @@ impl ClientBatch {
     pub fn finish(mut self) {
         let status = self
             .proc
-            .wait(Duration::from_secs(u64::from(self.spec.hold_secs) + 30));
+            .wait(Duration::from_secs(u64::from(self.spec.hold_secs) + 60));
         assert!(
             status.success(),
             "bt-client {:?} failed: {status}",
@@ -218,7 +218,7 @@ impl ClientBatch {
 /// the process exits first.
 fn wait_ready<T>(proc: &mut Spawned, path: &PathBuf, parse: impl Fn(&str) -> T) -> T {
     let what = format!("{} to write {}", proc.what, path.display());
-    let text = wait_for(&what, Duration::from_secs(30), || {
+    let text = wait_for(&what, Duration::from_secs(60), || {
         if let Ok(text) = std::fs::read_to_string(path) {
             return Some(text);
         }
