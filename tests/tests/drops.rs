@@ -150,11 +150,11 @@ fn listeners_in_two_namespaces_are_counted_apart() {
     let b = Netns::new("multi-b");
     // The same port in both namespaces: only the namespace tells them apart.
     let listeners = [(&a, PORT), (&a, PORT + 1), (&b, PORT)];
-    let servers: Vec<Server> = listeners
-        .iter()
-        .map(|(ns, port)| Server::start(ns, ServerSpec::new("127.0.0.1", *port)))
-        .collect();
+    let start = |(ns, port): &(&Netns, u16)| Server::start(ns, ServerSpec::new("127.0.0.1", *port));
+    // Namespace a's listeners predate the tracer; b's is created while it runs.
+    let mut servers: Vec<Server> = listeners[..2].iter().map(start).collect();
     let run = traced(&[&a, &b], &[], || {
+        servers.push(start(&listeners[2]));
         let batches: Vec<_> = listeners
             .iter()
             .map(|(ns, port)| Clients::new("127.0.0.1", *port, 150).start(ns))
