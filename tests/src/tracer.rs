@@ -1,6 +1,6 @@
 //! Running `backlog-trace --json` and reading its NDJSON output.
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -97,8 +97,9 @@ impl Tracer {
         crate::require_root();
         let mut cmd = tracer_command();
         cmd.arg("--json").args(args);
-        if let Ok(mode) = std::env::var("BACKLOG_MODE") {
-            cmd.args(["--mode", &mode]);
+        let mode = std::env::var("BACKLOG_MODE").ok();
+        if let Some(mode) = &mode {
+            cmd.args(["--mode", mode]);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -117,12 +118,15 @@ impl Tracer {
             }
         });
         let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("piped");
+        let pipe = child.stderr.take().expect("piped");
         let sink = stderr.clone();
+        // Line by line, so a hung tracer's messages can be shown before it ends.
         let stderr_reader = Some(std::thread::spawn(move || {
-            let mut buf = String::new();
-            let _ = pipe.read_to_string(&mut buf);
-            sink.lock().expect("stderr lock").push_str(&buf);
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut all = sink.lock().expect("stderr lock");
+                all.push_str(&line);
+                all.push('\n');
+            }
         }));
 
         let mut tracer = Tracer {
@@ -135,9 +139,10 @@ impl Tracer {
         };
         let first = match tracer.lines.recv_timeout(STEP_TIMEOUT) {
             Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => {
-                panic!("backlog-trace printed no start line within {STEP_TIMEOUT:?}")
-            }
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "backlog-trace printed no start line within {STEP_TIMEOUT:?}; stderr so far:\n{}",
+                tracer.stderr()
+            ),
             Err(RecvTimeoutError::Disconnected) => {
                 let status = tracer.wait_exit();
                 panic!(
@@ -152,11 +157,14 @@ impl Tracer {
             tracer.start["type"], "start",
             "first line should be the start line: {first}"
         );
+        if let Some(mode) = mode {
+            assert_eq!(
+                tracer.start["mode"],
+                mode.as_str(),
+                "a forced --mode must be the mode used: {first}"
+            );
+        }
         tracer
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     fn signal(&mut self, sig: libc::c_int) -> ExitStatus {

@@ -37,7 +37,8 @@ impl Spawned {
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        if self.try_wait().is_none() {
+        // No panicking here: drop also runs while a failed test unwinds.
+        if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -95,28 +96,21 @@ pub struct Server {
     /// Every process holding the listener: the listening process first, then
     /// forked workers.
     pub pids: Vec<u32>,
-    pub spec: ServerSpec,
 }
 
 impl Server {
     /// Starts bt-server in `ns` and returns once it listens (bounded wait on
     /// its ready file).
     pub fn start(ns: &Netns, spec: ServerSpec) -> Server {
-        let ready = scratch_path("server-ready");
-        let bin = workload_bin("bt-server");
-        let args = [
-            bin.to_str().expect("utf-8 path").to_string(),
+        let flags = vec![
             format!("--addr={}", spec.addr),
             format!("--port={}", spec.port),
             format!("--backlog={}", spec.backlog),
             format!("--accept={}", spec.accept),
             format!("--fork={}", spec.fork),
             format!("--reuseport={}", spec.reuseport),
-            format!("--ready-file={}", ready.display()),
         ];
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut proc = ns.spawn(&argv);
-        let pids: Vec<u32> = wait_ready(&mut proc, &ready, |text| {
+        let (proc, pids): (Spawned, Vec<u32>) = launch(ns, "bt-server", flags, |text| {
             text.lines()
                 .map(|l| l.parse().expect("pid in server ready file"))
                 .collect()
@@ -126,7 +120,7 @@ impl Server {
             proc.pid(),
             "bt-server should listen in the process we started"
         );
-        Server { proc, pids, spec }
+        Server { proc, pids }
     }
 
     /// The process that created the listening socket(s).
@@ -160,22 +154,16 @@ impl Clients {
     /// Starts the batch in `ns`; returns once every connect has been issued
     /// (with `send`: once every socket connected and sent, or the hold ran out).
     pub fn start(&self, ns: &Netns) -> ClientBatch {
-        let ready = scratch_path("client-ready");
-        let bin = workload_bin("bt-client");
-        let mut args = vec![
-            bin.to_str().expect("utf-8 path").to_string(),
+        let mut flags = vec![
             format!("--addr={}", self.addr),
             format!("--port={}", self.port),
             format!("--count={}", self.count),
             format!("--hold={}", self.hold_secs),
-            format!("--ready-file={}", ready.display()),
         ];
         if self.send {
-            args.push("--send".into());
+            flags.push("--send".into());
         }
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut proc = ns.spawn(&argv);
-        let sent = wait_ready(&mut proc, &ready, |text| {
+        let (proc, sent) = launch(ns, "bt-client", flags, |text| {
             text.strip_prefix("sent ")
                 .map(|n| n.trim().parse().expect("count in client ready file"))
         });
@@ -214,12 +202,25 @@ impl ClientBatch {
     }
 }
 
-/// Waits (bounded) for a workload's ready file and parses it; fails early if
-/// the process exits first.
-fn wait_ready<T>(proc: &mut Spawned, path: &PathBuf, parse: impl Fn(&str) -> T) -> T {
-    let what = format!("{} to write {}", proc.what, path.display());
+/// Starts workload binary `name` in `ns` with `flags` and a ready file, waits
+/// (bounded) for the ready file and parses it; fails early if the process
+/// exits first.
+fn launch<T>(
+    ns: &Netns,
+    name: &str,
+    flags: Vec<String>,
+    parse: impl Fn(&str) -> T,
+) -> (Spawned, T) {
+    let ready = scratch_path(name);
+    let bin = workload_bin(name);
+    let mut argv = vec![bin.to_str().expect("utf-8 path").to_string()];
+    argv.extend(flags);
+    argv.push(format!("--ready-file={}", ready.display()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut proc = ns.spawn(&argv);
+    let what = format!("{name} to write {}", ready.display());
     let text = wait_for(&what, Duration::from_secs(60), || {
-        if let Ok(text) = std::fs::read_to_string(path) {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
             return Some(text);
         }
         if let Some(status) = proc.try_wait() {
@@ -227,6 +228,7 @@ fn wait_ready<T>(proc: &mut Spawned, path: &PathBuf, parse: impl Fn(&str) -> T) 
         }
         None
     });
-    let _ = std::fs::remove_file(path);
-    parse(&text)
+    let _ = std::fs::remove_file(&ready);
+    let parsed = parse(&text);
+    (proc, parsed)
 }
