@@ -113,10 +113,11 @@ fn syn_queue_full_without_syncookies_is_counted_exactly() {
 
 #[test]
 fn final_ack_overflow_is_counted_exactly() {
-    // With syncookies the server answers every SYN (cookies once its SYN queue
-    // is full) and the accept queue stays empty while the ACKs are held.
+    // With syncookies the server answers every SYN (with cookies once its SYN
+    // queue, as long as the backlog, is full) and the accept queue stays empty
+    // while the ACKs are held. Without them only 9 requests would wait: just
+    // what the accept queue takes, so nothing would overflow.
     let h = HeldAcks::new("1");
-    h.server_ns.sysctl("net.ipv4.tcp_max_syn_backlog", "4096");
     let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
     let clients = Clients {
         send: true,
@@ -137,6 +138,8 @@ fn final_ack_overflow_is_counted_exactly() {
         // first 9 fill the accept queue, the rest overflow in syn_recv_sock.
         batch.finish();
     });
+    // Cookie-bearing ACKs reached the listener and found its queue full.
+    run.expect_kernel(&h.server_ns, "SyncookiesRecv");
     run.expect_kernel(&h.server_ns, "ListenOverflows");
     run.assert_exact(&h.server_ns);
     let l = run.listener(&h.server_ns, PORT);
