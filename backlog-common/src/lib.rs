@@ -290,6 +290,14 @@ pub struct KernelOffsets {
     pub reason_not_specified: u32,
     /// 1 when the kfree_skb tracepoint carries rx_sk (6.11+).
     pub kfree_has_rx_sk: u32,
+    // fd -> sock: task_struct.files -> files_struct.fdt -> fdtable.{max_fds, fd}
+    // -> file.private_data (struct socket) -> socket.sk
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
 }
 
 /// Run-time settings written into `.rodata` next to the offsets.
@@ -300,6 +308,10 @@ pub struct Config {
     pub filter_ports: u32,
     /// Offset of `backlog` in the syscalls:sys_enter_listen record (from its format file).
     pub listen_backlog_off: u32,
+    /// Offset of `ret` in the syscalls:sys_exit_accept(4) records.
+    pub accept_ret_off: u32,
+    /// 1 to send an event per accept (the recorder wants them; live views read maps).
+    pub emit_accepts: u32,
 }
 
 #[cfg(feature = "user")]

@@ -32,10 +32,16 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     reason_no_socket: u32::MAX,
     reason_not_specified: u32::MAX,
     kfree_has_rx_sk: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
 };
 
 #[no_mangle]
-static CONFIG: Config = Config { filter_ports: 0, listen_backlog_off: 24 };
+static CONFIG: Config = Config { filter_ports: 0, listen_backlog_off: 24, accept_ret_off: 16, emit_accepts: 0 };
 
 #[inline(always)]
 pub fn offsets() -> KernelOffsets {
@@ -87,9 +93,26 @@ pub fn sk_drops(sk: u64, o: &KernelOffsets) -> u32 {
     read::<u32>(sk, o.sk_drops).unwrap_or(0)
 }
 
+/// The sock behind file descriptor `fd` of the current task (what accept() returned).
 #[inline(always)]
-pub fn sk_state(sk: u64, o: &KernelOffsets) -> u8 {
-    read::<u8>(sk, o.skc_state).unwrap_or(0)
+pub fn current_fd_sock(fd: u64, o: &KernelOffsets) -> u64 {
+    // SAFETY: no preconditions; the task pointer is only used as an address to read.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let files = read::<u64>(task, o.task_files).unwrap_or(0);
+    let fdt = read::<u64>(files, o.files_fdt).unwrap_or(0);
+    let max = read::<u32>(fdt, o.fdtable_max_fds).unwrap_or(0);
+    if fd >= max as u64 {
+        return 0;
+    }
+    let fds = read::<u64>(fdt, o.fdtable_fd).unwrap_or(0);
+    let file = read::<u64>(fds, (fd * 8) as u32).unwrap_or(0);
+    let socket = read::<u64>(file, o.file_private_data).unwrap_or(0);
+    read::<u64>(socket, o.socket_sk).unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn has_socket(sk: u64, o: &KernelOffsets) -> bool {
+    read::<u64>(sk, o.sk_socket).unwrap_or(0) != 0
 }
 
 #[inline(always)]

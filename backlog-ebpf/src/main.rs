@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod accept;
 mod drops;
 mod kernel;
 mod listeners;
@@ -13,7 +14,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
 };
 
-use crate::kernel::{TCP_LISTEN, TCP_SYN_RECV};
+use crate::kernel::{TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV};
 
 // ---- tracepoint mode: drop detection (see drops/tracepoint.rs) ----
 
@@ -48,11 +49,33 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
     let old = ctx.arg::<u64>(1) as u8;
     let new = ctx.arg::<u64>(2) as u8;
-    if new == TCP_LISTEN || old == TCP_LISTEN && new != TCP_SYN_RECV {
+    if new == TCP_LISTEN || old == TCP_LISTEN && new == TCP_CLOSE {
         listeners::on_state(sk, old, new);
-    } else {
+        return 0;
+    }
+    if old == TCP_LISTEN || old == TCP_SYN_RECV && new == TCP_CLOSE {
+        // A child born from (or dying in) a final ACK: the drop windows care.
         drops::tracepoint::on_child_state(old, new);
     }
+    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+        if let Some(listener) = drops::tracepoint::ack_listener() {
+            accept::enqueued(sk, listener);
+        }
+    } else if new == TCP_CLOSE {
+        accept::closed(sk);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn bt_tp_accept4(ctx: TracePointContext) -> u32 {
+    accept::tracepoint::on_sys_exit_accept(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn bt_tp_accept(ctx: TracePointContext) -> u32 {
+    accept::tracepoint::on_sys_exit_accept(&ctx);
     0
 }
 

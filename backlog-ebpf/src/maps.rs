@@ -8,6 +8,8 @@ use aya_ebpf::{
 };
 use backlog_common::{global, Event, ListenerStats};
 
+use crate::kernel;
+
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
@@ -40,14 +42,24 @@ pub fn port_watched(port: u16) -> bool {
     unsafe { FILTER_PORTS.get(&port).is_some() }
 }
 
-/// This CPU's counters for a listener, created on first use.
+/// This CPU's counters for a listener, created on first use with the listener's
+/// identity filled in.
 #[inline(always)]
 pub fn stats(sk: u64) -> Option<*mut ListenerStats> {
     if let Some(p) = STATS.get_ptr_mut(&sk) {
         return Some(p);
     }
-    let zero = ListenerStats::default();
-    if STATS.insert(&sk, &zero, 0).is_err() {
+    let o = kernel::offsets();
+    let (family, laddr, lport) = kernel::local_addr(sk, &o);
+    let fresh = ListenerStats {
+        sock_ino: kernel::socket_inode(sk, &o),
+        netns: kernel::netns_inum(kernel::sk_net(sk, &o), &o),
+        family,
+        lport,
+        laddr,
+        ..ListenerStats::default()
+    };
+    if STATS.insert(&sk, &fresh, 0).is_err() {
         count(global::STATS_FULL);
         return None;
     }

@@ -73,6 +73,9 @@ pub struct TraceArgs {
     /// NDJSON on stdout: a start line, one line per drop, a summary at the end.
     #[arg(long)]
     pub json: bool,
+    /// At the end, print each listener's accept-queue wait histogram.
+    #[arg(long)]
+    pub hist: bool,
     /// Force an attach mode instead of the best one the kernel allows.
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use backlog_common::{DropReason, Event, EventKind, ListenerStats, AF_INET6, N_REASONS};
+use backlog_common::{hist, DropReason, Event, EventKind, ListenerStats, WaitHist, AF_INET6, N_REASONS};
 
 use crate::attribute::Owners;
 use crate::cli::Filters;
@@ -23,7 +23,65 @@ pub struct Listener {
     pub queue_peak: u32,
     /// Drops by reason: exact kernel counts where known, else counted from events.
     pub drops: [u64; N_REASONS],
+    pub accepts: u64,
+    pub abandoned: u64,
+    /// Children on the accept queue that the kernel side is still timing.
+    pub pending: u64,
+    pub wait: Wait,
     pub closed: bool,
+}
+
+/// Accept-queue waits in the kernel's bucket layout (see `backlog_common::hist`).
+#[derive(Clone, Debug)]
+pub struct Wait {
+    pub buckets: Vec<u64>,
+    pub max_ns: u64,
+}
+
+impl Default for Wait {
+    fn default() -> Self {
+        Wait { buckets: vec![0; hist::BUCKETS], max_ns: 0 }
+    }
+}
+
+/// Percentiles of accept-queue wait, in microseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Wait {
+    pub fn record(&mut self, ns: u64) {
+        self.buckets[hist::bucket(ns / 1000)] += 1;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Percentiles through hdrhistogram, each bucket entered at its midpoint (a
+    /// bucket is at most 1/8 of its value wide, so the midpoint is within 6.25%).
+    /// The maximum is exact: the kernel tracks it apart from the buckets.
+    pub fn latency(&self) -> Option<Latency> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        // Values in tenths of a microsecond keep sub-microsecond midpoints distinct.
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1 << 45, 3).ok()?;
+        for (i, n) in self.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let (lo, hi) = hist::bounds(i);
+            h.record_n(((lo + hi) * 5).max(1), *n).ok()?;
+        }
+        let max = self.max_ns as f64 / 1000.0;
+        let q = |p: f64| (h.value_at_quantile(p) as f64 / 10.0).min(max);
+        Some(Latency { count, p50: q(0.50), p90: q(0.90), p99: q(0.99), max })
+    }
 }
 
 impl Listener {
@@ -72,6 +130,11 @@ pub fn ip(family: u16, bytes: &[u8; 16]) -> IpAddr {
 pub struct Model {
     pub listeners: BTreeMap<u64, Listener>,
     pub lost_events: u64,
+    /// accept()s of children never seen queued (tracer started later, LRU eviction,
+    /// accepts by paths the tracer cannot see).
+    pub unmatched_accepts: u64,
+    /// Children the kernel side still times as queued (live sessions only).
+    pub pending_enqueued: Option<usize>,
 }
 
 impl Model {
@@ -117,7 +180,12 @@ impl Model {
                 }
             }
             EventKind::Unlisten => l.closed = true,
-            EventKind::Accept | EventKind::Abandon => {}
+            EventKind::Accept => {
+                l.accepts += 1;
+                l.wait.record(ev.value);
+                l.queue_len = ev.queue_len;
+            }
+            EventKind::Abandon => l.abandoned += 1,
         }
         Some(l)
     }
@@ -136,14 +204,32 @@ impl Model {
         ev.sock_ino = id.sock_ino;
         let l = self.entry(&ev);
         let mut drops = [0u64; N_REASONS];
+        let (mut accepts, mut abandoned) = (0, 0);
         for s in per_cpu {
             for (d, v) in drops.iter_mut().zip(s.drops) {
                 *d += v;
             }
+            accepts += s.accepts;
+            abandoned += s.abandoned;
+            l.wait.max_ns = l.wait.max_ns.max(s.wait_max_ns);
             l.queue_peak = l.queue_peak.max(s.queue_peak);
             l.queue_max = l.queue_max.max(s.queue_max);
         }
         l.drops = drops;
+        l.accepts = accepts;
+        l.abandoned = abandoned;
+    }
+
+    /// Replaces event-derived wait buckets with the kernel's histogram (per CPU).
+    pub fn set_kernel_hist(&mut self, sk: u64, per_cpu: &[WaitHist]) {
+        let Some(l) = self.listeners.get_mut(&sk) else { return };
+        let mut buckets = vec![0u64; hist::BUCKETS];
+        for h in per_cpu {
+            for (b, c) in buckets.iter_mut().zip(h.counts.iter()) {
+                *b += u64::from(*c);
+            }
+        }
+        l.wait.buckets = buckets;
     }
 
     pub fn matching<'a>(&'a self, f: &'a Filters) -> impl Iterator<Item = &'a Listener> + 'a {
@@ -199,6 +285,36 @@ mod tests {
         // A listener known only from the kernel's counters (all its events lost).
         m.set_kernel_stats(99, &[a]);
         assert_eq!((m.listeners[&99].port, m.listeners[&99].total_drops()), (8080, 6));
+    }
+
+    #[test]
+    fn wait_percentiles_are_within_a_bucket() {
+        let mut w = Wait::default();
+        // 1..=1000 ms uniformly: p50 ~ 500 ms, p99 ~ 990 ms, max exactly 1000 ms.
+        for ms in 1..=1000u64 {
+            w.record(ms * 1_000_000);
+        }
+        let l = w.latency().unwrap();
+        assert_eq!(l.count, 1000);
+        assert!((l.p50 / 500_000.0 - 1.0).abs() < 0.07, "p50 {}", l.p50);
+        assert!((l.p99 / 990_000.0 - 1.0).abs() < 0.07, "p99 {}", l.p99);
+        assert_eq!(l.max, 1_000_000.0);
+        assert!(Wait::default().latency().is_none());
+    }
+
+    #[test]
+    fn accept_events_feed_the_model() {
+        let mut m = Model::default();
+        let mut e = drop_ev(3, DropReason::Other);
+        e.kind = EventKind::Accept as u8;
+        e.value = 25_000_000;
+        m.apply(&e);
+        e.kind = EventKind::Abandon as u8;
+        m.apply(&e);
+        let l = &m.listeners[&3];
+        assert_eq!((l.accepts, l.abandoned, l.total_drops()), (1, 1, 0));
+        let lat = l.wait.latency().unwrap();
+        assert!((lat.p50 / 25_000.0 - 1.0).abs() < 0.07);
     }
 
     #[test]

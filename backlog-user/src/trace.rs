@@ -1,5 +1,4 @@
 //! The live session: attach, stream events into the model, print, detach.
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -12,7 +11,7 @@ use crate::attribute::Resolver;
 use crate::cli::TraceArgs;
 use crate::kernel::{Session, StartOptions};
 use crate::model::{Listener, Model};
-use crate::output::{Clock, Json, Output, Text};
+use crate::output::{snapshot, Clock, Json, Output, Previous, Text};
 
 fn scope(args: &TraceArgs) -> String {
     let f = &args.filters;
@@ -70,6 +69,18 @@ impl Live {
     /// entries of listeners that have closed (their totals stay in the model).
     fn sync_kernel(&mut self, session: &mut Session) -> Result<()> {
         self.model.lost_events = session.global(global::LOST_EVENTS)?;
+        self.model.unmatched_accepts = session.global(global::UNMATCHED_ACCEPT)?;
+        let pending = session.enqueued_by_listener()?;
+        self.model.pending_enqueued = Some(pending.values().sum::<u64>() as usize);
+        for (sk, l) in self.model.listeners.iter_mut() {
+            l.pending = pending.get(sk).copied().unwrap_or(0);
+        }
+        let hists = session.wait_hist()?;
+        let entries: Vec<(u64, Vec<_>)> =
+            hists.iter().filter_map(|r| r.ok()).map(|(sk, v)| (sk, v.iter().copied().collect())).collect();
+        for (sk, per_cpu) in entries {
+            self.model.set_kernel_hist(sk, &per_cpu);
+        }
         let mut stats = session.stats()?;
         let entries: Vec<(u64, Vec<_>)> =
             stats.iter().filter_map(|r| r.ok()).map(|(sk, v)| (sk, v.iter().copied().collect())).collect();
@@ -89,7 +100,7 @@ impl Live {
 
 /// Runs the tracer until Ctrl-C, SIGTERM or --duration; returns the exit code.
 pub async fn run(args: TraceArgs) -> Result<i32> {
-    let mut session = Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone() })?;
+    let mut session = Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone(), emit_accepts: false })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
     // the AsyncFd (and with it the RingBuf) is dropped below.
     let mut rb = unsafe { AsyncFd::register(session.take_events()?) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
@@ -104,7 +115,7 @@ pub async fn run(args: TraceArgs) -> Result<i32> {
     let deadline = live.args.duration.map(|d| tokio::time::Instant::now() + d);
     let period = live.args.interval.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut prev: HashMap<u64, u64> = HashMap::new();
+    let mut prev = Previous::new();
     let mut last_tick = Instant::now();
 
     loop {
@@ -121,7 +132,7 @@ pub async fn run(args: TraceArgs) -> Result<i32> {
                 last_tick = Instant::now();
                 let rows = live.selected();
                 live.out.interval(&live.model, &rows, secs, &prev);
-                prev = rows.iter().map(|l| (l.sk, l.total_drops())).collect();
+                prev = snapshot(&rows);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -140,7 +151,7 @@ pub async fn run(args: TraceArgs) -> Result<i32> {
         }
     }
     let rows = live.selected();
-    live.out.summary(&rows, live.model.lost_events, started.elapsed().as_secs_f64());
+    live.out.summary(&live.model, &rows, started.elapsed().as_secs_f64(), live.args.hist);
     drop(rb);
     drop(session);
     Ok(0)

@@ -55,11 +55,6 @@ pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &Kern
                 (*s).queue_peak = q.ack_backlog;
             }
             (*s).queue_max = q.max_ack_backlog;
-            (*s).sock_ino = sock_ino;
-            (*s).netns = netns;
-            (*s).family = family;
-            (*s).lport = lport;
-            (*s).laddr = laddr;
         }
     }
     let mut ev = Event::zeroed();

@@ -197,6 +197,14 @@ pub fn on_child_state(old: u8, new: u8) {
     }
 }
 
+/// The listener whose final ACK this CPU is handling, if any: a child that turns
+/// ESTABLISHED now has just been put on that listener's accept queue.
+#[inline(always)]
+pub fn ack_listener() -> Option<u64> {
+    let w = open_window()?;
+    (w.kind == KIND_ACK).then_some(w.sk)
+}
+
 /// consume_skb / kfree_skb: the window's segment is freed; decide.
 /// `drop_reason` is None for consume_skb.
 #[inline(always)]

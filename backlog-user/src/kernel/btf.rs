@@ -118,13 +118,6 @@ impl KernelBtf {
         }
     }
 
-    pub fn has_function(&self, name: &str) -> bool {
-        self.btf
-            .resolve_types_by_name(name)
-            .map(|ts| ts.iter().any(|t| matches!(t, Type::Func(_))))
-            .unwrap_or(false)
-    }
-
     /// Everything the eBPF programs read from kernel memory.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
         let sk_common = |f: &str| self.offset("sock", &["__sk_common", f]);
@@ -152,6 +145,12 @@ impl KernelBtf {
             reason_no_socket: self.enum_value("SKB_DROP_REASON_NO_SOCKET").unwrap_or(u32::MAX),
             reason_not_specified: self.enum_value("SKB_DROP_REASON_NOT_SPECIFIED").unwrap_or(u32::MAX),
             kfree_has_rx_sk: u32::from(self.tracepoint_args("kfree_skb").unwrap_or(0) >= 4),
+            task_files: self.offset("task_struct", &["files"])?,
+            files_fdt: self.offset("files_struct", &["fdt"])?,
+            fdtable_max_fds: self.offset("fdtable", &["max_fds"])?,
+            fdtable_fd: self.offset("fdtable", &["fd"])?,
+            file_private_data: self.offset("file", &["private_data"])?,
+            socket_sk: self.offset("socket", &["sk"])?,
         })
     }
 }

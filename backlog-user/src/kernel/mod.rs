@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{names, Config, ListenerStats};
+use backlog_common::{names, Config, ListenerStats, WaitHist};
 
 use crate::cli::Mode;
 
@@ -26,8 +26,6 @@ pub struct KernelInfo {
 /// One way of detecting drops. Adding a mode is adding a sibling module.
 pub trait AttachMode {
     fn name(&self) -> &'static str;
-    /// Program names this mode attaches (for diagnostics).
-    fn programs(&self) -> Vec<&'static str>;
     /// Why this mode cannot work on this kernel, if that is known without trying.
     fn unavailable(&self, k: &KernelInfo) -> Option<String>;
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()>;
@@ -50,9 +48,6 @@ impl AttachMode for Unsupported {
     fn name(&self) -> &'static str {
         self.0.name()
     }
-    fn programs(&self) -> Vec<&'static str> {
-        Vec::new()
-    }
     fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
         let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
         Some(if !kprobes {
@@ -69,6 +64,8 @@ impl AttachMode for Unsupported {
 pub struct StartOptions {
     pub mode: Option<Mode>,
     pub ports: Vec<u16>,
+    /// Send one event per accept (for the recorder); live views read the maps.
+    pub emit_accepts: bool,
 }
 
 /// A loaded and attached tracer. Dropping it detaches everything.
@@ -93,6 +90,8 @@ impl Session {
         let config = Config {
             filter_ports: u32::from(!opts.ports.is_empty()),
             listen_backlog_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_enter_listen", "backlog")?,
+            accept_ret_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_exit_accept4", "ret")?,
+            emit_accepts: u32::from(opts.emit_accepts),
         };
         let aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
         let info = KernelInfo { release: env::kernel_release() };
@@ -114,8 +113,8 @@ impl Session {
             // A fresh load per attempt: a half-attached mode must leave nothing behind.
             let mut ebpf = EbpfLoader::new()
                 .btf(Some(&aya_btf))
-                .set_global(names::OFFSETS, &offsets, true)
-                .set_global(names::CONFIG, &config, true)
+                .override_global(names::OFFSETS, &offsets, true)
+                .override_global(names::CONFIG, &config, true)
                 .load(OBJECT)
                 .context("loading the eBPF object")?;
             set_port_filter(&mut ebpf, &opts.ports)?;
@@ -141,6 +140,24 @@ impl Session {
     pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, u64, ListenerStats>> {
         let m = self.ebpf.map_mut(names::STATS).context("STATS map")?;
         Ok(PerCpuHashMap::try_from(m)?)
+    }
+
+    /// Per-listener accept-wait histograms, one copy per CPU.
+    pub fn wait_hist(&mut self) -> Result<PerCpuHashMap<&mut MapData, u64, WaitHist>> {
+        let m = self.ebpf.map_mut(names::WAIT_HIST).context("WAIT_HIST map")?;
+        Ok(PerCpuHashMap::try_from(m)?)
+    }
+
+    /// Children still timed as queued, counted per listener. Value layout is
+    /// backlog-ebpf's `accept::Enqueued` { ts_ns, listener }.
+    pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<u64, u64>> {
+        let m = self.ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
+        let h: HashMap<&MapData, u64, [u64; 2]> = HashMap::try_from(m)?;
+        let mut out = std::collections::HashMap::new();
+        for (_, [_, listener]) in h.iter().filter_map(|r| r.ok()) {
+            *out.entry(listener).or_insert(0) += 1;
+        }
+        Ok(out)
     }
 
     /// Sum over CPUs of one global counter.

@@ -3,7 +3,7 @@
 use std::fs::File;
 
 use anyhow::{Context, Result};
-use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::{Btf, Ebpf};
 
 use super::{env, AttachMode};
@@ -16,15 +16,12 @@ const TP_BTF: [(&str, &str); 3] = [
     ("bt_tp_kfree", "kfree_skb"),
 ];
 
+/// accept() has no tracepoint: its syscall exits give the descriptor of the child.
+const SYSCALLS: [(&str, &str); 2] = [("bt_tp_accept4", "sys_exit_accept4"), ("bt_tp_accept", "sys_exit_accept")];
+
 impl AttachMode for Tracepoint {
     fn name(&self) -> &'static str {
         "tracepoint"
-    }
-
-    fn programs(&self) -> Vec<&'static str> {
-        let mut p: Vec<_> = TP_BTF.iter().map(|(p, _)| *p).collect();
-        p.push("bt_tp_ingress");
-        p
     }
 
     fn unavailable(&self, _k: &super::KernelInfo) -> Option<String> {
@@ -38,6 +35,11 @@ impl AttachMode for Tracepoint {
             let p: &mut BtfTracePoint = ebpf.program_mut(prog).context(prog)?.try_into()?;
             p.load(tp, btf).with_context(|| format!("loading {prog} for tp_btf/{tp}"))?;
             p.attach().with_context(|| format!("attaching {prog} to tp_btf/{tp}"))?;
+        }
+        for (prog, tp) in SYSCALLS {
+            let p: &mut TracePoint = ebpf.program_mut(prog).context(prog)?.try_into()?;
+            p.load().with_context(|| format!("loading {prog}"))?;
+            p.attach("syscalls", tp).with_context(|| format!("attaching {prog} to syscalls:{tp}"))?;
         }
         let root = env::cgroup2_root()?;
         let cg = File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;

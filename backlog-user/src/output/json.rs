@@ -1,10 +1,8 @@
 //! NDJSON: the machine contract (`type` = start | drop | interval | summary).
-use std::collections::HashMap;
-
-use backlog_common::{DropReason, Event};
+use backlog_common::{hist, DropReason, Event};
 use serde_json::{json, Value};
 
-use super::{emit, Output};
+use super::{emit, rates, Output, Previous};
 use crate::model::{fmt_sockaddr, ip, Listener, Model};
 
 pub struct Json;
@@ -25,7 +23,29 @@ pub fn listener_json(l: &Listener) -> Value {
         "queue_peak": l.queue_peak,
         "requested_backlog": l.requested_backlog,
         "closed": l.closed,
+        "accepts": l.accepts,
+        "abandoned": l.abandoned,
+        "pending": l.pending,
+        "accept_latency_us": l.wait.latency().map(|w| json!({
+            "count": w.count, "p50": w.p50, "p90": w.p90, "p99": w.p99, "max": w.max,
+        })),
     })
+}
+
+/// Non-empty wait buckets as [low_us, high_us, count].
+fn hist_json(l: &Listener) -> Value {
+    let rows: Vec<Value> = l
+        .wait
+        .buckets
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, n)| {
+            let (lo, hi) = hist::bounds(i);
+            json!([lo, hi, n])
+        })
+        .collect();
+    Value::Array(rows)
 }
 
 impl Output for Json {
@@ -54,21 +74,41 @@ impl Output for Json {
         );
     }
 
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &HashMap<u64, u64>) {
+    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous) {
         let rows: Vec<Value> = listeners
             .iter()
             .map(|l| {
                 let mut v = listener_json(l);
-                let delta = l.total_drops() - prev.get(&l.sk).copied().unwrap_or(0);
-                v["drops_per_sec"] = json!(delta as f64 / secs);
+                let (drops, accepts) = rates(l, secs, prev);
+                v["drops_per_sec"] = json!(drops);
+                v["accepts_per_sec"] = json!(accepts);
                 v
             })
             .collect();
         emit(&json!({"type": "interval", "listeners": rows, "lost_events": model.lost_events}).to_string());
     }
 
-    fn summary(&self, listeners: &[&Listener], lost_events: u64, secs: f64) {
-        let rows: Vec<Value> = listeners.iter().map(|l| listener_json(l)).collect();
-        emit(&json!({"type": "summary", "duration_s": secs, "listeners": rows, "lost_events": lost_events}).to_string());
+    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool) {
+        let rows: Vec<Value> = listeners
+            .iter()
+            .map(|l| {
+                let mut v = listener_json(l);
+                if hist {
+                    v["accept_wait_hist_us"] = hist_json(l);
+                }
+                v
+            })
+            .collect();
+        emit(
+            &json!({
+                "type": "summary",
+                "duration_s": secs,
+                "listeners": rows,
+                "lost_events": model.lost_events,
+                "unmatched_accepts": model.unmatched_accepts,
+                "pending_enqueued": model.pending_enqueued,
+            })
+            .to_string(),
+        );
     }
 }

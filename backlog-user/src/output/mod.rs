@@ -16,8 +16,21 @@ pub use text::Text;
 pub trait Output {
     fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str);
     fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener);
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &std::collections::HashMap<u64, u64>);
-    fn summary(&self, listeners: &[&Listener], lost_events: u64, secs: f64);
+    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous);
+    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool);
+}
+
+/// Each listener's (drops, accepts) at the previous interval, for rates.
+pub type Previous = std::collections::HashMap<u64, (u64, u64)>;
+
+pub fn snapshot(listeners: &[&Listener]) -> Previous {
+    listeners.iter().map(|l| (l.sk, (l.total_drops(), l.accepts))).collect()
+}
+
+/// Per-second rates of drops and accepts since `prev`.
+pub fn rates(l: &Listener, secs: f64, prev: &Previous) -> (f64, f64) {
+    let (d, a) = prev.get(&l.sk).copied().unwrap_or((0, 0));
+    ((l.total_drops().saturating_sub(d)) as f64 / secs, (l.accepts.saturating_sub(a)) as f64 / secs)
 }
 
 /// stdout, flushed per record so pipes and tests see lines as they happen; a closed

@@ -1,9 +1,8 @@
-//! Human output: a start line, optional per-drop lines, an ss/bcc-style table.
-use std::collections::HashMap;
+//! Human output: a start line, optional per-drop lines, an ss/bcc-style table, and
+//! bcc/bpftrace-style histograms.
+use backlog_common::{hist, DropReason, Event};
 
-use backlog_common::{DropReason, Event};
-
-use super::{emit, Output};
+use super::{emit, rates, Output, Previous};
 use crate::model::{fmt_sockaddr, ip, Listener, Model};
 
 pub struct Text;
@@ -19,6 +18,7 @@ fn owners(l: &Listener) -> String {
     s.join(",")
 }
 
+/// The effective limit, with what the application asked for when that was more.
 fn limit(l: &Listener) -> String {
     match l.requested_backlog {
         Some(r) if r != l.queue_max => format!("{}({r})", l.queue_max),
@@ -26,41 +26,94 @@ fn limit(l: &Listener) -> String {
     }
 }
 
-/// The table; `rate` adds a drops/s column computed against the previous totals.
-pub fn table(listeners: &[&Listener], rate: Option<(f64, &HashMap<u64, u64>)>) -> Vec<String> {
-    let mut out = vec![format!(
-        "{:<22} {:>10} {:<20} {:>9} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8}{}",
-        "LOCAL",
-        "NETNS",
-        "OWNER",
-        "LIMIT",
-        "PEAK",
-        "ACCEPTQ",
-        "SYNQ",
-        "ACK_OVF",
-        "OTHER",
-        "DROPS",
-        if rate.is_some() { "   DROPS/s" } else { "" }
-    )];
+fn ms(us: f64) -> String {
+    format!("{:.1}", us / 1000.0)
+}
+
+const HEAD: [&str; 14] = [
+    "LOCAL", "NETNS", "OWNER", "LIMIT", "PEAK", "ACCEPTQ", "SYNQ", "ACK_OVF", "OTHER", "DROPS", "ACCEPTS", "P50ms",
+    "P99ms", "MAXms",
+];
+
+fn row(cells: &[String], rate: Option<[String; 2]>) -> String {
+    let mut s = format!(
+        "{:<22} {:>10} {:<20} {:>9} {:>5} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7}",
+        cells[0],
+        cells[1],
+        cells[2],
+        cells[3],
+        cells[4],
+        cells[5],
+        cells[6],
+        cells[7],
+        cells[8],
+        cells[9],
+        cells[10],
+        cells[11],
+        cells[12],
+        cells[13]
+    );
+    if let Some([d, a]) = rate {
+        s.push_str(&format!(" {d:>8} {a:>8}"));
+    }
+    s
+}
+
+/// The table; `rate` adds drops/s and accepts/s computed against the previous totals.
+pub fn table(listeners: &[&Listener], rate: Option<(f64, &Previous)>) -> Vec<String> {
+    let head: Vec<String> = HEAD.iter().map(|s| s.to_string()).collect();
+    let mut out = vec![row(&head, rate.map(|_| ["DROPS/s".into(), "ACC/s".into()]))];
     for l in listeners {
-        let d = |r: DropReason| l.drops[r as usize];
-        let per_s = rate
-            .map(|(secs, prev)| format!(" {:>9.1}", (l.total_drops() - prev.get(&l.sk).copied().unwrap_or(0)) as f64 / secs))
-            .unwrap_or_default();
-        out.push(format!(
-            "{:<22} {:>10} {:<20} {:>9} {:>5} {:>10} {:>10} {:>10} {:>8} {:>8}{}",
+        let d = |r: DropReason| l.drops[r as usize].to_string();
+        let lat = l.wait.latency();
+        let q = |f: fn(&crate::model::Latency) -> f64| lat.as_ref().map_or("-".to_string(), |w| ms(f(w)));
+        let cells = [
             l.local(),
-            l.netns,
+            l.netns.to_string(),
             owners(l),
             limit(l),
-            l.queue_peak,
+            l.queue_peak.to_string(),
             d(DropReason::AcceptQueueFull),
             d(DropReason::SynQueueFull),
             d(DropReason::AckOverflow),
             d(DropReason::Other),
-            l.total_drops(),
-            per_s
-        ));
+            l.total_drops().to_string(),
+            l.accepts.to_string(),
+            q(|w| w.p50),
+            q(|w| w.p99),
+            q(|w| w.max),
+        ];
+        let r = rate.map(|(secs, prev)| {
+            let (dr, ar) = rates(l, secs, prev);
+            [format!("{dr:.1}"), format!("{ar:.1}")]
+        });
+        out.push(row(&cells, r));
+    }
+    out
+}
+
+/// One listener's accept-wait histogram in the bcc/bpftrace style. Adjacent
+/// sub-buckets are merged to powers of two for reading; percentiles elsewhere use
+/// the fine buckets.
+pub fn histogram(l: &Listener) -> Vec<String> {
+    let mut pow2: Vec<(u64, u64, u64)> = Vec::new();
+    for (i, n) in l.wait.buckets.iter().enumerate() {
+        let (lo, _) = hist::bounds(i);
+        let p_lo = if lo == 0 { 0 } else { 1u64 << (63 - lo.leading_zeros()) };
+        let p_hi = if lo == 0 { 1 } else { p_lo * 2 };
+        match pow2.last_mut() {
+            Some(last) if last.0 == p_lo => last.2 += n,
+            _ => pow2.push((p_lo, p_hi, *n)),
+        }
+    }
+    let first = pow2.iter().position(|b| b.2 > 0);
+    let last = pow2.iter().rposition(|b| b.2 > 0);
+    let (Some(first), Some(last)) = (first, last) else { return vec![] };
+    let max = pow2[first..=last].iter().map(|b| b.2).max().unwrap_or(1).max(1);
+    let mut out = vec![format!("@accept_wait_us[{}, netns {}]:", l.local(), l.netns)];
+    for (lo, hi, n) in &pow2[first..=last] {
+        let bar = "@".repeat((n * 40 / max) as usize);
+        out.push(format!("{:<20} {:>8} |{:<40}|", format!("[{lo}, {hi})"), n, bar));
     }
     out
 }
@@ -94,7 +147,7 @@ impl Output for Text {
         ));
     }
 
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &HashMap<u64, u64>) {
+    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous) {
         emit("");
         for line in table(listeners, Some((secs, prev))) {
             emit(&line);
@@ -104,15 +157,23 @@ impl Output for Text {
         }
     }
 
-    fn summary(&self, listeners: &[&Listener], lost_events: u64, secs: f64) {
+    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool) {
         emit("");
         let total: u64 = listeners.iter().map(|l| l.total_drops()).sum();
         emit(&format!("Summary after {secs:.1}s: {total} drops at {} listeners", listeners.len()));
         for line in table(listeners, None) {
             emit(&line);
         }
-        if lost_events > 0 {
-            emit(&format!("{lost_events} events lost (ring buffer full); per-listener counts are exact"));
+        if hist {
+            for l in listeners.iter().filter(|l| l.wait.count() > 0) {
+                emit("");
+                for line in histogram(l) {
+                    emit(&line);
+                }
+            }
+        }
+        if model.lost_events > 0 {
+            emit(&format!("{} events lost (ring buffer full); per-listener counts are exact", model.lost_events));
         }
     }
 }
@@ -129,10 +190,22 @@ mod tests {
         l.owners.insert(42, "nginx".into());
         let rows = table(&[&l], None);
         assert_eq!(rows.len(), 2);
-        assert!(rows[0].ends_with("DROPS") && rows[1].ends_with(" 6"), "{rows:?}");
-        assert_eq!(rows[0].len(), rows[1].len());
+        assert_eq!(rows[0].len(), rows[1].len(), "{rows:?}");
         assert!(rows[1].contains("128(511)"), "{}", rows[1]);
         assert!(rows[1].contains("42/nginx"));
         assert_eq!(clock(3_723_004_000_000), "01:02:03.004");
+    }
+
+    #[test]
+    fn histogram_merges_to_powers_of_two() {
+        let mut l = Listener::default();
+        for us in [130u64, 140, 200, 255, 256, 300] {
+            l.wait.record(us * 1000);
+        }
+        let h = histogram(&l);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert!(h[1].starts_with("[128, 256)") && h[1].contains(" 4 |"), "{}", h[1]);
+        assert!(h[2].starts_with("[256, 512)") && h[2].contains(" 2 |"), "{}", h[2]);
+        assert!(h[1].contains(&"@".repeat(40)));
     }
 }
