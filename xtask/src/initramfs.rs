@@ -109,6 +109,7 @@ exec /sbin/modprobe -d "{root}" "$@"
 END
 $bb chmod 755 {GUEST_DIR}/bin/modprobe
 echo {GUEST_DIR}/bin/modprobe > /proc/sys/kernel/modprobe
+$bb hostname backlog-vm
 $bb ip link set lo up
 /bin/sh {GUEST_OUT}/run.sh
 echo $? > {GUEST_OUT}/exit-status

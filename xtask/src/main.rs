@@ -51,6 +51,19 @@ enum Task {
         #[arg(last = true, default_values = ["target/release/backlog-trace", "--help"])]
         command: Vec<String>,
     },
+    /// Boot one kernel with its console on this terminal and run COMMAND (default: bash).
+    /// Same guest as vm-test; quit qemu with Ctrl-A X.
+    VmShell {
+        /// Kernel line: 6.1, 6.12 or 7.
+        #[arg(long, default_value = "6.12", value_parser = ["6.1", "6.12", "7"])]
+        kernel: String,
+        /// Value of BACKLOG_MODE in the guest.
+        #[arg(long, default_value = "fentry", value_parser = ["fentry", "kprobe", "tracepoint"])]
+        mode: String,
+        /// Program and arguments run in the guest.
+        #[arg(last = true, default_values = ["bash"])]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,5 +109,15 @@ fn run() -> Result<bool> {
             };
             vmtest::run(workspace, &opts)
         }
+        Task::VmShell {
+            kernel,
+            mode,
+            command,
+        } => vmtest::shell(
+            workspace,
+            kernels::Series::parse(&kernel)?[0],
+            &mode,
+            &command,
+        ),
     }
 }

@@ -17,6 +17,8 @@ pub struct Boot<'a> {
     /// Shared read-write with the guest; receives console.log and exit-status.
     pub out_dir: &'a Path,
     pub timeout: Duration,
+    /// Console on this terminal (vm-shell) instead of out_dir/console.log.
+    pub interactive: bool,
 }
 
 pub enum Outcome {
@@ -53,8 +55,6 @@ impl Boot<'_> {
                 "none",
                 "-no-reboot",
             ])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
             .arg("-kernel")
             .arg(self.vmlinux)
             .arg("-initrd")
@@ -70,9 +70,16 @@ impl Boot<'_> {
                 "local,path={},mount_tag={OUT_TAG},security_model=none,multidevs=remap",
                 virtfs_path(self.out_dir)?.display()
             ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(self.out_dir.join("qemu.stderr"))?);
+            .arg("-serial");
+        if self.interactive {
+            // mon: keeps qemu's Ctrl-A escapes (Ctrl-A X quits).
+            cmd.arg("mon:stdio");
+        } else {
+            cmd.arg(format!("file:{}", console.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(self.out_dir.join("qemu.stderr"))?);
+        }
         die_with_parent(&mut cmd);
 
         let start = Instant::now();

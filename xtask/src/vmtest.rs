@@ -1,11 +1,12 @@
 //! `vm-test`: for each kernel × mode, one fresh boot running the command, then a table.
+//! `vm-shell`: one boot with the guest console on the terminal.
 
 use std::fmt::Write as _;
-use std::fs;
-use std::path::Path;
+use std::fs::{self, File, TryLockError};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::initramfs::{self, GUEST_DIR, GUEST_OUT};
 use crate::kernels::{Kernels, Series};
@@ -28,11 +29,93 @@ struct Row {
     time: Duration,
 }
 
+/// A bootable kernel: its vmlinux and this run's initramfs.
+struct Ready {
+    release: String,
+    vmlinux: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// The shared state under target/vm, held under a lock: concurrent runs would
+/// overwrite each other's kernels and results.
+struct Vm<'a> {
+    workspace: &'a Path,
+    dir: PathBuf,
+    kernels: Kernels,
+    _lock: File,
+}
+
+impl<'a> Vm<'a> {
+    fn open(workspace: &'a Path) -> Result<Self> {
+        let dir = workspace.join("target/vm");
+        fs::create_dir_all(&dir)?;
+        let lock = File::create(dir.join("lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                eprintln!("vm: waiting for another vm-test/vm-shell in this tree to finish");
+                lock.lock()?;
+            }
+            Err(TryLockError::Error(e)) => return Err(e).context("locking target/vm/lock"),
+        }
+        Ok(Vm {
+            workspace,
+            kernels: Kernels::new(&dir),
+            dir,
+            _lock: lock,
+        })
+    }
+
+    fn ready(&self, release: &str) -> Result<Ready> {
+        let kernel = self.kernels.prepare(release)?;
+        let initramfs = self
+            .dir
+            .join("kernels")
+            .join(release)
+            .join("initramfs.cpio");
+        // Rebuilt on every run (it takes well under a second) so it never lags the code.
+        initramfs::build(release, &kernel.modules_root, &initramfs)?;
+        Ok(Ready {
+            release: release.to_owned(),
+            vmlinux: kernel.vmlinux,
+            initramfs,
+        })
+    }
+
+    /// One boot running `command` with BACKLOG_MODE=`mode`; returns the result dir too.
+    fn boot(
+        &self,
+        kernel: &Ready,
+        mode: &str,
+        command: &[String],
+        timeout: Duration,
+        interactive: bool,
+    ) -> Result<(PathBuf, Result<(Outcome, Duration)>)> {
+        let out_dir = self.dir.join("results").join(&kernel.release).join(mode);
+        if out_dir.exists() {
+            fs::remove_dir_all(&out_dir)?;
+        }
+        fs::create_dir_all(&out_dir)?;
+        fs::write(
+            out_dir.join("run.sh"),
+            run_script(self.workspace, &kernel.release, mode, command),
+        )?;
+        let boot = Boot {
+            vmlinux: &kernel.vmlinux,
+            initramfs: &kernel.initramfs,
+            out_dir: &out_dir,
+            timeout,
+            interactive,
+        };
+        let result = boot.run();
+        Ok((out_dir, result))
+    }
+}
+
 /// Returns whether every run passed.
 pub fn run(workspace: &Path, opts: &Options) -> Result<bool> {
-    let vm_dir = workspace.join("target/vm");
-    let kernels = Kernels::new(&vm_dir);
-    let resolved = kernels.resolve(&opts.series, opts.refresh)?;
+    let vm = Vm::open(workspace)?;
+    let resolved = vm.kernels.resolve(&opts.series, opts.refresh)?;
     if opts.list {
         for (series, release) in &resolved {
             println!("{:<6}{release}", series.name());
@@ -44,26 +127,10 @@ pub fn run(workspace: &Path, opts: &Options) -> Result<bool> {
 
     let mut rows = Vec::new();
     for (_, release) in &resolved {
-        let kernel = kernels.prepare(release)?;
-        let initrd = vm_dir.join("kernels").join(release).join("initramfs.cpio");
-        initramfs::build(release, &kernel.modules_root, &initrd)?;
+        let kernel = vm.ready(release)?;
         for mode in &opts.modes {
-            let out_dir = vm_dir.join("results").join(release).join(mode);
-            if out_dir.exists() {
-                fs::remove_dir_all(&out_dir)?;
-            }
-            fs::create_dir_all(&out_dir)?;
-            fs::write(
-                out_dir.join("run.sh"),
-                run_script(workspace, release, mode, &opts.command),
-            )?;
-            let boot = Boot {
-                vmlinux: &kernel.vmlinux,
-                initramfs: &initrd,
-                out_dir: &out_dir,
-                timeout: opts.timeout,
-            };
-            let (result, time) = match boot.run() {
+            let (out_dir, outcome) = vm.boot(&kernel, mode, &opts.command, opts.timeout, false)?;
+            let (result, time) = match outcome {
                 Ok((Outcome::Exited(0), t)) => ("passed".to_owned(), t),
                 Ok((Outcome::Exited(code), t)) => (format!("failed({code})"), t),
                 Ok((Outcome::NoStatus, t)) => ("no-status".to_owned(), t),
@@ -73,28 +140,42 @@ pub fn run(workspace: &Path, opts: &Options) -> Result<bool> {
                     ("error".to_owned(), Duration::ZERO)
                 }
             };
-            let boot_secs = fs::read_to_string(out_dir.join("boot-seconds"))
-                .map(|s| format!("{}s", s.trim()))
-                .unwrap_or_else(|_| "-".into());
+            let log = out_dir.join("console.log");
             eprintln!(
                 "vm: {release} {mode}: {result} in {}s (log: {})",
                 time.as_secs(),
-                out_dir.join("console.log").display()
+                log.display()
             );
             if result != "passed" {
-                print_tail(&out_dir.join("console.log"));
+                print_tail(&log);
             }
+            let boot = fs::read_to_string(out_dir.join("boot-seconds"))
+                .map(|s| format!("{}s", s.trim()))
+                .unwrap_or_else(|_| "-".into());
             rows.push(Row {
                 kernel: release.clone(),
                 mode: mode.clone(),
                 result,
-                boot: boot_secs,
+                boot,
                 time,
             });
         }
     }
     print!("{}", table(&rows));
     Ok(rows.iter().all(|r| r.result == "passed"))
+}
+
+/// Boots one kernel with the console on this terminal (quit qemu with Ctrl-A X).
+pub fn shell(workspace: &Path, series: Series, mode: &str, command: &[String]) -> Result<bool> {
+    let vm = Vm::open(workspace)?;
+    let (_, release) = vm.kernels.resolve(&[series], false)?.remove(0);
+    qemu::check_installed()?;
+    check_command(workspace, command)?;
+    let kernel = vm.ready(&release)?;
+    eprintln!("vm: booting {release} (BACKLOG_MODE={mode}); Ctrl-A X quits qemu");
+    // A shell has no time limit of its own.
+    let (_, outcome) = vm.boot(&kernel, mode, command, Duration::MAX, true)?;
+    Ok(matches!(outcome?.0, Outcome::Exited(0)))
 }
 
 /// Catches the common mistake of testing a binary that was never built, before booting.
@@ -116,7 +197,7 @@ fn run_script(workspace: &Path, release: &str, mode: &str, command: &[String]) -
     let _ = writeln!(s, "cd {} || exit 125", quote(&workspace.to_string_lossy()));
     // Pass through the logging knobs and any BACKLOG_* setting of the caller.
     for (k, v) in std::env::vars() {
-        if k.starts_with("BACKLOG_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" {
+        if k.starts_with("BACKLOG_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" || k == "TERM" {
             let _ = writeln!(s, "export {k}={}", quote(&v));
         }
     }
@@ -128,7 +209,7 @@ fn run_script(workspace: &Path, release: &str, mode: &str, command: &[String]) -
     );
     let _ = writeln!(
         s,
-        "export HOME=/root TERM=dumb PATH={GUEST_DIR}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        "export HOME=/root PATH={GUEST_DIR}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     );
     let words: Vec<String> = command.iter().map(|w| quote(w)).collect();
     let _ = writeln!(s, "exec {}", words.join(" "));
