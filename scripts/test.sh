@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: set-up, build, unit tests, the integration
+# tests on this kernel (root, eBPF, network namespaces they create), and the kernel
+# matrix under qemu. Ends with one line "tests: N passed, N failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test: the suite loads eBPF programs and creates network namespaces: run it as root (sudo scripts/test.sh)" >&2
+    exit 1
+fi
+
+bash scripts/setup.sh
+bash scripts/vm-deps.sh
+bash scripts/test-deps-prometheus.sh
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+run() {
+    echo "== $*" >&2
+    # Keep going after a failing step so one run reports every failure.
+    if ! "$@" 2>&1 | tee -a "$log"; then
+        failed_steps+=("$*")
+    fi
+}
+failed_steps=()
+
+run cargo build --release --workspace --exclude backlog-ebpf
+export BACKLOG_TRACE_BIN=$PWD/target/release/backlog-trace
+# Unit tests of the pure parts (the BTF tests read this machine's kernel BTF).
+run cargo test --release --workspace --exclude backlog-ebpf --exclude backlog-tests
+# Integration tests: one at a time, since each drives the shared kernel counters of
+# the namespaces it creates and loads the tracer.
+run cargo test --release -p backlog-tests -- --test-threads=1
+
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+if [ ${#failed_steps[@]} -gt 0 ]; then
+    printf 'test: step failed: %s\n' "${failed_steps[@]}" >&2
+    [ "$failed" -gt 0 ] || failed=${#failed_steps[@]}
+fi
+echo "tests: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
