@@ -3,6 +3,11 @@
 //!
 //! Everything here panics on failure with a message meant for the test log:
 //! a harness problem must fail the test loudly, never skip it.
+//!
+//! Running the suite needs root, `ip`, `nft` and `bpftool`; the tests run
+//! serially: `cargo test -p backlog-tests -- --test-threads=1`. The tracer is
+//! `$BACKLOG_TRACE_BIN`, else `target/release/backlog-trace`; `$BACKLOG_MODE`
+//! (fentry|kprobe|tracepoint) forces its attach mode.
 pub mod bpf;
 pub mod netns;
 pub mod scenario;
