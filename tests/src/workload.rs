@@ -135,6 +135,8 @@ pub struct Clients {
     pub addr: String,
     pub port: u16,
     pub count: u32,
+    /// How long the sockets stay open once all connects were issued (and,
+    /// with `send`, sent).
     pub hold_secs: u32,
     /// Send one byte on each socket once connected.
     pub send: bool,
@@ -189,7 +191,8 @@ pub struct ClientBatch {
 }
 
 impl ClientBatch {
-    /// Waits for the batch to end (bounded: the hold time plus a margin).
+    /// Waits for the batch to end (bounded: the hold time, counted from the
+    /// ready point, plus a margin).
     pub fn finish(mut self) {
         let status = self
             .proc
