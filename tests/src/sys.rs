@@ -80,7 +80,10 @@ pub struct Flags(BTreeMap<String, String>);
 
 impl Flags {
     pub fn from_env() -> Flags {
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        Flags::parse(std::env::args().skip(1).collect())
+    }
+
+    fn parse(args: Vec<String>) -> Flags {
         let mut map = BTreeMap::new();
         let mut i = 0;
         while i < args.len() {
@@ -135,4 +138,20 @@ pub fn write_ready_file(path: &str, content: &str) {
     let tmp = format!("{path}.tmp");
     std::fs::write(&tmp, content).unwrap_or_else(|e| panic!("write {tmp}: {e}"));
     std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename {tmp}: {e}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Flags;
+
+    #[test]
+    fn flags_with_values_equals_and_switches() {
+        let args = ["--port", "80", "--addr=::1", "--send", "--count", "3"];
+        let f = Flags::parse(args.iter().map(|s| s.to_string()).collect());
+        assert_eq!(f.required::<u16>("port"), 80);
+        assert_eq!(f.opt("addr"), Some("::1"));
+        assert!(f.opt("send").is_some());
+        assert_eq!(f.get("count", 0u32), 3);
+        assert_eq!(f.get("hold", 5u32), 5);
+    }
 }

@@ -252,3 +252,32 @@ impl Drop for Tracer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{DropEvent, Summary};
+
+    /// The contract's lines parse; fields the tests do not use are ignored.
+    #[test]
+    fn contract_lines_parse() {
+        let drop: DropEvent = serde_json::from_str(
+            r#"{"type":"drop","ts_ns":1,"netns":4026531840,"port":8080,"local":"[::1]:8080",
+                "peer":"[::1]:40000","reason":"accept_queue_full","queue_len":9,"queue_max":8,
+                "syn_queue_len":0,"pids":[7],"comms":["bt-server"]}"#,
+        )
+        .unwrap();
+        assert_eq!((drop.port, drop.queue_len, drop.pids[0]), (8080, 9, 7));
+        let summary: Summary = serde_json::from_str(
+            r#"{"type":"summary","duration_s":1.5,"lost_events":0,"listeners":[{"netns":1,
+                "port":80,"local":"127.0.0.1:80","pids":[7],"comms":["x"],"drops":3,
+                "overflows":2,"drops_by_reason":{"accept_queue_full":2,"syn_queue_full":1,
+                "ack_overflow":0,"other":0}}]}"#,
+        )
+        .unwrap();
+        let l = &summary.listeners[0];
+        assert_eq!(
+            (l.drops, l.overflows, l.reason("syn_queue_full")),
+            (3, 2, 1)
+        );
+    }
+}
