@@ -22,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Diagnose every listener's queue configuration (no eBPF needed).
     Check(crate::check::CheckArgs),
+    /// Trace as usual and write every event, owner, queue sample and counter to a file.
+    Record(crate::record::RecordArgs),
+    /// Print recordings as the live session did, plus a timeline, top peers and sysctls.
+    Report(crate::record::ReportArgs),
 }
 
 /// Attach mode for the kernel programs.
@@ -79,6 +83,9 @@ pub struct TraceArgs {
     /// Force an attach mode instead of the best one the kernel allows.
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
+    /// Serve Prometheus metrics at http://ADDR/metrics: a port (on 127.0.0.1) or address:port.
+    #[arg(long, value_name = "ADDR", value_parser = crate::export::parse_listen_addr)]
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 /// Accepts "30", "30s", "250ms", "5m", "1h".

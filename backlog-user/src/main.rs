@@ -6,10 +6,12 @@
 mod attribute;
 mod check;
 mod cli;
+mod export;
 mod kernel;
 mod model;
 mod netns;
 mod output;
+mod record;
 mod trace;
 
 use clap::Parser;
@@ -24,16 +26,27 @@ fn main() {
                 2
             }
         },
-        None => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(trace::run(cli.trace)) {
-                Ok(code) => code,
-                Err(e) => {
-                    eprintln!("backlog-trace: {e:#}");
-                    1
-                }
+        Some(cli::Command::Record(args)) => live(record::record(args)),
+        Some(cli::Command::Report(args)) => match record::report(&args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("backlog-trace report: {e:#}");
+                2
             }
-        }
+        },
+        None => live(trace::run(cli.trace, Vec::new())),
     };
     std::process::exit(code);
+}
+
+/// Runs a live session (plain or recording) to its exit code.
+fn live(session: impl std::future::Future<Output = anyhow::Result<i32>>) -> i32 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(session) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("backlog-trace: {e:#}");
+            1
+        }
+    }
 }

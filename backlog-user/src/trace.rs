@@ -9,6 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::attribute::Resolver;
 use crate::cli::TraceArgs;
+use crate::export::Sink;
 use crate::kernel::{Session, StartOptions};
 use crate::model::{Listener, Model};
 use crate::output::{snapshot, Clock, Json, Output, Previous, Text};
@@ -35,6 +36,8 @@ struct Live {
     out: Box<dyn Output>,
     clock: Clock,
     args: TraceArgs,
+    /// Recorder and exporter: see `export::Sink` for what they are told when.
+    sinks: Vec<Box<dyn Sink>>,
 }
 
 impl Live {
@@ -46,6 +49,9 @@ impl Live {
             if let Some(o) = self.owners.owners(l.sock_ino) {
                 l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
             }
+        }
+        for s in &mut self.sinks {
+            s.event(ev, l);
         }
         if ev.kind == EventKind::Drop as u8 && (self.args.events || self.args.json) && l.matches(&self.args.filters) {
             let wall = self.clock.wall_ns(ev.ts_ns);
@@ -99,15 +105,23 @@ impl Live {
 }
 
 /// Runs the tracer until Ctrl-C, SIGTERM or --duration; returns the exit code.
-pub async fn run(args: TraceArgs) -> Result<i32> {
-    let mut session = Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone(), emit_accepts: false })?;
+pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> {
+    if let Some(addr) = args.prometheus {
+        sinks.push(Box::new(crate::export::Prometheus::serve(addr, args.filters.clone()).await?));
+    }
+    let emit_accepts = sinks.iter().any(|s| s.wants_accept_events());
+    let mut session = Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone(), emit_accepts })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
     // the AsyncFd (and with it the RingBuf) is dropped below.
     let mut rb = unsafe { AsyncFd::register(session.take_events()?) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
-    let mut live = Live { model: Model::default(), owners: Resolver::new(Duration::from_millis(500)), out, clock: Clock::now(), args };
+    let mut live = Live { model: Model::default(), owners: Resolver::new(Duration::from_millis(500)), out, clock: Clock::now(), args, sinks };
     live.owners.refresh();
-    live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope(&live.args));
+    let scope = scope(&live.args);
+    live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope);
+    for s in &mut live.sinks {
+        s.started(session.mode, &session.kernel, &scope)?;
+    }
 
     let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -117,6 +131,9 @@ pub async fn run(args: TraceArgs) -> Result<i32> {
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut prev = Previous::new();
     let mut last_tick = Instant::now();
+    // Sinks get the exact counters every second, whatever --interval says.
+    let second = Duration::from_secs(1);
+    let mut sink_ticker = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
 
     loop {
         tokio::select! {
@@ -133,6 +150,13 @@ pub async fn run(args: TraceArgs) -> Result<i32> {
                 let rows = live.selected();
                 live.out.interval(&live.model, &rows, secs, &prev);
                 prev = snapshot(&rows);
+            }
+            _ = sink_ticker.tick(), if !live.sinks.is_empty() => {
+                live.drain(rb.get_mut());
+                live.sync_kernel(&mut session)?;
+                for s in &mut live.sinks {
+                    s.synced(&live.model)?;
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -152,6 +176,9 @@ pub async fn run(args: TraceArgs) -> Result<i32> {
     }
     let rows = live.selected();
     live.out.summary(&live.model, &rows, started.elapsed().as_secs_f64(), live.args.hist);
+    for s in &mut live.sinks {
+        s.finish(&live.model)?;
+    }
     drop(rb);
     drop(session);
     Ok(0)

@@ -7,7 +7,7 @@
 mod diag;
 mod findings;
 mod model;
-mod namespaces;
+pub(crate) mod namespaces;
 mod netstat;
 mod procs;
 mod render;

@@ -1,0 +1,274 @@
+//! `--prometheus ADDR`: the model's exact counters as Prometheus metrics.
+//!
+//! Series are labelled by network namespace, port and owning command, summed over
+//! the sockets that share those (SO_REUSEPORT groups, IPv4 and IPv6 listeners on
+//! one port), so the number of series stays bounded by the listeners, never by the
+//! peers. Values are copied from the model at each sync and served from that copy.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use backlog_common::{hist, DropReason, Event, N_REASONS};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::http::{self, Render};
+use super::Sink;
+use crate::cli::Filters;
+use crate::model::{Listener, Model};
+
+/// "9464" means 127.0.0.1:9464: metrics stay on the host unless an address is given.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| format!("'{s}' is neither a port nor an address:port (e.g. 9464, 0.0.0.0:9464, [::1]:9464)"))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Labels {
+    netns: u32,
+    port: u16,
+    comm: String,
+}
+
+/// Wait buckets by power-of-two upper bound in µs (1, 2, 4 … 2^31), then +Inf.
+const WAIT_SLOTS: usize = 33;
+
+#[derive(Clone, Debug, Default)]
+struct Series {
+    drops: [u64; N_REASONS],
+    accepts: u64,
+    abandoned: u64,
+    queue_len: u64,
+    queue_limit: u64,
+    wait: Vec<u64>,
+    /// Estimated from bucket midpoints: the kernel keeps counts, not a sum.
+    wait_sum_us: f64,
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    series: BTreeMap<Labels, Series>,
+    lost_events: u64,
+}
+
+fn wait_slot(bucket: usize) -> usize {
+    if bucket == hist::BUCKETS - 1 {
+        return WAIT_SLOTS - 1; // the catch-all bucket
+    }
+    let (_, hi) = hist::bounds(bucket);
+    hi.next_power_of_two().trailing_zeros() as usize
+}
+
+fn add(s: &mut Series, l: &Listener) {
+    for (a, b) in s.drops.iter_mut().zip(l.drops) {
+        *a += b;
+    }
+    s.accepts += l.accepts;
+    s.abandoned += l.abandoned;
+    s.queue_len += u64::from(l.queue_len);
+    s.queue_limit += u64::from(l.queue_max);
+    s.wait.resize(WAIT_SLOTS, 0);
+    for (i, n) in l.wait.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
+        s.wait[wait_slot(i)] += n;
+        let (lo, hi) = hist::bounds(i);
+        s.wait_sum_us += *n as f64 * (lo + hi) as f64 / 2.0;
+    }
+}
+
+impl Snapshot {
+    fn of(model: &Model, filters: &Filters) -> Snapshot {
+        let mut series: BTreeMap<Labels, Series> = BTreeMap::new();
+        for l in model.matching(filters) {
+            let mut comms: Vec<&str> = l.owners.values().map(String::as_str).collect();
+            comms.sort_unstable();
+            comms.dedup();
+            let labels = Labels { netns: l.netns, port: l.port, comm: comms.join(",") };
+            add(series.entry(labels).or_default(), l);
+        }
+        Snapshot { series, lost_events: model.lost_events }
+    }
+}
+
+#[derive(Debug)]
+struct Metrics(Arc<Mutex<Snapshot>>);
+
+fn labels(l: &Labels) -> Vec<(&'static str, String)> {
+    vec![("netns", l.netns.to_string()), ("port", l.port.to_string()), ("comm", l.comm.clone())]
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let snap = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let counter = |enc: &mut DescriptorEncoder, name: &str, help: &str, get: &dyn Fn(&Series) -> u64| {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (l, s) in &snap.series {
+                ConstCounter::new(get(s)).encode(m.encode_family(&labels(l))?)?;
+            }
+            Ok::<(), fmt::Error>(())
+        };
+        let mut m = enc.encode_descriptor(
+            "backlog_drops",
+            "Connections dropped at the listener, by reason (exact kernel counts)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (l, s) in &snap.series {
+            for r in DropReason::ALL {
+                let mut ls = labels(l);
+                ls.push(("reason", r.name().to_string()));
+                ConstCounter::new(s.drops[r as usize]).encode(m.encode_family(&ls)?)?;
+            }
+        }
+        counter(&mut enc, "backlog_accepts", "Connections taken off the accept queue by accept()", &|s| s.accepts)?;
+        counter(&mut enc, "backlog_abandoned", "Queued connections that left the queue unaccepted", &|s| s.abandoned)?;
+        let mut m = enc.encode_descriptor(
+            "backlog_accept_wait_seconds",
+            "Time connections waited in the accept queue (sum estimated from bucket midpoints)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (l, s) in &snap.series {
+            let buckets: Vec<(f64, u64)> = (0..WAIT_SLOTS)
+                .map(|i| {
+                    let le = if i == WAIT_SLOTS - 1 { f64::INFINITY } else { (1u64 << i) as f64 / 1e6 };
+                    (le, s.wait.get(i).copied().unwrap_or(0))
+                })
+                .collect();
+            let count = buckets.iter().map(|b| b.1).sum();
+            m.encode_family(&labels(l))?.encode_histogram::<NoLabelSet>(s.wait_sum_us / 1e6, count, &buckets, None)?;
+        }
+        for (name, help, get) in [
+            (
+                "backlog_queue_length",
+                "Accept-queue length when last seen",
+                (|s: &Series| s.queue_len) as fn(&Series) -> u64,
+            ),
+            ("backlog_queue_limit", "Accept-queue limit (min(backlog, somaxconn))", |s: &Series| s.queue_limit),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (l, s) in &snap.series {
+                ConstGauge::new(get(s) as i64).encode(m.encode_family(&labels(l))?)?;
+            }
+        }
+        let m = enc.encode_descriptor(
+            "backlog_lost_events",
+            "Events the ring buffer could not take (counters stay exact)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(snap.lost_events).encode(m)
+    }
+}
+
+pub struct Prometheus {
+    snapshot: Arc<Mutex<Snapshot>>,
+    filters: Filters,
+}
+
+impl Prometheus {
+    /// Starts serving http://ADDR/metrics on the current tokio runtime.
+    pub async fn serve(addr: SocketAddr, filters: Filters) -> Result<Prometheus> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
+        let bound = listener.local_addr()?;
+        eprintln!("backlog-trace: Prometheus metrics on http://{bound}/metrics");
+        let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Metrics(snapshot.clone())));
+        let registry = Arc::new(registry);
+        let render: Render = Arc::new(move || {
+            let mut body = String::new();
+            // Writing to a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
+            ("application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+        });
+        tokio::spawn(http::serve(listener, render));
+        Ok(Prometheus { snapshot, filters })
+    }
+
+    fn update(&self, model: &Model) {
+        let snap = Snapshot::of(model, &self.filters);
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snap;
+    }
+}
+
+impl Sink for Prometheus {
+    fn started(&mut self, _mode: &str, _kernel: &str, _scope: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn event(&mut self, _ev: &Event, _l: &Listener) {}
+
+    fn synced(&mut self, model: &Model) -> Result<()> {
+        self.update(model);
+        Ok(())
+    }
+
+    fn finish(&mut self, model: &Model) -> Result<()> {
+        self.update(model);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_default_to_loopback() {
+        assert_eq!(parse_listen_addr("9464"), Ok("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(parse_listen_addr("0.0.0.0:9100"), Ok("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!(parse_listen_addr("[::1]:9100"), Ok("[::1]:9100".parse().unwrap()));
+        assert!(parse_listen_addr("localhost").is_err());
+    }
+
+    #[test]
+    fn wait_slots_are_power_of_two_bounds() {
+        assert_eq!(wait_slot(0), 0); // [0, 1) µs fits le=1µs
+        assert_eq!(wait_slot(hist::bucket(3)), 2); // [3, 4) fits le=4
+        assert_eq!(wait_slot(hist::bucket(1000)), 10); // [960, 1024) fits le=1024
+        assert_eq!(wait_slot(hist::BUCKETS - 1), WAIT_SLOTS - 1);
+        for b in 0..hist::BUCKETS - 1 {
+            assert!((hist::bounds(b).1 - 1) < 1u64 << wait_slot(b) || wait_slot(b) == 0);
+        }
+    }
+
+    #[test]
+    fn listeners_sharing_labels_are_summed_and_encoded() {
+        let mut model = Model::default();
+        for (sk, drops) in [(1u64, [3, 0, 1, 0]), (2, [2, 0, 0, 0]), (3, [5, 5, 5, 5])] {
+            let l = model.listeners.entry(sk).or_default();
+            l.sk = sk;
+            l.port = if sk == 3 { 9090 } else { 8080 };
+            l.netns = 7;
+            l.drops = drops;
+            l.accepts = 10;
+            l.owners.insert(100 + sk as u32, "srv".into());
+            l.wait.record(1_500_000); // 1.5 ms
+        }
+        let snap = Snapshot::of(&model, &Filters { ports: vec![8080], ..Default::default() });
+        let m = Metrics(Arc::new(Mutex::new(snap)));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(m));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let has = |line: &str| assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        has("backlog_drops_total{netns=\"7\",port=\"8080\",comm=\"srv\",reason=\"accept_queue_full\"} 5");
+        has("backlog_drops_total{netns=\"7\",port=\"8080\",comm=\"srv\",reason=\"ack_overflow\"} 1");
+        has("backlog_accepts_total{netns=\"7\",port=\"8080\",comm=\"srv\"} 20");
+        has("backlog_accept_wait_seconds_bucket{le=\"0.001024\",netns=\"7\",port=\"8080\",comm=\"srv\"} 0");
+        has("backlog_accept_wait_seconds_bucket{le=\"0.002048\",netns=\"7\",port=\"8080\",comm=\"srv\"} 2");
+        has("backlog_accept_wait_seconds_count{netns=\"7\",port=\"8080\",comm=\"srv\"} 2");
+        assert!(!text.contains("9090"), "filtered out by port");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,122 @@
+//! Times on `report`'s command line, and wall-clock formatting, without a date crate.
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSpec {
+    /// From the start of the recording.
+    Offset(Duration),
+    /// Wall-clock ns since the Unix epoch.
+    Wall(u64),
+}
+
+impl TimeSpec {
+    /// Wall-clock ns, given the recording's start.
+    pub fn resolve(self, start_wall_ns: u64) -> u64 {
+        match self {
+            TimeSpec::Offset(d) => start_wall_ns.saturating_add(d.as_nanos() as u64),
+            TimeSpec::Wall(ns) => ns,
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// "2026-11-22T01:02:03Z" (the Z and fractional seconds are optional; always UTC).
+fn parse_utc(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z').unwrap_or(s);
+    let (date, time) = s.split_once(['T', ' '])?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&mo)
+        || !(1..=31).contains(&day)
+        || h > 23
+        || mi > 59
+        || sec > 60
+        || h < 0
+        || mi < 0
+        || sec < 0
+    {
+        return None;
+    }
+    let frac_ns: u64 = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        digits.parse::<u64>().ok()? * 10u64.pow(9 - digits.len() as u32)
+    };
+    let secs = days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + sec;
+    u64::try_from(secs).ok().map(|s| s * 1_000_000_000 + frac_ns)
+}
+
+pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
+    if let Some(unix) = s.strip_prefix('@') {
+        let secs: f64 = unix.parse().map_err(|_| format!("'{s}' is not a Unix time (e.g. @1763773323)"))?;
+        return Ok(TimeSpec::Wall((secs * 1e9) as u64));
+    }
+    if s.contains('-') && s.contains(':') {
+        return parse_utc(s)
+            .map(TimeSpec::Wall)
+            .ok_or_else(|| format!("'{s}' is not a UTC time of the form 2026-11-22T01:02:03Z"));
+    }
+    crate::cli::parse_duration(s)
+        .map(TimeSpec::Offset)
+        .map_err(|e| format!("{e}; or give a UTC time (2026-11-22T01:02:03Z) or a Unix time (@1763773323)"))
+}
+
+/// "2026-11-22T01:02:03.456Z".
+pub fn fmt_utc(wall_ns: u64) -> String {
+    let secs = (wall_ns / 1_000_000_000) as i64;
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let r = secs.rem_euclid(86_400);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", r / 3600, r / 60 % 60, r % 60, wall_ns / 1_000_000 % 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_forms() {
+        assert_eq!(parse_time("90s"), Ok(TimeSpec::Offset(Duration::from_secs(90))));
+        assert_eq!(parse_time("@1763773323"), Ok(TimeSpec::Wall(1_763_773_323_000_000_000)));
+        let t = parse_time("2025-11-22T01:02:03Z").unwrap();
+        assert_eq!(t, TimeSpec::Wall(1_763_773_323_000_000_000));
+        assert_eq!(parse_time("2025-11-22 01:02:03.5"), Ok(TimeSpec::Wall(1_763_773_323_500_000_000)));
+        assert!(parse_time("2025-13-22T01:02:03Z").is_err());
+        assert!(parse_time("yesterday").unwrap_err().contains("UTC time"));
+        assert_eq!(TimeSpec::Offset(Duration::from_secs(2)).resolve(1_000), 2_000_001_000);
+    }
+
+    #[test]
+    fn formats_utc() {
+        assert_eq!(fmt_utc(1_763_773_323_456_000_000), "2025-11-22T01:02:03.456Z");
+        assert_eq!(fmt_utc(0), "1970-01-01T00:00:00.000Z");
+        for days in [0i64, 59, 60, 365, 10_957, 20_000, 30_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+}
