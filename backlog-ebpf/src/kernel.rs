@@ -163,6 +163,29 @@ pub struct TcpHead {
     pub flags: u8,
 }
 
+/// An IPv4 address as an IPv4-mapped IPv6 address (how a dual-stack listener sees it).
+#[inline(always)]
+pub fn v4_mapped(a: &[u8; 16]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// The source address of the IP packet an skb carries, and whether it is IPv4.
+#[inline(always)]
+pub fn skb_peer(skb: u64, o: &KernelOffsets) -> Option<([u8; 16], bool)> {
+    let head = read::<u64>(skb, o.skb_head)?;
+    let nh = read::<u16>(skb, o.skb_network_header)?;
+    let ip = head + nh as u64;
+    let version = read::<u8>(ip, 0)? >> 4;
+    let mut peer = [0u8; 16];
+    if version == 4 {
+        let a = read::<[u8; 4]>(ip, 12)?;
+        peer[..4].copy_from_slice(&a);
+        Some((peer, true))
+    } else {
+        Some((read::<[u8; 16]>(ip, 8)?, false))
+    }
+}
+
 pub const TH_SYN: u8 = 0x02;
 pub const TH_RST: u8 = 0x04;
 pub const TH_ACK: u8 = 0x10;

@@ -1,5 +1,5 @@
 //! Program entry points only: each hook is a few lines that hand over to the module
-//! that owns the logic (drops::*, listeners).
+//! that owns the logic (drops::*, accept::*, listeners).
 #![no_std]
 #![no_main]
 
@@ -10,39 +10,17 @@ mod listeners;
 mod maps;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_skb, tracepoint},
-    programs::{BtfTracePointContext, SkBuffContext, TracePointContext},
+    macros::{btf_tracepoint, cgroup_skb, fentry, fexit, kprobe, kretprobe, tracepoint},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext, SkBuffContext,
+        TracePointContext,
+    },
 };
 
+use crate::drops::{functions, tracepoint as tp, window};
 use crate::kernel::{TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV};
 
-// ---- tracepoint mode: drop detection (see drops/tracepoint.rs) ----
-
-#[cgroup_skb]
-pub fn bt_tp_ingress(ctx: SkBuffContext) -> i32 {
-    drops::tracepoint::on_ingress(&ctx);
-    1 // never drop: we only watch
-}
-
-#[btf_tracepoint(function = "net_dev_queue")]
-pub fn bt_tp_xmit(ctx: BtfTracePointContext) -> i32 {
-    drops::tracepoint::on_xmit(ctx.arg::<u64>(0));
-    0
-}
-
-#[btf_tracepoint(function = "consume_skb")]
-pub fn bt_tp_consume(ctx: BtfTracePointContext) -> i32 {
-    drops::tracepoint::on_free(ctx.arg::<u64>(0), None);
-    0
-}
-
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn bt_tp_kfree(ctx: BtfTracePointContext) -> i32 {
-    drops::tracepoint::on_free(ctx.arg::<u64>(0), Some(ctx.arg::<u64>(2) as u32));
-    0
-}
-
-// ---- every mode: socket state changes ----
+// ---- every mode: socket state changes and listen() ----
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
@@ -54,16 +32,48 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     if old == TCP_LISTEN || old == TCP_SYN_RECV && new == TCP_CLOSE {
-        // A child born from (or dying in) a final ACK: the drop windows care.
-        drops::tracepoint::on_child_state(old, new);
+        window::on_child_state(old, new);
     }
     if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        if let Some(listener) = drops::tracepoint::ack_listener() {
+        // The child is on its listener's accept queue now.
+        if let Some(listener) = window::ack_listener() {
             accept::enqueued(sk, listener);
         }
     } else if new == TCP_CLOSE {
         accept::closed(sk);
     }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_listen")]
+pub fn bt_listen(ctx: TracePointContext) -> u32 {
+    listeners::on_sys_enter_listen(&ctx);
+    0
+}
+
+// ---- tracepoint mode (drops/tracepoint.rs, accept/tracepoint.rs) ----
+
+#[cgroup_skb]
+pub fn bt_tp_ingress(ctx: SkBuffContext) -> i32 {
+    tp::on_ingress(&ctx);
+    1 // never drop: we only watch
+}
+
+#[btf_tracepoint(function = "net_dev_queue")]
+pub fn bt_tp_xmit(ctx: BtfTracePointContext) -> i32 {
+    tp::on_xmit(ctx.arg::<u64>(0));
+    0
+}
+
+#[btf_tracepoint(function = "consume_skb")]
+pub fn bt_tp_consume(ctx: BtfTracePointContext) -> i32 {
+    tp::on_free(ctx.arg::<u64>(0), None);
+    0
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn bt_tp_kfree(ctx: BtfTracePointContext) -> i32 {
+    tp::on_free(ctx.arg::<u64>(0), Some(ctx.arg::<u64>(2) as u32));
     0
 }
 
@@ -79,9 +89,86 @@ pub fn bt_tp_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_enter_listen")]
-pub fn bt_listen(ctx: TracePointContext) -> u32 {
-    listeners::on_sys_enter_listen(&ctx);
+// ---- fentry mode (drops/functions.rs): one program per kernel function ----
+
+macro_rules! fentry_pair {
+    ($entry:ident, $exit:ident, $func:literal, $on_entry:path, $on_exit:path) => {
+        #[fentry(function = $func)]
+        pub fn $entry(ctx: FEntryContext) -> i32 {
+            $on_entry(ctx.arg::<u64>(0), ctx.arg::<u64>(1));
+            0
+        }
+
+        #[fexit(function = $func)]
+        pub fn $exit(ctx: FExitContext) -> i32 {
+            $on_exit(ctx.ret::<u64>().unwrap_or(0));
+            0
+        }
+    };
+}
+
+fn conn_exit(_ret: u64) {
+    functions::conn_request_exit();
+}
+
+fentry_pair!(bt_fe_conn4, bt_fx_conn4, "tcp_v4_conn_request", functions::conn_request_entry, conn_exit);
+fentry_pair!(bt_fe_conn6, bt_fx_conn6, "tcp_v6_conn_request", functions::conn_request_entry, conn_exit);
+fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
+fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
+
+#[fentry(function = "tcp_v4_send_synack")]
+pub fn bt_fe_synack4(_ctx: FEntryContext) -> i32 {
+    functions::send_synack();
+    0
+}
+
+#[fentry(function = "tcp_v6_send_synack")]
+pub fn bt_fe_synack6(_ctx: FEntryContext) -> i32 {
+    functions::send_synack();
+    0
+}
+
+#[fexit(function = "inet_csk_accept")]
+pub fn bt_fx_accept(ctx: FExitContext) -> i32 {
+    accept::accepted(ctx.ret::<u64>().unwrap_or(0));
+    0
+}
+
+// ---- kprobe mode: the same functions; one program attaches to v4 and v6 ----
+
+#[kprobe]
+pub fn bt_kp_conn(ctx: ProbeContext) -> u32 {
+    functions::conn_request_entry(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn bt_kr_conn(_ctx: RetProbeContext) -> u32 {
+    functions::conn_request_exit();
+    0
+}
+
+#[kprobe]
+pub fn bt_kp_synack(_ctx: ProbeContext) -> u32 {
+    functions::send_synack();
+    0
+}
+
+#[kprobe]
+pub fn bt_kp_recv(ctx: ProbeContext) -> u32 {
+    functions::syn_recv_entry(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn bt_kr_recv(ctx: RetProbeContext) -> u32 {
+    functions::syn_recv_exit(ctx.ret::<u64>());
+    0
+}
+
+#[kretprobe]
+pub fn bt_kr_accept(ctx: RetProbeContext) -> u32 {
+    accept::accepted(ctx.ret::<u64>());
     0
 }
 

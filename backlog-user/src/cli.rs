@@ -36,16 +36,6 @@ pub enum Mode {
     Tracepoint,
 }
 
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Fentry => "fentry",
-            Mode::Kprobe => "kprobe",
-            Mode::Tracepoint => "tracepoint",
-        }
-    }
-}
-
 /// Which listeners to look at; shared by the tracer, `record` and `report`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct Filters {

@@ -1,7 +1,9 @@
 //! Where a drop is *recorded*: every attach mode decides, in its own module, that a
 //! tcp_listendrop() happened and why, then calls [`record`]. Classification from
 //! queue state lives here too, so all modes name reasons the same way.
+pub mod functions;
 pub mod tracepoint;
+pub mod window;
 
 use backlog_common::{DropReason, Event, EventKind, KernelOffsets};
 

@@ -5,6 +5,7 @@
 //! listener hooks, maps, and choosing a mode.
 mod btf;
 pub mod env;
+mod functions;
 mod tracepoint;
 
 use anyhow::{bail, Context, Result};
@@ -34,32 +35,13 @@ pub trait AttachMode {
 fn implementation(mode: Mode) -> Box<dyn AttachMode> {
     match mode {
         Mode::Tracepoint => Box::new(tracepoint::Tracepoint),
-        Mode::Fentry | Mode::Kprobe => Box::new(Unsupported(mode)),
+        Mode::Fentry => Box::new(functions::Fentry),
+        Mode::Kprobe => Box::new(functions::Kprobe),
     }
 }
 
 /// Preference order when no mode is forced.
 const PREFERENCE: [Mode; 3] = [Mode::Fentry, Mode::Kprobe, Mode::Tracepoint];
-
-/// A mode this build does not carry programs for.
-struct Unsupported(Mode);
-
-impl AttachMode for Unsupported {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
-        let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
-        Some(if !kprobes {
-            "this kernel has no kprobes (CONFIG_KPROBES is not set) and no fentry support for them".to_string()
-        } else {
-            format!("this build of backlog-trace has no {} programs; use --mode tracepoint", self.0.name())
-        })
-    }
-    fn attach(&self, _: &mut Ebpf, _: &Btf) -> Result<()> {
-        bail!("{} mode is not available", self.0.name())
-    }
-}
 
 pub struct StartOptions {
     pub mode: Option<Mode>,

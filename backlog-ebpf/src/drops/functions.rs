@@ -1,0 +1,90 @@
+//! Drop detection where the kernel lets us hook its functions (fentry/fexit or
+//! kprobe/kretprobe): the call sites of tcp_listendrop() are function boundaries.
+//!
+//! - SYN: tcp_v4_conn_request / tcp_v6_conn_request. Inside, an admitted SYN calls
+//!   the address family's send_synack; a dropped one does not, and bumps sk_drops.
+//! - final ACK (and SYN-cookie ACK): tcp_v4_syn_recv_sock / tcp_v6_syn_recv_sock
+//!   return NULL exactly when they call tcp_listendrop().
+//! Both signals are per CPU and per call, so concurrent drops on other CPUs cannot
+//! be confused with ours. The fentry and kprobe entry points in main.rs are thin
+//! shims onto these functions.
+use backlog_common::AF_INET6;
+
+use super::window::{self, KIND_ACK, KIND_SYN};
+use crate::kernel;
+
+/// Opens the window from a listener and the skb it is handling.
+#[inline(always)]
+fn open(sk: u64, skb: u64, kind: u8) {
+    let o = kernel::offsets();
+    let lport = kernel::read::<u16>(sk, o.skc_num).unwrap_or(0);
+    if !crate::maps::port_watched(lport) {
+        return;
+    }
+    let Some((mut peer, v4)) = kernel::skb_peer(skb, &o) else { return };
+    let Some(th) = kernel::skb_tcp_head(skb, &o) else { return };
+    if v4 && kernel::read::<u16>(sk, o.skc_family).unwrap_or(0) == AF_INET6 {
+        peer = kernel::v4_mapped(&peer);
+    }
+    window::open(sk, kind, peer, th.sport_be, th.dport_be);
+}
+
+/// Entry of tcp_v{4,6}_conn_request(sk, skb). The v6 function hands IPv4 segments
+/// to the v4 one on the same listener: the inner call keeps the window.
+#[inline(always)]
+pub fn conn_request_entry(sk: u64, skb: u64) {
+    if let Some(w) = window::current() {
+        if w.sk == sk && w.kind == KIND_SYN && w.decided == 0 {
+            return;
+        }
+    }
+    open(sk, skb, KIND_SYN);
+}
+
+/// Entry of tcp_v{4,6}_send_synack: the SYN is admitted.
+#[inline(always)]
+pub fn send_synack() {
+    if let Some(w) = window::current() {
+        if w.kind == KIND_SYN {
+            w.admitted = 1;
+        }
+    }
+}
+
+/// Return of tcp_v{4,6}_conn_request.
+#[inline(always)]
+pub fn conn_request_exit() {
+    let Some(w) = window::current() else { return };
+    if w.kind != KIND_SYN {
+        return;
+    }
+    if w.admitted == 0 && window::drops_moved(w) {
+        window::record_drop(w);
+    }
+    w.decided = 1;
+}
+
+/// Entry of tcp_v{4,6}_syn_recv_sock(sk, skb, ...).
+#[inline(always)]
+pub fn syn_recv_entry(sk: u64, skb: u64) {
+    if let Some(w) = window::current() {
+        if w.sk == sk && w.kind == KIND_ACK && w.decided == 0 {
+            return;
+        }
+    }
+    open(sk, skb, KIND_ACK);
+}
+
+/// Return of tcp_v{4,6}_syn_recv_sock. The window stays open after a success: the
+/// child turns ESTABLISHED a moment later and the accept timing wants the listener.
+#[inline(always)]
+pub fn syn_recv_exit(child: u64) {
+    let Some(w) = window::current() else { return };
+    if w.kind != KIND_ACK {
+        return;
+    }
+    if child == 0 {
+        window::record_drop(w);
+    }
+    w.decided = 1;
+}

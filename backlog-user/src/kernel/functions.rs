@@ -1,0 +1,111 @@
+//! fentry and kprobe modes: hook the functions around tcp_listendrop()'s call sites
+//! (backlog-ebpf/src/drops/functions.rs) and inet_csk_accept(). Both modes hook the
+//! same functions; they differ only in the program type, so they share one table.
+use anyhow::{bail, Context, Result};
+use aya::programs::{FEntry, FExit, KProbe};
+use aya::{Btf, Ebpf};
+
+use super::{AttachMode, KernelInfo};
+
+/// What a hooked function is for, and the programs each mode uses for it.
+struct Hook {
+    function: &'static str,
+    /// IPv6 functions live in the ipv6 module, which may be absent or not loaded.
+    optional: bool,
+    fentry: &'static str,
+    fexit: Option<&'static str>,
+    kprobe: &'static str,
+    kretprobe: Option<&'static str>,
+}
+
+const HOOKS: [Hook; 7] = [
+    Hook { function: "tcp_v4_conn_request", optional: false, fentry: "bt_fe_conn4", fexit: Some("bt_fx_conn4"), kprobe: "bt_kp_conn", kretprobe: Some("bt_kr_conn") },
+    Hook { function: "tcp_v6_conn_request", optional: true, fentry: "bt_fe_conn6", fexit: Some("bt_fx_conn6"), kprobe: "bt_kp_conn", kretprobe: Some("bt_kr_conn") },
+    Hook { function: "tcp_v4_send_synack", optional: false, fentry: "bt_fe_synack4", fexit: None, kprobe: "bt_kp_synack", kretprobe: None },
+    Hook { function: "tcp_v6_send_synack", optional: true, fentry: "bt_fe_synack6", fexit: None, kprobe: "bt_kp_synack", kretprobe: None },
+    Hook { function: "tcp_v4_syn_recv_sock", optional: false, fentry: "bt_fe_recv4", fexit: Some("bt_fx_recv4"), kprobe: "bt_kp_recv", kretprobe: Some("bt_kr_recv") },
+    Hook { function: "tcp_v6_syn_recv_sock", optional: true, fentry: "bt_fe_recv6", fexit: Some("bt_fx_recv6"), kprobe: "bt_kp_recv", kretprobe: Some("bt_kr_recv") },
+    Hook { function: "inet_csk_accept", optional: false, fentry: "", fexit: Some("bt_fx_accept"), kprobe: "", kretprobe: Some("bt_kr_accept") },
+];
+
+/// Kernel text symbols, to tell a missing function from a failing attach.
+fn kallsyms_has(name: &str) -> bool {
+    std::fs::read_to_string("/proc/kallsyms")
+        .map(|s| s.lines().any(|l| l.split_whitespace().nth(2).is_some_and(|n| n == name)))
+        .unwrap_or(false)
+}
+
+fn present(h: &Hook) -> Result<bool> {
+    if kallsyms_has(h.function) {
+        return Ok(true);
+    }
+    if h.optional {
+        return Ok(false);
+    }
+    bail!("kernel function {} not found (is this a TCP/IPv4 kernel?)", h.function)
+}
+
+pub struct Fentry;
+
+impl AttachMode for Fentry {
+    fn name(&self) -> &'static str {
+        "fentry"
+    }
+
+    fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
+        None // only loading tells: some kernels refuse tracing programs (EPERM)
+    }
+
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+        for h in HOOKS.iter() {
+            if !present(h)? {
+                continue;
+            }
+            // Exits first: an entry without its exit would open windows nobody closes.
+            if let Some(name) = h.fexit {
+                let p: &mut FExit = ebpf.program_mut(name).context(name)?.try_into()?;
+                p.load(h.function, btf).with_context(|| format!("loading fexit/{}", h.function))?;
+                p.attach().with_context(|| format!("attaching fexit/{}", h.function))?;
+            }
+            if !h.fentry.is_empty() {
+                let p: &mut FEntry = ebpf.program_mut(h.fentry).context(h.fentry)?.try_into()?;
+                p.load(h.function, btf).with_context(|| format!("loading fentry/{}", h.function))?;
+                p.attach().with_context(|| format!("attaching fentry/{}", h.function))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct Kprobe;
+
+impl AttachMode for Kprobe {
+    fn name(&self) -> &'static str {
+        "kprobe"
+    }
+
+    fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
+        let pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+        let events = std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists()
+            || std::path::Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();
+        (!pmu && !events).then(|| "this kernel has no kprobes (CONFIG_KPROBES is not set)".to_string())
+    }
+
+    fn attach(&self, ebpf: &mut Ebpf, _btf: &Btf) -> Result<()> {
+        let mut loaded = std::collections::HashSet::new();
+        for h in HOOKS.iter() {
+            if !present(h)? {
+                continue;
+            }
+            let progs = [h.kretprobe, (!h.kprobe.is_empty()).then_some(h.kprobe)];
+            for name in progs.into_iter().flatten() {
+                let p: &mut KProbe = ebpf.program_mut(name).context(name)?.try_into()?;
+                if loaded.insert(name) {
+                    p.load().with_context(|| format!("loading {name}"))?;
+                }
+                p.attach(h.function, 0).with_context(|| format!("attaching {name} to {}", h.function))?;
+            }
+        }
+        Ok(())
+    }
+}
