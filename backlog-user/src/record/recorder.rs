@@ -175,6 +175,7 @@ impl Sink for Recorder {
         let start = Record::Snapshot(self.watched.snapshot(mono_ns(), Phase::Start));
         self.put(&start)?;
         self.start = Some(start);
+        self.writer.preamble_done();
         self.writer.flush()?;
         Ok(())
     }
