@@ -36,7 +36,7 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
         // The child is on its listener's accept queue now.
-        if let Some(listener) = window::ack_listener() {
+        if let Some(listener) = window::take_ack_listener(sk) {
             accept::enqueued(sk, listener);
         }
     } else if new == TCP_CLOSE {

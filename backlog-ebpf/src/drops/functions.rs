@@ -76,7 +76,8 @@ pub fn syn_recv_entry(sk: u64, skb: u64) {
 }
 
 /// Return of tcp_v{4,6}_syn_recv_sock. The window stays open after a success: the
-/// child turns ESTABLISHED a moment later and the accept timing wants the listener.
+/// child turns ESTABLISHED a moment later and the accept timing wants the listener
+/// (window::take_ack_listener closes it then).
 #[inline(always)]
 pub fn syn_recv_exit(child: u64) {
     let Some(w) = window::current() else { return };

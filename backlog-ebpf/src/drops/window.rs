@@ -10,9 +10,11 @@ use crate::maps;
 
 pub const KIND_SYN: u8 = 1;
 pub const KIND_ACK: u8 = 2;
-/// A window older than this belongs to a segment whose end we did not see (an
-/// admitted final ACK is freed by __kfree_skb, which has no tracepoint).
-const STALE_NS: u64 = 10_000_000;
+/// A window older than this belongs to a segment whose end we never saw. Generous:
+/// windows normally close within microseconds, but a preempted vCPU (a busy cloud
+/// host, qemu TCG) can stretch one segment's handling to milliseconds, and expiring
+/// a live window loses its drop.
+const STALE_NS: u64 = 1_000_000_000;
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -81,12 +83,23 @@ pub fn current() -> Option<&'static mut Window> {
     Some(w)
 }
 
-/// The listener whose final ACK this CPU is handling, if any: a child that turns
-/// ESTABLISHED now has just been put on that listener's accept queue.
+/// A child turned ESTABLISHED: if this CPU is handling a final ACK for a listener on
+/// the child's port, the child has just been put on that listener's accept queue.
+/// That ends the ACK's story, so the window closes (an admitted ACK is freed by
+/// __kfree_skb, which no tracepoint reports).
 #[inline(always)]
-pub fn ack_listener() -> Option<u64> {
+pub fn take_ack_listener(child: u64) -> Option<u64> {
     let w = current()?;
-    (w.kind == KIND_ACK).then_some(w.sk)
+    if w.kind != KIND_ACK {
+        return None;
+    }
+    let o = kernel::offsets();
+    let port = |sk| kernel::read::<u16>(sk, o.skc_num).unwrap_or(0);
+    if port(child) != port(w.sk) {
+        return None;
+    }
+    w.open = 0;
+    Some(w.sk)
 }
 
 /// inet_sock_set_state: a child socket born (or dying at birth) while a final ACK is
