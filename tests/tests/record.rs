@@ -110,6 +110,12 @@ impl Recording {
         assert!(status.success(), "record ended with {status}: {}", self.stderr());
         parse_lines(&std::fs::read_to_string(&self.stdout).expect("stdout"))
     }
+
+    /// SIGKILL: no chance to write an end mark or flush anything.
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the recorder");
+        self.child.wait().expect("reap the recorder");
+    }
 }
 
 impl Drop for Recording {
@@ -242,6 +248,12 @@ fn report_equals_the_live_summary_and_the_kernel() {
     assert_eq!(peers[0]["peer"], "127.0.0.1");
     assert_eq!(peers[0]["drops"].as_u64(), Some(drops));
 
+    // --port selects among the recorded listeners.
+    let other = report(&[&r.file], &["--json", "--port", "9999"]);
+    assert_eq!(line(&other.lines, "summary")["listeners"].as_array().map(Vec::len), Some(0));
+    let same = report(&[&r.file], &["--json", "--port", &PORT.to_string()]);
+    assert_same_summary(live, line(&same.lines, "summary"));
+
     // Text output renders the same model, and a time window narrows it to events.
     let text = tracer_command().arg("report").arg(&r.file).arg("--hist").output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
@@ -251,6 +263,37 @@ fn report_equals_the_live_summary_and_the_kernel() {
     assert_eq!(early.code, 0, "{}", early.stderr);
     assert_eq!(line(&early.lines, "summary")["listeners"].as_array().map(Vec::len), Some(0));
     let _ = std::fs::remove_file(&r.file);
+}
+
+#[test]
+fn a_killed_recorder_leaves_a_readable_file_with_the_listener_lifecycle() {
+    require_root();
+    let ns = Netns::new("killed");
+    let file = scratch_path("killed.btrec");
+    let mut rec = Recording::start(&file, &["--netns", ns.name()]);
+    let before = ns.netstat();
+    // The listener appears and vanishes while the recorder runs.
+    let server = Server::start(&ns, ServerSpec { backlog: 5, ..slow_server() });
+    let pid = server.pid();
+    Clients { hold_secs: 2, ..Clients::new("127.0.0.1", PORT, 60) }.run(&ns);
+    drop(server);
+    let delta = settled(&ns).since(&before);
+    // Past one sync (every second), which hands the buffered records to the kernel.
+    std::thread::sleep(Duration::from_millis(2500));
+    rec.kill();
+
+    let rep = report(&[&file], &["--json"]);
+    assert_eq!(rep.code, 0, "{}", rep.stderr);
+    let recording = line(&rep.lines, "recording");
+    assert_eq!(recording["clean_end"], false, "{recording:#}");
+    let l = listener_on(line(&rep.lines, "summary"), ns.inode(), PORT);
+    assert_eq!(l["closed"], true, "the listener vanished: {l:#}");
+    assert!(l["pids"].as_array().unwrap().contains(&pid.into()), "owner pid {pid}: {l:#}");
+    assert!(l["comms"].as_array().unwrap().contains(&"bt-server".into()), "{l:#}");
+    assert_eq!(l["requested_backlog"], 5, "{l:#}");
+    assert_eq!(l["drops"].as_u64(), Some(delta.get("ListenDrops")), "kernel deltas {delta}: {l:#}");
+    assert!(delta.get("ListenDrops") > 0, "the workload must drop: {delta}");
+    let _ = std::fs::remove_file(&file);
 }
 
 /// Ends of complete records in a recording (read with the format's framing).
