@@ -1,9 +1,10 @@
 //! `record` writes a live session to a file; `report` prints, from such files,
 //! what the live session printed, plus a timeline, the top peers and the sysctls.
 //!
-//! Five files: format.rs (the bytes on disk), writer.rs (appending, rotation),
-//! reader.rs (reading back up to the first damage), recorder.rs (the live-loop sink
-//! that decides what to write), report.rs (replaying into the model).
+//! format.rs is the bytes on disk; writer.rs appends and rotates; recorder.rs is
+//! the live-loop sink deciding what to write, with watch.rs reading the recorded
+//! namespaces' counters and queues; reader.rs reads back up to the first damage;
+//! report.rs replays into the model; time.rs parses and prints times.
 mod format;
 mod reader;
 mod recorder;

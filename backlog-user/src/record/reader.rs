@@ -259,9 +259,8 @@ mod tests {
     fn mutated_files_never_panic() {
         let (base, ends) = file(&samples());
         let mut rng = Rng(0x5eed_1234_abcd_0001);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        let mut runs = 0u64;
-        while std::time::Instant::now() < deadline {
+        // A fixed count, not a time budget: reproducible, and light on a shared CPU.
+        for _ in 0..5000 {
             let mut d = base.clone();
             for _ in 0..1 + rng.below(4) {
                 match rng.below(5) {
@@ -296,8 +295,6 @@ mod tests {
                 }
             }
             let _ = read_all(&d);
-            runs += 1;
         }
-        assert!(runs > 1000, "only {runs} mutated files in 3 s");
     }
 }

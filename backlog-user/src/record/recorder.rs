@@ -124,12 +124,17 @@ impl Recorder {
         self.writer.write(&framed)
     }
 
-    /// Writes the listener's owners if they changed since last written.
+    /// Writes the listener's owners if they changed since last written. Runs
+    /// for every event, so the unchanged case compares without allocating.
     fn put_owners(&mut self, l: &Listener) -> io::Result<()> {
-        let o = owners_of(l);
-        if o.owners.is_empty() || self.owners.get(&l.sk) == Some(&o) {
+        let unchanged = self.owners.get(&l.sk).is_some_and(|o| {
+            o.owners.len() == l.owners.len()
+                && o.owners.iter().zip(&l.owners).all(|((p, c), (lp, lc))| p == lp && c == lc)
+        });
+        if unchanged || l.owners.is_empty() {
             return Ok(());
         }
+        let o = owners_of(l);
         self.put(&Record::Owners(o.clone()))?;
         self.owners.insert(l.sk, o);
         Ok(())
