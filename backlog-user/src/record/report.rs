@@ -209,7 +209,8 @@ fn open(path: &Path) -> Result<(Reader<BufReader<File>>, Step)> {
     Ok((r, first))
 }
 
-pub fn run(args: &ReportArgs) -> Result<i32> {
+/// Replays the files, oldest part first, each up to its first damage.
+fn replay_files(args: &ReportArgs) -> Result<(Replay, Vec<FileResult>)> {
     let mut files = Vec::new();
     for p in &args.files {
         let (reader, first) = open(p)?;
@@ -219,7 +220,7 @@ pub fn run(args: &ReportArgs) -> Result<i32> {
         };
         files.push((key, p.clone(), reader, first));
     }
-    // Oldest part first: rotation renames files, so names do not tell the order.
+    // Rotation renames files, so names do not tell the order; the sessions do.
     files.sort_by_key(|f| f.0);
 
     let mut replay = Replay::default();
@@ -251,6 +252,11 @@ pub fn run(args: &ReportArgs) -> Result<i32> {
         }
         results.push(res);
     }
+    Ok((replay, results))
+}
+
+pub fn run(args: &ReportArgs) -> Result<i32> {
+    let (mut replay, results) = replay_files(args)?;
     let Some(session) = replay.session.clone() else {
         bail!(
             "no complete session record in {}: the recording was cut before its first record",
@@ -309,7 +315,8 @@ fn timeline(r: &Replay, rows: &[&Listener], f: &Filters) -> BTreeMap<u64, Second
             }
         };
         if wanted {
-            for (sec, peak) in secs {
+            // An empty queue is no activity: it would list every sampled second.
+            for (sec, peak) in secs.iter().filter(|(_, p)| **p > 0) {
                 let s = out.entry(*sec).or_default();
                 s.queue_peak = s.queue_peak.max(*peak);
             }
