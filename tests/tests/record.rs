@@ -561,6 +561,34 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.exists())
 }
 
+fn drops_query(inode: u64) -> String {
+    format!("sum(backlog_drops_total{{netns=\"{inode}\",port=\"{PORT}\"}})")
+}
+
+#[test]
+fn prometheus_on_record_serves_what_the_recording_reports() {
+    require_root();
+    let ns = Netns::new("promrec");
+    let _server = Server::start(&ns, slow_server());
+    let exporter = format!("127.0.0.1:{}", free_port());
+    let prom = PromServer::start(&exporter);
+    let file = scratch_path("promrec.btrec");
+    let mut rec = Recording::start(&file, &["--netns", ns.name(), "--prometheus", &exporter]);
+    let before = ns.netstat();
+    flood(&ns);
+    fence(&ns);
+    let want = settled(&ns).since(&before).get("ListenDrops");
+    let scraped = wait_for("Prometheus to hold the kernel's drop count", Duration::from_secs(30), || {
+        prom.query(&drops_query(ns.inode())).filter(|v| *v == want as f64)
+    });
+    rec.stop();
+    let rep = report(&[&file], &["--json"]);
+    let l = listener_on(line(&rep.lines, "summary"), ns.inode(), PORT);
+    assert_eq!(l["drops"].as_u64(), Some(scraped as u64), "report vs Prometheus: {l:#}");
+    println!("record --prometheus: {scraped} drops scraped and reported");
+    let _ = std::fs::remove_file(&file);
+}
+
 #[test]
 fn prometheus_scrapes_the_exact_drop_counter() {
     require_root();
@@ -576,7 +604,7 @@ fn prometheus_scrapes_the_exact_drop_counter() {
     let want = delta.get("ListenDrops");
     assert!(want > 0, "the workload must drop: {delta}");
     let inode = ns.inode();
-    let drops_q = format!("sum(backlog_drops_total{{netns=\"{inode}\",port=\"{PORT}\"}})");
+    let drops_q = drops_query(inode);
     let overflow_q = format!(
         "sum(backlog_drops_total{{netns=\"{inode}\",port=\"{PORT}\",reason=~\"accept_queue_full|ack_overflow\"}})"
     );
