@@ -1,13 +1,14 @@
 //! Project automation: `cargo xtask <task>` (alias in .cargo/config.toml).
 
 mod apt;
+mod bench;
 mod initramfs;
 mod kernels;
 mod qemu;
 mod vmlinux;
 mod vmtest;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -64,6 +65,35 @@ enum Task {
         #[arg(last = true, default_values = ["bash"])]
         command: Vec<String>,
     },
+    /// Measure what backlog-trace costs (nginx + wrk connection rate with/without it and
+    /// beside a bpftrace peer; SYN-flood drop throughput, lost events, CPU, RSS, start
+    /// time) and print each figure beside its target. Needs root; deps: scripts/bench-deps.sh.
+    Bench {
+        /// Tracer binary to measure [default: build and use the workspace's release build].
+        #[arg(long)]
+        tracer: Option<PathBuf>,
+        /// Alternating without/with pairs per configuration.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        pairs: u64,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+        /// wrk's concurrent connections.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
+        /// nginx's port on 127.0.0.1.
+        #[arg(long, default_value_t = 18080)]
+        port: u16,
+        /// Seconds per SYN-flood run.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        flood_seconds: u64,
+        /// SYN sender threads (default: one per core).
+        #[arg(long)]
+        flood_threads: Option<usize>,
+        /// Replace the run recorded in BENCH.md with this one.
+        #[arg(long)]
+        record: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +148,29 @@ fn run() -> Result<bool> {
             kernels::Series::parse(&kernel)?[0],
             &mode,
             &command,
+        ),
+        Task::Bench {
+            tracer,
+            pairs,
+            seconds,
+            connections,
+            port,
+            flood_seconds,
+            flood_threads,
+            record,
+        } => bench::run(
+            workspace,
+            &bench::Options {
+                tracer,
+                pairs: pairs as usize,
+                seconds,
+                connections,
+                port,
+                flood_seconds,
+                flood_threads: flood_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                record,
+            },
         ),
     }
 }

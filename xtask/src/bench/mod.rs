@@ -1,0 +1,266 @@
+//! `cargo xtask bench`: what backlog-trace costs on this machine, each figure beside
+//! its target (issue 7). Connection rate comes from nginx + wrk on loopback with and
+//! without a probe; drop throughput from a raw SYN flood between two namespaces.
+//! Everything started here is stopped and deleted on the way out, errors and
+//! Ctrl-C included (Drop guards).
+mod flood;
+mod hooks;
+mod netns;
+mod nginx;
+mod probe;
+mod rate;
+mod sys;
+mod table;
+mod wrk;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use flood::Flood;
+use probe::{Probe, Summary};
+use rate::{Pairs, Spread, SETTLE};
+use table::Table;
+use wrk::Wrk;
+
+pub struct Options {
+    pub tracer: Option<PathBuf>,
+    pub pairs: usize,
+    pub seconds: u64,
+    pub connections: u32,
+    pub port: u16,
+    pub flood_seconds: u64,
+    pub flood_threads: usize,
+    pub record: bool,
+}
+
+/// The peer: bpftrace on the tracepoints backlog-trace's tracepoint mode uses (its
+/// cgroup_skb program has no bpftrace equivalent), each doing what a typical script
+/// does there, a per-CPU count.
+const PEER_SCRIPT: &str = "
+tracepoint:sock:inet_sock_set_state /args->protocol == 6/ { @state[args->oldstate, args->newstate] = count(); }
+tracepoint:skb:kfree_skb { @kfree[args->reason] = count(); }
+tracepoint:skb:consume_skb { @consume = count(); }
+tracepoint:net:net_dev_queue { @xmit = count(); }
+tracepoint:syscalls:sys_enter_listen { @listen = count(); }
+tracepoint:syscalls:sys_exit_accept4, tracepoint:syscalls:sys_exit_accept { @accept = count(); }
+";
+
+const RATIO_TARGET: f64 = 0.98;
+const STARTUP_TARGET: Duration = Duration::from_millis(500);
+const RSS_TARGET_MB: f64 = 30.0;
+
+pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
+    preflight()?;
+    sys::catch_sigint();
+    let tracer = locate_tracer(workspace, o)?;
+    let machine = table::machine(workspace);
+    let conditions = table::conditions();
+    eprintln!("bench: {machine}\nbench: {conditions}");
+    let mut t = Table::new();
+    let t0 = Instant::now();
+    let load = connection_rates(workspace, o, &tracer, &mut t)?;
+    let flood = drop_throughput(o, &tracer, &mut t)?;
+    let profile = hooks::markdown(&load, &flood);
+    let run = format!(
+        "Run of {} UTC ({} s) on {machine}; {conditions}.\n\n{}\nPer-program cost of backlog-trace (default options; bpf_stats, \
+         separate runs):\n\n{profile}",
+        utc_now(),
+        t0.elapsed().as_secs(),
+        t.markdown()
+    );
+    println!("\n{run}");
+    if o.record {
+        table::record(&workspace.join("BENCH.md"), &run)?;
+        eprintln!("bench: recorded in BENCH.md");
+    }
+    eprintln!("bench: {} figure(s) missed their target", t.missed());
+    Ok(true)
+}
+
+/// nginx + wrk: bare vs backlog-trace (default, --events) vs bpftrace, then one
+/// profiled run. Returns the per-program profile under this load.
+fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table) -> Result<hooks::Profile> {
+    let nginx = nginx::Nginx::start(&nginx::dir(workspace), o.port)?;
+    let threads = thread::available_parallelism().map_or(2, |n| n.get());
+    let wrk = Wrk { url: nginx.url.clone(), seconds: o.seconds, connections: o.connections, threads };
+    eprintln!("bench: warm-up run ({} s)", o.seconds);
+    wrk.run()?;
+    let default = rate::alternate("backlog-trace", &wrk, o.pairs, &|| Probe::tracer(tracer, &[]))?;
+    let events = rate::alternate("backlog-trace --events", &wrk, o.pairs, &|| Probe::tracer(tracer, &["--events"]))?;
+    let peer = rate::alternate("bpftrace peer", &wrk, o.pairs, &|| Probe::bpftrace(PEER_SCRIPT))?;
+
+    let bare: Vec<f64> = [&default, &events, &peer].iter().flat_map(|p| p.without.clone()).collect();
+    let b = Spread::of(bare);
+    let n = o.pairs;
+    t.add(
+        "Connections/s, no probe (nginx, wrk `Connection: close`)",
+        format!("{:.0} (range {:.0}–{:.0}, {} runs)", b.median, b.min, b.max, 3 * n),
+        "peer machine: 18.3k–18.7k",
+        None,
+    );
+    ratio_row(t, &format!("Rate ratio with/without backlog-trace, default ({n} pairs × {} s)", o.seconds), &default);
+    ratio_row(t, &format!("Rate ratio with/without backlog-trace --events ({n} pairs)"), &events);
+    let r = peer.ratio();
+    t.add(
+        &format!("Rate ratio with/without bpftrace peer, 7 tracepoints ({n} pairs)"),
+        spread_text(&r),
+        "peer: 0.92–0.97 (3 tracepoints)",
+        None,
+    );
+    for (label, p) in [("backlog-trace", &default), ("backlog-trace --events", &events), ("bpftrace", &peer)] {
+        let c = Spread::of(p.cpu_pct.clone());
+        t.add(
+            &format!("{label} process CPU under wrk"),
+            format!("{:.1} % of a core (range {:.1}–{:.1})", c.median, c.min, c.max),
+            "",
+            None,
+        );
+    }
+    let s = Spread::of(default.startups.iter().chain(&events.startups).map(Duration::as_secs_f64).collect());
+    t.add(
+        "Start to JSON start line",
+        format!("median {:.0} ms, max {:.0} ms ({} starts)", s.median * 1e3, s.max * 1e3, 2 * n),
+        "< 500 ms (max)",
+        Some(s.max < STARTUP_TARGET.as_secs_f64()),
+    );
+
+    eprintln!("bench: profiling backlog-trace's programs under wrk ({} s)", o.seconds);
+    let _stats = hooks::StatsOn::enable()?;
+    let p = Probe::tracer(tracer, &[])?;
+    thread::sleep(SETTLE);
+    let before = hooks::sample(p.pid())?;
+    let started = Instant::now();
+    let rate = wrk.run()?;
+    let profile = hooks::Profile::new(&before, &hooks::sample(p.pid())?, started.elapsed(), rate);
+    p.stop()?;
+    Ok(profile)
+}
+
+fn ratio_row(t: &mut Table, figure: &str, p: &Pairs) {
+    let r = p.ratio();
+    t.add(figure, spread_text(&r), "≥ 0.98 (median)", Some(r.median >= RATIO_TARGET));
+}
+
+fn spread_text(r: &Spread) -> String {
+    format!("{:.3} (range {:.3}–{:.3})", r.median, r.min, r.max)
+}
+
+/// The SYN flood: bare, under backlog-trace (default, --events), then one profiled
+/// run. Returns the per-program profile under the flood.
+fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table) -> Result<hooks::Profile> {
+    let f = Flood::setup(o.flood_threads, Duration::from_secs(o.flood_seconds))?;
+    let ns = f.server_netns().to_string();
+    eprintln!("bench: SYN flood, {} thread(s) × {} s, no probe", o.flood_threads, o.flood_seconds);
+    let bare = f.run(None)?;
+    t.add(
+        &format!("Drops/s, SYN flood, no probe ({} sender threads)", o.flood_threads),
+        format!(
+            "{:.0} ({:.0} SYNs/s sent, {} refused)",
+            bare.drops_per_sec(),
+            bare.sent as f64 / bare.secs,
+            bare.refused
+        ),
+        "highest this machine reaches",
+        None,
+    );
+    for extra in [&[][..], &["--events"][..]] {
+        let label = if extra.is_empty() { "default" } else { "--events" };
+        let mut args = vec!["--netns", ns.as_str()];
+        args.extend_from_slice(extra);
+        let p = Probe::tracer(tracer, &args)?;
+        thread::sleep(SETTLE);
+        eprintln!("bench: SYN flood under backlog-trace {label}");
+        let out = f.run(Some(&p))?;
+        let stopped = p.stop()?;
+        let s = Summary::find(&stopped)?;
+        let cost = out.cost.as_ref().context("no usage sampled for the tracer")?;
+        t.add(&format!("Drops/s, SYN flood, backlog-trace {label}"), format!("{:.0}", out.drops_per_sec()), "", None);
+        t.add(
+            &format!("Lost events, backlog-trace {label}"),
+            format!("{} ({} drop lines printed)", s.lost_events, stopped.drop_lines),
+            "0",
+            Some(s.lost_events == 0),
+        );
+        t.add(
+            &format!("Tracer total = ListenDrops, {label}"),
+            format!("{} vs {}", s.drops, out.listen_drops),
+            "equal",
+            Some(s.drops == out.listen_drops),
+        );
+        t.add(
+            &format!("Tracer CPU during flood, {label}"),
+            format!("{:.0} % of a core, {:.0} wake-ups/s", cost.cpu_pct, cost.wakeups_per_sec),
+            "",
+            None,
+        );
+        let (mb, peak) = (cost.rss_kb as f64 * 1024.0 / 1e6, cost.peak_rss_kb as f64 * 1024.0 / 1e6);
+        t.add(
+            &format!("Tracer RSS during flood, {label}"),
+            format!("{mb:.1} MB (peak since start {peak:.1} MB)"),
+            "< 30 MB",
+            Some(mb < RSS_TARGET_MB),
+        );
+    }
+
+    eprintln!("bench: profiling backlog-trace's programs under the flood");
+    let _stats = hooks::StatsOn::enable()?;
+    let p = Probe::tracer(tracer, &["--netns", &ns])?;
+    thread::sleep(SETTLE);
+    let before = hooks::sample(p.pid())?;
+    let started = Instant::now();
+    let out = f.run(Some(&p))?;
+    let profile = hooks::Profile::new(&before, &hooks::sample(p.pid())?, started.elapsed(), out.drops_per_sec());
+    p.stop()?;
+    Ok(profile)
+}
+
+fn preflight() -> Result<()> {
+    if !sys::is_root() {
+        bail!("the bench loads eBPF programs and creates namespaces: run it as root (sudo -E cargo xtask bench)");
+    }
+    let missing: Vec<&str> =
+        ["nginx", "wrk", "bpftrace", "bpftool", "ip"].into_iter().filter(|c| !on_path(c)).collect();
+    if !missing.is_empty() {
+        bail!("{} not found: run scripts/bench-deps.sh", missing.join(", "));
+    }
+    Ok(())
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+}
+
+/// --tracer, or the workspace's release build, rebuilt first so the bench measures
+/// the tree as it is (a no-op when it is fresh).
+fn locate_tracer(workspace: &Path, o: &Options) -> Result<PathBuf> {
+    if let Some(p) = &o.tracer {
+        if !p.is_file() {
+            bail!("--tracer {}: no such file", p.display());
+        }
+        return Ok(p.clone());
+    }
+    eprintln!("bench: building backlog-trace (release)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--release", "-p", "backlog-user"])
+        .current_dir(workspace)
+        .status()
+        .context("running cargo build")?;
+    if !st.success() {
+        bail!("building backlog-trace failed; fix the build or pass --tracer PATH");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or(workspace.join("target"), |d| workspace.join(d));
+    Ok(target.join("release/backlog-trace"))
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}

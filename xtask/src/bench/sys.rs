@@ -1,0 +1,125 @@
+//! The few libc calls std does not wrap. std already links libc, so declaring them
+//! here spares xtask a dependency for five functions.
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const SIGINT: i32 = 2;
+pub const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
+const AF_INET: i32 = 2;
+const SOCK_RAW: i32 = 3;
+const IPPROTO_RAW: i32 = 255;
+const CLONE_NEWNET: i32 = 0x4000_0000;
+const SC_CLK_TCK: i32 = 2;
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port_be: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+    fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
+    fn socket(domain: i32, ty: i32, protocol: i32) -> i32;
+    fn sendto(fd: i32, buf: *const u8, len: usize, flags: i32, addr: *const SockaddrIn, addrlen: u32) -> isize;
+    fn setns(fd: i32, nstype: i32) -> i32;
+    fn listen(fd: i32, backlog: i32) -> i32;
+    fn sysconf(name: i32) -> i64;
+    fn geteuid() -> u32;
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: i32) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Ctrl-C sets a flag instead of killing us, so the bench can stop nginx and delete
+/// its namespaces on the way out (the children get the same SIGINT and exit).
+pub fn catch_sigint() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { signal(SIGINT, on_sigint) };
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+pub fn interrupt(pid: u32) {
+    send(pid, SIGINT);
+}
+
+pub fn terminate(pid: u32) {
+    send(pid, SIGTERM);
+}
+
+pub fn send(pid: u32, sig: i32) {
+    // SAFETY: plain syscall; a stale pid only yields ESRCH.
+    unsafe { kill(pid as i32, sig) };
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: plain syscall, no arguments.
+    unsafe { geteuid() == 0 }
+}
+
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: plain libc query.
+    let t = unsafe { sysconf(SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Moves the calling thread (only it) into the network namespace behind `ns`.
+pub fn enter_netns(ns: &File) -> io::Result<()> {
+    // SAFETY: valid fd; affects only the calling thread.
+    if unsafe { setns(ns.as_raw_fd(), CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Changes a listening socket's backlog (listen() again only updates it).
+pub fn set_backlog(fd: RawFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: valid fd owned by the caller.
+    if unsafe { listen(fd, backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An IPv4 raw socket that sends whole packets, IP header included.
+pub struct RawSocket(OwnedFd);
+
+impl RawSocket {
+    pub fn new() -> io::Result<RawSocket> {
+        // SAFETY: plain syscall; the fd is owned below.
+        let fd = unsafe { socket(AF_INET, SOCK_RAW, IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by socket() and is ours.
+        Ok(RawSocket(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn send(&self, packet: &[u8], dst: Ipv4Addr) -> io::Result<()> {
+        let sa = SockaddrIn { family: AF_INET as u16, port_be: 0, addr: dst.octets(), zero: [0; 8] };
+        // SAFETY: buffer and address are valid for the stated lengths.
+        let n = unsafe {
+            sendto(self.0.as_raw_fd(), packet.as_ptr(), packet.len(), 0, &sa, std::mem::size_of::<SockaddrIn>() as u32)
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+//! The load: wrk with `Connection: close`, so every request is a new connection and
+//! requests/s is connections/s.
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Wrk {
+    pub url: String,
+    pub seconds: u64,
+    pub connections: u32,
+    pub threads: usize,
+}
+
+impl Wrk {
+    /// One run; returns connections per second.
+    pub fn run(&self) -> Result<f64> {
+        let out = Command::new("wrk")
+            .args(["-t", &self.threads.to_string(), "-c", &self.connections.to_string()])
+            .args(["-d", &format!("{}s", self.seconds), "--timeout", "2s"])
+            .args(["-H", "Connection: close", &self.url])
+            .stdin(Stdio::null())
+            .output()
+            .context("running wrk (install it with scripts/bench-deps.sh)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("wrk failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        parse_rate(&text).with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+    }
+}
+
+fn parse_rate(text: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rate_line() {
+        let out = "  38783 requests in 5.09s, 5.36MB read\nRequests/sec:   7614.54\nTransfer/sec: 1.05MB\n";
+        assert_eq!(super::parse_rate(out), Some(7614.54));
+    }
+}
