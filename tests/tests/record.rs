@@ -561,74 +561,73 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.exists())
 }
 
-fn drops_query(inode: u64) -> String {
-    format!("sum(backlog_drops_total{{netns=\"{inode}\",port=\"{PORT}\"}})")
+/// A scraped run: a slow server in a fresh namespace, a session started by
+/// `start(ns, exporter address)`, a flood, and Prometheus holding the kernel's
+/// ListenDrops delta for the port (bounded wait: the exporter syncs and
+/// Prometheus scrapes every second).
+struct Scraped<T> {
+    ns: Netns,
+    _server: Server,
+    prom: PromServer,
+    session: T,
+    delta: Netstat,
+    drops: f64,
 }
 
-#[test]
-fn prometheus_on_record_serves_what_the_recording_reports() {
+fn scraped<T>(tag: &str, start: impl FnOnce(&Netns, &str) -> T) -> Scraped<T> {
     require_root();
-    let ns = Netns::new("promrec");
-    let _server = Server::start(&ns, slow_server());
+    let ns = Netns::new(tag);
+    let server = Server::start(&ns, slow_server());
     let exporter = format!("127.0.0.1:{}", free_port());
     let prom = PromServer::start(&exporter);
-    let file = scratch_path("promrec.btrec");
-    let mut rec = Recording::start(&file, &["--netns", ns.name(), "--prometheus", &exporter]);
-    let before = ns.netstat();
-    flood(&ns);
-    fence(&ns);
-    let want = settled(&ns).since(&before).get("ListenDrops");
-    let scraped = wait_for("Prometheus to hold the kernel's drop count", Duration::from_secs(30), || {
-        prom.query(&drops_query(ns.inode())).filter(|v| *v == want as f64)
-    });
-    rec.stop();
-    let rep = report(&[&file], &["--json"]);
-    let l = listener_on(line(&rep.lines, "summary"), ns.inode(), PORT);
-    assert_eq!(l["drops"].as_u64(), Some(scraped as u64), "report vs Prometheus: {l:#}");
-    println!("record --prometheus: {scraped} drops scraped and reported");
-    let _ = std::fs::remove_file(&file);
-}
-
-#[test]
-fn prometheus_scrapes_the_exact_drop_counter() {
-    require_root();
-    let ns = Netns::new("prom");
-    let _server = Server::start(&ns, slow_server());
-    let exporter = format!("127.0.0.1:{}", free_port());
-    let prom = PromServer::start(&exporter);
-    let mut tracer = Tracer::start(&["--netns", ns.name(), "--prometheus", &exporter]);
+    let session = start(&ns, &exporter);
     let before = ns.netstat();
     flood(&ns);
     fence(&ns);
     let delta = settled(&ns).since(&before);
     let want = delta.get("ListenDrops");
     assert!(want > 0, "the workload must drop: {delta}");
-    let inode = ns.inode();
-    let drops_q = drops_query(inode);
-    let overflow_q = format!(
-        "sum(backlog_drops_total{{netns=\"{inode}\",port=\"{PORT}\",reason=~\"accept_queue_full|ack_overflow\"}})"
-    );
-    let accepts_q = format!("sum(backlog_accepts_total{{netns=\"{inode}\",port=\"{PORT}\"}})");
-    let wait_q = format!("sum(backlog_accept_wait_seconds_count{{netns=\"{inode}\",port=\"{PORT}\"}})");
-    // The exporter syncs every second and Prometheus scrapes every second.
-    let scraped = wait_for("Prometheus to hold the kernel's drop count", Duration::from_secs(30), || {
-        prom.query(&drops_q).filter(|v| *v == want as f64)
+    let q = format!("sum(backlog_drops_total{{netns=\"{}\",port=\"{PORT}\"}})", ns.inode());
+    let drops = wait_for("Prometheus to hold the kernel's drop count", Duration::from_secs(30), || {
+        prom.query(&q).filter(|v| *v == want as f64)
     });
-    let overflows = prom.query(&overflow_q).expect("overflow query");
+    Scraped { ns, _server: server, prom, session, delta, drops }
+}
+
+#[test]
+fn prometheus_on_record_serves_what_the_recording_reports() {
+    let file = scratch_path("promrec.btrec");
+    let mut run =
+        scraped("promrec", |ns, exporter| Recording::start(&file, &["--netns", ns.name(), "--prometheus", exporter]));
+    run.session.stop();
+    let rep = report(&[&file], &["--json"]);
+    let l = listener_on(line(&rep.lines, "summary"), run.ns.inode(), PORT);
+    assert_eq!(l["drops"].as_u64(), Some(run.drops as u64), "report vs Prometheus: {l:#}");
+    println!("record --prometheus: {} drops scraped and reported", run.drops);
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn prometheus_scrapes_the_exact_drop_counter() {
+    let mut run = scraped("prom", |ns, exporter| Tracer::start(&["--netns", ns.name(), "--prometheus", exporter]));
+    let inode = run.ns.inode();
+    let q = |metric: &str, extra: &str| format!("sum({metric}{{netns=\"{inode}\",port=\"{PORT}\"{extra}}})");
+    let overflows = run.prom.query(&q("backlog_drops_total", ",reason=~\"accept_queue_full|ack_overflow\"")).unwrap();
+    let accepts_q = q("backlog_accepts_total", "");
     let accepts = wait_for("accepts to settle in Prometheus", Duration::from_secs(10), || {
-        let a = prom.query(&accepts_q)?;
+        let a = run.prom.query(&accepts_q)?;
         std::thread::sleep(Duration::from_millis(1500));
-        (prom.query(&accepts_q)? == a).then_some(a)
+        (run.prom.query(&accepts_q)? == a).then_some(a)
     });
-    let waits = prom.query(&wait_q).expect("wait histogram count");
-    let status = tracer.stop_sigint();
-    assert!(status.success(), "{}", tracer.stderr());
-    assert!(tracer.stderr().contains(&format!("Prometheus metrics on http://{exporter}/metrics")));
-    let s = tracer.summary();
+    let waits = run.prom.query(&q("backlog_accept_wait_seconds_count", "")).expect("wait histogram count");
+    let status = run.session.stop_sigint();
+    assert!(status.success(), "{}", run.session.stderr());
+    assert!(run.session.stderr().contains("Prometheus metrics on http://127.0.0.1:"), "{}", run.session.stderr());
+    let s = run.session.summary();
     let l = s.listeners.iter().find(|l| l.netns == inode && l.port == PORT).expect("listener in summary");
-    assert_eq!(scraped as u64, l.drops, "Prometheus vs the tracer's summary");
+    assert_eq!(run.drops as u64, l.drops, "Prometheus vs the tracer's summary");
     assert_eq!(overflows as u64, l.overflows);
-    assert_eq!(overflows as u64, delta.get("ListenOverflows"));
+    assert_eq!(overflows as u64, run.delta.get("ListenOverflows"));
     assert!(accepts > 0.0 && waits == accepts, "every accept is in the wait histogram: {accepts} {waits}");
-    println!("Prometheus: {scraped} drops ({overflows} overflows), {accepts} accepts; kernel {delta}");
+    println!("Prometheus: {} drops ({overflows} overflows), {accepts} accepts; kernel {}", run.drops, run.delta);
 }
