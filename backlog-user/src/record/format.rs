@@ -11,6 +11,14 @@
 //! keeps everything before it. A reader skips records of kinds it does not know (a
 //! later writer may add some without a version bump); any change to an existing
 //! payload bumps `VERSION`.
+//!
+//! Kinds: 1 session (opens every file, repeated after rotation), 2 event (the
+//! 112-byte `Event`), 3 owners (pid/comm of a listener, when they change), 4 sync
+//! (exact counters of listeners changed since the last sync, every second), 5
+//! snapshot (sysctls and TcpExt counters per namespace, at start and end), 6 queues
+//! (accept-queue depth of every listener, every second), 7 end (clean stop).
+//! After a rotation a file starts with session, start snapshot, every owner and
+//! every listener's counters, so each file can be reported on its own.
 use backlog_common::{Event, ListenerStats, COMM_LEN};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 

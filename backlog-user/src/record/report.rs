@@ -82,6 +82,14 @@ impl Replay {
         wall.saturating_sub(self.session.as_ref().map_or(0, |s| s.id)) / 1_000_000_000
     }
 
+    /// From the first to the last timed record, within the window if one was given.
+    fn duration_s(&self) -> f64 {
+        let Some(first) = self.first_ts else { return 0.0 };
+        let from = self.window.0.map_or(self.wall(first), |s| s.max(self.wall(first)));
+        let to = self.window.1.map_or(self.wall(self.last_ts), |u| u.min(self.wall(self.last_ts)));
+        to.saturating_sub(from) as f64 / 1e9
+    }
+
     fn seen(&mut self, mono_ns: u64) {
         self.first_ts.get_or_insert(mono_ns);
         self.last_ts = self.last_ts.max(mono_ns);
@@ -275,7 +283,7 @@ pub fn run(args: &ReportArgs) -> Result<i32> {
         netns: session.netns.clone(),
     };
     let rows: Vec<&Listener> = replay.model.matching(&filters).collect();
-    let secs = replay.first_ts.map_or(0.0, |f| (replay.last_ts - f) as f64 / 1e9);
+    let secs = replay.duration_s();
     let timeline = timeline(&replay, &rows, &filters);
     let peers = top_peers(&replay, &rows, 10);
 
