@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `cargo xtask vm-test` needs on the host: qemu-system-x86 (TCG guests),
-# busybox-static (the guest's init and tools) and kmod (depmod, to order module loads).
-# Idempotent: does nothing when all three are present.
+# busybox-static (the guest's init and tools), kmod (depmod, and modprobe in the guest)
+# and the decompressors for kernel packages. Idempotent: does nothing when all are present.
 set -euo pipefail
 
 log() { printf 'vm-deps: %s\n' "$*" >&2; }
@@ -11,8 +11,11 @@ missing=()
 have qemu-system-x86_64 || missing+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 have depmod || [ -x /sbin/depmod ] || missing+=(kmod)
+# Kernel images and modules come xz- or zstd-compressed.
+have xz || missing+=(xz-utils)
+have zstd || missing+=(zstd)
 if [ ${#missing[@]} -eq 0 ]; then
-    log "qemu-system-x86_64, busybox-static and depmod present"
+    log "qemu-system-x86_64, busybox-static, kmod, xz and zstd present"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
