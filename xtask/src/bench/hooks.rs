@@ -78,15 +78,26 @@ fn parse(text: &str, ids: &BTreeSet<u32>) -> Sample {
     out
 }
 
+/// What bpf_stats itself adds to every call: the ns/call of an empty program
+/// (bpftrace's `{ }`), sampled like the tracer's. Subtracted to give net costs.
+pub const FLOOR_SCRIPT: &str = "tracepoint:net:net_dev_queue { }";
+
+/// ns per call of the single program in a sample pair (the floor probe's).
+pub fn floor(before: &Sample, after: &Sample) -> f64 {
+    let p = Profile::new(before, after, Duration::from_secs(1), 1.0, 0.0);
+    p.rows.first().map_or(0.0, |r| r.2)
+}
+
 /// Per-program cost over one window: (name, calls/s, ns per call).
 pub struct Profile {
     pub rows: Vec<(String, f64, f64)>,
     /// The workload's unit rate (connections/s, drops/s), to express the cost per unit.
     pub per_sec: f64,
+    pub floor_ns: f64,
 }
 
 impl Profile {
-    pub fn new(before: &Sample, after: &Sample, window: Duration, per_sec: f64) -> Profile {
+    pub fn new(before: &Sample, after: &Sample, window: Duration, per_sec: f64, floor_ns: f64) -> Profile {
         let secs = window.as_secs_f64();
         let rows = after
             .iter()
@@ -97,28 +108,35 @@ impl Profile {
                 (name.clone(), c as f64 / secs, per_call)
             })
             .collect();
-        Profile { rows, per_sec }
+        Profile { rows, per_sec, floor_ns }
     }
 
-    /// (calls/s, ns/call, ns per unit of work) of one program.
+    /// ns per second of one row, net of the stats floor.
+    fn net(&self, row: &(String, f64, f64)) -> f64 {
+        row.1 * (row.2 - self.floor_ns).max(0.0)
+    }
+
+    /// (calls/s, ns/call, net ns per unit of work) of one program.
     fn get(&self, name: &str) -> (f64, f64, f64) {
-        self.rows.iter().find(|r| r.0 == name).map_or((0.0, 0.0, 0.0), |r| (r.1, r.2, r.1 * r.2 / self.per_sec))
+        self.rows.iter().find(|r| r.0 == name).map_or((0.0, 0.0, 0.0), |r| (r.1, r.2, self.net(r) / self.per_sec))
     }
 
-    fn total_per_unit(&self) -> f64 {
-        self.rows.iter().map(|r| r.1 * r.2).sum::<f64>() / self.per_sec
+    fn net_per_unit(&self) -> f64 {
+        self.rows.iter().map(|r| self.net(r)).sum::<f64>() / self.per_sec
     }
 
-    fn cpu_pct(&self) -> f64 {
-        self.rows.iter().map(|r| r.1 * r.2).sum::<f64>() / 1e7
+    fn net_cpu_pct(&self) -> f64 {
+        self.rows.iter().map(|r| self.net(r)).sum::<f64>() / 1e7
     }
 }
 
 /// Side by side: the same programs under connection load and under the flood.
 pub fn markdown(load: &Profile, flood: &Profile) -> String {
-    let mut s = String::from(
-        "| program | wrk: calls/s | ns/call | ns per connection | flood: calls/s | ns/call | ns per drop |\n\
+    let mut s = format!(
+        "bpf_stats adds {:.0} ns to every call (an empty program's ns/call); the net columns subtract it.\n\n\
+         | program | wrk: calls/s | ns/call | net ns per connection | flood: calls/s | ns/call | net ns per drop |\n\
          |---|---|---|---|---|---|---|\n",
+        load.floor_ns
     );
     for (name, ..) in &load.rows {
         let (r, n, u) = load.get(name);
@@ -126,13 +144,13 @@ pub fn markdown(load: &Profile, flood: &Profile) -> String {
         s += &format!("| {name} | {r:.0} | {n:.0} | {u:.0} | {fr:.0} | {fnc:.0} | {fu:.0} |\n");
     }
     s += &format!(
-        "| **all** ({:.0} conn/s; {:.0} drops/s) | | {:.1} % of a core | **{:.0}** | | {:.1} % of a core | **{:.0}** |\n",
+        "| **all** ({:.0} conn/s; {:.0} drops/s) | | net {:.1} % of a core | **{:.0}** | | net {:.1} % of a core | **{:.0}** |\n",
         load.per_sec,
         flood.per_sec,
-        load.cpu_pct(),
-        load.total_per_unit(),
-        flood.cpu_pct(),
-        flood.total_per_unit()
+        load.net_cpu_pct(),
+        load.net_per_unit(),
+        flood.net_cpu_pct(),
+        flood.net_per_unit()
     );
     s
 }

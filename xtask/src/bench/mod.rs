@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 
 use flood::Flood;
 use probe::{Probe, Summary};
-use rate::{Pairs, Spread, SETTLE};
+use rate::{Measured, Spread, SETTLE};
 use table::Table;
 use wrk::Wrk;
 
@@ -63,7 +63,7 @@ pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
     let mut t = Table::new();
     let t0 = Instant::now();
     let load = connection_rates(workspace, o, &tracer, &mut t)?;
-    let flood = drop_throughput(o, &tracer, &mut t)?;
+    let flood = drop_throughput(o, &tracer, &mut t, load.floor_ns)?;
     let profile = hooks::markdown(&load, &flood);
     let run = format!(
         "Run of {} UTC ({} s) on {machine}; {conditions}.\n\n{}\nPer-program cost of backlog-trace (default options; bpf_stats, \
@@ -89,33 +89,38 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
     let wrk = Wrk { url: nginx.url.clone(), seconds: o.seconds, connections: o.connections, threads };
     eprintln!("bench: warm-up run ({} s)", o.seconds);
     wrk.run()?;
-    let default = rate::alternate("backlog-trace", &wrk, o.pairs, &|| Probe::tracer(tracer, &[]))?;
-    let events = rate::alternate("backlog-trace --events", &wrk, o.pairs, &|| Probe::tracer(tracer, &["--events"]))?;
-    let peer = rate::alternate("bpftrace peer", &wrk, o.pairs, &|| Probe::bpftrace(PEER_SCRIPT))?;
+    let default = rate::alternate("backlog-trace", &wrk, &nginx, o.pairs, &|| Probe::tracer(tracer, &[]))?;
+    let events =
+        rate::alternate("backlog-trace --events", &wrk, &nginx, o.pairs, &|| Probe::tracer(tracer, &["--events"]))?;
+    let peer = rate::alternate("bpftrace peer", &wrk, &nginx, o.pairs, &|| Probe::bpftrace(PEER_SCRIPT))?;
 
-    let bare: Vec<f64> = [&default, &events, &peer].iter().flat_map(|p| p.without.clone()).collect();
-    let b = Spread::of(bare);
-    let n = o.pairs;
+    let bare: Vec<Measured> = [&default, &events, &peer].iter().flat_map(|p| p.without.clone()).collect();
+    let (r, c) =
+        (Spread::of(bare.iter().map(|m| m.rate).collect()), Spread::of(bare.iter().map(|m| m.cpu_us).collect()));
     t.add(
-        "Connections/s, no probe (nginx, wrk `Connection: close`)",
-        format!("{:.0} (range {:.0}–{:.0}, {} runs)", b.median, b.min, b.max, 3 * n),
-        "peer machine: 18.3k–18.7k",
+        &format!("No probe: connections/s; CPU per connection ({} runs × {} s)", bare.len(), o.seconds),
+        format!(
+            "{:.0} (range {:.0}–{:.0}); {:.1} µs (range {:.1}–{:.1})",
+            r.median, r.min, r.max, c.median, c.min, c.max
+        ),
+        "peer machine: 18.3k–18.7k conn/s",
         None,
     );
-    ratio_row(t, &format!("Rate ratio with/without backlog-trace, default ({n} pairs × {} s)", o.seconds), &default);
-    ratio_row(t, &format!("Rate ratio with/without backlog-trace --events ({n} pairs)"), &events);
-    let r = peer.ratio();
-    t.add(
-        &format!("Rate ratio with/without bpftrace peer, 7 tracepoints ({n} pairs)"),
-        spread_text(&r),
-        "peer: 0.92–0.97 (3 tracepoints)",
-        None,
-    );
-    for (label, p) in [("backlog-trace", &default), ("backlog-trace --events", &events), ("bpftrace", &peer)] {
-        let c = Spread::of(p.cpu_pct.clone());
+    let judged = Some(RATIO_TARGET);
+    for (label, p, target) in [
+        ("backlog-trace (default)", &default, judged),
+        ("backlog-trace --events", &events, judged),
+        ("bpftrace peer (7 tracepoints)", &peer, None),
+    ] {
+        let (r, c, cpu) = (p.ratio(), p.cost_ratio(), Spread::of(p.cpu_pct.clone()));
+        let text =
+            if target.is_some() { "≥ 0.98 (median)" } else { "peer: 0.92–0.97 (3 tracepoints, quiet machine)" };
+        let met = |s: &Spread| target.map(|min| s.median >= min);
+        t.add(&format!("{label}: rate ratio with/without ({} pairs)", p.with.len()), spread_text(&r), text, met(&r));
+        t.add(&format!("{label}: CPU-per-connection ratio without/with"), spread_text(&c), text, met(&c));
         t.add(
-            &format!("{label} process CPU under wrk"),
-            format!("{:.1} % of a core (range {:.1}–{:.1})", c.median, c.min, c.max),
+            &format!("{label}: its own process's CPU under wrk"),
+            format!("{:.1} % of a core (range {:.1}–{:.1})", cpu.median, cpu.min, cpu.max),
             "",
             None,
         );
@@ -123,7 +128,7 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
     let s = Spread::of(default.startups.iter().chain(&events.startups).map(Duration::as_secs_f64).collect());
     t.add(
         "Start to JSON start line",
-        format!("median {:.0} ms, max {:.0} ms ({} starts)", s.median * 1e3, s.max * 1e3, 2 * n),
+        format!("median {:.0} ms, max {:.0} ms ({} starts)", s.median * 1e3, s.max * 1e3, 2 * o.pairs),
         "< 500 ms (max)",
         Some(s.max < STARTUP_TARGET.as_secs_f64()),
     );
@@ -131,18 +136,16 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
     eprintln!("bench: profiling backlog-trace's programs under wrk ({} s)", o.seconds);
     let _stats = hooks::StatsOn::enable()?;
     let p = Probe::tracer(tracer, &[])?;
+    let floor = Probe::bpftrace(hooks::FLOOR_SCRIPT)?;
     thread::sleep(SETTLE);
-    let before = hooks::sample(p.pid())?;
+    let (before, floor0) = (hooks::sample(p.pid())?, hooks::sample(floor.pid())?);
     let started = Instant::now();
-    let rate = wrk.run()?;
-    let profile = hooks::Profile::new(&before, &hooks::sample(p.pid())?, started.elapsed(), rate);
+    let rate = wrk.run()?.rate;
+    let (after, floor1) = (hooks::sample(p.pid())?, hooks::sample(floor.pid())?);
+    let profile = hooks::Profile::new(&before, &after, started.elapsed(), rate, hooks::floor(&floor0, &floor1));
+    floor.stop()?;
     p.stop()?;
     Ok(profile)
-}
-
-fn ratio_row(t: &mut Table, figure: &str, p: &Pairs) {
-    let r = p.ratio();
-    t.add(figure, spread_text(&r), "≥ 0.98 (median)", Some(r.median >= RATIO_TARGET));
 }
 
 fn spread_text(r: &Spread) -> String {
@@ -150,8 +153,8 @@ fn spread_text(r: &Spread) -> String {
 }
 
 /// The SYN flood: bare, under backlog-trace (default, --events), then one profiled
-/// run. Returns the per-program profile under the flood.
-fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table) -> Result<hooks::Profile> {
+/// run. Returns the per-program profile under the flood, net of `floor_ns`.
+fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: f64) -> Result<hooks::Profile> {
     let f = Flood::setup(o.flood_threads, Duration::from_secs(o.flood_seconds))?;
     let ns = f.server_netns().to_string();
     eprintln!("bench: SYN flood, {} thread(s) × {} s, no probe", o.flood_threads, o.flood_seconds);
@@ -213,7 +216,8 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table) -> Result<hooks::P
     let before = hooks::sample(p.pid())?;
     let started = Instant::now();
     let out = f.run(Some(&p))?;
-    let profile = hooks::Profile::new(&before, &hooks::sample(p.pid())?, started.elapsed(), out.drops_per_sec());
+    let profile =
+        hooks::Profile::new(&before, &hooks::sample(p.pid())?, started.elapsed(), out.drops_per_sec(), floor_ns);
     p.stop()?;
     Ok(profile)
 }

@@ -52,6 +52,22 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// CPU used so far by the master and its workers (where loopback TCP and the
+    /// probes' programs run on the server side).
+    pub fn cpu(&self) -> Result<Duration> {
+        let master = self.child.id();
+        let mut total = sys::process_cpu(master)?;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if sys::parent(pid) == Some(master) {
+                total += sys::process_cpu(pid).unwrap_or_default();
+            }
+        }
+        Ok(total)
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         sys::terminate(self.child.id());

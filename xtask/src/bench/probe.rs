@@ -110,11 +110,6 @@ impl Probe {
 
     pub fn usage(&self) -> Result<Usage> {
         let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
-        let rest = &stat[stat.rfind(')').context("malformed /proc/PID/stat")? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let mut wakeups = 0;
         for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
@@ -122,7 +117,7 @@ impl Probe {
             wakeups += field(&st, "voluntary_ctxt_switches:");
         }
         Ok(Usage {
-            cpu: Duration::from_secs_f64(ticks as f64 / sys::clock_ticks_per_sec() as f64),
+            cpu: sys::process_cpu(pid)?,
             wakeups,
             rss_kb: field(&status, "VmRSS:"),
             peak_rss_kb: field(&status, "VmHWM:"),

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use super::nginx::Nginx;
 use super::probe::Probe;
 use super::sys;
 use super::wrk::Wrk;
@@ -13,40 +14,78 @@ use super::wrk::Wrk;
 /// it attaches, and backlog-trace's first listener scan should not be measured.
 pub const SETTLE: Duration = Duration::from_secs(1);
 
+/// One run under load.
+#[derive(Clone, Copy)]
+pub struct Measured {
+    /// Connections per second.
+    pub rate: f64,
+    /// CPU per connection of nginx, wrk and the probe process: what the machine
+    /// pays per connection, which other load on a shared machine barely moves,
+    /// unlike the rate.
+    pub cpu_us: f64,
+}
+
 pub struct Pairs {
-    /// Connections/s of each run, in run order.
-    pub without: Vec<f64>,
-    pub with: Vec<f64>,
+    pub without: Vec<Measured>,
+    pub with: Vec<Measured>,
     pub startups: Vec<Duration>,
     /// The probe's own CPU (user + system) during each loaded run, % of one core.
     pub cpu_pct: Vec<f64>,
 }
 
 impl Pairs {
-    /// with/without per pair: its median, minimum and maximum.
+    /// Rate with/without, per pair.
     pub fn ratio(&self) -> Spread {
-        Spread::of(self.without.iter().zip(&self.with).map(|(a, b)| b / a).collect())
+        Spread::of(self.without.iter().zip(&self.with).map(|(a, b)| b.rate / a.rate).collect())
+    }
+
+    /// CPU per connection without/with, per pair: the rate ratio a CPU-bound machine
+    /// with nothing else to do would show.
+    pub fn cost_ratio(&self) -> Spread {
+        Spread::of(self.without.iter().zip(&self.with).map(|(a, b)| a.cpu_us / b.cpu_us).collect())
     }
 }
 
-/// Runs `pairs` × (without, with) and prints each run as it ends.
-pub fn alternate(label: &str, wrk: &Wrk, pairs: usize, start: &dyn Fn() -> Result<Probe>) -> Result<Pairs> {
+/// One wrk run, with the CPU nginx, wrk and `probe` used during it.
+fn measure(wrk: &Wrk, nginx: &Nginx, probe: Option<&Probe>) -> Result<(Measured, f64)> {
+    let probe_cpu = || probe.map_or(Ok(Duration::ZERO), |p| p.usage().map(|u| u.cpu));
+    let (n0, p0, t0) = (nginx.cpu()?, probe_cpu()?, Instant::now());
+    let run = wrk.run()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let (n1, p1) = (nginx.cpu()?, probe_cpu()?);
+    let probe_secs = p1.saturating_sub(p0).as_secs_f64();
+    let cpu = n1.saturating_sub(n0).as_secs_f64() + run.cpu.as_secs_f64() + probe_secs;
+    let cpu_us = cpu * 1e6 / (run.rate * secs);
+    Ok((Measured { rate: run.rate, cpu_us }, probe_secs / secs * 100.0))
+}
+
+/// Runs `pairs` × (without, with) and prints each pair as it ends.
+pub fn alternate(
+    label: &str,
+    wrk: &Wrk,
+    nginx: &Nginx,
+    pairs: usize,
+    start: &dyn Fn() -> Result<Probe>,
+) -> Result<Pairs> {
     let mut p = Pairs { without: Vec::new(), with: Vec::new(), startups: Vec::new(), cpu_pct: Vec::new() };
     for i in 1..=pairs {
-        let bare = wrk.run()?;
+        let (bare, _) = measure(wrk, nginx, None)?;
         check_interrupt()?;
         let probe = start()?;
         thread::sleep(SETTLE);
-        let u0 = probe.usage()?;
-        let t0 = Instant::now();
-        let loaded = wrk.run()?;
-        let cpu = probe.usage()?.cpu.saturating_sub(u0.cpu).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0;
+        let (loaded, cpu) = measure(wrk, nginx, Some(&probe))?;
         let startup = probe.startup;
         probe.stop()?;
         check_interrupt()?;
         eprintln!(
-            "bench: {label} pair {i}/{pairs}: {bare:.0} → {loaded:.0} conn/s (×{:.3}), attached in {} ms",
-            loaded / bare,
+            "bench: {label} pair {i}/{pairs}: {:.0} → {:.0} conn/s (×{:.3}), {:.1} → {:.1} µs CPU/conn (×{:.3}), \
+             attached in {} ms",
+            bare.rate,
+            loaded.rate,
+            loaded.rate / bare.rate,
+            bare.cpu_us,
+            loaded.cpu_us,
+            bare.cpu_us / loaded.cpu_us,
             startup.as_millis()
         );
         p.without.push(bare);

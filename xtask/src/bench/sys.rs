@@ -5,6 +5,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 const SIGINT: i32 = 2;
 pub const SIGKILL: i32 = 9;
@@ -32,7 +33,10 @@ extern "C" {
     fn listen(fd: i32, backlog: i32) -> i32;
     fn sysconf(name: i32) -> i64;
     fn geteuid() -> u32;
+    fn getrusage(who: i32, usage: *mut [i64; 18]) -> i32;
 }
+
+const RUSAGE_CHILDREN: i32 = -1;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -69,7 +73,37 @@ pub fn is_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
-pub fn clock_ticks_per_sec() -> u64 {
+/// User + system CPU of every child this process has waited for, so far.
+pub fn children_cpu() -> Duration {
+    let mut ru = [0i64; 18];
+    // SAFETY: struct rusage is 144 bytes on 64-bit Linux; ru_utime and ru_stime (two
+    // struct timeval) come first.
+    if unsafe { getrusage(RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |s: i64, us: i64| Duration::from_secs(s as u64) + Duration::from_micros(us as u64);
+    tv(ru[0], ru[1]) + tv(ru[2], ru[3])
+}
+
+/// User + system CPU of one process (all its threads), from /proc/PID/stat.
+pub fn process_cpu(pid: u32) -> io::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised comm: utime is field 14, stime 15.
+    let f: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    let (Some(utime), Some(stime)) = (field(11), field(12)) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("malformed /proc/{pid}/stat")));
+    };
+    Ok(Duration::from_secs_f64((utime + stime) as f64 / clock_ticks_per_sec() as f64))
+}
+
+/// The parent of process `pid`, from /proc/PID/stat.
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn clock_ticks_per_sec() -> u64 {
     // SAFETY: plain libc query.
     let t = unsafe { sysconf(SC_CLK_TCK) };
     if t > 0 {

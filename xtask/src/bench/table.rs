@@ -65,7 +65,7 @@ pub fn machine(workspace: &Path) -> String {
         first_line("nginx", &["-v"], workspace).replace("nginx version: ", ""),
         first_line("wrk", &["--version"], workspace).split(" [").next().unwrap_or("wrk ?"),
         first_line("bpftrace", &["--version"], workspace),
-        first_line("git", &["rev-parse", "--short", "HEAD"], workspace),
+        first_line("git", &["describe", "--always", "--dirty"], workspace),
     )
 }
 

@@ -1,8 +1,18 @@
 //! The load: wrk with `Connection: close`, so every request is a new connection and
 //! requests/s is connections/s.
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+use super::sys;
+
+/// One run's rate and wrk's own CPU time (client-side TCP, and the probes'
+/// programs that run in its context).
+pub struct Run {
+    pub rate: f64,
+    pub cpu: Duration,
+}
 
 pub struct Wrk {
     pub url: String,
@@ -12,8 +22,9 @@ pub struct Wrk {
 }
 
 impl Wrk {
-    /// One run; returns connections per second.
-    pub fn run(&self) -> Result<f64> {
+    /// One run.
+    pub fn run(&self) -> Result<Run> {
+        let cpu0 = sys::children_cpu();
         let out = Command::new("wrk")
             .args(["-t", &self.threads.to_string(), "-c", &self.connections.to_string()])
             .args(["-d", &format!("{}s", self.seconds), "--timeout", "2s"])
@@ -25,7 +36,10 @@ impl Wrk {
         if !out.status.success() {
             bail!("wrk failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
         }
-        parse_rate(&text).with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+        // wrk was waited for just now and is the only child reaped in between.
+        let cpu = sys::children_cpu().saturating_sub(cpu0);
+        let rate = parse_rate(&text).with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+        Ok(Run { rate, cpu })
     }
 }
 
