@@ -228,11 +228,15 @@ pub mod hist {
     }
 }
 
-/// One listener's accept-wait histogram, per CPU.
+/// Key of the accept-wait histogram map: one counter per (listener, bucket). A map
+/// of small counters rather than one array per listener, because indexing a map
+/// value by a computed bucket trips older verifiers (6.1) on its bounds.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WaitHist {
-    pub counts: [u32; hist::BUCKETS],
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HistKey {
+    pub sk: u64,
+    pub bucket: u32,
+    pub _pad: u32,
 }
 
 /// Counters that are not per listener (index into the `GLOBAL` per-CPU array).
@@ -321,7 +325,7 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerStats {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::WaitHist {}
+    unsafe impl aya::Pod for super::HistKey {}
 }
 
 /// Map and program names, shared so the loader cannot drift from the object.

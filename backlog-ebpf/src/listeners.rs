@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use backlog_common::{Event, EventKind};
+use backlog_common::EventKind;
 
 use crate::kernel::{self, TCP_CLOSE, TCP_LISTEN};
 use crate::maps;
@@ -38,32 +38,21 @@ pub fn on_state(sk: u64, old: u8, new: u8) {
         return;
     };
     let o = kernel::offsets();
-    let (family, laddr, lport) = kernel::local_addr(sk, &o);
-    if !maps::port_watched(lport) {
+    if !maps::port_watched(kernel::read::<u16>(sk, o.skc_num)) {
         return;
     }
-    let q = kernel::queue_state(sk, &o);
     let pid_tgid = bpf_get_current_pid_tgid();
-    let mut ev = Event::zeroed();
-    ev.ts_ns = maps::now_ns();
-    ev.sk = sk;
-    ev.sock_ino = kernel::socket_inode(sk, &o);
-    ev.netns = kernel::netns_inum(kernel::sk_net(sk, &o), &o);
-    ev.kind = kind as u8;
-    ev.family = family;
-    ev.lport = lport;
-    ev.laddr = laddr;
-    ev.queue_len = q.ack_backlog;
-    ev.queue_max = q.max_ack_backlog;
-    ev.syn_queue_len = q.syn_qlen;
-    ev.pid = (pid_tgid >> 32) as u32;
-    ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let mut requested = 0;
     if kind == EventKind::Listen {
         // SAFETY: plain value lookup.
         if let Some(b) = unsafe { LISTEN_ARGS.get(&pid_tgid) } {
-            ev.requested_backlog = *b;
+            requested = *b;
         }
         let _ = LISTEN_ARGS.remove(&pid_tgid);
     }
-    maps::emit(&ev);
+    maps::emit_listener_event(kind, sk, &o, |ev| {
+        ev.pid = (pid_tgid >> 32) as u32;
+        ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        ev.requested_backlog = requested;
+    });
 }

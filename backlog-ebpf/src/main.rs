@@ -107,6 +107,7 @@ macro_rules! fentry_pair {
     };
 }
 
+#[inline(always)]
 fn conn_exit(_ret: u64) {
     functions::conn_request_exit();
 }
@@ -116,14 +117,11 @@ fentry_pair!(bt_fe_conn6, bt_fx_conn6, "tcp_v6_conn_request", functions::conn_re
 fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
 fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
 
-#[fentry(function = "tcp_v4_send_synack")]
-pub fn bt_fe_synack4(_ctx: FEntryContext) -> i32 {
-    functions::send_synack();
-    0
-}
-
-#[fentry(function = "tcp_v6_send_synack")]
-pub fn bt_fe_synack6(_ctx: FEntryContext) -> i32 {
+/// Both address families build their SYN-ACK with tcp_make_synack, which (unlike
+/// tcp_v4_send_synack's seven arguments) fits the six-argument limit of fentry
+/// trampolines before Linux 6.6.
+#[fentry(function = "tcp_make_synack")]
+pub fn bt_fe_synack(_ctx: FEntryContext) -> i32 {
     functions::send_synack();
     0
 }

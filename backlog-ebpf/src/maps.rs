@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
-use backlog_common::{global, Event, ListenerStats};
+use backlog_common::{global, Event, EventKind, KernelOffsets, ListenerStats};
 
 use crate::kernel;
 
@@ -66,16 +66,49 @@ pub fn stats(sk: u64) -> Option<*mut ListenerStats> {
     STATS.get_ptr_mut(&sk)
 }
 
-/// Sends one event; a full ring buffer is counted, never silent.
+/// Folds an observation of the listener's accept queue into this CPU's stats.
 #[inline(always)]
-pub fn emit(ev: &Event) {
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut slot) => {
-            slot.write(*ev);
-            slot.submit(0);
+pub fn note_queue(s: *mut ListenerStats, q: &kernel::QueueState) {
+    // SAFETY: `s` is this CPU's copy of a map value.
+    unsafe {
+        if q.ack_backlog > (*s).queue_peak {
+            (*s).queue_peak = q.ack_backlog;
         }
-        None => count(global::LOST_EVENTS),
+        (*s).queue_max = q.max_ack_backlog;
     }
+}
+
+/// Sends an event about listener `sk`: its identity (address, port, namespace,
+/// socket inode) and current queues are filled in, then `fill` adds what is
+/// particular to the kind. The event is built in place in the ring buffer (an Event
+/// on the 512-byte BPF stack crowds out everything else). A full ring buffer is
+/// counted, never silent.
+#[inline(always)]
+pub fn emit_listener_event(kind: EventKind, sk: u64, o: &KernelOffsets, fill: impl FnOnce(&mut Event)) {
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        count(global::LOST_EVENTS);
+        return;
+    };
+    // SAFETY: the reservation is sizeof(Event) bytes, exclusively ours until submit;
+    // every field is written below before it is read.
+    let ev = unsafe { &mut *slot.as_mut_ptr() };
+    let (family, laddr, lport) = kernel::local_addr(sk, o);
+    let q = kernel::queue_state(sk, o);
+    // SAFETY: zeroing the reservation in place (no Event on the stack).
+    unsafe { core::ptr::write_bytes(ev as *mut Event, 0, 1) };
+    ev.ts_ns = now_ns();
+    ev.sk = sk;
+    ev.sock_ino = kernel::socket_inode(sk, o);
+    ev.netns = kernel::netns_inum(kernel::sk_net(sk, o), o);
+    ev.kind = kind as u8;
+    ev.family = family;
+    ev.lport = lport;
+    ev.laddr = laddr;
+    ev.queue_len = q.ack_backlog;
+    ev.queue_max = q.max_ack_backlog;
+    ev.syn_queue_len = q.syn_qlen;
+    fill(ev);
+    slot.submit(0);
 }
 
 #[inline(always)]

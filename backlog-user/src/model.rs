@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use backlog_common::{hist, DropReason, Event, EventKind, ListenerStats, WaitHist, AF_INET6, N_REASONS};
+use backlog_common::{hist, DropReason, Event, EventKind, ListenerStats, AF_INET6, N_REASONS};
 
 use crate::attribute::Owners;
 use crate::cli::Filters;
@@ -220,16 +220,17 @@ impl Model {
         l.abandoned = abandoned;
     }
 
-    /// Replaces event-derived wait buckets with the kernel's histogram (per CPU).
-    pub fn set_kernel_hist(&mut self, sk: u64, per_cpu: &[WaitHist]) {
+    /// Replaces event-derived wait buckets with the kernel's histogram, given as
+    /// (bucket, count) pairs.
+    pub fn set_kernel_hist(&mut self, sk: u64, buckets: &[(usize, u64)]) {
         let Some(l) = self.listeners.get_mut(&sk) else { return };
-        let mut buckets = vec![0u64; hist::BUCKETS];
-        for h in per_cpu {
-            for (b, c) in buckets.iter_mut().zip(h.counts.iter()) {
-                *b += u64::from(*c);
+        let mut all = vec![0u64; hist::BUCKETS];
+        for &(b, n) in buckets {
+            if let Some(slot) = all.get_mut(b) {
+                *slot += n;
             }
         }
-        l.wait.buckets = buckets;
+        l.wait.buckets = all;
     }
 
     pub fn matching<'a>(&'a self, f: &'a Filters) -> impl Iterator<Item = &'a Listener> + 'a {

@@ -81,11 +81,8 @@ impl Live {
         for (sk, l) in self.model.listeners.iter_mut() {
             l.pending = pending.get(sk).copied().unwrap_or(0);
         }
-        let hists = session.wait_hist()?;
-        let entries: Vec<(u64, Vec<_>)> =
-            hists.iter().filter_map(|r| r.ok()).map(|(sk, v)| (sk, v.iter().copied().collect())).collect();
-        for (sk, per_cpu) in entries {
-            self.model.set_kernel_hist(sk, &per_cpu);
+        for (sk, buckets) in session.wait_hist()? {
+            self.model.set_kernel_hist(sk, &buckets);
         }
         let mut stats = session.stats()?;
         let entries: Vec<(u64, Vec<_>)> =

@@ -6,9 +6,9 @@ pub mod tracepoint;
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{LruHashMap, LruPerCpuHashMap},
 };
-use backlog_common::{global, hist, Event, EventKind, WaitHist};
+use backlog_common::{global, hist, EventKind, HistKey};
 
 use crate::kernel;
 use crate::maps;
@@ -26,63 +26,38 @@ pub struct Enqueued {
 static ENQUEUED: LruHashMap<u64, Enqueued> = LruHashMap::with_max_entries(65536, 0);
 
 #[map(name = "WAIT_HIST")]
-static WAIT_HIST: LruPerCpuHashMap<u64, WaitHist> = LruPerCpuHashMap::with_max_entries(4096, 0);
-
-/// A zeroed histogram to insert from: too large for the 512-byte BPF stack.
-#[map(name = "ZERO_HIST")]
-static ZERO_HIST: PerCpuArray<WaitHist> = PerCpuArray::with_max_entries(1, 0);
+static WAIT_HIST: LruPerCpuHashMap<HistKey, u64> = LruPerCpuHashMap::with_max_entries(65536, 0);
 
 /// A child is on `listener`'s accept queue now.
 #[inline(always)]
 pub fn enqueued(child: u64, listener: u64) {
     let o = kernel::offsets();
-    let lport = kernel::read::<u16>(listener, o.skc_num).unwrap_or(0);
+    let lport = kernel::read::<u16>(listener, o.skc_num);
     if !maps::port_watched(lport) {
         return;
     }
     let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener }, 0);
-    let q = kernel::queue_state(listener, &o);
     if let Some(s) = maps::stats(listener) {
+        maps::note_queue(s, &kernel::queue_state(listener, &o));
+    }
+}
+
+/// Counts one wait in the listener's histogram.
+#[inline(always)]
+fn count_wait(listener: u64, wait_ns: u64) {
+    let key = HistKey { sk: listener, bucket: hist::bucket(wait_ns / 1000) as u32, _pad: 0 };
+    match WAIT_HIST.get_ptr_mut(&key) {
         // SAFETY: this CPU's copy.
-        unsafe {
-            if q.ack_backlog > (*s).queue_peak {
-                (*s).queue_peak = q.ack_backlog;
-            }
-            (*s).queue_max = q.max_ack_backlog;
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = WAIT_HIST.insert(&key, &1, 0);
         }
     }
 }
 
 #[inline(always)]
-fn hist_of(listener: u64) -> Option<*mut WaitHist> {
-    if let Some(h) = WAIT_HIST.get_ptr_mut(&listener) {
-        return Some(h);
-    }
-    let zero = ZERO_HIST.get_ptr(0)?;
-    // SAFETY: a map value pointer, valid for the program's run.
-    let _ = WAIT_HIST.insert(&listener, unsafe { &*zero }, 0);
-    WAIT_HIST.get_ptr_mut(&listener)
-}
-
-#[inline(always)]
 fn listener_event(kind: EventKind, listener: u64, value: u64) {
-    let o = kernel::offsets();
-    let (family, laddr, lport) = kernel::local_addr(listener, &o);
-    let q = kernel::queue_state(listener, &o);
-    let mut ev = Event::zeroed();
-    ev.ts_ns = maps::now_ns();
-    ev.sk = listener;
-    ev.sock_ino = kernel::socket_inode(listener, &o);
-    ev.netns = kernel::netns_inum(kernel::sk_net(listener, &o), &o);
-    ev.kind = kind as u8;
-    ev.family = family;
-    ev.lport = lport;
-    ev.laddr = laddr;
-    ev.queue_len = q.ack_backlog;
-    ev.queue_max = q.max_ack_backlog;
-    ev.syn_queue_len = q.syn_qlen;
-    ev.value = value;
-    maps::emit(&ev);
+    maps::emit_listener_event(kind, listener, &kernel::offsets(), |ev| ev.value = value);
 }
 
 /// accept() returned `child`.
@@ -107,17 +82,7 @@ pub fn accepted(child: u64) {
             }
         }
     }
-    if let Some(h) = hist_of(e.listener) {
-        // The volatile read hides the index's provenance from the optimiser, so the
-        // bounds check below survives into the object where the verifier needs it.
-        let b = hist::bucket(wait / 1000);
-        // SAFETY: reading a local.
-        let b = unsafe { core::ptr::read_volatile(&b) };
-        if b < hist::BUCKETS {
-            // SAFETY: this CPU's copy, index checked.
-            unsafe { (*h).counts[b] += 1 };
-        }
-    }
+    count_wait(e.listener, wait);
     if kernel::config().emit_accepts != 0 {
         listener_event(EventKind::Accept, e.listener, wait);
     }

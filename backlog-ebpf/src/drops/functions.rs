@@ -1,8 +1,8 @@
 //! Drop detection where the kernel lets us hook its functions (fentry/fexit or
 //! kprobe/kretprobe): the call sites of tcp_listendrop() are function boundaries.
 //!
-//! - SYN: tcp_v4_conn_request / tcp_v6_conn_request. Inside, an admitted SYN calls
-//!   the address family's send_synack; a dropped one does not, and bumps sk_drops.
+//! - SYN: tcp_v4_conn_request / tcp_v6_conn_request. Inside, an admitted SYN builds
+//!   a SYN-ACK (tcp_make_synack); a dropped one does not, and bumps sk_drops.
 //! - final ACK (and SYN-cookie ACK): tcp_v4_syn_recv_sock / tcp_v6_syn_recv_sock
 //!   return NULL exactly when they call tcp_listendrop().
 //! Both signals are per CPU and per call, so concurrent drops on other CPUs cannot
@@ -17,13 +17,13 @@ use crate::kernel;
 #[inline(always)]
 fn open(sk: u64, skb: u64, kind: u8) {
     let o = kernel::offsets();
-    let lport = kernel::read::<u16>(sk, o.skc_num).unwrap_or(0);
+    let lport = kernel::read::<u16>(sk, o.skc_num);
     if !crate::maps::port_watched(lport) {
         return;
     }
-    let Some((mut peer, v4)) = kernel::skb_peer(skb, &o) else { return };
+    let (mut peer, v4) = kernel::skb_peer(skb, &o);
     let Some(th) = kernel::skb_tcp_head(skb, &o) else { return };
-    if v4 && kernel::read::<u16>(sk, o.skc_family).unwrap_or(0) == AF_INET6 {
+    if v4 && kernel::read::<u16>(sk, o.skc_family) == AF_INET6 {
         peer = kernel::v4_mapped(&peer);
     }
     window::open(sk, kind, peer, th.sport_be, th.dport_be);
@@ -41,7 +41,7 @@ pub fn conn_request_entry(sk: u64, skb: u64) {
     open(sk, skb, KIND_SYN);
 }
 
-/// Entry of tcp_v{4,6}_send_synack: the SYN is admitted.
+/// Entry of tcp_make_synack: the SYN is admitted.
 #[inline(always)]
 pub fn send_synack() {
     if let Some(w) = window::current() {

@@ -5,9 +5,9 @@ pub mod functions;
 pub mod tracepoint;
 pub mod window;
 
-use backlog_common::{DropReason, Event, EventKind, KernelOffsets};
+use backlog_common::{DropReason, EventKind, KernelOffsets};
 
-use crate::kernel::{self, QueueState};
+use crate::kernel::QueueState;
 use crate::maps;
 
 /// Why a SYN was dropped, from the listener's queues at that moment. Mirrors the
@@ -45,34 +45,19 @@ pub struct Peer {
 /// Counts the drop in the listener's per-CPU stats and emits an event.
 #[inline(always)]
 pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
-    let (family, laddr, lport) = kernel::local_addr(sk, o);
-    let sock_ino = kernel::socket_inode(sk, o);
-    let netns = kernel::netns_inum(kernel::sk_net(sk, o), o);
     if let Some(s) = maps::stats(sk) {
         // SAFETY: this CPU's copy of the value; tracing programs do not nest on one CPU
         // for the same hook.
-        unsafe {
-            (*s).drops[reason as usize] += 1;
-            if q.ack_backlog > (*s).queue_peak {
-                (*s).queue_peak = q.ack_backlog;
-            }
-            (*s).queue_max = q.max_ack_backlog;
-        }
+        unsafe { (*s).drops[reason as usize] += 1 };
+        maps::note_queue(s, q);
     }
-    let mut ev = Event::zeroed();
-    ev.ts_ns = maps::now_ns();
-    ev.sk = sk;
-    ev.sock_ino = sock_ino;
-    ev.netns = netns;
-    ev.kind = EventKind::Drop as u8;
-    ev.reason = reason as u8;
-    ev.family = family;
-    ev.lport = lport;
-    ev.laddr = laddr;
-    ev.rport = peer.port;
-    ev.raddr = peer.addr;
-    ev.queue_len = q.ack_backlog;
-    ev.queue_max = q.max_ack_backlog;
-    ev.syn_queue_len = q.syn_qlen;
-    maps::emit(&ev);
+    maps::emit_listener_event(EventKind::Drop, sk, o, |ev| {
+        ev.reason = reason as u8;
+        ev.rport = peer.port;
+        ev.raddr = peer.addr;
+        // The queues the kernel decided on, not the ones after it.
+        ev.queue_len = q.ack_backlog;
+        ev.queue_max = q.max_ack_backlog;
+        ev.syn_queue_len = q.syn_qlen;
+    });
 }

@@ -74,7 +74,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     }
     let sk = tp as u64;
     let o = kernel::offsets();
-    let lport = kernel::read::<u16>(sk, o.skc_num).unwrap_or(0);
+    let lport = kernel::read::<u16>(sk, o.skc_num);
     if !maps::port_watched(lport) {
         return;
     }
@@ -86,7 +86,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
         TH_ACK => KIND_ACK,
         _ => return,
     };
-    let family = kernel::read::<u16>(sk, o.skc_family).unwrap_or(0);
+    let family = kernel::read::<u16>(sk, o.skc_family);
     if family == AF_INET6 && ctx.skb.protocol() == ETH_P_IP_BE {
         peer = kernel::v4_mapped(&peer);
     }

@@ -94,7 +94,7 @@ pub fn take_ack_listener(child: u64) -> Option<u64> {
         return None;
     }
     let o = kernel::offsets();
-    let port = |sk| kernel::read::<u16>(sk, o.skc_num).unwrap_or(0);
+    let port = |sk| kernel::read::<u16>(sk, o.skc_num);
     if port(child) != port(w.sk) {
         return None;
     }

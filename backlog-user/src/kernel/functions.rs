@@ -18,11 +18,10 @@ struct Hook {
     kretprobe: Option<&'static str>,
 }
 
-const HOOKS: [Hook; 7] = [
+const HOOKS: [Hook; 6] = [
     Hook { function: "tcp_v4_conn_request", optional: false, fentry: "bt_fe_conn4", fexit: Some("bt_fx_conn4"), kprobe: "bt_kp_conn", kretprobe: Some("bt_kr_conn") },
     Hook { function: "tcp_v6_conn_request", optional: true, fentry: "bt_fe_conn6", fexit: Some("bt_fx_conn6"), kprobe: "bt_kp_conn", kretprobe: Some("bt_kr_conn") },
-    Hook { function: "tcp_v4_send_synack", optional: false, fentry: "bt_fe_synack4", fexit: None, kprobe: "bt_kp_synack", kretprobe: None },
-    Hook { function: "tcp_v6_send_synack", optional: true, fentry: "bt_fe_synack6", fexit: None, kprobe: "bt_kp_synack", kretprobe: None },
+    Hook { function: "tcp_make_synack", optional: false, fentry: "bt_fe_synack", fexit: None, kprobe: "bt_kp_synack", kretprobe: None },
     Hook { function: "tcp_v4_syn_recv_sock", optional: false, fentry: "bt_fe_recv4", fexit: Some("bt_fx_recv4"), kprobe: "bt_kp_recv", kretprobe: Some("bt_kr_recv") },
     Hook { function: "tcp_v6_syn_recv_sock", optional: true, fentry: "bt_fe_recv6", fexit: Some("bt_fx_recv6"), kprobe: "bt_kp_recv", kretprobe: Some("bt_kr_recv") },
     Hook { function: "inet_csk_accept", optional: false, fentry: "", fexit: Some("bt_fx_accept"), kprobe: "", kretprobe: Some("bt_kr_accept") },
@@ -56,22 +55,68 @@ impl AttachMode for Fentry {
         None // only loading tells: some kernels refuse tracing programs (EPERM)
     }
 
-    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        let mut kprobes = Kprobes::default();
         for h in HOOKS.iter() {
             if !present(h)? {
                 continue;
             }
-            // Exits first: an entry without its exit would open windows nobody closes.
-            if let Some(name) = h.fexit {
-                let p: &mut FExit = ebpf.program_mut(name).context(name)?.try_into()?;
-                p.load(h.function, btf).with_context(|| format!("loading fexit/{}", h.function))?;
-                p.attach().with_context(|| format!("attaching fexit/{}", h.function))?;
+            match attach_fentry(ebpf, btf, h) {
+                Ok(()) => {}
+                // Some kernels' trampolines refuse particular functions (ENOTSUPP:
+                // Linux 6.1 with tcp_v4_syn_recv_sock, for one); the same programs'
+                // kprobe twins observe the same calls.
+                Err(e) if is_enotsupp(&e) => {
+                    kprobes.attach(ebpf, h)?;
+                    notes.push(format!("fentry: {} hooked with a kprobe (trampoline refused it)", h.function));
+                }
+                Err(e) => return Err(e),
             }
-            if !h.fentry.is_empty() {
-                let p: &mut FEntry = ebpf.program_mut(h.fentry).context(h.fentry)?.try_into()?;
-                p.load(h.function, btf).with_context(|| format!("loading fentry/{}", h.function))?;
-                p.attach().with_context(|| format!("attaching fentry/{}", h.function))?;
+        }
+        Ok(notes)
+    }
+}
+
+fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, h: &Hook) -> Result<()> {
+    // Exits first: an entry without its exit would open windows nobody closes.
+    if let Some(name) = h.fexit {
+        let p: &mut FExit = ebpf.program_mut(name).context(name)?.try_into()?;
+        p.load(h.function, btf).with_context(|| format!("loading fexit/{}", h.function))?;
+        p.attach().with_context(|| format!("attaching fexit/{}", h.function))?;
+    }
+    if !h.fentry.is_empty() {
+        let p: &mut FEntry = ebpf.program_mut(h.fentry).context(h.fentry)?.try_into()?;
+        p.load(h.function, btf).with_context(|| format!("loading fentry/{}", h.function))?;
+        p.attach().with_context(|| format!("attaching fentry/{}", h.function))?;
+    }
+    Ok(())
+}
+
+const ENOTSUPP: i32 = 524;
+
+fn is_enotsupp(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(ENOTSUPP)
+            || c.to_string().contains("os error 524")
+    })
+}
+
+/// kprobe programs, each loaded once and attached to as many functions as need it.
+#[derive(Default)]
+struct Kprobes {
+    loaded: std::collections::HashSet<&'static str>,
+}
+
+impl Kprobes {
+    fn attach(&mut self, ebpf: &mut Ebpf, h: &Hook) -> Result<()> {
+        let progs = [h.kretprobe, (!h.kprobe.is_empty()).then_some(h.kprobe)];
+        for name in progs.into_iter().flatten() {
+            let p: &mut KProbe = ebpf.program_mut(name).context(name)?.try_into()?;
+            if self.loaded.insert(name) {
+                p.load().with_context(|| format!("loading {name}"))?;
             }
+            p.attach(h.function, 0).with_context(|| format!("attaching {name} to {}", h.function))?;
         }
         Ok(())
     }
@@ -91,21 +136,13 @@ impl AttachMode for Kprobe {
         (!pmu && !events).then(|| "this kernel has no kprobes (CONFIG_KPROBES is not set)".to_string())
     }
 
-    fn attach(&self, ebpf: &mut Ebpf, _btf: &Btf) -> Result<()> {
-        let mut loaded = std::collections::HashSet::new();
+    fn attach(&self, ebpf: &mut Ebpf, _btf: &Btf) -> Result<Vec<String>> {
+        let mut kprobes = Kprobes::default();
         for h in HOOKS.iter() {
-            if !present(h)? {
-                continue;
-            }
-            let progs = [h.kretprobe, (!h.kprobe.is_empty()).then_some(h.kprobe)];
-            for name in progs.into_iter().flatten() {
-                let p: &mut KProbe = ebpf.program_mut(name).context(name)?.try_into()?;
-                if loaded.insert(name) {
-                    p.load().with_context(|| format!("loading {name}"))?;
-                }
-                p.attach(h.function, 0).with_context(|| format!("attaching {name} to {}", h.function))?;
+            if present(h)? {
+                kprobes.attach(ebpf, h)?;
             }
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }

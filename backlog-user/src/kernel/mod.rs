@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{names, Config, ListenerStats, WaitHist};
+use backlog_common::{names, Config, HistKey, ListenerStats};
 
 use crate::cli::Mode;
 
@@ -29,7 +29,8 @@ pub trait AttachMode {
     fn name(&self) -> &'static str;
     /// Why this mode cannot work on this kernel, if that is known without trying.
     fn unavailable(&self, k: &KernelInfo) -> Option<String>;
-    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()>;
+    /// Attaches the mode's programs; returns notes on hooks done another way.
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>>;
 }
 
 fn implementation(mode: Mode) -> Box<dyn AttachMode> {
@@ -55,7 +56,7 @@ pub struct Session {
     ebpf: Ebpf,
     pub mode: &'static str,
     pub kernel: String,
-    /// Modes tried and passed over, with the reason, for the start line.
+    /// Modes tried and passed over, and hooks attached another way, for the start line.
     pub fallbacks: Vec<String>,
 }
 
@@ -89,7 +90,7 @@ impl Session {
                 if opts.mode.is_some() {
                     bail!("{} mode is unavailable: {why}", imp.name());
                 }
-                fallbacks.push(format!("{}: {why}", imp.name()));
+                fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
                 continue;
             }
             // A fresh load per attempt: a half-attached mode must leave nothing behind.
@@ -102,11 +103,12 @@ impl Session {
             set_port_filter(&mut ebpf, &opts.ports)?;
             let attached = attach_listeners(&mut ebpf, &aya_btf).and_then(|()| imp.attach(&mut ebpf, &aya_btf));
             match attached {
-                Ok(()) => {
+                Ok(notes) => {
+                    fallbacks.extend(notes);
                     return Ok(Session { ebpf, mode: imp.name(), kernel: info.release, fallbacks });
                 }
                 Err(e) if opts.mode.is_none() && mode != Mode::Tracepoint => {
-                    fallbacks.push(format!("{}: {e:#}", imp.name()));
+                    fallbacks.push(format!("{} mode unavailable: {e:#}", imp.name()));
                 }
                 Err(e) => return Err(e.context(format!("{} mode", imp.name()))),
             }
@@ -124,10 +126,15 @@ impl Session {
         Ok(PerCpuHashMap::try_from(m)?)
     }
 
-    /// Per-listener accept-wait histograms, one copy per CPU.
-    pub fn wait_hist(&mut self) -> Result<PerCpuHashMap<&mut MapData, u64, WaitHist>> {
-        let m = self.ebpf.map_mut(names::WAIT_HIST).context("WAIT_HIST map")?;
-        Ok(PerCpuHashMap::try_from(m)?)
+    /// Accept-wait histograms: listener -> (bucket, count) summed over CPUs.
+    pub fn wait_hist(&self) -> Result<std::collections::HashMap<u64, Vec<(usize, u64)>>> {
+        let m = self.ebpf.map(names::WAIT_HIST).context("WAIT_HIST map")?;
+        let h: PerCpuHashMap<&MapData, HistKey, u64> = PerCpuHashMap::try_from(m)?;
+        let mut out: std::collections::HashMap<u64, Vec<(usize, u64)>> = std::collections::HashMap::new();
+        for (k, per_cpu) in h.iter().filter_map(|r| r.ok()) {
+            out.entry(k.sk).or_default().push((k.bucket as usize, per_cpu.iter().sum()));
+        }
+        Ok(out)
     }
 
     /// Children still timed as queued, counted per listener. Value layout is

@@ -28,7 +28,7 @@ impl AttachMode for Tracepoint {
         None
     }
 
-    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>> {
         // The free hooks close windows, so they attach first; the ingress hook that
         // opens windows attaches last.
         for (prog, tp) in TP_BTF {
@@ -49,6 +49,6 @@ impl AttachMode for Tracepoint {
         // on the cgroup (multi semantics) and rejects the ALLOW_MULTI flag itself.
         p.attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .with_context(|| format!("attaching to cgroup {} (ingress)", root.display()))?;
-        Ok(())
+        Ok(Vec::new())
     }
 }

@@ -126,7 +126,7 @@ fn clock(wall_ns: u64) -> String {
 impl Output for Text {
     fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str) {
         for f in fallbacks {
-            eprintln!("backlog-trace: not using {f}");
+            eprintln!("backlog-trace: {f}");
         }
         emit(&format!("Tracing listen-queue drops on {scope} (kernel {kernel}, {mode} mode). Ctrl-C to stop."));
     }

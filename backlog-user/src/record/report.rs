@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use backlog_common::{hist, DropReason, EventKind, WaitHist, N_REASONS};
+use backlog_common::{DropReason, EventKind, N_REASONS};
 use serde_json::{json, Value};
 
 use super::format::{ListenerState, Phase, Record, Session, Snapshot, Sync};
@@ -169,7 +169,8 @@ impl Replay {
     fn apply_exact_counters(&mut self) {
         for (sk, st) in &self.states {
             self.model.set_kernel_stats(*sk, &[st.stats]);
-            self.model.set_kernel_hist(*sk, &kernel_hist(&st.wait));
+            let buckets: Vec<(usize, u64)> = st.wait.iter().map(|&(b, n)| (usize::from(b), n)).collect();
+            self.model.set_kernel_hist(*sk, &buckets);
             if let Some(l) = self.model.listeners.get_mut(sk) {
                 l.pending = st.pending;
             }
@@ -188,25 +189,6 @@ impl Replay {
             }
         }
     }
-}
-
-/// The recorded buckets as per-CPU kernel histograms (u32 counts), so the model
-/// takes them through the same path as live ones.
-fn kernel_hist(wait: &[(u16, u64)]) -> Vec<WaitHist> {
-    let mut out: Vec<WaitHist> = Vec::new();
-    for &(i, mut n) in wait {
-        let mut cpu = 0;
-        while n > 0 {
-            if out.len() == cpu {
-                out.push(WaitHist { counts: [0; hist::BUCKETS] });
-            }
-            let take = n.min(u64::from(u32::MAX));
-            out[cpu].counts[usize::from(i)] = take as u32;
-            n -= take;
-            cpu += 1;
-        }
-    }
-    out
 }
 
 /// Opens a file and reads its first record (the session) to order the files.
