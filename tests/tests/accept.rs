@@ -1,0 +1,457 @@
+//! Issue 3's "must show": the tracer's accept-queue waits (child ESTABLISHED to
+//! accept returning it) agree with waits the workload measures itself, every
+//! accept style is seen, children a closing listener never accepted are counted
+//! as abandoned and leave nothing behind, and --hist prints the histogram.
+//! Each listener's numbers are its own, also when listeners come and go and
+//! when other namespaces accept connections at the same time.
+//!
+//! Run as root, serially, once backlog-trace is built in release mode:
+//!   cargo test -p backlog-tests --test accept -- --test-threads=1
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use backlog_tests::netns::Netns;
+use backlog_tests::tracer::tracer_command;
+use backlog_tests::workload::{workload_bin, Spawned};
+use backlog_tests::{scratch_path, wait_for};
+
+/// The listening port, one per test process. The tracer's kernel side follows
+/// every listener on the port it is told, whatever the namespace, and keys
+/// listeners by socket address (see `successive_listeners_keep_their_own_accepts`):
+/// two runs of this suite at once on a shared machine must not share a port.
+fn port() -> u16 {
+    10_000 + (std::process::id() % 20_000) as u16
+}
+
+/// Bound on each step (attaching, a workload phase, exiting); generous because
+/// the VM runner emulates the CPU.
+const STEP: Duration = Duration::from_secs(60);
+
+/// How one bt-acceptor run listens, connects and accepts.
+struct Spec {
+    addr: &'static str,
+    clients: u32,
+    /// blocking | epoll | accept4 | none
+    accept: &'static str,
+    /// The k-th accept happens no earlier than k * interval_ms after the
+    /// clients start, so waits spread from ~0 to (clients - 1) * interval_ms.
+    interval_ms: u32,
+}
+
+/// What bt-acceptor measured on its own clock.
+#[derive(Deserialize, Debug)]
+struct Measured {
+    accepted: u64,
+    waits_us: Vec<f64>,
+}
+
+impl Measured {
+    /// Nearest-rank quantile, the convention of the tracer's percentiles.
+    fn quantile(&self, q: f64) -> f64 {
+        let mut w = self.waits_us.clone();
+        w.sort_by(f64::total_cmp);
+        let rank = (q * w.len() as f64).ceil().max(1.0) as usize;
+        w[rank - 1]
+    }
+}
+
+/// A started bt-acceptor whose clients have all connected.
+struct Acceptor {
+    proc: Spawned,
+    result: PathBuf,
+}
+
+impl Acceptor {
+    /// Starts bt-acceptor in `ns` on port(); returns once every client connected.
+    fn start(ns: &Netns, spec: &Spec) -> Acceptor {
+        Acceptor::start_on(ns, spec, port())
+    }
+
+    fn start_on(ns: &Netns, spec: &Spec, port: u16) -> Acceptor {
+        let (ready, result) = (scratch_path("acceptor-ready"), scratch_path("acceptor-result"));
+        let bin = workload_bin("bt-acceptor");
+        let argv = [
+            bin.display().to_string(),
+            format!("--addr={}", spec.addr),
+            format!("--port={port}"),
+            "--backlog=64".into(),
+            format!("--clients={}", spec.clients),
+            format!("--accept={}", spec.accept),
+            format!("--interval-ms={}", spec.interval_ms),
+            format!("--ready-file={}", ready.display()),
+            format!("--result-file={}", result.display()),
+        ];
+        let mut proc = ns.spawn(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+        wait_for("bt-acceptor's clients to connect", STEP, || {
+            // Exit status first: a quick run may write the file and end between
+            // two polls, which is fine; ending without the file is not.
+            let exited = proc.try_wait();
+            if ready.exists() {
+                return Some(());
+            }
+            if let Some(status) = exited {
+                panic!("bt-acceptor exited ({status}) before its clients connected");
+            }
+            None
+        });
+        let _ = std::fs::remove_file(&ready);
+        Acceptor { proc, result }
+    }
+
+    /// Makes a non-accepting bt-acceptor close its listener.
+    fn close_listener(&self) {
+        // SAFETY: plain syscall on our own, not yet reaped, child.
+        unsafe { libc::kill(self.proc.pid() as libc::pid_t, libc::SIGUSR1) };
+    }
+
+    /// Waits for bt-acceptor to end by itself and reads what it measured.
+    fn finish(mut self) -> Measured {
+        let status = self.proc.wait(STEP);
+        assert!(status.success(), "bt-acceptor failed: {status}");
+        let text = std::fs::read_to_string(&self.result).expect("bt-acceptor result file");
+        let _ = std::fs::remove_file(&self.result);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad bt-acceptor result ({e}): {text}"))
+    }
+}
+
+/// Kills the tracer if a test fails while it runs.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs `workload` while `backlog-trace --netns <each of namespaces> --port
+/// <port()> <extra>` (plus `--mode $BACKLOG_MODE` when set) runs, and returns
+/// everything the tracer printed on stdout once it exited on SIGINT. Both output modes print a first line once
+/// every program is attached, so the workload starts after that line. The
+/// harness's Tracer cannot serve here: it always adds --json and its summary
+/// type omits the accept fields.
+fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) -> Vec<String> {
+    let mut cmd = tracer_command();
+    for ns in namespaces {
+        cmd.args(["--netns", ns.name()]);
+    }
+    cmd.args(["--port", &port().to_string()]).args(extra);
+    if let Ok(mode) = std::env::var("BACKLOG_MODE") {
+        cmd.args(["--mode", &mode]);
+    }
+    // A file rather than a pipe: nobody has to drain it while the tracer runs.
+    let stderr_path = scratch_path("tracer-stderr");
+    let stderr_file = std::fs::File::create(&stderr_path).expect("tracer stderr file");
+    let mut child = Running(
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr_file).spawn().expect("start backlog-trace"),
+    );
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.0.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(STEP)
+        .unwrap_or_else(|e| panic!("backlog-trace {extra:?} printed no first line ({e}); stderr:\n{}", stderr()));
+    workload();
+    // SAFETY: plain syscall on our own, not yet reaped, child.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
+    let status = wait_for("backlog-trace to exit after SIGINT", STEP, || child.0.try_wait().expect("wait"));
+    assert!(status.success(), "backlog-trace {extra:?} ended with {status}; stderr:\n{}", stderr());
+    let _ = std::fs::remove_file(&stderr_path);
+    // The reader ends at EOF, which closes the channel.
+    std::iter::once(first).chain(rx.iter()).collect()
+}
+
+#[derive(Deserialize, Debug)]
+struct Latency {
+    count: u64,
+    p50: f64,
+    max: f64,
+}
+
+/// The accept-related part of one summary listener.
+#[derive(Deserialize, Debug)]
+struct Listener {
+    netns: u64,
+    port: u16,
+    local: String,
+    pids: Vec<u32>,
+    accepts: u64,
+    abandoned: u64,
+    pending: u64,
+    accept_latency_us: Option<Latency>,
+    accept_wait_hist_us: Option<Vec<(u64, u64, u64)>>,
+}
+
+/// The lines of `kind` (summary, interval) in a `--json` run's output.
+fn json_lines(out: &[String], kind: &str) -> Vec<serde_json::Value> {
+    out.iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("non-JSON line ({e}): {l}")))
+        .filter(|v| v["type"] == kind)
+        .collect()
+}
+
+/// The listeners on port() in `ns` among a summary or interval line's listeners.
+fn listeners_in(line: &serde_json::Value, ns: &Netns) -> Vec<Listener> {
+    let listeners: Vec<Listener> = serde_json::from_value(line["listeners"].clone())
+        .unwrap_or_else(|e| panic!("listeners do not match the contract ({e}): {line}"));
+    listeners.into_iter().filter(|l| l.netns == ns.inode() && l.port == port()).collect()
+}
+
+/// The one summary line of a `--json` run.
+fn summary_line(out: &[String]) -> serde_json::Value {
+    let mut summaries = json_lines(out, "summary");
+    assert_eq!(summaries.len(), 1, "expected one summary line in:\n{}", out.join("\n"));
+    summaries.remove(0)
+}
+
+/// The summary's one listener on port() in `ns`.
+fn summary_listener(out: &[String], ns: &Netns) -> Listener {
+    let summary = summary_line(out);
+    let mut ours = listeners_in(&summary, ns);
+    assert_eq!(ours.len(), 1, "expected one listener on port {} in {}: {summary}", port(), ns.name());
+    ours.remove(0)
+}
+
+/// Every connection was accepted and each accept was timed; nothing was
+/// abandoned and the timestamp map keeps nothing for the listener.
+fn assert_all_timed(l: &Listener, m: &Measured, spec: &Spec) {
+    let n = u64::from(spec.clients);
+    assert_eq!(m.accepted, n, "bt-acceptor accepted {} of {n}", m.accepted);
+    let count = l.accept_latency_us.as_ref().map(|w| w.count);
+    assert_eq!((l.accepts, count, l.abandoned, l.pending), (n, Some(n), 0, 0), "{} accepts: {l:#?}", spec.accept);
+}
+
+/// The tracer's wait agrees with the measured one within 15% or 3 ms.
+fn assert_near(what: &str, tracer_us: f64, measured_us: f64) {
+    let tolerance = (0.15 * measured_us.abs()).max(3000.0);
+    println!("{what}: tracer {tracer_us:.0} us, measured {measured_us:.0} us");
+    assert!(
+        (tracer_us - measured_us).abs() <= tolerance,
+        "{what}: tracer {tracer_us:.0} us vs measured {measured_us:.0} us (tolerance {tolerance:.0} us)"
+    );
+}
+
+/// The spread of waits a paced server produces: the tracer's p50 and max
+/// match the measured ones.
+fn assert_waits_match(l: &Listener, m: &Measured) {
+    let w = l.accept_latency_us.as_ref().expect("accepts were timed");
+    assert_near("p50", w.p50, m.quantile(0.5));
+    assert_near("max", w.max, m.quantile(1.0));
+}
+
+/// Runs bt-acceptor with `spec` in a fresh namespace under `backlog-trace
+/// --json`: every connection timed, with the waits bt-acceptor measured.
+fn paced_and_measured(tag: &str, spec: Spec) {
+    let ns = Netns::new(tag);
+    let mut measured = None;
+    let out = traced(&[&ns], &["--json"], || measured = Some(Acceptor::start(&ns, &spec).finish()));
+    let (m, l) = (measured.expect("workload ran"), summary_listener(&out, &ns));
+    assert_all_timed(&l, &m, &spec);
+    assert_waits_match(&l, &m);
+    assert!(l.accept_wait_hist_us.is_none(), "histogram without --hist: {l:#?}");
+}
+
+#[test]
+fn paced_server_waits_match_measured() {
+    paced_and_measured("paced", Spec { addr: "127.0.0.1", clients: 40, accept: "blocking", interval_ms: 25 });
+}
+
+/// Recv-Q of the listener on port() in `ns`: its accept-queue length.
+fn queued(ns: &Netns) -> u64 {
+    let out = ns.exec(&["ss", "-Hlnt", &format!("sport = :{}", port())]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    match fields.as_slice() {
+        ["LISTEN", recv_q, ..] => recv_q.parse().expect("Recv-Q"),
+        _ => panic!("ss shows no listener on port {}: {text}", port()),
+    }
+}
+
+#[test]
+fn closing_listener_abandons_queued_children() {
+    let ns = Netns::new("abandon");
+    let spec = Spec { addr: "127.0.0.1", clients: 20, accept: "none", interval_ms: 0 };
+    let mut on_queue = 0;
+    let out = traced(&[&ns], &["--json", "--interval", "200ms"], || {
+        let acceptor = Acceptor::start(&ns, &spec);
+        // connect() returns on the SYN-ACK; the child joins the queue when the
+        // final ACK arrives, a moment later.
+        on_queue = wait_for("20 children on the accept queue", STEP, || {
+            let q = queued(&ns);
+            (q == u64::from(spec.clients)).then_some(q)
+        });
+        // Leaves time for several interval lines (every 200 ms) while every
+        // child waits, to see them in the timestamp map.
+        std::thread::sleep(Duration::from_secs(1));
+        acceptor.close_listener();
+        assert_eq!(acceptor.finish().accepted, 0);
+    });
+    let l = summary_listener(&out, &ns);
+    let held = json_lines(&out, "interval").iter().flat_map(|v| listeners_in(v, &ns)).map(|l| l.pending).max();
+    println!(
+        "queued {on_queue}, pending at most {held:?}, then abandoned {}, accepts {}, pending {}",
+        l.abandoned, l.accepts, l.pending
+    );
+    assert_eq!(l.abandoned, on_queue, "abandoned vs Recv-Q before close: {l:#?}");
+    assert_eq!((l.accepts, l.pending), (0, 0), "{l:#?}");
+    assert!(l.accept_latency_us.is_none(), "no accepts, no latency: {l:#?}");
+    assert_eq!(held, Some(on_queue), "largest pending of the interval lines while {on_queue} children were queued");
+}
+
+/// One accept style and address family: 10 connections accepted 10 ms apart,
+/// each one timed.
+fn style_is_timed(tag: &str, addr: &'static str, accept: &'static str) {
+    paced_and_measured(tag, Spec { addr, clients: 10, accept, interval_ms: 10 });
+}
+
+#[test]
+fn blocking_accept_is_timed() {
+    style_is_timed("blocking", "127.0.0.1", "blocking");
+}
+
+#[test]
+fn epoll_nonblocking_accept_is_timed() {
+    style_is_timed("epoll", "127.0.0.1", "epoll");
+}
+
+#[test]
+fn accept4_nonblock_is_timed() {
+    style_is_timed("accept4", "127.0.0.1", "accept4");
+}
+
+#[test]
+fn ipv6_accept_is_timed() {
+    style_is_timed("ipv6", "::1", "blocking");
+}
+
+/// The `lines` that the extended regular expression `pattern` does not match
+/// as a whole (grep -Ex: the crate has no regex dependency).
+fn not_matching(pattern: &str, lines: &[&str]) -> Vec<String> {
+    let mut grep = Command::new("grep")
+        .args(["-Exv", pattern])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run grep");
+    grep.stdin.take().expect("piped").write_all((lines.join("\n") + "\n").as_bytes()).expect("write to grep");
+    let out = grep.wait_with_output().expect("wait for grep");
+    // grep -v exits 1 when every line matched, 0 when some did not.
+    assert!(matches!(out.status.code(), Some(0 | 1)), "grep -Ex {pattern:?} failed: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+#[test]
+fn hist_in_json_and_text() {
+    let ns = Netns::new("hist");
+    let spec = Spec { addr: "127.0.0.1", clients: 20, accept: "blocking", interval_ms: 10 };
+    let (mut measured, mut text) = (None, Vec::new());
+    // Both tracers watch the same connections, so their histograms must agree.
+    let json = traced(&[&ns], &["--json", "--hist"], || {
+        text = traced(&[&ns], &["--hist"], || measured = Some(Acceptor::start(&ns, &spec).finish()));
+    });
+    let l = summary_listener(&json, &ns);
+    assert_all_timed(&l, &measured.expect("workload ran"), &spec);
+    let buckets = l.accept_wait_hist_us.as_ref().expect("--hist adds accept_wait_hist_us");
+    assert!(buckets.iter().all(|(lo, hi, n)| lo < hi && *n > 0), "{buckets:?}");
+    assert_eq!(buckets.iter().map(|b| b.2).sum::<u64>(), l.accepts, "{buckets:?}");
+
+    let header = format!("@accept_wait_us[{}, netns {}]:", l.local, l.netns);
+    let start = text.iter().position(|s| *s == header).unwrap_or_else(|| {
+        panic!("no line {header:?} in the text output:\n{}", text.join("\n"));
+    });
+    let rows: Vec<&str> = text[start + 1..].iter().map(String::as_str).take_while(|s| !s.is_empty()).collect();
+    println!("{header}\n{}", rows.join("\n"));
+    assert!(!rows.is_empty(), "empty histogram after {header:?}");
+    let bad = not_matching(r"\[[0-9]+, [0-9]+\) +[0-9]+ \|@* *\|", &rows);
+    assert!(bad.is_empty(), "histogram lines not in the `[lo, hi)  count |@@@  |` format: {bad:#?}");
+    let mut total = 0;
+    for row in &rows {
+        let nums: Vec<u64> = row
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().expect("number"))
+            .collect();
+        let [lo, hi, n] = nums[..] else { panic!("row {row:?}") };
+        // A text row merges the fine JSON buckets that fall inside it.
+        let inside: u64 = buckets.iter().filter(|b| lo <= b.0 && b.1 <= hi).map(|b| b.2).sum();
+        assert_eq!(n, inside, "text row {row:?} vs JSON buckets {buckets:?}");
+        total += n;
+    }
+    assert_eq!(total, l.accepts, "text histogram counts vs accepts");
+}
+
+/// Listeners that come and go during one session keep their own accepts, in
+/// their own namespace: every bt-acceptor run is a new listening socket, which
+/// the kernel may place at the address of one freed before.
+#[test]
+fn successive_listeners_keep_their_own_accepts() {
+    const ROUNDS: usize = 10;
+    let spec = Spec { addr: "127.0.0.1", clients: 10, accept: "blocking", interval_ms: 1 };
+    let (a, b) = (Netns::new("succ-a"), Netns::new("succ-b"));
+    let out = traced(&[&a, &b], &["--json"], || {
+        for ns in [&a, &b].repeat(ROUNDS) {
+            assert_eq!(Acceptor::start(ns, &spec).finish().accepted, u64::from(spec.clients));
+        }
+    });
+    let summary = summary_line(&out);
+    for ns in [&a, &b] {
+        let ls = listeners_in(&summary, ns);
+        let seen: Vec<(u64, usize)> = ls.iter().map(|l| (l.accepts, l.pids.len())).collect();
+        println!("{}: (accepts, pids) per listener {seen:?}", ns.name());
+        assert_eq!(
+            seen,
+            vec![(u64::from(spec.clients), 1); ROUNDS],
+            "{ROUNDS} listeners of one process and {} accepts each in {}: {ls:#?}",
+            spec.clients,
+            ns.name()
+        );
+    }
+}
+
+/// Connections elsewhere on the machine (another namespace, another port, not
+/// traced) never count at the traced listener: the kernel side sees every
+/// child, so attributing each to its own listener must hold under load.
+#[test]
+fn foreign_accepts_are_not_counted() {
+    let spec = Spec { addr: "127.0.0.1", clients: 10, accept: "blocking", interval_ms: 50 };
+    let (ns, busy) = (Netns::new("own"), Netns::new("busy"));
+    let stop = AtomicBool::new(false);
+    let mut measured = None;
+    let out = traced(&[&ns], &["--json"], || {
+        std::thread::scope(|s| {
+            // Two loads, so both CPUs handle foreign handshakes and accepts.
+            for shift in [1, 2] {
+                let (busy, stop) = (&busy, &stop);
+                s.spawn(move || {
+                    let load = Spec { addr: "127.0.0.1", clients: 50, accept: "blocking", interval_ms: 0 };
+                    // Bounded, so a failed measured run cannot leave the load spinning.
+                    for _ in 0..100 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        Acceptor::start_on(busy, &load, port() + shift).finish();
+                    }
+                });
+            }
+            measured = Some(Acceptor::start(&ns, &spec).finish());
+            stop.store(true, Ordering::Relaxed);
+        });
+    });
+    let l = summary_listener(&out, &ns);
+    assert_all_timed(&l, &measured.expect("workload ran"), &spec);
+}
