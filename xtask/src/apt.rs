@@ -37,46 +37,25 @@ impl Apt {
         let system = system_sources()?;
         let debian: Vec<&Source> = system
             .iter()
-            .filter(|s| {
-                s.suites
-                    .iter()
-                    .any(|x| x == &codename || x.starts_with(&format!("{codename}-")))
-            })
+            .filter(|s| s.suites.iter().any(|x| x == &codename || x.starts_with(&format!("{codename}-"))))
             .collect();
-        let mirror = debian
-            .iter()
-            .find(|s| s.suites.iter().any(|x| x == &codename))
-            .map(|s| s.uri.clone())
-            .with_context(|| {
-                format!("no apt source serves '{codename}': add the Debian mirror to /etc/apt/sources.list.d")
-            })?;
+        let mirror =
+            debian.iter().find(|s| s.suites.iter().any(|x| x == &codename)).map(|s| s.uri.clone()).with_context(
+                || format!("no apt source serves '{codename}': add the Debian mirror to /etc/apt/sources.list.d"),
+            )?;
 
         let mut text = String::new();
         for s in &debian {
-            text += &stanza(
-                &s.uri,
-                &s.suites.join(" "),
-                &s.components,
-                s.signed_by.as_deref(),
-            );
+            text += &stanza(&s.uri, &s.suites.join(" "), &s.components, s.signed_by.as_deref());
         }
         text += &stanza(&mirror, &EXTRA_SUITES.join(" "), "main", Some(KEYRING));
 
-        for sub in [
-            "sources.list.d",
-            "lists/partial",
-            "cache",
-            "archives/partial",
-        ] {
+        for sub in ["sources.list.d", "lists/partial", "cache", "archives/partial"] {
             fs::create_dir_all(self.dir.join(sub))?;
         }
         fs::write(self.dir.join("sources.list.d/kernels.sources"), text)?;
         fs::write(self.dir.join("status"), "")?;
-        let out = self
-            .cmd("apt-get")
-            .args(["update", "-q"])
-            .output()
-            .context("running apt-get")?;
+        let out = self.cmd("apt-get").args(["update", "-q"]).output().context("running apt-get")?;
         if !out.status.success() {
             bail!(
                 "apt-get update (private config in {}) failed: {}\nfix: check network access to the Debian mirror",
@@ -89,15 +68,9 @@ impl Apt {
 
     /// Names of real (downloadable) packages matching an extended regex.
     pub fn search_names(&self, regex: &str) -> Result<Vec<String>> {
-        let out = self
-            .cmd("apt-cache")
-            .args(["search", "--names-only", regex])
-            .output()?;
+        let out = self.cmd("apt-cache").args(["search", "--names-only", regex]).output()?;
         if !out.status.success() {
-            bail!(
-                "apt-cache search failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("apt-cache search failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -109,12 +82,7 @@ impl Apt {
     /// Downloads the newest version of each package into `dest` (no install).
     pub fn download(&self, packages: &[String], dest: &Path) -> Result<()> {
         fs::create_dir_all(dest)?;
-        let out = self
-            .cmd("apt-get")
-            .arg("download")
-            .args(packages)
-            .current_dir(dest)
-            .output()?;
+        let out = self.cmd("apt-get").arg("download").args(packages).current_dir(dest).output()?;
         if !out.status.success() {
             bail!(
                 "apt-get download {} failed: {}\nfix: the package lists may be stale: rerun with --refresh",
@@ -191,14 +159,10 @@ fn parse_deb822(text: &str) -> Vec<Source> {
                 .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
                 .map(|v| v.trim().to_owned())
         };
-        let (Some(types), Some(uris), Some(suites)) =
-            (field("Types"), field("URIs"), field("Suites"))
-        else {
+        let (Some(types), Some(uris), Some(suites)) = (field("Types"), field("URIs"), field("Suites")) else {
             continue;
         };
-        if field("Enabled").is_some_and(|e| e == "no")
-            || !types.split_whitespace().any(|t| t == "deb")
-        {
+        if field("Enabled").is_some_and(|e| e == "no") || !types.split_whitespace().any(|t| t == "deb") {
             continue;
         }
         for uri in uris.split_whitespace() {
@@ -225,10 +189,7 @@ fn parse_one_line(text: &str) -> Vec<Source> {
             let Some((opts, after)) = opts.split_once(']') else {
                 continue;
             };
-            signed_by = opts
-                .split_whitespace()
-                .find_map(|o| o.strip_prefix("signed-by="))
-                .map(str::to_owned);
+            signed_by = opts.split_whitespace().find_map(|o| o.strip_prefix("signed-by=")).map(str::to_owned);
             rest = after.trim();
         }
         let mut words = rest.split_whitespace();
@@ -239,11 +200,7 @@ fn parse_one_line(text: &str) -> Vec<Source> {
         out.push(Source {
             uri: uri.to_owned(),
             suites: vec![suite.to_owned()],
-            components: if components.is_empty() {
-                "main".into()
-            } else {
-                components.join(" ")
-            },
+            components: if components.is_empty() { "main".into() } else { components.join(" ") },
             signed_by,
         });
     }

@@ -50,11 +50,7 @@ pub fn build(release: &str, modules_root: &Path, out: &Path) -> Result<()> {
     for rel in &order {
         let name = rel.rsplit('/').next().unwrap();
         let name = name.split(".ko").next().unwrap().to_owned() + ".ko";
-        cpio.file(
-            &format!("lib/modules/{name}"),
-            0o644,
-            &decompress_module(&moddir.join(rel))?,
-        );
+        cpio.file(&format!("lib/modules/{name}"), 0o644, &decompress_module(&moddir.join(rel))?);
         insmods += &format!("insmod /lib/modules/{name} || fail 'insmod {name}'\n");
     }
     cpio.file("init", 0o755, init_script(&insmods).as_bytes());
@@ -124,27 +120,13 @@ $bb poweroff -f
 fn load_order(moddir: &Path) -> Result<Vec<String>> {
     let dep = fs::read_to_string(moddir.join("modules.dep")).context("reading modules.dep")?;
     let builtin = fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
-    let name_of = |path: &str| {
-        path.rsplit('/')
-            .next()
-            .unwrap()
-            .split(".ko")
-            .next()
-            .unwrap()
-            .replace('-', "_")
-    };
+    let name_of = |path: &str| path.rsplit('/').next().unwrap().split(".ko").next().unwrap().replace('-', "_");
     let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in dep.lines() {
         let Some((path, rest)) = line.split_once(':') else {
             continue;
         };
-        deps.insert(
-            name_of(path),
-            (
-                path.to_owned(),
-                rest.split_whitespace().map(name_of).collect(),
-            ),
-        );
+        deps.insert(name_of(path), (path.to_owned(), rest.split_whitespace().map(name_of).collect()));
     }
     let builtin: HashSet<String> = builtin.lines().map(name_of).collect();
 
@@ -168,10 +150,7 @@ fn load_order(moddir: &Path) -> Result<Vec<String>> {
     let mut order = Vec::new();
     for m in ROOT_MODULES {
         if !deps.contains_key(*m) && !builtin.contains(*m) {
-            bail!(
-                "kernel in {} has no {m} module: use the generic (amd64) flavour",
-                moddir.display()
-            );
+            bail!("kernel in {} has no {m} module: use the generic (amd64) flavour", moddir.display());
         }
         visit(m, &deps, &mut seen, &mut order);
     }
@@ -186,11 +165,7 @@ fn decompress_module(path: &Path) -> Result<Vec<u8>> {
         Some("gz") => "gzip",
         _ => bail!("unknown module compression: {}", path.display()),
     };
-    let out = Command::new(tool)
-        .arg("-dc")
-        .arg(path)
-        .output()
-        .with_context(|| format!("running {tool}"))?;
+    let out = Command::new(tool).arg("-dc").arg(path).output().with_context(|| format!("running {tool}"))?;
     if !out.status.success() {
         bail!("{tool} -dc {} failed", path.display());
     }
@@ -199,10 +174,7 @@ fn decompress_module(path: &Path) -> Result<Vec<u8>> {
 
 /// An ELF with a PT_INTERP program header needs a dynamic loader the guest lacks.
 fn is_dynamic(elf: &[u8]) -> bool {
-    let u = |o: usize, n: usize| {
-        elf.get(o..o + n)
-            .map(|b| b.iter().rev().fold(0u64, |a, &x| a << 8 | x as u64))
-    };
+    let u = |o: usize, n: usize| elf.get(o..o + n).map(|b| b.iter().rev().fold(0u64, |a, &x| a << 8 | x as u64));
     let (Some(phoff), Some(phentsize), Some(phnum)) = (u(0x20, 8), u(0x36, 2), u(0x38, 2)) else {
         return true;
     };
@@ -227,21 +199,7 @@ impl Cpio {
 
     fn node(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
         self.ino += 1;
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
+        let fields = [self.ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
         self.buf.extend_from_slice(b"070701");
         for f in fields {
             self.buf.extend_from_slice(format!("{f:08x}").as_bytes());

@@ -67,27 +67,15 @@ fn parse_release(release: &str) -> Option<Version> {
         None => (base.split_once("+deb")?.0, 0),
     };
     let mut it = upstream.split('.').map(|n| n.parse::<u32>());
-    let (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch)), None) =
-        (it.next(), it.next(), it.next(), it.next())
-    else {
+    let (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch)), None) = (it.next(), it.next(), it.next(), it.next()) else {
         return None;
     };
-    Some(Version {
-        major,
-        minor,
-        patch,
-        abi,
-    })
+    Some(Version { major, minor, patch, abi })
 }
 
 /// Kernel package sets: 6.x ship everything in linux-image-R; 7.x split it into
 /// linux-binary-R (vmlinuz), linux-base-R (maps, modules.builtin) and linux-modules-R.
-const PACKAGE_PREFIXES: &[&str] = &[
-    "linux-image-",
-    "linux-binary-",
-    "linux-base-",
-    "linux-modules-",
-];
+const PACKAGE_PREFIXES: &[&str] = &["linux-image-", "linux-binary-", "linux-base-", "linux-modules-"];
 
 pub struct Kernels {
     vm_dir: PathBuf,
@@ -102,10 +90,7 @@ pub struct Prepared {
 
 impl Kernels {
     pub fn new(vm_dir: &Path) -> Self {
-        Kernels {
-            vm_dir: vm_dir.to_owned(),
-            apt: Apt::new(vm_dir.join("apt")),
-        }
+        Kernels { vm_dir: vm_dir.to_owned(), apt: Apt::new(vm_dir.join("apt")) }
     }
 
     /// Release names for the series, from target/vm/kernels.list unless `refresh` or it
@@ -114,10 +99,7 @@ impl Kernels {
         let list = self.vm_dir.join("kernels.list");
         if !refresh {
             if let Ok(text) = fs::read_to_string(&list) {
-                let cached: Option<Vec<_>> = series
-                    .iter()
-                    .map(|s| lookup(&text, *s).map(|r| (*s, r)))
-                    .collect();
+                let cached: Option<Vec<_>> = series.iter().map(|s| lookup(&text, *s).map(|r| (*s, r))).collect();
                 if let Some(found) = cached {
                     return Ok(found);
                 }
@@ -128,9 +110,7 @@ impl Kernels {
             self.vm_dir.join("apt").display()
         );
         self.apt.update()?;
-        let names = self
-            .apt
-            .search_names(r"^linux-image-[0-9.]+(-[0-9]+|\+deb[0-9]+)-amd64$")?;
+        let names = self.apt.search_names(r"^linux-image-[0-9.]+(-[0-9]+|\+deb[0-9]+)-amd64$")?;
         let mut text = String::new();
         for s in Series::ALL {
             let newest = names
@@ -148,28 +128,20 @@ impl Kernels {
         fs::write(&list, &text)?;
         series
             .iter()
-            .map(|s| {
-                lookup(&text, *s)
-                    .map(|r| (*s, r))
-                    .with_context(|| format!("no {} kernel available", s.name()))
-            })
+            .map(|s| lookup(&text, *s).map(|r| (*s, r)).with_context(|| format!("no {} kernel available", s.name())))
             .collect()
     }
 
     /// Downloads and unpacks a release once; later calls only check the `ready` marker.
     pub fn prepare(&self, release: &str) -> Result<Prepared> {
         let dir = self.vm_dir.join("kernels").join(release);
-        let prepared = Prepared {
-            vmlinux: dir.join("vmlinux"),
-            modules_root: dir.join("root"),
-        };
+        let prepared = Prepared { vmlinux: dir.join("vmlinux"), modules_root: dir.join("root") };
         if dir.join("ready").exists() {
             return Ok(prepared);
         }
         // A half-done earlier attempt (interrupted) is simply redone.
         if dir.exists() {
-            fs::remove_dir_all(&dir)
-                .with_context(|| format!("removing stale {}", dir.display()))?;
+            fs::remove_dir_all(&dir).with_context(|| format!("removing stale {}", dir.display()))?;
         }
         let debs = dir.join("debs");
         let extract = dir.join("extract");
@@ -177,15 +149,10 @@ impl Kernels {
             "^linux-(image|binary|base|modules)-{}$",
             release.replace('.', r"\.").replace('+', r"\+")
         ))?;
-        let packages: Vec<String> = PACKAGE_PREFIXES
-            .iter()
-            .map(|p| format!("{p}{release}"))
-            .filter(|p| available.contains(p))
-            .collect();
+        let packages: Vec<String> =
+            PACKAGE_PREFIXES.iter().map(|p| format!("{p}{release}")).filter(|p| available.contains(p)).collect();
         if packages.is_empty() {
-            bail!(
-                "kernel {release} left the archive: rerun with --refresh to pick the current one"
-            );
+            bail!("kernel {release} left the archive: rerun with --refresh to pick the current one");
         }
         eprintln!("vm: downloading {}", packages.join(" "));
         self.apt.download(&packages, &debs)?;
@@ -195,22 +162,11 @@ impl Kernels {
         }
 
         // Debian moved /lib to /usr/lib and, for 7.x, vmlinuz into the modules dir.
-        let find = |candidates: &[String]| {
-            candidates
-                .iter()
-                .map(|c| extract.join(c))
-                .find(|p| p.exists())
-        };
-        let vmlinuz = find(&[
-            format!("boot/vmlinuz-{release}"),
-            format!("usr/lib/modules/{release}/vmlinuz"),
-        ])
-        .with_context(|| format!("no vmlinuz in the packages of {release}"))?;
-        let modules = find(&[
-            format!("lib/modules/{release}"),
-            format!("usr/lib/modules/{release}"),
-        ])
-        .with_context(|| format!("no modules dir in the packages of {release}"))?;
+        let find = |candidates: &[String]| candidates.iter().map(|c| extract.join(c)).find(|p| p.exists());
+        let vmlinuz = find(&[format!("boot/vmlinuz-{release}"), format!("usr/lib/modules/{release}/vmlinuz")])
+            .with_context(|| format!("no vmlinuz in the packages of {release}"))?;
+        let modules = find(&[format!("lib/modules/{release}"), format!("usr/lib/modules/{release}")])
+            .with_context(|| format!("no modules dir in the packages of {release}"))?;
 
         eprintln!("vm: extracting vmlinux from {}", vmlinuz.display());
         vmlinux::extract(&vmlinuz, &prepared.vmlinux)?;
@@ -220,11 +176,8 @@ impl Kernels {
         // Leave only modules in the tree the guest sees as /lib/modules/<release>.
         let _ = fs::remove_file(target.join("vmlinuz"));
         // The packages ship no modules.dep (their postinst makes it at install time).
-        run(Command::new("depmod")
-            .arg("-b")
-            .arg(&prepared.modules_root)
-            .arg(release))
-        .context("depmod failed (is kmod installed? run scripts/vm-deps.sh)")?;
+        run(Command::new("depmod").arg("-b").arg(&prepared.modules_root).arg(release))
+            .context("depmod failed (is kmod installed? run scripts/vm-deps.sh)")?;
         fs::remove_dir_all(&extract)?;
         fs::remove_dir_all(&debs)?;
         fs::write(dir.join("ready"), "")?;
@@ -233,21 +186,13 @@ impl Kernels {
 }
 
 fn lookup(list: &str, s: Series) -> Option<String> {
-    list.lines()
-        .find_map(|l| l.strip_prefix(s.name()).and_then(|r| r.strip_prefix(' ')))
-        .map(str::to_owned)
+    list.lines().find_map(|l| l.strip_prefix(s.name()).and_then(|r| r.strip_prefix(' '))).map(str::to_owned)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
     if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -258,24 +203,8 @@ mod tests {
 
     #[test]
     fn parses_both_release_name_styles() {
-        assert_eq!(
-            parse_release("6.1.0-56-amd64"),
-            Some(Version {
-                major: 6,
-                minor: 1,
-                patch: 0,
-                abi: 56
-            })
-        );
-        assert_eq!(
-            parse_release("6.12.117+deb12-amd64"),
-            Some(Version {
-                major: 6,
-                minor: 12,
-                patch: 117,
-                abi: 0
-            })
-        );
+        assert_eq!(parse_release("6.1.0-56-amd64"), Some(Version { major: 6, minor: 1, patch: 0, abi: 56 }));
+        assert_eq!(parse_release("6.12.117+deb12-amd64"), Some(Version { major: 6, minor: 12, patch: 117, abi: 0 }));
         assert_eq!(parse_release("6.1.0-56-cloud-amd64"), None);
         assert!(parse_release("7.3.4+deb13-amd64") > parse_release("7.2.13+deb14-amd64"));
     }

@@ -109,18 +109,9 @@ fn main() -> ExitCode {
 
 fn run() -> Result<bool> {
     // xtask lives one level below the workspace root.
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent dir");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent dir");
     match Cli::parse().task {
-        Task::VmTest {
-            kernel,
-            mode,
-            list,
-            refresh,
-            timeout,
-            command,
-        } => {
+        Task::VmTest { kernel, mode, list, refresh, timeout, command } => {
             let mut series = Vec::new();
             for k in kernel.split(',') {
                 for s in kernels::Series::parse(k.trim())? {
@@ -129,36 +120,14 @@ fn run() -> Result<bool> {
                     }
                 }
             }
-            let opts = vmtest::Options {
-                series,
-                modes: mode,
-                list,
-                refresh,
-                timeout: Duration::from_secs(timeout),
-                command,
-            };
+            let opts =
+                vmtest::Options { series, modes: mode, list, refresh, timeout: Duration::from_secs(timeout), command };
             vmtest::run(workspace, &opts)
         }
-        Task::VmShell {
-            kernel,
-            mode,
-            command,
-        } => vmtest::shell(
-            workspace,
-            kernels::Series::parse(&kernel)?[0],
-            &mode,
-            &command,
-        ),
-        Task::Bench {
-            tracer,
-            pairs,
-            seconds,
-            connections,
-            port,
-            flood_seconds,
-            flood_threads,
-            record,
-        } => bench::run(
+        Task::VmShell { kernel, mode, command } => {
+            vmtest::shell(workspace, kernels::Series::parse(&kernel)?[0], &mode, &command)
+        }
+        Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record } => bench::run(
             workspace,
             &bench::Options {
                 tracer,

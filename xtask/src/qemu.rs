@@ -30,11 +30,7 @@ pub enum Outcome {
 }
 
 pub fn check_installed() -> Result<()> {
-    match Command::new(QEMU)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-    {
+    match Command::new(QEMU).arg("--version").stdout(Stdio::null()).status() {
         Ok(s) if s.success() => Ok(()),
         _ => bail!("{QEMU} not found: run scripts/vm-deps.sh"),
     }
@@ -47,14 +43,7 @@ impl Boot<'_> {
         let _ = fs::remove_file(&status_file);
         let mut cmd = Command::new(QEMU);
         cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
-            .args([
-                "-nodefaults",
-                "-display",
-                "none",
-                "-monitor",
-                "none",
-                "-no-reboot",
-            ])
+            .args(["-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(self.vmlinux)
             .arg("-initrd")
@@ -62,9 +51,7 @@ impl Boot<'_> {
             // panic=-1 + -no-reboot: a guest panic ends qemu at once instead of hanging.
             .args(["-append", "console=ttyS0 quiet panic=-1 mitigations=off"])
             .arg("-virtfs")
-            .arg(format!(
-                "local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap"
-            ))
+            .arg(format!("local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap"))
             .arg("-virtfs")
             .arg(format!(
                 "local,path={},mount_tag={OUT_TAG},security_model=none,multidevs=remap",
@@ -83,9 +70,7 @@ impl Boot<'_> {
         die_with_parent(&mut cmd);
 
         let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("{QEMU} not found: run scripts/vm-deps.sh"))?;
+        let mut child = cmd.spawn().with_context(|| format!("{QEMU} not found: run scripts/vm-deps.sh"))?;
         let status = loop {
             if let Some(s) = child.try_wait()? {
                 break Some(s);
@@ -117,10 +102,7 @@ impl Boot<'_> {
 fn virtfs_path(p: &Path) -> Result<PathBuf> {
     let p = p.canonicalize()?;
     if p.to_string_lossy().contains(',') {
-        bail!(
-            "{}: a path with a comma cannot be shared with the guest",
-            p.display()
-        );
+        bail!("{}: a path with a comma cannot be shared with the guest", p.display());
     }
     Ok(p)
 }

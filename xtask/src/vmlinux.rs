@@ -10,24 +10,16 @@ use anyhow::{bail, Context, Result};
 
 pub fn extract(bzimage: &Path, out: &Path) -> Result<()> {
     let image = fs::read(bzimage).with_context(|| format!("reading {}", bzimage.display()))?;
-    let payload =
-        payload(&image).with_context(|| format!("{} is not an x86 bzImage", bzimage.display()))?;
+    let payload = payload(&image).with_context(|| format!("{} is not an x86 bzImage", bzimage.display()))?;
     let (tool, args): (&str, &[&str]) = match payload {
         [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => ("xz", &["-dc", "--single-stream"]),
         [0x28, 0xb5, 0x2f, 0xfd, ..] => ("zstd", &["-dcq"]),
         [0x1f, 0x8b, ..] => ("gzip", &["-dc"]),
-        _ => bail!(
-            "{}: unsupported kernel compression (magic {:02x?})",
-            bzimage.display(),
-            &payload[..4]
-        ),
+        _ => bail!("{}: unsupported kernel compression (magic {:02x?})", bzimage.display(), &payload[..4]),
     };
     let elf = decompress(tool, args, payload)?;
     if !elf.starts_with(b"\x7fELF") {
-        bail!(
-            "{}: decompressed payload is not an ELF vmlinux",
-            bzimage.display()
-        );
+        bail!("{}: decompressed payload is not an ELF vmlinux", bzimage.display());
     }
     fs::write(out, elf).with_context(|| format!("writing {}", out.display()))
 }
@@ -38,8 +30,7 @@ fn payload(image: &[u8]) -> Option<&[u8]> {
     if image.get(0x202..0x206)? != b"HdrS" {
         return None;
     }
-    let u32_at =
-        |o: usize| Some(u32::from_le_bytes(image.get(o..o + 4)?.try_into().ok()?) as usize);
+    let u32_at = |o: usize| Some(u32::from_le_bytes(image.get(o..o + 4)?.try_into().ok()?) as usize);
     let setup_sects = match *image.get(0x1f1)? {
         0 => 4,
         n => n as usize,
@@ -65,10 +56,7 @@ fn decompress(tool: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
     let out = child.wait_with_output()?;
     let _ = writer.join();
     if !out.status.success() {
-        bail!(
-            "{tool} failed on the kernel payload: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{tool} failed on the kernel payload: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out.stdout)
 }

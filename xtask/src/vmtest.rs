@@ -58,28 +58,15 @@ impl<'a> Vm<'a> {
             }
             Err(TryLockError::Error(e)) => return Err(e).context("locking target/vm/lock"),
         }
-        Ok(Vm {
-            workspace,
-            kernels: Kernels::new(&dir),
-            dir,
-            _lock: lock,
-        })
+        Ok(Vm { workspace, kernels: Kernels::new(&dir), dir, _lock: lock })
     }
 
     fn ready(&self, release: &str) -> Result<Ready> {
         let kernel = self.kernels.prepare(release)?;
-        let initramfs = self
-            .dir
-            .join("kernels")
-            .join(release)
-            .join("initramfs.cpio");
+        let initramfs = self.dir.join("kernels").join(release).join("initramfs.cpio");
         // Rebuilt on every run (it takes well under a second) so it never lags the code.
         initramfs::build(release, &kernel.modules_root, &initramfs)?;
-        Ok(Ready {
-            release: release.to_owned(),
-            vmlinux: kernel.vmlinux,
-            initramfs,
-        })
+        Ok(Ready { release: release.to_owned(), vmlinux: kernel.vmlinux, initramfs })
     }
 
     /// One boot running `command` with BACKLOG_MODE=`mode`; returns the result dir too.
@@ -96,17 +83,9 @@ impl<'a> Vm<'a> {
             fs::remove_dir_all(&out_dir)?;
         }
         fs::create_dir_all(&out_dir)?;
-        fs::write(
-            out_dir.join("run.sh"),
-            run_script(self.workspace, &kernel.release, mode, command),
-        )?;
-        let boot = Boot {
-            vmlinux: &kernel.vmlinux,
-            initramfs: &kernel.initramfs,
-            out_dir: &out_dir,
-            timeout,
-            interactive,
-        };
+        fs::write(out_dir.join("run.sh"), run_script(self.workspace, &kernel.release, mode, command))?;
+        let boot =
+            Boot { vmlinux: &kernel.vmlinux, initramfs: &kernel.initramfs, out_dir: &out_dir, timeout, interactive };
         let result = boot.run();
         Ok((out_dir, result))
     }
@@ -141,24 +120,14 @@ pub fn run(workspace: &Path, opts: &Options) -> Result<bool> {
                 }
             };
             let log = out_dir.join("console.log");
-            eprintln!(
-                "vm: {release} {mode}: {result} in {}s (log: {})",
-                time.as_secs(),
-                log.display()
-            );
+            eprintln!("vm: {release} {mode}: {result} in {}s (log: {})", time.as_secs(), log.display());
             if result != "passed" {
                 print_tail(&log);
             }
             let boot = fs::read_to_string(out_dir.join("boot-seconds"))
                 .map(|s| format!("{}s", s.trim()))
                 .unwrap_or_else(|_| "-".into());
-            rows.push(Row {
-                kernel: release.clone(),
-                mode: mode.clone(),
-                result,
-                boot,
-                time,
-            });
+            rows.push(Row { kernel: release.clone(), mode: mode.clone(), result, boot, time });
         }
     }
     print!("{}", table(&rows));
@@ -182,10 +151,7 @@ pub fn shell(workspace: &Path, series: Series, mode: &str, command: &[String]) -
 fn check_command(workspace: &Path, command: &[String]) -> Result<()> {
     let program = &command[0];
     if program.contains('/') && !workspace.join(program).exists() {
-        bail!(
-            "{program} not found in {}: build it first (cargo build --release)",
-            workspace.display()
-        );
+        bail!("{program} not found in {}: build it first (cargo build --release)", workspace.display());
     }
     Ok(())
 }
@@ -229,27 +195,10 @@ fn print_tail(log: &Path) {
 }
 
 fn table(rows: &[Row]) -> String {
-    let width = rows
-        .iter()
-        .map(|r| r.kernel.len())
-        .max()
-        .unwrap_or(6)
-        .max(6)
-        + 2;
-    let mut s = format!(
-        "{:<width$}{:<12}{:<12}{:<8}{}\n",
-        "kernel", "mode", "result", "boot", "time"
-    );
+    let width = rows.iter().map(|r| r.kernel.len()).max().unwrap_or(6).max(6) + 2;
+    let mut s = format!("{:<width$}{:<12}{:<12}{:<8}{}\n", "kernel", "mode", "result", "boot", "time");
     for r in rows {
-        let _ = writeln!(
-            s,
-            "{:<width$}{:<12}{:<12}{:<8}{}s",
-            r.kernel,
-            r.mode,
-            r.result,
-            r.boot,
-            r.time.as_secs()
-        );
+        let _ = writeln!(s, "{:<width$}{:<12}{:<12}{:<8}{}s", r.kernel, r.mode, r.result, r.boot, r.time.as_secs());
     }
     s
 }
