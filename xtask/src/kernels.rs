@@ -96,13 +96,9 @@ impl Kernels {
     /// Release names for the series, from target/vm/kernels.list unless `refresh` or it
     /// lacks one: only then are the package lists fetched (so re-runs stay offline).
     pub fn resolve(&self, series: &[Series], refresh: bool) -> Result<Vec<(Series, String)>> {
-        let list = self.vm_dir.join("kernels.list");
         if !refresh {
-            if let Ok(text) = fs::read_to_string(&list) {
-                let cached: Option<Vec<_>> = series.iter().map(|s| lookup(&text, *s).map(|r| (*s, r))).collect();
-                if let Some(found) = cached {
-                    return Ok(found);
-                }
+            if let Some(found) = self.cached(series) {
+                return Ok(found);
             }
         }
         eprintln!(
@@ -125,11 +121,17 @@ impl Kernels {
             }
         }
         fs::create_dir_all(&self.vm_dir)?;
-        fs::write(&list, &text)?;
+        fs::write(self.vm_dir.join("kernels.list"), &text)?;
         series
             .iter()
             .map(|s| lookup(&text, *s).map(|r| (*s, r)).with_context(|| format!("no {} kernel available", s.name())))
             .collect()
+    }
+
+    /// The releases recorded by an earlier resolution, if it covered all of `series`.
+    pub fn cached(&self, series: &[Series]) -> Option<Vec<(Series, String)>> {
+        let text = fs::read_to_string(self.vm_dir.join("kernels.list")).ok()?;
+        series.iter().map(|s| lookup(&text, *s).map(|r| (*s, r))).collect()
     }
 
     /// Downloads and unpacks a release once; later calls only check the `ready` marker.

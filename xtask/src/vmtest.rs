@@ -93,13 +93,22 @@ impl<'a> Vm<'a> {
 
 /// Returns whether every run passed.
 pub fn run(workspace: &Path, opts: &Options) -> Result<bool> {
+    let print = |resolved: &[(Series, String)]| {
+        for (series, release) in resolved {
+            println!("{:<6}{release}", series.name());
+        }
+        Ok(true)
+    };
+    // Reading the recorded choice needs no lock: --list answers during a long run.
+    if opts.list && !opts.refresh {
+        if let Some(resolved) = Kernels::new(&workspace.join("target/vm")).cached(&opts.series) {
+            return print(&resolved);
+        }
+    }
     let vm = Vm::open(workspace)?;
     let resolved = vm.kernels.resolve(&opts.series, opts.refresh)?;
     if opts.list {
-        for (series, release) in &resolved {
-            println!("{:<6}{release}", series.name());
-        }
-        return Ok(true);
+        return print(&resolved);
     }
     qemu::check_installed()?;
     check_command(workspace, &opts.command)?;
