@@ -109,6 +109,7 @@ impl Flood {
             sent += s;
             refused += r;
         }
+        sys::check_interrupt()?;
         let secs = t0.elapsed().as_secs_f64();
         let usage1 = probe.map(Probe::usage).transpose()?;
         thread::sleep(DRAIN);
@@ -157,7 +158,7 @@ fn generate(ns: File, index: u64, threads: u64, deadline: Instant, limit: u64) -
     let (mut sent, mut refused) = (0u64, 0u64);
     for n in 0..limit {
         // Reading the clock costs more than a send's bookkeeping: look every 256.
-        if n % 256 == 0 && Instant::now() >= deadline {
+        if n % 256 == 0 && (Instant::now() >= deadline || sys::interrupted()) {
             break;
         }
         let sport = 1024 + ((n * threads + index) % 64_000) as u16;

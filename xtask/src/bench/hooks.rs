@@ -121,7 +121,7 @@ impl Profile {
         self.rows.iter().find(|r| r.0 == name).map_or((0.0, 0.0, 0.0), |r| (r.1, r.2, self.net(r) / self.per_sec))
     }
 
-    fn net_per_unit(&self) -> f64 {
+    pub fn net_per_unit(&self) -> f64 {
         self.rows.iter().map(|r| self.net(r)).sum::<f64>() / self.per_sec
     }
 

@@ -3,7 +3,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::nginx::Nginx;
 use super::probe::Probe;
@@ -70,13 +70,13 @@ pub fn alternate(
     let mut p = Pairs { without: Vec::new(), with: Vec::new(), startups: Vec::new(), cpu_pct: Vec::new() };
     for i in 1..=pairs {
         let (bare, _) = measure(wrk, nginx, None)?;
-        check_interrupt()?;
+        sys::check_interrupt()?;
         let probe = start()?;
         thread::sleep(SETTLE);
         let (loaded, cpu) = measure(wrk, nginx, Some(&probe))?;
         let startup = probe.startup;
         probe.stop()?;
-        check_interrupt()?;
+        sys::check_interrupt()?;
         eprintln!(
             "bench: {label} pair {i}/{pairs}: {:.0} → {:.0} conn/s (×{:.3}), {:.1} → {:.1} µs CPU/conn (×{:.3}), \
              attached in {} ms",
@@ -94,13 +94,6 @@ pub fn alternate(
         p.cpu_pct.push(cpu);
     }
     Ok(p)
-}
-
-pub fn check_interrupt() -> Result<()> {
-    if sys::interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
 }
 
 /// Median and range of a small sample.

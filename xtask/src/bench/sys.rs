@@ -55,6 +55,14 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
+/// An error once Ctrl-C was pressed, so `?` unwinds through the cleanup guards.
+pub fn check_interrupt() -> anyhow::Result<()> {
+    if interrupted() {
+        anyhow::bail!("interrupted");
+    }
+    Ok(())
+}
+
 pub fn interrupt(pid: u32) {
     send(pid, SIGINT);
 }

@@ -44,8 +44,8 @@ impl Table {
     }
 }
 
-/// One line naming the machine and software versions.
-pub fn machine(workspace: &Path) -> String {
+/// One line naming the machine, the software versions and the tracer measured.
+pub fn machine(workspace: &Path, tracer: &Path) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu =
         cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|v| v.trim_start_matches([' ', '\t', ':']));
@@ -57,7 +57,7 @@ pub fn machine(workspace: &Path) -> String {
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     let debian = std::fs::read_to_string("/etc/debian_version").unwrap_or_default();
     format!(
-        "{} × {}, {mem_gib:.0} GiB, Debian {}, kernel {}; {}, {}, {}; backlog-trace at {}",
+        "{} × {}, {mem_gib:.0} GiB, Debian {}, kernel {}; {}, {}, {}; {} built {} UTC, tree at {}",
         cores,
         cpu.unwrap_or("unknown CPU"),
         debian.trim(),
@@ -65,6 +65,8 @@ pub fn machine(workspace: &Path) -> String {
         first_line("nginx", &["-v"], workspace).replace("nginx version: ", ""),
         first_line("wrk", &["--version"], workspace).split(" [").next().unwrap_or("wrk ?"),
         first_line("bpftrace", &["--version"], workspace),
+        tracer.strip_prefix(workspace).unwrap_or(tracer).display(),
+        first_line("date", &["-u", "-r", &tracer.to_string_lossy(), "+%Y-%m-%d %H:%M"], workspace),
         first_line("git", &["describe", "--always", "--dirty"], workspace),
     )
 }
