@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use flood::Flood;
 use probe::{Probe, Summary};
 use rate::{Measured, Spread, SETTLE};
-use table::Table;
+use table::{Status, Table};
 use wrk::Wrk;
 
 pub struct Options {
@@ -50,6 +50,8 @@ tracepoint:syscalls:sys_exit_accept4, tracepoint:syscalls:sys_exit_accept { @acc
 ";
 
 const RATIO_TARGET: f64 = 0.98;
+/// A ratio whose pairs spread wider than this cannot be judged against a 2 % target.
+const NOISE: f64 = 0.10;
 const STARTUP_TARGET: Duration = Duration::from_millis(500);
 const RSS_TARGET_MB: f64 = 30.0;
 
@@ -104,7 +106,7 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
             r.median, r.min, r.max, c.median, c.min, c.max
         ),
         "peer machine: 18.3k–18.7k conn/s",
-        None,
+        Status::Info,
     );
     let judged = Some(RATIO_TARGET);
     for (label, p, target) in [
@@ -115,14 +117,18 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
         let (r, c, cpu) = (p.ratio(), p.cost_ratio(), Spread::of(p.cpu_pct.clone()));
         let text =
             if target.is_some() { "≥ 0.98 (median)" } else { "peer: 0.92–0.97 (3 tracepoints, quiet machine)" };
-        let met = |s: &Spread| target.map(|min| s.median >= min);
+        let met = |s: &Spread| match target {
+            None => Status::Info,
+            Some(_) if s.max - s.min > NOISE => Status::Inconclusive,
+            Some(min) => Status::from(s.median >= min),
+        };
         t.add(&format!("{label}: rate ratio with/without ({} pairs)", p.with.len()), spread_text(&r), text, met(&r));
         t.add(&format!("{label}: CPU-per-connection ratio without/with"), spread_text(&c), text, met(&c));
         t.add(
             &format!("{label}: its own process's CPU under wrk"),
             format!("{:.1} % of a core (range {:.1}–{:.1})", cpu.median, cpu.min, cpu.max),
             "",
-            None,
+            Status::Info,
         );
     }
     let s = Spread::of(default.startups.iter().chain(&events.startups).map(Duration::as_secs_f64).collect());
@@ -130,7 +136,7 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
         "Start to JSON start line",
         format!("median {:.0} ms, max {:.0} ms ({} starts)", s.median * 1e3, s.max * 1e3, 2 * o.pairs),
         "< 500 ms (max)",
-        Some(s.max < STARTUP_TARGET.as_secs_f64()),
+        Status::from(s.max < STARTUP_TARGET.as_secs_f64()),
     );
 
     sys::check_interrupt()?;
@@ -164,7 +170,7 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
             c.median
         ),
         "≥ 0.98",
-        Some(est >= RATIO_TARGET),
+        Status::from(est >= RATIO_TARGET),
     );
     Ok(profile)
 }
@@ -189,7 +195,7 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: f64) -> 
             bare.refused
         ),
         "highest this machine reaches",
-        None,
+        Status::Info,
     );
     for extra in [&[][..], &["--events"][..]] {
         let label = if extra.is_empty() { "default" } else { "--events" };
@@ -202,31 +208,36 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: f64) -> 
         let stopped = p.stop()?;
         let s = Summary::find(&stopped)?;
         let cost = out.cost.as_ref().context("no usage sampled for the tracer")?;
-        t.add(&format!("Drops/s, SYN flood, backlog-trace {label}"), format!("{:.0}", out.drops_per_sec()), "", None);
+        t.add(
+            &format!("Drops/s, SYN flood, backlog-trace {label}"),
+            format!("{:.0}", out.drops_per_sec()),
+            "",
+            Status::Info,
+        );
         t.add(
             &format!("Lost events, backlog-trace {label}"),
             format!("{} ({} drop lines printed)", s.lost_events, stopped.drop_lines),
             "0",
-            Some(s.lost_events == 0),
+            Status::from(s.lost_events == 0),
         );
         t.add(
             &format!("Tracer total = ListenDrops, {label}"),
             format!("{} vs {}", s.drops, out.listen_drops),
             "equal",
-            Some(s.drops == out.listen_drops),
+            Status::from(s.drops == out.listen_drops),
         );
         t.add(
             &format!("Tracer CPU during flood, {label}"),
             format!("{:.0} % of a core, {:.0} wake-ups/s", cost.cpu_pct, cost.wakeups_per_sec),
             "",
-            None,
+            Status::Info,
         );
         let (mb, peak) = (cost.rss_kb as f64 * 1024.0 / 1e6, cost.peak_rss_kb as f64 * 1024.0 / 1e6);
         t.add(
             &format!("Tracer RSS during flood, {label}"),
             format!("{mb:.1} MB (peak since start {peak:.1} MB)"),
             "< 30 MB",
-            Some(mb < RSS_TARGET_MB),
+            Status::from(mb < RSS_TARGET_MB),
         );
     }
 

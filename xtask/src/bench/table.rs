@@ -13,8 +13,27 @@ struct Row {
     figure: String,
     measured: String,
     target: String,
-    /// None: a figure reported for context, with no target of its own.
-    met: Option<bool>,
+    status: Status,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Status {
+    Met,
+    Missed,
+    /// The samples spread too widely (a shared, noisy machine) to judge the median.
+    Inconclusive,
+    /// A figure reported for context, with no target of its own.
+    Info,
+}
+
+impl From<bool> for Status {
+    fn from(met: bool) -> Status {
+        if met {
+            Status::Met
+        } else {
+            Status::Missed
+        }
+    }
 }
 
 impl Table {
@@ -22,21 +41,22 @@ impl Table {
         Table { rows: Vec::new() }
     }
 
-    pub fn add(&mut self, figure: &str, measured: String, target: &str, met: Option<bool>) {
-        self.rows.push(Row { figure: figure.into(), measured, target: target.into(), met });
+    pub fn add(&mut self, figure: &str, measured: String, target: &str, status: Status) {
+        self.rows.push(Row { figure: figure.into(), measured, target: target.into(), status });
     }
 
     pub fn missed(&self) -> usize {
-        self.rows.iter().filter(|r| r.met == Some(false)).count()
+        self.rows.iter().filter(|r| r.status == Status::Missed).count()
     }
 
     pub fn markdown(&self) -> String {
         let mut s = String::from("| figure | measured | target | |\n|---|---|---|---|\n");
         for r in &self.rows {
-            let status = match r.met {
-                Some(true) => "met",
-                Some(false) => "**missed**",
-                None => "",
+            let status = match r.status {
+                Status::Met => "met",
+                Status::Missed => "**missed**",
+                Status::Inconclusive => "inconclusive (spread)",
+                Status::Info => "",
             };
             s += &format!("| {} | {} | {} | {} |\n", r.figure, r.measured, r.target, status);
         }
