@@ -234,9 +234,20 @@ pub mod hist {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HistKey {
-    pub sk: u64,
+    pub listener: ListenerKey,
     pub bucket: u32,
     pub _pad: u32,
+}
+
+/// Identity of a listener in every kernel map and in the model. The socket's address
+/// alone is not enough: the kernel reuses a closed listener's memory for the next
+/// socket, whose counts must not land on the dead one's. The socket inode tells the
+/// two apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    pub sk: u64,
+    pub ino: u64,
 }
 
 /// Counters that are not per listener (index into the `GLOBAL` per-CPU array).
@@ -326,6 +337,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::HistKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }
 
 /// Map and program names, shared so the loader cannot drift from the object.

@@ -10,7 +10,7 @@
 //! the dozens of reads in a path multiplied the states older verifiers explore
 //! (6.1 gave up at a million instructions).
 use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
-use backlog_common::{Config, KernelOffsets, AF_INET6};
+use backlog_common::{Config, KernelOffsets, ListenerKey, AF_INET6};
 
 #[no_mangle]
 static OFFSETS: KernelOffsets = KernelOffsets {
@@ -149,6 +149,12 @@ pub fn socket_inode(sk: u64, o: &KernelOffsets) -> u64 {
     let file = read::<u64>(sock, o.socket_file);
     let inode = read::<u64>(file, o.file_f_inode);
     read::<u64>(inode, o.inode_i_ino)
+}
+
+/// A listener's identity in the maps (see `ListenerKey`).
+#[inline(always)]
+pub fn listener_key(sk: u64, o: &KernelOffsets) -> ListenerKey {
+    ListenerKey { sk, ino: socket_inode(sk, o) }
 }
 
 /// The listener's own (bound) address: family, address bytes, local port.

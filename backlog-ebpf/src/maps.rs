@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
-use backlog_common::{global, Event, EventKind, KernelOffsets, ListenerStats};
+use backlog_common::{global, Event, EventKind, KernelOffsets, ListenerKey, ListenerStats};
 
 use crate::kernel;
 
@@ -16,7 +16,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 /// Keyed by the listener's kernel address. LRU so an insert never fails; user space
 /// deletes a listener's entry after it has read the final values.
 #[map(name = "STATS")]
-pub static STATS: LruPerCpuHashMap<u64, ListenerStats> = LruPerCpuHashMap::with_max_entries(16384, 0);
+pub static STATS: LruPerCpuHashMap<ListenerKey, ListenerStats> = LruPerCpuHashMap::with_max_entries(16384, 0);
 
 #[map(name = "GLOBAL")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::N, 0);
@@ -46,24 +46,25 @@ pub fn port_watched(port: u16) -> bool {
 /// identity filled in.
 #[inline(always)]
 pub fn stats(sk: u64) -> Option<*mut ListenerStats> {
-    if let Some(p) = STATS.get_ptr_mut(&sk) {
+    let o = kernel::offsets();
+    let key = kernel::listener_key(sk, &o);
+    if let Some(p) = STATS.get_ptr_mut(&key) {
         return Some(p);
     }
-    let o = kernel::offsets();
     let (family, laddr, lport) = kernel::local_addr(sk, &o);
     let fresh = ListenerStats {
-        sock_ino: kernel::socket_inode(sk, &o),
+        sock_ino: key.ino,
         netns: kernel::netns_inum(kernel::sk_net(sk, &o), &o),
         family,
         lport,
         laddr,
         ..ListenerStats::default()
     };
-    if STATS.insert(&sk, &fresh, 0).is_err() {
+    if STATS.insert(&key, &fresh, 0).is_err() {
         count(global::STATS_FULL);
         return None;
     }
-    STATS.get_ptr_mut(&sk)
+    STATS.get_ptr_mut(&key)
 }
 
 /// Folds an observation of the listener's accept queue into this CPU's stats.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use backlog_common::{hist, DropReason, Event, EventKind, ListenerStats, AF_INET6, N_REASONS};
+use backlog_common::{hist, DropReason, Event, EventKind, ListenerKey, ListenerStats, AF_INET6, N_REASONS};
 
 use crate::attribute::Owners;
 use crate::cli::Filters;
@@ -85,6 +85,10 @@ impl Wait {
 }
 
 impl Listener {
+    pub fn key(&self) -> ListenerKey {
+        ListenerKey { sk: self.sk, ino: self.sock_ino }
+    }
+
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
     }
@@ -128,7 +132,7 @@ pub fn ip(family: u16, bytes: &[u8; 16]) -> IpAddr {
 
 #[derive(Default)]
 pub struct Model {
-    pub listeners: BTreeMap<u64, Listener>,
+    pub listeners: BTreeMap<ListenerKey, Listener>,
     pub lost_events: u64,
     /// accept()s of children never seen queued (tracer started later, LRU eviction,
     /// accepts by paths the tracer cannot see).
@@ -139,7 +143,8 @@ pub struct Model {
 
 impl Model {
     fn entry(&mut self, ev: &Event) -> &mut Listener {
-        let l = self.listeners.entry(ev.sk).or_insert_with(|| Listener {
+        let key = ListenerKey { sk: ev.sk, ino: ev.sock_ino };
+        self.listeners.entry(key).or_insert_with(|| Listener {
             sk: ev.sk,
             netns: ev.netns,
             addr: Some(match ip(ev.family, &ev.laddr) {
@@ -150,11 +155,7 @@ impl Model {
             port: ev.lport,
             sock_ino: ev.sock_ino,
             ..Default::default()
-        });
-        if l.sock_ino == 0 {
-            l.sock_ino = ev.sock_ino;
-        }
-        l
+        })
     }
 
     /// Folds one event in; returns the listener it concerns.
@@ -193,15 +194,15 @@ impl Model {
     /// Replaces event-derived counts with the kernel's exact per-listener counters
     /// (summed over CPUs). Events can be lost; these cannot, and they carry the
     /// listener's identity for the case where every event about it was lost.
-    pub fn set_kernel_stats(&mut self, sk: u64, per_cpu: &[ListenerStats]) {
+    pub fn set_kernel_stats(&mut self, key: ListenerKey, per_cpu: &[ListenerStats]) {
         let Some(id) = per_cpu.iter().find(|s| s.lport != 0) else { return };
         let mut ev = Event::zeroed();
-        ev.sk = sk;
+        ev.sk = key.sk;
         ev.netns = id.netns;
         ev.family = id.family;
         ev.lport = id.lport;
         ev.laddr = id.laddr;
-        ev.sock_ino = id.sock_ino;
+        ev.sock_ino = key.ino;
         let l = self.entry(&ev);
         let mut drops = [0u64; N_REASONS];
         let (mut accepts, mut abandoned) = (0, 0);
@@ -222,8 +223,8 @@ impl Model {
 
     /// Replaces event-derived wait buckets with the kernel's histogram, given as
     /// (bucket, count) pairs.
-    pub fn set_kernel_hist(&mut self, sk: u64, buckets: &[(usize, u64)]) {
-        let Some(l) = self.listeners.get_mut(&sk) else { return };
+    pub fn set_kernel_hist(&mut self, key: ListenerKey, buckets: &[(usize, u64)]) {
+        let Some(l) = self.listeners.get_mut(&key) else { return };
         let mut all = vec![0u64; hist::BUCKETS];
         for &(b, n) in buckets {
             if let Some(slot) = all.get_mut(b) {
@@ -269,23 +270,32 @@ mod tests {
             m.apply(&drop_ev(1, r));
         }
         m.apply(&drop_ev(2, DropReason::Other));
-        let l = &m.listeners[&1];
+        let k = |sk| ListenerKey { sk, ino: 0 };
+        let l = &m.listeners[&k(1)];
         assert_eq!((l.total_drops(), l.overflows()), (4, 3));
         assert_eq!(l.local(), "127.0.0.1:8080");
         assert_eq!(l.queue_peak, 9);
-        assert_eq!(m.listeners[&2].total_drops(), 1);
+        assert_eq!(m.listeners[&k(2)].total_drops(), 1);
 
         // Two CPUs' counters: the sum replaces what the (lossy) events said.
         let a = ListenerStats { drops: [5, 0, 1, 0], queue_peak: 9, queue_max: 8, lport: 8080, ..Default::default() };
         let b = ListenerStats { drops: [2, 0, 0, 1], queue_peak: 12, queue_max: 8, ..Default::default() };
-        m.set_kernel_stats(1, &[a, b]);
-        let l = &m.listeners[&1];
+        m.set_kernel_stats(k(1), &[a, b]);
+        let l = &m.listeners[&k(1)];
         assert_eq!(l.drops, [7, 0, 1, 1]);
         assert_eq!((l.total_drops(), l.overflows(), l.queue_peak), (9, 8, 12));
 
         // A listener known only from the kernel's counters (all its events lost).
-        m.set_kernel_stats(99, &[a]);
-        assert_eq!((m.listeners[&99].port, m.listeners[&99].total_drops()), (8080, 6));
+        m.set_kernel_stats(k(99), &[a]);
+        assert_eq!((m.listeners[&k(99)].port, m.listeners[&k(99)].total_drops()), (8080, 6));
+
+        // The kernel reuses a closed listener's memory: same address, new socket
+        // inode, a listener of its own.
+        let mut reused = drop_ev(1, DropReason::Other);
+        reused.sock_ino = 77;
+        m.apply(&reused);
+        assert_eq!(m.listeners[&ListenerKey { sk: 1, ino: 77 }].total_drops(), 1);
+        assert_eq!(m.listeners[&k(1)].total_drops(), 9);
     }
 
     #[test]
@@ -312,7 +322,7 @@ mod tests {
         m.apply(&e);
         e.kind = EventKind::Abandon as u8;
         m.apply(&e);
-        let l = &m.listeners[&3];
+        let l = &m.listeners[&ListenerKey { sk: 3, ino: 0 }];
         assert_eq!((l.accepts, l.abandoned, l.total_drops()), (1, 1, 0));
         let lat = l.wait.latency().unwrap();
         assert!((lat.p50 / 25_000.0 - 1.0).abs() < 0.07);
@@ -325,7 +335,7 @@ mod tests {
         e.family = AF_INET6;
         e.laddr = Ipv6Addr::LOCALHOST.octets();
         m.apply(&e);
-        let l = &m.listeners[&7];
+        let l = &m.listeners[&ListenerKey { sk: 7, ino: 0 }];
         assert_eq!(l.local(), "[::1]:8080");
         let f = Filters { ports: vec![8080], netns: vec![42], pids: vec![] };
         assert!(l.matches(&f));

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use backlog_common::{global, Event, EventKind};
+use backlog_common::{global, Event, EventKind, ListenerKey};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -29,6 +29,9 @@ fn scope(args: &TraceArgs) -> String {
     };
     format!("{ports} in {ns}")
 }
+
+/// Upper bound on the events one ring-buffer pass can hold (4 MiB of 112-byte records).
+const RING_EVENTS_MAX: usize = (4 << 20) / std::mem::size_of::<Event>();
 
 struct Live {
     model: Model,
@@ -59,8 +62,12 @@ impl Live {
         }
     }
 
-    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
-        while let Some(item) = rb.next() {
+    /// Handles at most `limit` events; returns whether the ring is now empty. Under
+    /// a flood the kernel refills the ring as fast as we read it, so an unbounded
+    /// drain would never return to the loop that watches for Ctrl-C.
+    fn drain_some(&mut self, rb: &mut RingBuf<MapData>, limit: usize) -> bool {
+        for _ in 0..limit {
+            let Some(item) = rb.next() else { return true };
             if item.len() < std::mem::size_of::<Event>() {
                 continue;
             }
@@ -69,6 +76,12 @@ impl Live {
             drop(item);
             self.handle(&ev);
         }
+        false
+    }
+
+    /// Everything in the ring now (a bounded amount: the ring's size).
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+        self.drain_some(rb, RING_EVENTS_MAX);
     }
 
     /// Pulls the exact per-listener counts from the kernel and releases the map
@@ -78,19 +91,19 @@ impl Live {
         self.model.unmatched_accepts = session.global(global::UNMATCHED_ACCEPT)?;
         let pending = session.enqueued_by_listener()?;
         self.model.pending_enqueued = Some(pending.values().sum::<u64>() as usize);
-        for (sk, l) in self.model.listeners.iter_mut() {
-            l.pending = pending.get(sk).copied().unwrap_or(0);
+        for (key, l) in self.model.listeners.iter_mut() {
+            l.pending = pending.get(key).copied().unwrap_or(0);
         }
-        for (sk, buckets) in session.wait_hist()? {
-            self.model.set_kernel_hist(sk, &buckets);
+        for (key, buckets) in session.wait_hist()? {
+            self.model.set_kernel_hist(key, &buckets);
         }
         let mut stats = session.stats()?;
-        let entries: Vec<(u64, Vec<_>)> =
-            stats.iter().filter_map(|r| r.ok()).map(|(sk, v)| (sk, v.iter().copied().collect())).collect();
-        for (sk, per_cpu) in entries {
-            self.model.set_kernel_stats(sk, &per_cpu);
-            if self.model.listeners.get(&sk).is_some_and(|l| l.closed) {
-                let _ = stats.remove(&sk);
+        let entries: Vec<(ListenerKey, Vec<_>)> =
+            stats.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.iter().copied().collect())).collect();
+        for (key, per_cpu) in entries {
+            self.model.set_kernel_stats(key, &per_cpu);
+            if self.model.listeners.get(&key).is_some_and(|l| l.closed) {
+                let _ = stats.remove(&key);
             }
         }
         Ok(())
@@ -136,8 +149,11 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         tokio::select! {
             guard = rb.readable_mut() => {
                 let mut guard = guard?;
-                live.drain(guard.get_inner_mut());
-                guard.clear_ready();
+                // Readiness stays set while events remain, so the loop comes back
+                // here after giving signals and timers their turn.
+                if live.drain_some(guard.get_inner_mut(), 4096) {
+                    guard.clear_ready();
+                }
             }
             _ = ticker.tick(), if live.args.interval.is_some() => {
                 live.drain(rb.get_mut());

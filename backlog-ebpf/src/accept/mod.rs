@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, LruPerCpuHashMap},
 };
-use backlog_common::{global, hist, EventKind, HistKey};
+use backlog_common::{global, hist, EventKind, HistKey, ListenerKey};
 
 use crate::kernel;
 use crate::maps;
@@ -17,7 +17,7 @@ use crate::maps;
 #[repr(C)]
 pub struct Enqueued {
     pub ts_ns: u64,
-    pub listener: u64,
+    pub listener: ListenerKey,
 }
 
 /// Queued children by socket address. LRU, so a flood of never-accepted children
@@ -36,7 +36,8 @@ pub fn enqueued(child: u64, listener: u64) {
     if !maps::port_watched(lport) {
         return;
     }
-    let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener }, 0);
+    let key = kernel::listener_key(listener, &o);
+    let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener: key }, 0);
     if let Some(s) = maps::stats(listener) {
         maps::note_queue(s, &kernel::queue_state(listener, &o));
     }
@@ -44,8 +45,8 @@ pub fn enqueued(child: u64, listener: u64) {
 
 /// Counts one wait in the listener's histogram.
 #[inline(always)]
-fn count_wait(listener: u64, wait_ns: u64) {
-    let key = HistKey { sk: listener, bucket: hist::bucket(wait_ns / 1000) as u32, _pad: 0 };
+fn count_wait(listener: ListenerKey, wait_ns: u64) {
+    let key = HistKey { listener, bucket: hist::bucket(wait_ns / 1000) as u32, _pad: 0 };
     match WAIT_HIST.get_ptr_mut(&key) {
         // SAFETY: this CPU's copy.
         Some(c) => unsafe { *c += 1 },
@@ -72,7 +73,7 @@ pub fn accepted(child: u64) {
     };
     let _ = ENQUEUED.remove(&child);
     let wait = maps::now_ns().saturating_sub(e.ts_ns);
-    if let Some(s) = maps::stats(e.listener) {
+    if let Some(s) = maps::stats(e.listener.sk) {
         // SAFETY: this CPU's copy.
         unsafe {
             (*s).accepts += 1;
@@ -84,7 +85,7 @@ pub fn accepted(child: u64) {
     }
     count_wait(e.listener, wait);
     if kernel::config().emit_accepts != 0 {
-        listener_event(EventKind::Accept, e.listener, wait);
+        listener_event(EventKind::Accept, e.listener.sk, wait);
     }
 }
 
@@ -101,9 +102,9 @@ pub fn closed(child: u64) {
         maps::count(global::UNMATCHED_ACCEPT);
         return;
     }
-    if let Some(s) = maps::stats(e.listener) {
+    if let Some(s) = maps::stats(e.listener.sk) {
         // SAFETY: this CPU's copy.
         unsafe { (*s).abandoned += 1 };
     }
-    listener_event(EventKind::Abandon, e.listener, maps::now_ns().saturating_sub(e.ts_ns));
+    listener_event(EventKind::Abandon, e.listener.sk, maps::now_ns().saturating_sub(e.ts_ns));
 }

@@ -246,7 +246,7 @@ mod tests {
     fn listeners_sharing_labels_are_summed_and_encoded() {
         let mut model = Model::default();
         for (sk, drops) in [(1u64, [3, 0, 1, 0]), (2, [2, 0, 0, 0]), (3, [5, 5, 5, 5])] {
-            let l = model.listeners.entry(sk).or_default();
+            let l = model.listeners.entry(backlog_common::ListenerKey { sk, ino: 0 }).or_default();
             l.sk = sk;
             l.port = if sk == 3 { 9090 } else { 8080 };
             l.netns = 7;

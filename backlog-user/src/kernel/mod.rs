@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{names, Config, HistKey, ListenerStats};
+use backlog_common::{names, Config, HistKey, ListenerKey, ListenerStats};
 
 use crate::cli::Mode;
 
@@ -121,30 +121,30 @@ impl Session {
         Ok(RingBuf::try_from(m)?)
     }
 
-    pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, u64, ListenerStats>> {
+    pub fn stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, ListenerKey, ListenerStats>> {
         let m = self.ebpf.map_mut(names::STATS).context("STATS map")?;
         Ok(PerCpuHashMap::try_from(m)?)
     }
 
     /// Accept-wait histograms: listener -> (bucket, count) summed over CPUs.
-    pub fn wait_hist(&self) -> Result<std::collections::HashMap<u64, Vec<(usize, u64)>>> {
+    pub fn wait_hist(&self) -> Result<std::collections::HashMap<ListenerKey, Vec<(usize, u64)>>> {
         let m = self.ebpf.map(names::WAIT_HIST).context("WAIT_HIST map")?;
         let h: PerCpuHashMap<&MapData, HistKey, u64> = PerCpuHashMap::try_from(m)?;
-        let mut out: std::collections::HashMap<u64, Vec<(usize, u64)>> = std::collections::HashMap::new();
+        let mut out: std::collections::HashMap<ListenerKey, Vec<(usize, u64)>> = std::collections::HashMap::new();
         for (k, per_cpu) in h.iter().filter_map(|r| r.ok()) {
-            out.entry(k.sk).or_default().push((k.bucket as usize, per_cpu.iter().sum()));
+            out.entry(k.listener).or_default().push((k.bucket as usize, per_cpu.iter().sum()));
         }
         Ok(out)
     }
 
     /// Children still timed as queued, counted per listener. Value layout is
-    /// backlog-ebpf's `accept::Enqueued` { ts_ns, listener }.
-    pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<u64, u64>> {
+    /// backlog-ebpf's `accept::Enqueued` { ts_ns, listener: ListenerKey }.
+    pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<ListenerKey, u64>> {
         let m = self.ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
-        let h: HashMap<&MapData, u64, [u64; 2]> = HashMap::try_from(m)?;
+        let h: HashMap<&MapData, u64, [u64; 3]> = HashMap::try_from(m)?;
         let mut out = std::collections::HashMap::new();
-        for (_, [_, listener]) in h.iter().filter_map(|r| r.ok()) {
-            *out.entry(listener).or_insert(0) += 1;
+        for (_, [_, sk, ino]) in h.iter().filter_map(|r| r.ok()) {
+            *out.entry(ListenerKey { sk, ino }).or_insert(0) += 1;
         }
         Ok(out)
     }

@@ -21,15 +21,15 @@ pub trait Output {
 }
 
 /// Each listener's (drops, accepts) at the previous interval, for rates.
-pub type Previous = std::collections::HashMap<u64, (u64, u64)>;
+pub type Previous = std::collections::HashMap<backlog_common::ListenerKey, (u64, u64)>;
 
 pub fn snapshot(listeners: &[&Listener]) -> Previous {
-    listeners.iter().map(|l| (l.sk, (l.total_drops(), l.accepts))).collect()
+    listeners.iter().map(|l| (l.key(), (l.total_drops(), l.accepts))).collect()
 }
 
 /// Per-second rates of drops and accepts since `prev`.
 pub fn rates(l: &Listener, secs: f64, prev: &Previous) -> (f64, f64) {
-    let (d, a) = prev.get(&l.sk).copied().unwrap_or((0, 0));
+    let (d, a) = prev.get(&l.key()).copied().unwrap_or((0, 0));
     ((l.total_drops().saturating_sub(d)) as f64 / secs, (l.accepts.saturating_sub(a)) as f64 / secs)
 }
 

@@ -65,6 +65,7 @@ pub struct Session {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Owners {
     pub sk: u64,
+    pub ino: u64,
     pub owners: Vec<(u32, String)>,
 }
 
@@ -273,6 +274,7 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
         }
         Record::Owners(o) => {
             b.put_u64_le(o.sk);
+            b.put_u64_le(o.ino);
             put_list(b, &o.owners, |b, (pid, comm)| {
                 b.put_u32_le(*pid);
                 put_str(b, comm);
@@ -440,6 +442,7 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
         kind::EVENT => Record::Event(get_event(b)?),
         kind::OWNERS => Record::Owners(Owners {
             sk: b.try_get_u64_le()?,
+            ino: b.try_get_u64_le()?,
             owners: get_list(b, 6, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
         }),
         kind::SYNC => Record::Sync(Sync {
@@ -514,7 +517,7 @@ pub(crate) mod tests {
                 netns: vec![4026531840],
             }),
             Record::Event(ev),
-            Record::Owners(Owners { sk: ev.sk, owners: vec![(42, "nginx".into()), (43, "nginx: worker".into())] }),
+            Record::Owners(Owners { sk: ev.sk, ino: ev.sock_ino, owners: vec![(42, "nginx".into()), (43, "nginx: worker".into())] }),
             Record::Sync(Sync {
                 ts_ns: 5,
                 lost_events: 1,

@@ -4,7 +4,7 @@ use std::io;
 use std::net::IpAddr;
 
 use anyhow::{Context, Result};
-use backlog_common::{Event, ListenerStats, AF_INET, AF_INET6};
+use backlog_common::{Event, ListenerKey, ListenerStats, AF_INET, AF_INET6};
 
 use super::format::{self, ListenerState, Owners, Phase, Record, Session, Sync};
 use super::watch::Watched;
@@ -28,8 +28,8 @@ pub struct Recorder {
     watched: Watched,
     /// What a new file after rotation must repeat to stand on its own.
     start: Option<Record>,
-    owners: HashMap<u64, Owners>,
-    states: HashMap<u64, ListenerState>,
+    owners: HashMap<ListenerKey, Owners>,
+    states: HashMap<ListenerKey, ListenerState>,
     last_sync: Sync,
     /// The first write error, returned at the next sync.
     error: Option<io::Error>,
@@ -65,8 +65,13 @@ fn state_of(l: &Listener) -> ListenerState {
     ListenerState { sk: l.sk, stats, pending: l.pending, wait }
 }
 
+/// The listener a recorded state belongs to (its stats carry the socket inode).
+pub fn state_key(s: &ListenerState) -> ListenerKey {
+    ListenerKey { sk: s.sk, ino: s.stats.sock_ino }
+}
+
 fn owners_of(l: &Listener) -> Owners {
-    Owners { sk: l.sk, owners: l.owners.iter().map(|(p, c)| (*p, c.clone())).collect() }
+    Owners { sk: l.sk, ino: l.sock_ino, owners: l.owners.iter().map(|(p, c)| (*p, c.clone())).collect() }
 }
 
 impl Recorder {
@@ -127,7 +132,7 @@ impl Recorder {
     /// Writes the listener's owners if they changed since last written. Runs
     /// for every event, so the unchanged case compares without allocating.
     fn put_owners(&mut self, l: &Listener) -> io::Result<()> {
-        let unchanged = self.owners.get(&l.sk).is_some_and(|o| {
+        let unchanged = self.owners.get(&l.key()).is_some_and(|o| {
             o.owners.len() == l.owners.len()
                 && o.owners.iter().zip(&l.owners).all(|((p, c), (lp, lc))| p == lp && c == lc)
         });
@@ -136,7 +141,7 @@ impl Recorder {
         }
         let o = owners_of(l);
         self.put(&Record::Owners(o.clone()))?;
-        self.owners.insert(l.sk, o);
+        self.owners.insert(l.key(), o);
         Ok(())
     }
 
@@ -146,7 +151,7 @@ impl Recorder {
             return Err(e);
         }
         let changed: Vec<ListenerState> =
-            model.listeners.values().map(state_of).filter(|s| self.states.get(&s.sk) != Some(s)).collect();
+            model.listeners.values().map(state_of).filter(|s| self.states.get(&state_key(s)) != Some(s)).collect();
         for l in model.listeners.values() {
             self.put_owners(l)?;
         }
@@ -161,7 +166,7 @@ impl Recorder {
         let rec = Record::Sync(self.last_sync.clone());
         self.put(&rec)?;
         for s in std::mem::take(&mut self.last_sync.listeners) {
-            self.states.insert(s.sk, s);
+            self.states.insert(state_key(&s), s);
         }
         let queues = self.watched.queues(ts_ns);
         self.put(&Record::Queues(queues))?;

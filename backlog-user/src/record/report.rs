@@ -9,11 +9,12 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use backlog_common::{DropReason, EventKind, N_REASONS};
+use backlog_common::{DropReason, EventKind, ListenerKey, N_REASONS};
 use serde_json::{json, Value};
 
 use super::format::{ListenerState, Phase, Record, Session, Snapshot, Sync};
 use super::reader::{Damage, Reader, Step};
+use super::recorder::state_key;
 use super::time::fmt_utc;
 use super::ReportArgs;
 use crate::cli::Filters;
@@ -52,14 +53,14 @@ struct Replay {
     /// Wall-clock window [since, until) in ns; None bounds are open.
     window: (Option<u64>, Option<u64>),
     /// Latest exact counters per listener, from Sync records.
-    states: HashMap<u64, ListenerState>,
+    states: HashMap<ListenerKey, ListenerState>,
     last_sync: Option<Sync>,
-    owners: HashMap<u64, BTreeMap<u32, String>>,
+    owners: HashMap<ListenerKey, BTreeMap<u32, String>>,
     /// Per listener, per second since the start of the recording.
-    timeline: HashMap<u64, BTreeMap<u64, Second>>,
+    timeline: HashMap<ListenerKey, BTreeMap<u64, Second>>,
     /// Accept-queue samples: (netns, socket inode) -> (port, per second peak).
     queues: HashMap<(u32, u64), (u16, BTreeMap<u64, u32>)>,
-    peers: HashMap<u64, HashMap<IpAddr, u64>>,
+    peers: HashMap<ListenerKey, HashMap<IpAddr, u64>>,
     start: Option<Snapshot>,
     end: Option<Snapshot>,
     /// CLOCK_MONOTONIC of the first and last timed records, to measure duration.
@@ -111,7 +112,8 @@ impl Replay {
                 if self.model.apply(&ev).is_none() {
                     return;
                 }
-                let s = self.timeline.entry(ev.sk).or_default().entry(sec).or_default();
+                let key = ListenerKey { sk: ev.sk, ino: ev.sock_ino };
+                let s = self.timeline.entry(key).or_default().entry(sec).or_default();
                 match EventKind::from_u8(ev.kind) {
                     Some(EventKind::Drop) => {
                         if let Some(r) = DropReason::from_u8(ev.reason) {
@@ -119,7 +121,7 @@ impl Replay {
                         }
                         s.queue_peak = s.queue_peak.max(ev.queue_len);
                         // Peers by address only: their ports are ephemeral.
-                        *self.peers.entry(ev.sk).or_default().entry(ip(ev.family, &ev.raddr)).or_default() += 1;
+                        *self.peers.entry(key).or_default().entry(ip(ev.family, &ev.raddr)).or_default() += 1;
                     }
                     Some(EventKind::Accept) => {
                         s.accepts += 1;
@@ -128,11 +130,11 @@ impl Replay {
                     _ => {}
                 }
             }
-            Record::Owners(o) => self.owners.entry(o.sk).or_default().extend(o.owners),
+            Record::Owners(o) => self.owners.entry(ListenerKey { sk: o.sk, ino: o.ino }).or_default().extend(o.owners),
             Record::Sync(s) => {
                 self.seen(s.ts_ns);
                 for l in &s.listeners {
-                    self.states.insert(l.sk, l.clone());
+                    self.states.insert(state_key(l), l.clone());
                 }
                 self.last_sync = Some(s);
             }
@@ -167,11 +169,11 @@ impl Replay {
     /// Without a time window, the kernel's exact counters replace what the events
     /// said, exactly as the live session does at each sync.
     fn apply_exact_counters(&mut self) {
-        for (sk, st) in &self.states {
-            self.model.set_kernel_stats(*sk, &[st.stats]);
+        for (key, st) in &self.states {
+            self.model.set_kernel_stats(*key, &[st.stats]);
             let buckets: Vec<(usize, u64)> = st.wait.iter().map(|&(b, n)| (usize::from(b), n)).collect();
-            self.model.set_kernel_hist(*sk, &buckets);
-            if let Some(l) = self.model.listeners.get_mut(sk) {
+            self.model.set_kernel_hist(*key, &buckets);
+            if let Some(l) = self.model.listeners.get_mut(key) {
                 l.pending = st.pending;
             }
         }
@@ -183,8 +185,8 @@ impl Replay {
     }
 
     fn attribute(&mut self) {
-        for (sk, owners) in &self.owners {
-            if let Some(l) = self.model.listeners.get_mut(sk) {
+        for (key, owners) in &self.owners {
+            if let Some(l) = self.model.listeners.get_mut(key) {
                 l.owners.extend(owners.iter().map(|(p, c)| (*p, c.clone())));
             }
         }
@@ -288,7 +290,7 @@ pub fn run(args: &ReportArgs) -> Result<i32> {
 fn timeline(r: &Replay, rows: &[&Listener], f: &Filters) -> BTreeMap<u64, Second> {
     let mut out: BTreeMap<u64, Second> = BTreeMap::new();
     for l in rows {
-        for (sec, s) in r.timeline.get(&l.sk).into_iter().flatten() {
+        for (sec, s) in r.timeline.get(&l.key()).into_iter().flatten() {
             out.entry(*sec).or_default().merge(s);
         }
     }
@@ -297,7 +299,7 @@ fn timeline(r: &Replay, rows: &[&Listener], f: &Filters) -> BTreeMap<u64, Second
     for ((netns, ino), (port, secs)) in &r.queues {
         let known = r.model.listeners.values().find(|l| l.netns == *netns && l.sock_ino == *ino);
         let wanted = match known {
-            Some(l) => rows.iter().any(|x| x.sk == l.sk),
+            Some(l) => rows.iter().any(|x| x.key() == l.key()),
             None => {
                 f.pids.is_empty()
                     && (f.ports.is_empty() || f.ports.contains(port))
@@ -318,7 +320,7 @@ fn timeline(r: &Replay, rows: &[&Listener], f: &Filters) -> BTreeMap<u64, Second
 fn top_peers(r: &Replay, rows: &[&Listener], n: usize) -> Vec<(IpAddr, u64)> {
     let mut all: HashMap<IpAddr, u64> = HashMap::new();
     for l in rows {
-        for (p, c) in r.peers.get(&l.sk).into_iter().flatten() {
+        for (p, c) in r.peers.get(&l.key()).into_iter().flatten() {
             *all.entry(*p).or_default() += c;
         }
     }
