@@ -10,7 +10,7 @@
 //! shims onto these functions.
 use backlog_common::AF_INET6;
 
-use super::window::{self, KIND_ACK, KIND_SYN};
+use super::window::{self, Window, KIND_ACK, KIND_SYN};
 use crate::kernel;
 
 /// Opens the window from a listener and the skb it is handling.
@@ -29,16 +29,36 @@ fn open(sk: u64, skb: u64, kind: u8) {
     window::open(sk, kind, peer, th.sport_be, th.dport_be);
 }
 
-/// Entry of tcp_v{4,6}_conn_request(sk, skb). The v6 function hands IPv4 segments
-/// to the v4 one on the same listener: the inner call keeps the window.
+/// Entry of a hooked function that handles a `kind` segment for listener `sk`.
+/// The v6 functions hand IPv4 segments to the v4 ones on the same listener: the
+/// inner call keeps the outer call's window.
 #[inline(always)]
-pub fn conn_request_entry(sk: u64, skb: u64) {
+fn enter(sk: u64, skb: u64, kind: u8) {
     if let Some(w) = window::current() {
-        if w.sk == sk && w.kind == KIND_SYN && w.decided == 0 {
+        if w.sk == sk && w.kind == kind && w.decided == 0 {
             return;
         }
     }
-    open(sk, skb, KIND_SYN);
+    open(sk, skb, kind);
+}
+
+/// Return of a hooked function: records the drop once if `dropped` says so.
+#[inline(always)]
+fn leave(kind: u8, dropped: impl FnOnce(&Window) -> bool) {
+    let Some(w) = window::current() else { return };
+    if w.kind != kind {
+        return;
+    }
+    if dropped(w) {
+        window::record_drop(w);
+    }
+    w.decided = 1;
+}
+
+/// Entry of tcp_v{4,6}_conn_request(sk, skb).
+#[inline(always)]
+pub fn conn_request_entry(sk: u64, skb: u64) {
+    enter(sk, skb, KIND_SYN);
 }
 
 /// Entry of tcp_make_synack: the SYN is admitted.
@@ -51,41 +71,23 @@ pub fn send_synack() {
     }
 }
 
-/// Return of tcp_v{4,6}_conn_request.
+/// Return of tcp_v{4,6}_conn_request: dropped if no SYN-ACK was built and the
+/// listener's drop counter moved.
 #[inline(always)]
 pub fn conn_request_exit() {
-    let Some(w) = window::current() else { return };
-    if w.kind != KIND_SYN {
-        return;
-    }
-    if w.admitted == 0 && window::drops_moved(w) {
-        window::record_drop(w);
-    }
-    w.decided = 1;
+    leave(KIND_SYN, |w| w.admitted == 0 && window::drops_moved(w));
 }
 
 /// Entry of tcp_v{4,6}_syn_recv_sock(sk, skb, ...).
 #[inline(always)]
 pub fn syn_recv_entry(sk: u64, skb: u64) {
-    if let Some(w) = window::current() {
-        if w.sk == sk && w.kind == KIND_ACK && w.decided == 0 {
-            return;
-        }
-    }
-    open(sk, skb, KIND_ACK);
+    enter(sk, skb, KIND_ACK);
 }
 
-/// Return of tcp_v{4,6}_syn_recv_sock. The window stays open after a success: the
-/// child turns ESTABLISHED a moment later and the accept timing wants the listener
-/// (window::take_ack_listener closes it then).
+/// Return of tcp_v{4,6}_syn_recv_sock: NULL is a listen drop. The window stays open
+/// after a success: the child turns ESTABLISHED a moment later and the accept timing
+/// wants the listener (window::take_ack_listener closes it then).
 #[inline(always)]
 pub fn syn_recv_exit(child: u64) {
-    let Some(w) = window::current() else { return };
-    if w.kind != KIND_ACK {
-        return;
-    }
-    if child == 0 {
-        window::record_drop(w);
-    }
-    w.decided = 1;
+    leave(KIND_ACK, |_| child == 0);
 }
