@@ -27,6 +27,8 @@ pub const GUEST_DIR: &str = "/run/backlog-vm";
 pub const GUEST_OUT: &str = "/run/backlog-vm/out";
 pub const ROOT_TAG: &str = "hostroot";
 pub const OUT_TAG: &str = "vmout";
+/// The workspace, mounted over its own path by the run script (see qemu::Boot).
+pub const WORKSPACE_TAG: &str = "workspace";
 
 /// Builds the initramfs (uncompressed newc cpio) for a kernel whose modules live in
 /// `<modules_root>/lib/modules/<release>`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::initramfs::{OUT_TAG, ROOT_TAG};
+use crate::initramfs::{OUT_TAG, ROOT_TAG, WORKSPACE_TAG};
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -16,6 +16,9 @@ pub struct Boot<'a> {
     pub initramfs: &'a Path,
     /// Shared read-write with the guest; receives console.log and exit-status.
     pub out_dir: &'a Path,
+    /// The workspace, shared read-only again on its own: the guest's tmpfs /tmp, /run
+    /// and /dev/shm would hide a checkout that lives under them (CI clones to /tmp).
+    pub workspace: &'a Path,
     pub timeout: Duration,
     /// Console on this terminal (vm-shell) instead of out_dir/console.log.
     pub interactive: bool,
@@ -56,6 +59,11 @@ impl Boot<'_> {
             .arg(format!(
                 "local,path={},mount_tag={OUT_TAG},security_model=none,multidevs=remap",
                 virtfs_path(self.out_dir)?.display()
+            ))
+            .arg("-virtfs")
+            .arg(format!(
+                "local,path={},mount_tag={WORKSPACE_TAG},security_model=none,readonly=on,multidevs=remap",
+                virtfs_path(self.workspace)?.display()
             ))
             .arg("-serial");
         if self.interactive {

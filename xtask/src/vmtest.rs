@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::initramfs::{self, GUEST_DIR, GUEST_OUT};
+use crate::initramfs::{self, GUEST_DIR, GUEST_OUT, WORKSPACE_TAG};
 use crate::kernels::{Kernels, Series};
 use crate::qemu::{self, Boot, Outcome};
 
@@ -85,7 +85,14 @@ impl<'a> Vm<'a> {
         fs::create_dir_all(&out_dir)?;
         fs::write(out_dir.join("run.sh"), run_script(self.workspace, &kernel.release, mode, command))?;
         let boot =
-            Boot { vmlinux: &kernel.vmlinux, initramfs: &kernel.initramfs, out_dir: &out_dir, timeout, interactive };
+            Boot {
+                vmlinux: &kernel.vmlinux,
+                initramfs: &kernel.initramfs,
+                out_dir: &out_dir,
+                workspace: self.workspace,
+                timeout,
+                interactive,
+            };
         let result = boot.run();
         Ok((out_dir, result))
     }
@@ -169,7 +176,13 @@ fn check_command(workspace: &Path, command: &[String]) -> Result<()> {
 fn run_script(workspace: &Path, release: &str, mode: &str, command: &[String]) -> String {
     let mut s = String::from("set -u\n");
     let _ = writeln!(s, "cut -d' ' -f1 /proc/uptime > {GUEST_OUT}/boot-seconds");
-    let _ = writeln!(s, "cd {} || exit 125", quote(&workspace.to_string_lossy()));
+    let ws = quote(&workspace.to_string_lossy());
+    // The workspace may sit under a path the guest mounted a tmpfs over (/tmp).
+    let _ = writeln!(
+        s,
+        "mkdir -p {ws} && mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000 {WORKSPACE_TAG} {ws} || exit 125"
+    );
+    let _ = writeln!(s, "cd {ws} || exit 125");
     // Pass through the logging knobs and any BACKLOG_* setting of the caller.
     for (k, v) in std::env::vars() {
         if k.starts_with("BACKLOG_") || k == "RUST_LOG" || k == "RUST_BACKTRACE" || k == "TERM" {
