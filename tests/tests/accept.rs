@@ -139,7 +139,13 @@ impl Drop for Running {
 /// harness's Tracer cannot serve here: it always adds --json and its summary
 /// type omits the accept fields.
 fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) -> Vec<String> {
+    traced_sub(&[], namespaces, extra, workload)
+}
+
+/// `traced` with a subcommand (e.g. `record -o FILE`) before the options.
+fn traced_sub(sub: &[&str], namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) -> Vec<String> {
     let mut cmd = tracer_command();
+    cmd.args(sub);
     for ns in namespaces {
         cmd.args(["--netns", ns.name()]);
     }
@@ -359,10 +365,15 @@ fn not_matching(pattern: &str, lines: &[&str]) -> Vec<String> {
 fn hist_in_json_and_text() {
     let ns = Netns::new("hist");
     let spec = Spec { addr: "127.0.0.1", clients: 20, accept: "blocking", interval_ms: 10 };
-    let (mut measured, mut text) = (None, Vec::new());
-    // Both tracers watch the same connections, so their histograms must agree.
-    let json = traced(&[&ns], &["--json", "--hist"], || {
-        text = traced(&[&ns], &["--hist"], || measured = Some(Acceptor::start(&ns, &spec).finish()));
+    let recording = scratch_path("hist-recording");
+    let rec = recording.to_string_lossy().into_owned();
+    let mut measured = None;
+    // One tracer, two renderings of one histogram: the live JSON summary, and the
+    // text report of what the same session recorded. (Two tracers side by side
+    // time each connection at their own hook runs, which under emulation can put
+    // one wait in neighbouring buckets.)
+    let json = traced_sub(&["record", "-o", &rec], &[&ns], &["--json", "--hist"], || {
+        measured = Some(Acceptor::start(&ns, &spec).finish())
     });
     let l = summary_listener(&json, &ns);
     assert_all_timed(&l, &measured.expect("workload ran"), &spec);
@@ -370,6 +381,10 @@ fn hist_in_json_and_text() {
     assert!(buckets.iter().all(|(lo, hi, n)| lo < hi && *n > 0), "{buckets:?}");
     assert_eq!(buckets.iter().map(|b| b.2).sum::<u64>(), l.accepts, "{buckets:?}");
 
+    let report = tracer_command().args(["report", &rec, "--hist"]).output().expect("run backlog-trace report");
+    let _ = std::fs::remove_file(&recording);
+    assert!(report.status.success(), "report failed: {}", String::from_utf8_lossy(&report.stderr));
+    let text: Vec<String> = String::from_utf8_lossy(&report.stdout).lines().map(String::from).collect();
     let header = format!("@accept_wait_us[{}, netns {}]:", l.local, l.netns);
     let start = text.iter().position(|s| *s == header).unwrap_or_else(|| {
         panic!("no line {header:?} in the text output:\n{}", text.join("\n"));
