@@ -63,7 +63,9 @@ pub fn config() -> Config {
 
 pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_RECV: u8 = 3;
+pub const TCP_FIN_WAIT1: u8 = 4;
 pub const TCP_CLOSE: u8 = 7;
+pub const TCP_LAST_ACK: u8 = 9;
 pub const TCP_LISTEN: u8 = 10;
 
 /// The `T` at `base + off` in kernel memory, or zeroes if it cannot be read.

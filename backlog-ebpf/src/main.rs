@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 
 use crate::drops::{functions, tracepoint as tp, window};
-use crate::kernel::{TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV};
+use crate::kernel::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV};
 
 // ---- every mode: socket state changes and listen() ----
 
@@ -34,12 +34,21 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
     if old == TCP_LISTEN || old == TCP_SYN_RECV && new == TCP_CLOSE {
         window::on_child_state(old, new);
     }
-    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        // The child is on its listener's accept queue now.
-        if let Some(listener) = window::take_ack_listener(sk) {
+    if old == TCP_LISTEN && new == TCP_SYN_RECV {
+        // A child born from a final ACK joins its listener's accept queue next
+        // (inet_csk_complete_hashdance). Timing it here, not when it turns
+        // ESTABLISHED, keeps an accept() on another CPU from taking it first.
+        if let Some(listener) = window::ack_listener(sk) {
             accept::enqueued(sk, listener);
         }
-    } else if new == TCP_CLOSE {
+    } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+        window::finish_ack(sk);
+    } else if old == TCP_SYN_RECV && new == TCP_CLOSE {
+        // Died before it was queued (syn_recv_sock failed after cloning).
+        accept::forget(sk);
+    } else if new == TCP_CLOSE || new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK {
+        // Closed by the peer or by us; FIN_WAIT1 and LAST_ACK mean an owner
+        // closed it, so it was accepted.
         accept::closed(sk);
     }
     0

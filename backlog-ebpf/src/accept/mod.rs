@@ -89,9 +89,15 @@ pub fn accepted(child: u64) {
     }
 }
 
-/// `child` is closing. If it is still on a queue it was never accepted (listener
-/// closed, peer reset); if it has a `struct socket` it was accepted by a path we do
-/// not see (io_uring, in-kernel accept).
+/// `child` died before it reached the accept queue: not a wait, not abandoned.
+#[inline(always)]
+pub fn forget(child: u64) {
+    let _ = ENQUEUED.remove(&child);
+}
+
+/// `child` is closing or being closed. If it is still timed and has no `struct
+/// socket`, it left the queue unaccepted (listener closed, peer reset); if it has one
+/// it was accepted by a path we do not see (io_uring, in-kernel accept).
 #[inline(always)]
 pub fn closed(child: u64) {
     // SAFETY: plain value copy out of the map.

@@ -84,9 +84,8 @@ pub fn syn_recv_entry(sk: u64, skb: u64) {
     enter(sk, skb, KIND_ACK);
 }
 
-/// Return of tcp_v{4,6}_syn_recv_sock: NULL is a listen drop. The window stays open
-/// after a success: the child turns ESTABLISHED a moment later and the accept timing
-/// wants the listener (window::take_ack_listener closes it then).
+/// Return of tcp_v{4,6}_syn_recv_sock: NULL is a listen drop. After a success the
+/// window stays open until the child turns ESTABLISHED (window::finish_ack).
 #[inline(always)]
 pub fn syn_recv_exit(child: u64) {
     leave(KIND_ACK, |_| child == 0);

@@ -83,23 +83,32 @@ pub fn current() -> Option<&'static mut Window> {
     Some(w)
 }
 
-/// A child turned ESTABLISHED: if this CPU is handling a final ACK for a listener on
-/// the child's port, the child has just been put on that listener's accept queue.
-/// That ends the ACK's story, so the window closes (an admitted ACK is freed by
-/// __kfree_skb, which no tracepoint reports).
+/// The open ACK window of this CPU if it belongs to `child`'s listener (same port).
 #[inline(always)]
-pub fn take_ack_listener(child: u64) -> Option<u64> {
+fn ack_window(child: u64) -> Option<&'static mut Window> {
     let w = current()?;
     if w.kind != KIND_ACK {
         return None;
     }
     let o = kernel::offsets();
     let port = |sk| kernel::read::<u16>(sk, o.skc_num);
-    if port(child) != port(w.sk) {
-        return None;
+    (port(child) == port(w.sk)).then_some(w)
+}
+
+/// A child was just born from a final ACK: the listener whose ACK this CPU is
+/// handling, which is about to queue it.
+#[inline(always)]
+pub fn ack_listener(child: u64) -> Option<u64> {
+    ack_window(child).map(|w| w.sk)
+}
+
+/// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
+/// (an admitted ACK is freed by __kfree_skb, which no tracepoint reports).
+#[inline(always)]
+pub fn finish_ack(child: u64) {
+    if let Some(w) = ack_window(child) {
+        w.open = 0;
     }
-    w.open = 0;
-    Some(w.sk)
 }
 
 /// inet_sock_set_state: a child socket born (or dying at birth) while a final ACK is
