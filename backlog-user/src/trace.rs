@@ -66,8 +66,12 @@ impl Live {
     /// a flood the kernel refills the ring as fast as we read it, so an unbounded
     /// drain would never return to the loop that watches for Ctrl-C.
     fn drain_some(&mut self, rb: &mut RingBuf<MapData>, limit: usize) -> bool {
+        let mut emptied = false;
         for _ in 0..limit {
-            let Some(item) = rb.next() else { return true };
+            let Some(item) = rb.next() else {
+                emptied = true;
+                break;
+            };
             if item.len() < std::mem::size_of::<Event>() {
                 continue;
             }
@@ -76,7 +80,8 @@ impl Live {
             drop(item);
             self.handle(&ev);
         }
-        false
+        crate::output::flush();
+        emptied
     }
 
     /// Everything in the ring now (a bounded amount: the ring's size).
@@ -126,12 +131,14 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
     let mut rb = unsafe { AsyncFd::register(session.take_events()?) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
     let mut live = Live { model: Model::default(), owners: Resolver::new(Duration::from_millis(500)), out, clock: Clock::now(), args, sinks };
-    live.owners.refresh();
     let scope = scope(&live.args);
     live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope);
     for s in &mut live.sinks {
         s.started(session.mode, &session.kernel, &scope)?;
     }
+    // The first /proc pass (~150 ms on a busy host) after the start line, not before:
+    // everything is attached already, and events wait in the ring meanwhile.
+    live.owners.refresh();
 
     let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt())?;

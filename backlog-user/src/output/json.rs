@@ -2,7 +2,7 @@
 use backlog_common::{hist, DropReason, Event};
 use serde_json::{json, Value};
 
-use super::{emit, rates, Output, Previous};
+use super::{emit, emit_batched, rates, Output, Previous};
 use crate::model::{fmt_sockaddr, ip, Listener, Model};
 
 pub struct Json;
@@ -55,7 +55,7 @@ impl Output for Json {
 
     fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener) {
         let reason = DropReason::from_u8(ev.reason).map_or("other", DropReason::name);
-        emit(
+        emit_batched(
             &json!({
                 "type": "drop",
                 "ts_ns": wall_ns,

@@ -2,7 +2,7 @@
 //! bcc/bpftrace-style histograms.
 use backlog_common::{hist, DropReason, Event};
 
-use super::{emit, rates, Output, Previous};
+use super::{emit, emit_batched, rates, Output, Previous};
 use crate::model::{fmt_sockaddr, ip, Listener, Model};
 
 pub struct Text;
@@ -133,7 +133,7 @@ impl Output for Text {
 
     fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener) {
         let reason = DropReason::from_u8(ev.reason).map_or("other", DropReason::name);
-        emit(&format!(
+        emit_batched(&format!(
             "{} UTC  {:<22} <- {:<24} {:<18} queue {}/{}  syn {}  netns {}  {}",
             clock(wall_ns),
             l.local(),
