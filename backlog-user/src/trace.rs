@@ -121,6 +121,10 @@ impl Live {
 
 /// Runs the tracer until Ctrl-C, SIGTERM or --duration; returns the exit code.
 pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> {
+    // Handlers first: whoever reads the start line may signal us at once, and the
+    // default action would end the process without detaching or summarising.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     if let Some(addr) = args.prometheus {
         sinks.push(Box::new(crate::export::Prometheus::serve(addr, args.filters.clone()).await?));
     }
@@ -141,8 +145,6 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
     live.owners.refresh();
 
     let started = Instant::now();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = live.args.duration.map(|d| tokio::time::Instant::now() + d);
     let period = live.args.interval.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
