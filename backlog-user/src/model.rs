@@ -134,6 +134,9 @@ pub fn ip(family: u16, bytes: &[u8; 16]) -> IpAddr {
 pub struct Model {
     pub listeners: BTreeMap<ListenerKey, Listener>,
     pub lost_events: u64,
+    /// Program runs the kernel skipped (recursion on a CPU): drops they would
+    /// have seen are missing from the counts.
+    pub missed_runs: u64,
     /// accept()s of children never seen queued (tracer started later, LRU eviction,
     /// accepts by paths the tracer cannot see).
     pub unmatched_accepts: u64,

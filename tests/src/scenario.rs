@@ -161,11 +161,14 @@ impl Run {
             ns.name(),
             self.summary()
         );
+        let s = self.summary();
         assert_eq!(
             drops,
             d.get("ListenDrops"),
-            "drops vs ListenDrops in {} (kernel deltas: {d}): {ls:#?}",
-            ns.name()
+            "drops vs ListenDrops in {} (kernel deltas: {d}; tracer: {} lost events, {} skipped program runs): {ls:#?}",
+            ns.name(),
+            s.lost_events,
+            s.missed_runs
         );
         assert_eq!(
             overflows,

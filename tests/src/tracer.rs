@@ -41,6 +41,8 @@ impl Listener {
 pub struct Summary {
     pub listeners: Vec<Listener>,
     pub lost_events: u64,
+    /// Program runs the kernel skipped (recursion on one CPU).
+    pub missed_runs: u64,
 }
 
 /// One `{"type":"drop",...}` line.

@@ -6,6 +6,7 @@
 mod btf;
 pub mod env;
 mod functions;
+mod progstats;
 mod tracepoint;
 
 use anyhow::{bail, Context, Result};
@@ -147,6 +148,11 @@ impl Session {
             *out.entry(ListenerKey { sk, ino }).or_insert(0) += 1;
         }
         Ok(out)
+    }
+
+    /// Runs of our programs the kernel skipped (see progstats).
+    pub fn missed_runs(&self) -> u64 {
+        progstats::total_misses(&self.ebpf)
     }
 
     /// Sum over CPUs of one global counter.

@@ -105,6 +105,7 @@ impl Output for Json {
                 "duration_s": secs,
                 "listeners": rows,
                 "lost_events": model.lost_events,
+                "missed_runs": model.missed_runs,
                 "unmatched_accepts": model.unmatched_accepts,
                 "pending_enqueued": model.pending_enqueued,
             })

@@ -175,6 +175,12 @@ impl Output for Text {
         if model.lost_events > 0 {
             emit(&format!("{} events lost (ring buffer full); per-listener counts are exact", model.lost_events));
         }
+        if model.missed_runs > 0 {
+            emit(&format!(
+                "{} program runs skipped by the kernel (a run of the same program was already active on that CPU): counts may be short",
+                model.missed_runs
+            ));
+        }
     }
 }
 
