@@ -48,17 +48,26 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 #[no_mangle]
 static CONFIG: Config = Config { filter_ports: 0, listen_backlog_off: 24, accept_ret_off: 16, emit_accepts: 0 };
 
+/// The offsets, read in place. The pointer is laundered through a volatile stack
+/// slot so the compiler cannot fold the zero initialiser into the loads, while each
+/// field is still loaded alone: a volatile read of the whole struct copied every
+/// field onto the stack at every call site. The verifier still sees constants, since
+/// .rodata is a frozen read-only map.
 #[inline(always)]
-pub fn offsets() -> KernelOffsets {
-    // SAFETY: a plain read of a .rodata global; volatile so the compiler does not
-    // fold the zero initialiser in.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+pub fn offsets() -> &'static KernelOffsets {
+    launder(&OFFSETS)
 }
 
 #[inline(always)]
-pub fn config() -> Config {
-    // SAFETY: as above.
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+pub fn config() -> &'static Config {
+    launder(&CONFIG)
+}
+
+#[inline(always)]
+fn launder<T>(r: &'static T) -> &'static T {
+    let p: *const T = r;
+    // SAFETY: reads back the pointer just stored; it points at a 'static global.
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 pub const TCP_ESTABLISHED: u8 = 1;
