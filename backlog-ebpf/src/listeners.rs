@@ -50,7 +50,7 @@ pub fn on_state(sk: u64, old: u8, new: u8) {
         }
         let _ = LISTEN_ARGS.remove(&pid_tgid);
     }
-    maps::emit_listener_event(kind, sk, &o, |ev| {
+    maps::emit_listener_event(kind, &kernel::listener_key(sk, o), o, |ev| {
         ev.pid = (pid_tgid >> 32) as u32;
         ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
         ev.requested_backlog = requested;

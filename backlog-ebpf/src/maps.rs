@@ -43,12 +43,13 @@ pub fn port_watched(port: u16) -> bool {
 }
 
 /// This CPU's counters for a listener, created on first use with the listener's
-/// identity filled in.
+/// identity filled in. Callers that already hold the listener's key pass it: it
+/// costs four dependent reads (sock -> socket -> file -> inode).
 #[inline(always)]
-pub fn stats(sk: u64) -> Option<*mut ListenerStats> {
+pub fn stats(key: &ListenerKey) -> Option<*mut ListenerStats> {
     let o = kernel::offsets();
-    let key = kernel::listener_key(sk, &o);
-    if let Some(p) = STATS.get_ptr_mut(&key) {
+    let sk = key.sk;
+    if let Some(p) = STATS.get_ptr_mut(key) {
         return Some(p);
     }
     let (family, laddr, lport) = kernel::local_addr(sk, &o);
@@ -60,11 +61,11 @@ pub fn stats(sk: u64) -> Option<*mut ListenerStats> {
         laddr,
         ..ListenerStats::default()
     };
-    if STATS.insert(&key, &fresh, 0).is_err() {
+    if STATS.insert(key, &fresh, 0).is_err() {
         count(global::STATS_FULL);
         return None;
     }
-    STATS.get_ptr_mut(&key)
+    STATS.get_ptr_mut(key)
 }
 
 /// Folds an observation of the listener's accept queue into this CPU's stats.
@@ -85,7 +86,8 @@ pub fn note_queue(s: *mut ListenerStats, q: &kernel::QueueState) {
 /// on the 512-byte BPF stack crowds out everything else). A full ring buffer is
 /// counted, never silent.
 #[inline(always)]
-pub fn emit_listener_event(kind: EventKind, sk: u64, o: &KernelOffsets, fill: impl FnOnce(&mut Event)) {
+pub fn emit_listener_event(kind: EventKind, key: &ListenerKey, o: &KernelOffsets, fill: impl FnOnce(&mut Event)) {
+    let sk = key.sk;
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         count(global::LOST_EVENTS);
         return;
@@ -99,7 +101,7 @@ pub fn emit_listener_event(kind: EventKind, sk: u64, o: &KernelOffsets, fill: im
     unsafe { core::ptr::write_bytes(ev as *mut Event, 0, 1) };
     ev.ts_ns = now_ns();
     ev.sk = sk;
-    ev.sock_ino = kernel::socket_inode(sk, o);
+    ev.sock_ino = key.ino;
     ev.netns = kernel::netns_inum(kernel::sk_net(sk, o), o);
     ev.kind = kind as u8;
     ev.family = family;

@@ -38,7 +38,7 @@ pub fn enqueued(child: u64, listener: u64) {
     }
     let key = kernel::listener_key(listener, &o);
     let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener: key }, 0);
-    if let Some(s) = maps::stats(listener) {
+    if let Some(s) = maps::stats(&key) {
         maps::note_queue(s, &kernel::queue_state(listener, &o));
     }
 }
@@ -57,8 +57,8 @@ fn count_wait(listener: ListenerKey, wait_ns: u64) {
 }
 
 #[inline(always)]
-fn listener_event(kind: EventKind, listener: u64, value: u64) {
-    maps::emit_listener_event(kind, listener, &kernel::offsets(), |ev| ev.value = value);
+fn listener_event(kind: EventKind, listener: &ListenerKey, value: u64) {
+    maps::emit_listener_event(kind, listener, kernel::offsets(), |ev| ev.value = value);
 }
 
 /// accept() returned `child`.
@@ -73,7 +73,7 @@ pub fn accepted(child: u64) {
     };
     let _ = ENQUEUED.remove(&child);
     let wait = maps::now_ns().saturating_sub(e.ts_ns);
-    if let Some(s) = maps::stats(e.listener.sk) {
+    if let Some(s) = maps::stats(&e.listener) {
         // SAFETY: this CPU's copy.
         unsafe {
             (*s).accepts += 1;
@@ -85,7 +85,7 @@ pub fn accepted(child: u64) {
     }
     count_wait(e.listener, wait);
     if kernel::config().emit_accepts != 0 {
-        listener_event(EventKind::Accept, e.listener.sk, wait);
+        listener_event(EventKind::Accept, &e.listener, wait);
     }
 }
 
@@ -108,9 +108,9 @@ pub fn closed(child: u64) {
         maps::count(global::UNMATCHED_ACCEPT);
         return;
     }
-    if let Some(s) = maps::stats(e.listener.sk) {
+    if let Some(s) = maps::stats(&e.listener) {
         // SAFETY: this CPU's copy.
         unsafe { (*s).abandoned += 1 };
     }
-    listener_event(EventKind::Abandon, e.listener.sk, maps::now_ns().saturating_sub(e.ts_ns));
+    listener_event(EventKind::Abandon, &e.listener, maps::now_ns().saturating_sub(e.ts_ns));
 }

@@ -7,7 +7,7 @@ pub mod window;
 
 use backlog_common::{DropReason, EventKind, KernelOffsets};
 
-use crate::kernel::QueueState;
+use crate::kernel::{self, QueueState};
 use crate::maps;
 
 /// Why a SYN was dropped, from the listener's queues at that moment. Mirrors the
@@ -45,13 +45,14 @@ pub struct Peer {
 /// Counts the drop in the listener's per-CPU stats and emits an event.
 #[inline(always)]
 pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
-    if let Some(s) = maps::stats(sk) {
+    let key = kernel::listener_key(sk, o);
+    if let Some(s) = maps::stats(&key) {
         // SAFETY: this CPU's copy of the value; tracing programs do not nest on one CPU
         // for the same hook.
         unsafe { (*s).drops[reason as usize] += 1 };
         maps::note_queue(s, q);
     }
-    maps::emit_listener_event(EventKind::Drop, sk, o, |ev| {
+    maps::emit_listener_event(EventKind::Drop, &key, o, |ev| {
         ev.reason = reason as u8;
         ev.rport = peer.port;
         ev.raddr = peer.addr;
