@@ -23,7 +23,6 @@ pub struct Window {
     pub opened_ns: u64,
     pub drops_before: u32,
     pub ack_backlog: u32,
-    pub max_ack_backlog: u32,
     pub syn_qlen: u32,
     /// The segment's TCP ports, raw (network order), as the peer sent them.
     pub sport_be: u16,
@@ -34,7 +33,6 @@ pub struct Window {
     /// The outcome was recorded (IPv4-mapped segments pass through both the v6 and
     /// the v4 functions; only the first decision counts).
     pub decided: u8,
-    pub syncookies: u8,
     pub peer: [u8; 16],
 }
 
@@ -50,21 +48,20 @@ fn slot() -> Option<&'static mut Window> {
 /// Opens this CPU's window on `sk` for a segment from `peer` with the given ports.
 #[inline(always)]
 pub fn open(sk: u64, kind: u8, peer: [u8; 16], sport_be: u16, dport_be: u16) {
+    // Only what can change before the kernel decides is read now; the limit and the
+    // syncookies sysctl are read if there is a drop to classify.
     let o = kernel::offsets();
-    let q = kernel::queue_state(sk, &o);
     let Some(w) = slot() else { return };
     w.sk = sk;
     w.opened_ns = maps::now_ns();
-    w.drops_before = kernel::sk_drops(sk, &o);
-    w.ack_backlog = q.ack_backlog;
-    w.max_ack_backlog = q.max_ack_backlog;
-    w.syn_qlen = q.syn_qlen;
+    w.drops_before = kernel::sk_drops(sk, o);
+    w.ack_backlog = kernel::read::<u32>(sk, o.sk_ack_backlog);
+    w.syn_qlen = kernel::read::<u32>(sk, o.icsk_accept_queue_qlen);
     w.sport_be = sport_be;
     w.dport_be = dport_be;
     w.kind = kind;
     w.admitted = 0;
     w.decided = 0;
-    w.syncookies = kernel::syncookies(kernel::sk_net(sk, &o), &o);
     w.peer = peer;
     w.open = 1;
 }
@@ -154,9 +151,14 @@ pub fn record_drop(w: &mut Window) {
     }
     w.decided = 1;
     let q = queues_at_drop(w);
-    let reason = if w.kind == KIND_SYN { super::classify_syn(&q, w.syncookies) } else { super::classify_ack(&q) };
+    let o = kernel::offsets();
+    let reason = if w.kind == KIND_SYN {
+        super::classify_syn(&q, kernel::syncookies(kernel::sk_net(w.sk, o), o))
+    } else {
+        super::classify_ack(&q)
+    };
     let peer = super::Peer { addr: w.peer, port: u16::from_be(w.sport_be) };
-    super::record(w.sk, reason, &q, &peer, &kernel::offsets());
+    super::record(w.sk, reason, &q, &peer, o);
 }
 
 #[inline(always)]
