@@ -74,6 +74,7 @@ pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_RECV: u8 = 3;
 pub const TCP_FIN_WAIT1: u8 = 4;
 pub const TCP_CLOSE: u8 = 7;
+pub const TCP_CLOSE_WAIT: u8 = 8;
 pub const TCP_LAST_ACK: u8 = 9;
 pub const TCP_LISTEN: u8 = 10;
 

@@ -18,7 +18,9 @@ use aya_ebpf::{
 };
 
 use crate::drops::{functions, tracepoint as tp, window};
-use crate::kernel::{TCP_CLOSE, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV};
+use crate::kernel::{
+    TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV,
+};
 
 // ---- every mode: socket state changes and listen() ----
 
@@ -31,25 +33,27 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
         listeners::on_state(sk, old, new);
         return 0;
     }
-    if old == TCP_LISTEN || old == TCP_SYN_RECV && new == TCP_CLOSE {
-        window::on_child_state(old, new);
-    }
-    if old == TCP_LISTEN && new == TCP_SYN_RECV {
-        // A child born from a final ACK joins its listener's accept queue next
-        // (inet_csk_complete_hashdance). Timing it here, not when it turns
-        // ESTABLISHED, keeps an accept() on another CPU from taking it first.
-        if let Some(listener) = window::ack_listener(sk) {
-            accept::enqueued(sk, listener);
+    match (old, new) {
+        (TCP_LISTEN, TCP_SYN_RECV) => {
+            // A child born from a final ACK joins its listener's accept queue next
+            // (inet_csk_complete_hashdance). Timing it here, not when it turns
+            // ESTABLISHED, keeps an accept() on another CPU from taking it first.
+            if let Some(listener) = window::child_born(sk) {
+                accept::enqueued(sk, listener);
+            }
         }
-    } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        window::finish_ack(sk);
-    } else if old == TCP_SYN_RECV && new == TCP_CLOSE {
-        // Died before it was queued (syn_recv_sock failed after cloning).
-        accept::forget(sk);
-    } else if new == TCP_CLOSE || new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK {
-        // Closed by the peer or by us; FIN_WAIT1 and LAST_ACK mean an owner
-        // closed it, so it was accepted.
-        accept::closed(sk);
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => window::finish_ack(sk),
+        (TCP_SYN_RECV, TCP_CLOSE) => {
+            // Died before it was queued (syn_recv_sock failed after cloning).
+            window::child_died();
+            accept::forget(sk);
+        }
+        // A queued child is ESTABLISHED or CLOSE_WAIT; leaving those states for
+        // CLOSE (reset, listener closed) or FIN_WAIT1 / LAST_ACK (an owner closed
+        // it, so it was accepted) ends its time in the queue. Sockets leaving any
+        // other state were never queued or were seen leaving already.
+        (TCP_ESTABLISHED | TCP_CLOSE_WAIT, TCP_CLOSE | TCP_FIN_WAIT1 | TCP_LAST_ACK) => accept::closed(sk),
+        _ => {}
     }
     0
 }

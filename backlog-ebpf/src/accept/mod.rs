@@ -32,8 +32,7 @@ static WAIT_HIST: LruPerCpuHashMap<HistKey, u64> = LruPerCpuHashMap::with_max_en
 #[inline(always)]
 pub fn enqueued(child: u64, listener: u64) {
     let o = kernel::offsets();
-    let lport = kernel::read::<u16>(listener, o.skc_num);
-    if !maps::port_watched(lport) {
+    if kernel::config().filter_ports != 0 && !maps::port_watched(kernel::read::<u16>(listener, o.skc_num)) {
         return;
     }
     let key = kernel::listener_key(listener, &o);

@@ -80,48 +80,45 @@ pub fn current() -> Option<&'static mut Window> {
     Some(w)
 }
 
-/// The open ACK window of this CPU if it belongs to `child`'s listener (same port).
+/// Whether `child` belongs to the listener of window `w` (same local port).
 #[inline(always)]
-fn ack_window(child: u64) -> Option<&'static mut Window> {
+fn owns(w: &Window, child: u64) -> bool {
+    let o = kernel::offsets();
+    kernel::read::<u16>(child, o.skc_num) == kernel::read::<u16>(w.sk, o.skc_num)
+}
+
+/// inet_sock_set_state LISTEN -> SYN_RECV: a child was born from the final ACK this
+/// CPU is handling, which admits it (tracepoint mode's signal; harmless in the
+/// others). Returns the listener, which is about to queue the child.
+#[inline(always)]
+pub fn child_born(child: u64) -> Option<u64> {
     let w = current()?;
     if w.kind != KIND_ACK {
         return None;
     }
-    let o = kernel::offsets();
-    let port = |sk| kernel::read::<u16>(sk, o.skc_num);
-    (port(child) == port(w.sk)).then_some(w)
+    w.admitted = 1;
+    owns(w, child).then_some(w.sk)
 }
 
-/// A child was just born from a final ACK: the listener whose ACK this CPU is
-/// handling, which is about to queue it.
+/// inet_sock_set_state SYN_RECV -> CLOSE: tcp_v4_syn_recv_sock() failed after
+/// cloning; the child is destroyed and the kernel counts a listen drop.
 #[inline(always)]
-pub fn ack_listener(child: u64) -> Option<u64> {
-    ack_window(child).map(|w| w.sk)
+pub fn child_died() {
+    if let Some(w) = current() {
+        if w.kind == KIND_ACK {
+            w.admitted = 0;
+        }
+    }
 }
 
 /// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
 /// (an admitted ACK is freed by __kfree_skb, which no tracepoint reports).
 #[inline(always)]
 pub fn finish_ack(child: u64) {
-    if let Some(w) = ack_window(child) {
-        w.open = 0;
-    }
-}
-
-/// inet_sock_set_state: a child socket born (or dying at birth) while a final ACK is
-/// handled. Used by tracepoint mode; harmless in the others.
-#[inline(always)]
-pub fn on_child_state(old: u8, new: u8) {
-    let Some(w) = current() else { return };
-    if w.kind != KIND_ACK {
-        return;
-    }
-    if old == kernel::TCP_LISTEN && new == kernel::TCP_SYN_RECV {
-        w.admitted = 1;
-    } else if old == kernel::TCP_SYN_RECV && new == kernel::TCP_CLOSE {
-        // tcp_v4_syn_recv_sock() failed after cloning: the child is destroyed and
-        // the kernel counts a listen drop.
-        w.admitted = 0;
+    if let Some(w) = current() {
+        if w.kind == KIND_ACK && owns(w, child) {
+            w.open = 0;
+        }
     }
 }
 
