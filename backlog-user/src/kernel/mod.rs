@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{names, Config, HistKey, ListenerKey, ListenerStats};
+use backlog_common::{names, Config, HistKey, KernelOffsets, ListenerKey, ListenerStats};
 
 use crate::cli::Mode;
 
@@ -30,6 +30,11 @@ pub trait AttachMode {
     fn name(&self) -> &'static str;
     /// Why this mode cannot work on this kernel, if that is known without trying.
     fn unavailable(&self, k: &KernelInfo) -> Option<String>;
+    /// Why this mode would fail, told by a test far cheaper than loading the object
+    /// and attaching (which is what a failed attempt costs); run only when choosing.
+    fn probe(&self) -> Option<String> {
+        None
+    }
     /// Attaches the mode's programs; returns notes on hooks done another way.
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>>;
 }
@@ -68,8 +73,9 @@ impl Session {
         }
         env::require_privileges()?;
         env::require_btf()?;
-        let kbtf = btf::KernelBtf::open(btf::VMLINUX)?;
-        let offsets = kbtf.kernel_offsets().context("this kernel's BTF lacks a field backlog-trace reads")?;
+        let offsets = btf::KernelBtf::open(btf::VMLINUX)?
+            .kernel_offsets()
+            .context("this kernel's BTF lacks a field backlog-trace reads")?;
         let tracefs = env::ensure_tracefs()?;
         let config = Config {
             filter_ports: u32::from(!opts.ports.is_empty()),
@@ -77,44 +83,9 @@ impl Session {
             accept_ret_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_exit_accept4", "ret")?,
             emit_accepts: u32::from(opts.emit_accepts),
         };
-        let aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
         let info = KernelInfo { release: env::kernel_release() };
-
-        let candidates: Vec<Mode> = match opts.mode {
-            Some(m) => vec![m],
-            None => PREFERENCE.to_vec(),
-        };
-        let mut fallbacks = Vec::new();
-        for mode in candidates {
-            let imp = implementation(mode);
-            if let Some(why) = imp.unavailable(&info) {
-                if opts.mode.is_some() {
-                    bail!("{} mode is unavailable: {why}", imp.name());
-                }
-                fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
-                continue;
-            }
-            // A fresh load per attempt: a half-attached mode must leave nothing behind.
-            let mut ebpf = EbpfLoader::new()
-                .btf(Some(&aya_btf))
-                .override_global(names::OFFSETS, &offsets, true)
-                .override_global(names::CONFIG, &config, true)
-                .load(OBJECT)
-                .context("loading the eBPF object")?;
-            set_port_filter(&mut ebpf, &opts.ports)?;
-            let attached = attach_listeners(&mut ebpf, &aya_btf).and_then(|()| imp.attach(&mut ebpf, &aya_btf));
-            match attached {
-                Ok(notes) => {
-                    fallbacks.extend(notes);
-                    return Ok(Session { ebpf, mode: imp.name(), kernel: info.release, fallbacks });
-                }
-                Err(e) if opts.mode.is_none() && mode != Mode::Tracepoint => {
-                    fallbacks.push(format!("{} mode unavailable: {e:#}", imp.name()));
-                }
-                Err(e) => return Err(e.context(format!("{} mode", imp.name()))),
-            }
-        }
-        bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))
+        let (ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
+        Ok(Session { ebpf, mode, kernel: info.release, fallbacks })
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
@@ -161,6 +132,59 @@ impl Session {
         let a: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(m)?;
         Ok(a.get(&index, 0)?.iter().sum())
     }
+}
+
+/// Loads the object and attaches the first mode that works (or the forced one);
+/// returns it with the modes passed over and the hooks done another way.
+fn attach_best(
+    opts: &StartOptions,
+    info: &KernelInfo,
+    offsets: &KernelOffsets,
+    config: &Config,
+) -> Result<(Ebpf, &'static str, Vec<String>)> {
+    let candidates: Vec<Mode> = match opts.mode {
+        Some(m) => vec![m],
+        None => PREFERENCE.to_vec(),
+    };
+    let aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
+    // One loader for every attempt: creating a loader parses the kernel's BTF again.
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(&aya_btf));
+    loader.override_global(names::OFFSETS, offsets, true);
+    loader.override_global(names::CONFIG, config, true);
+    let mut fallbacks = Vec::new();
+    for mode in candidates {
+        let imp = implementation(mode);
+        if let Some(why) = imp.unavailable(info) {
+            if opts.mode.is_some() {
+                bail!("{} mode is unavailable: {why}", imp.name());
+            }
+            fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
+            continue;
+        }
+        // Only when choosing: a forced mode's own attach gives the precise error.
+        if opts.mode.is_none() {
+            if let Some(why) = imp.probe() {
+                fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
+                continue;
+            }
+        }
+        // A fresh load per attempt: a half-attached mode must leave nothing behind.
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        set_port_filter(&mut ebpf, &opts.ports)?;
+        let attached = attach_listeners(&mut ebpf, &aya_btf).and_then(|()| imp.attach(&mut ebpf, &aya_btf));
+        match attached {
+            Ok(notes) => {
+                fallbacks.extend(notes);
+                return Ok((ebpf, imp.name(), fallbacks));
+            }
+            Err(e) if opts.mode.is_none() && mode != Mode::Tracepoint => {
+                fallbacks.push(format!("{} mode unavailable: {e:#}", imp.name()));
+            }
+            Err(e) => return Err(e.context(format!("{} mode", imp.name()))),
+        }
+    }
+    bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))
 }
 
 fn set_port_filter(ebpf: &mut Ebpf, ports: &[u16]) -> Result<()> {
