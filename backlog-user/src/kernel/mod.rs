@@ -73,6 +73,7 @@ impl Session {
         }
         env::require_privileges()?;
         env::require_btf()?;
+        // The mapped BTF is released as soon as the offsets are known.
         let offsets = btf::KernelBtf::open(btf::VMLINUX)?
             .kernel_offsets()
             .context("this kernel's BTF lacks a field backlog-trace reads")?;
@@ -85,6 +86,7 @@ impl Session {
         };
         let info = KernelInfo { release: env::kernel_release() };
         let (ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
+        release_freed_heap();
         Ok(Session { ebpf, mode, kernel: info.release, fallbacks })
     }
 
@@ -146,9 +148,13 @@ fn attach_best(
         Some(m) => vec![m],
         None => PREFERENCE.to_vec(),
     };
-    let aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
-    // One loader for every attempt: creating a loader parses the kernel's BTF again.
+    // One loader for every attempt: creating one parses the kernel's BTF, which is
+    // dropped before parsing the copy the programs' loads need too, so that the two
+    // (~20 MB each) never coexist.
+    let aya_btf: Btf;
     let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
     loader.btf(Some(&aya_btf));
     loader.override_global(names::OFFSETS, offsets, true);
     loader.override_global(names::CONFIG, config, true);
@@ -185,6 +191,18 @@ fn attach_best(
         }
     }
     bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))
+}
+
+/// Hands the heap that start-up freed back to the kernel. Parsing BTF and loading
+/// the object peak at tens of MB that are garbage once the programs are attached;
+/// glibc keeps freed memory below its trim threshold resident for reuse, which a
+/// tracer that runs for days never needs.
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn set_port_filter(ebpf: &mut Ebpf, ports: &[u16]) -> Result<()> {
