@@ -40,22 +40,21 @@ pub fn rates(l: &Listener, secs: f64, prev: &Previous) -> (f64, f64) {
 static STDOUT: std::sync::LazyLock<std::sync::Mutex<std::io::BufWriter<std::io::Stdout>>> =
     std::sync::LazyLock::new(|| std::sync::Mutex::new(std::io::BufWriter::with_capacity(64 << 10, std::io::stdout())));
 
-fn write_line(line: &str, flush: bool) {
+/// A record that is seen at once.
+pub(crate) fn emit(line: &str) {
     let mut out = STDOUT.lock().unwrap_or_else(|e| e.into_inner());
-    let res = writeln!(out, "{line}").and_then(|()| if flush { out.flush() } else { Ok(()) });
-    if res.is_err() {
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
         std::process::exit(0);
     }
 }
 
-/// A record that is seen at once.
-pub(crate) fn emit(line: &str) {
-    write_line(line, true);
-}
-
-/// A line of a batch; the batch ends with [`flush`].
-pub(crate) fn emit_batched(line: &str) {
-    write_line(line, false);
+/// A line of a batch, written by `write` straight into the output buffer; the batch
+/// ends with [`flush`].
+pub(crate) fn emit_batched(write: impl FnOnce(&mut std::io::BufWriter<std::io::Stdout>) -> std::io::Result<()>) {
+    let mut out = STDOUT.lock().unwrap_or_else(|e| e.into_inner());
+    if write(&mut out).is_err() {
+        std::process::exit(0);
+    }
 }
 
 pub(crate) fn flush() {

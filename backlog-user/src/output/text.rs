@@ -1,5 +1,7 @@
 //! Human output: a start line, optional per-drop lines, an ss/bcc-style table, and
 //! bcc/bpftrace-style histograms.
+use std::io::Write;
+
 use backlog_common::{hist, DropReason, Event};
 
 use super::{emit, emit_batched, rates, Output, Previous};
@@ -133,18 +135,21 @@ impl Output for Text {
 
     fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener) {
         let reason = DropReason::from_u8(ev.reason).map_or("other", DropReason::name);
-        emit_batched(&format!(
-            "{} UTC  {:<22} <- {:<24} {:<18} queue {}/{}  syn {}  netns {}  {}",
-            clock(wall_ns),
-            l.local(),
-            fmt_sockaddr(Some(ip(ev.family, &ev.raddr)), ev.rport),
-            reason,
-            ev.queue_len,
-            ev.queue_max,
-            ev.syn_queue_len,
-            ev.netns,
-            owners(l)
-        ));
+        emit_batched(|w| {
+            writeln!(
+                w,
+                "{} UTC  {:<22} <- {:<24} {:<18} queue {}/{}  syn {}  netns {}  {}",
+                clock(wall_ns),
+                l.local(),
+                fmt_sockaddr(Some(ip(ev.family, &ev.raddr)), ev.rport),
+                reason,
+                ev.queue_len,
+                ev.queue_max,
+                ev.syn_queue_len,
+                ev.netns,
+                owners(l)
+            )
+        });
     }
 
     fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous) {
