@@ -148,32 +148,33 @@ fn attach_best(
         Some(m) => vec![m],
         None => PREFERENCE.to_vec(),
     };
+    // Every mode's cheap checks first: a probe parses BTF of its own, which need not
+    // coexist with the loader's. Probes run only when choosing: a forced mode's own
+    // attach gives the precise error.
+    let mut verdicts = Vec::new();
+    for mode in candidates {
+        let imp = implementation(mode);
+        let why = imp.unavailable(info);
+        if let (Some(why), Some(_)) = (&why, opts.mode) {
+            bail!("{} mode is unavailable: {why}", imp.name());
+        }
+        let why = why.or_else(|| if opts.mode.is_none() { imp.probe() } else { None });
+        verdicts.push((mode, imp, why));
+    }
     // One loader for every attempt: creating one parses the kernel's BTF, which is
     // dropped before parsing the copy the programs' loads need too, so that the two
     // (~20 MB each) never coexist.
-    let aya_btf: Btf;
     let mut loader = EbpfLoader::new();
     loader.btf(None);
-    aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
+    let aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
     loader.btf(Some(&aya_btf));
     loader.override_global(names::OFFSETS, offsets, true);
     loader.override_global(names::CONFIG, config, true);
     let mut fallbacks = Vec::new();
-    for mode in candidates {
-        let imp = implementation(mode);
-        if let Some(why) = imp.unavailable(info) {
-            if opts.mode.is_some() {
-                bail!("{} mode is unavailable: {why}", imp.name());
-            }
+    for (mode, imp, unavailable) in verdicts {
+        if let Some(why) = unavailable {
             fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
             continue;
-        }
-        // Only when choosing: a forced mode's own attach gives the precise error.
-        if opts.mode.is_none() {
-            if let Some(why) = imp.probe() {
-                fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
-                continue;
-            }
         }
         // A fresh load per attempt: a half-attached mode must leave nothing behind.
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
