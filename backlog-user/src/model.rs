@@ -29,6 +29,18 @@ pub struct Listener {
     pub pending: u64,
     pub wait: Wait,
     pub closed: bool,
+    /// Exact counts of kernel entries already released (`Model::retire`). Children
+    /// a closing listener empties from its queue count into a new entry after its
+    /// old one may have gone; those add to these counts, never replace them.
+    pub retired: Counts,
+}
+
+/// The exact per-listener counts the kernel keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub drops: [u64; N_REASONS],
+    pub accepts: u64,
+    pub abandoned: u64,
 }
 
 /// Accept-queue waits in the kernel's bucket layout (see `backlog_common::hist`).
@@ -207,8 +219,7 @@ impl Model {
         ev.laddr = id.laddr;
         ev.sock_ino = key.ino;
         let l = self.entry(&ev);
-        let mut drops = [0u64; N_REASONS];
-        let (mut accepts, mut abandoned) = (0, 0);
+        let Counts { mut drops, mut accepts, mut abandoned } = l.retired;
         for s in per_cpu {
             for (d, v) in drops.iter_mut().zip(s.drops) {
                 *d += v;
@@ -222,6 +233,14 @@ impl Model {
         l.drops = drops;
         l.accepts = accepts;
         l.abandoned = abandoned;
+    }
+
+    /// The kernel entry of `key`, just read into the model by `set_kernel_stats`,
+    /// is being deleted: what it counted stays as the base of any later entry.
+    pub fn retire(&mut self, key: ListenerKey) {
+        if let Some(l) = self.listeners.get_mut(&key) {
+            l.retired = Counts { drops: l.drops, accepts: l.accepts, abandoned: l.abandoned };
+        }
     }
 
     /// Replaces event-derived wait buckets with the kernel's histogram, given as
@@ -299,6 +318,20 @@ mod tests {
         m.apply(&reused);
         assert_eq!(m.listeners[&ListenerKey { sk: 1, ino: 77 }].total_drops(), 1);
         assert_eq!(m.listeners[&k(1)].total_drops(), 9);
+    }
+
+    #[test]
+    fn counts_of_a_released_entry_stay_when_a_new_one_appears() {
+        let mut m = Model::default();
+        let k = ListenerKey { sk: 1, ino: 5 };
+        let first = ListenerStats { abandoned: 7, accepts: 2, drops: [1, 0, 0, 0], lport: 8080, ..Default::default() };
+        m.set_kernel_stats(k, &[first]);
+        m.retire(k);
+        // The last children closing as the listener goes count into a fresh entry.
+        let late = ListenerStats { abandoned: 13, lport: 8080, ..Default::default() };
+        m.set_kernel_stats(k, &[late]);
+        let l = &m.listeners[&k];
+        assert_eq!((l.abandoned, l.accepts, l.drops), (20, 2, [1, 0, 0, 0]));
     }
 
     #[test]

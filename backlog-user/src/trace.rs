@@ -1,4 +1,5 @@
 //! The live session: attach, stream events into the model, print, detach.
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -50,6 +51,8 @@ struct Live {
     args: TraceArgs,
     /// Recorder and exporter: see `export::Sink` for what they are told when.
     sinks: Vec<Box<dyn Sink>>,
+    /// Closed listeners whose kernel entry goes at the next sync.
+    closing: BTreeSet<ListenerKey>,
 }
 
 impl Live {
@@ -119,8 +122,17 @@ impl Live {
             stats.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.iter().copied().collect())).collect();
         for (key, per_cpu) in entries {
             self.model.set_kernel_stats(key, &per_cpu);
-            if self.model.listeners.get(&key).is_some_and(|l| l.closed) {
+            if !self.model.listeners.get(&key).is_some_and(|l| l.closed) {
+                continue;
+            }
+            // Not at the first sync that sees it closed: close() leaves LISTEN
+            // first, then closes the queued children one by one, each counted as
+            // abandoned into this entry (or a new one, once this one is gone).
+            if self.closing.remove(&key) {
                 let _ = stats.remove(&key);
+                self.model.retire(key);
+            } else {
+                self.closing.insert(key);
             }
         }
         Ok(())
@@ -146,7 +158,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
     // the AsyncFd (and with it the RingBuf) is dropped below.
     let mut rb = unsafe { AsyncFd::register(session.take_events()?) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
-    let mut live = Live { model: Model::default(), owners: Resolver::new(Duration::from_millis(500)), out, clock: Clock::now(), args, sinks };
+    let mut live = Live { model: Model::default(), owners: Resolver::new(Duration::from_millis(500)), out, clock: Clock::now(), args, sinks, closing: BTreeSet::new() };
     let scope = scope(&live.args);
     live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope);
     for s in &mut live.sinks {

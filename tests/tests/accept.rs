@@ -308,9 +308,12 @@ fn closing_listener_abandons_queued_children() {
         assert_eq!(acceptor.finish().accepted, 0);
     });
     let l = summary_listener(&out, &ns);
-    let held = json_lines(&out, "interval").iter().flat_map(|v| listeners_in(v, &ns)).map(|l| l.pending).max();
+    let intervals: Vec<Listener> = json_lines(&out, "interval").iter().flat_map(|v| listeners_in(v, &ns)).collect();
+    let held = intervals.iter().map(|l| l.pending).max();
+    // The interval lines show how the count built up if the final one is wrong.
+    let abandoned_seen: Vec<u64> = intervals.iter().map(|l| l.abandoned).collect();
     println!(
-        "queued {on_queue}, pending at most {held:?}, then abandoned {}, accepts {}, pending {}",
+        "queued {on_queue}, pending at most {held:?}, then abandoned {} (interval lines: {abandoned_seen:?}), accepts {}, pending {}",
         l.abandoned, l.accepts, l.pending
     );
     assert_eq!(l.abandoned, on_queue, "abandoned vs Recv-Q before close: {l:#?}");
