@@ -1,23 +1,23 @@
 //! Test workload: a listener and its clients in one process, so the accept-queue
-//! wait of every connection is measured on one clock.
+//! wait of every connection is bracketed on one clock.
 //!
 //! bt-acceptor --port P [--addr IP] [--backlog N] [--clients N]
 //!             [--accept blocking|epoll|accept4|none] [--interval-ms MS]
 //!             --ready-file PATH --result-file PATH
 //!
-//! N client threads connect at once (blocking connect). Meanwhile the server
-//! thread accepts the k-th connection no earlier than k * MS after the clients
-//! were released, in the chosen style: accept(2) on a blocking listener,
-//! accept(2) on a non-blocking listener after epoll_wait, or
-//! accept4(SOCK_NONBLOCK). The ready file is written once every client has
-//! connected. With --accept none nothing is accepted: after the ready file the
+//! One client thread connects N times, one connection after the other. Once every
+//! connection is on the accept queue, the server thread accepts the k-th no
+//! earlier than k * MS later, in the chosen style: accept(2) on a blocking
+//! listener, accept(2) on a non-blocking listener after epoll_wait, or
+//! accept4(SOCK_NONBLOCK). The ready file is written once every connection is on
+//! the queue. With --accept none nothing is accepted: after the ready file the
 //! process waits for SIGUSR1, then closes the listener with the connections still
 //! queued. The result file, written last, is
-//! `{"accepted": N, "waits_us": [...]}`: per accepted connection, the time from
-//! its client's connect() returning to the server's accept returning it.
+//! `{"accepted": N, "waits_us": [[lo, hi], ...]}`: per accepted connection, bounds
+//! of its true accept-queue wait (see `Bracket`).
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::RawFd;
-use std::sync::{Arc, Barrier};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -64,8 +64,9 @@ fn peer_port(ss: &libc::sockaddr_storage) -> u16 {
     u16::from_be(unsafe { (*(ss as *const _ as *const libc::sockaddr_in)).sin_port })
 }
 
-/// One accept in `style`; returns the peer's port once a connection was taken.
-fn accept_one(lfd: RawFd, epfd: RawFd, style: Style) -> u16 {
+/// One accept in `style`; returns the peer's port once a connection was taken,
+/// and the moment the accept call that took it was made.
+fn accept_one(lfd: RawFd, epfd: RawFd, style: Style) -> (u16, Instant) {
     loop {
         if style == Style::Epoll {
             let mut ev = libc::epoll_event { events: 0, u64: 0 };
@@ -77,6 +78,9 @@ fn accept_one(lfd: RawFd, epfd: RawFd, style: Style) -> u16 {
         let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of_val(&ss) as libc::socklen_t;
         let sa = &mut ss as *mut _ as *mut libc::sockaddr;
+        // Read last before the call: the dequeue happens inside the call that
+        // succeeds, never in an earlier, failed one.
+        let called = Instant::now();
         // SAFETY: `sa` and `len` describe `ss`.
         let fd = unsafe {
             match style {
@@ -99,13 +103,20 @@ fn accept_one(lfd: RawFd, epfd: RawFd, style: Style) -> u16 {
         }
         // SAFETY: we own `fd`; only the moment it was returned matters.
         unsafe { libc::close(fd) };
-        return peer_port(&ss);
+        return (peer_port(&ss), called);
     }
 }
 
-/// Accepts `count` connections paced `interval` apart from `start`; returns each
-/// one's peer port and the moment accept returned it.
-fn serve(lfd: RawFd, style: Style, count: usize, interval: Duration, start: Instant) -> Vec<(u16, Instant)> {
+/// One accepted connection: its peer port, and the moments its accept call was
+/// made and returned.
+struct Accepted {
+    port: u16,
+    called: Instant,
+    returned: Instant,
+}
+
+/// Accepts `count` connections paced `interval` apart from now.
+fn serve(lfd: RawFd, style: Style, count: usize, interval: Duration) -> Vec<Accepted> {
     let epfd = if style == Style::Epoll {
         // SAFETY: plain syscalls; `ev` lives for the call.
         unsafe {
@@ -117,13 +128,64 @@ fn serve(lfd: RawFd, style: Style, count: usize, interval: Duration, start: Inst
     } else {
         -1
     };
+    let start = Instant::now();
     (0..count)
         .map(|k| {
             thread::sleep((start + interval * k as u32).saturating_duration_since(Instant::now()));
-            let port = accept_one(lfd, epfd, style);
-            (port, Instant::now())
+            let (port, called) = accept_one(lfd, epfd, style);
+            Accepted { port, called, returned: Instant::now() }
         })
         .collect()
+}
+
+/// How many children wait on `lfd`'s accept queue: a listener's TCP_INFO reports
+/// its queue length as tcpi_unacked.
+fn queue_len(lfd: RawFd) -> usize {
+    // SAFETY: all-zero is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let ptr = &mut info as *mut _ as *mut libc::c_void;
+    // SAFETY: `ptr` and `len` describe `info`.
+    check(unsafe { libc::getsockopt(lfd, libc::IPPROTO_TCP, libc::TCP_INFO, ptr, &mut len) }, "TCP_INFO");
+    info.tcpi_unacked as usize
+}
+
+/// One client connection and the moments that bracket when the kernel queued it.
+struct Connected {
+    port: u16,
+    /// Read before connect(): the SYN, so the child, comes later.
+    called: Instant,
+    /// Read once the listener's queue counts this connection. connect() returning
+    /// does not bound the enqueue: the final ACK goes through the loopback backlog,
+    /// whose softirq may run after the woken client. The queue length tells which
+    /// connection joined only because one is in flight at a time.
+    queued: Instant,
+    /// Kept open until the end: the connection must not close under the server.
+    _stream: TcpStream,
+}
+
+/// Connects to `addr` and waits (bounded) until the listener's queue holds
+/// `queued_before` + 1 children. Nothing accepts while clients connect.
+fn connect_one(addr: SocketAddr, lfd: RawFd, queued_before: usize) -> Connected {
+    let called = Instant::now();
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let deadline = called + STEP_TIMEOUT;
+    while queue_len(lfd) <= queued_before {
+        assert!(Instant::now() < deadline, "connection {} not queued within {STEP_TIMEOUT:?}", queued_before + 1);
+        // Lets a softirq thread deferred on this CPU deliver the final ACK.
+        thread::yield_now();
+    }
+    let queued = Instant::now();
+    let port = stream.local_addr().expect("local address").port();
+    Connected { port, called, queued, _stream: stream }
+}
+
+/// Bounds, in microseconds, of the wait of a connection queued within `c`'s
+/// bracket and dequeued within `a`'s: the earliest dequeue minus the latest
+/// enqueue (at least 0), and the latest dequeue minus the earliest enqueue.
+fn bracket_us(c: &Connected, a: &Accepted) -> [f64; 2] {
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    [us(a.called.saturating_duration_since(c.queued)), us(a.returned.duration_since(c.called))]
 }
 
 /// Blocks until SIGUSR1 arrives (bounded). The signal must already be blocked in
@@ -163,36 +225,19 @@ fn main() {
     };
 
     let lfd = listener(addr, backlog, style);
-    // The server thread (when accepting) and the clients start together.
-    let accepting = style != Style::None;
-    let go = Arc::new(Barrier::new(clients + usize::from(accepting)));
-    let server = accepting.then(|| {
-        let go = go.clone();
+    let (go, started) = mpsc::channel::<()>();
+    let server = (style != Style::None).then(|| {
         thread::spawn(move || {
-            go.wait();
-            serve(lfd, style, clients, interval, Instant::now())
+            // A closed channel (the client phase panicked) ends the thread too.
+            started.recv().ok().map(|()| serve(lfd, style, clients, interval))
         })
     });
-    let connects: Vec<_> = (0..clients)
-        .map(|_| {
-            let go = go.clone();
-            thread::spawn(move || {
-                go.wait();
-                let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-                // Instant is CLOCK_MONOTONIC, the clock the server thread reads too.
-                let connected = Instant::now();
-                let port = s.local_addr().expect("local address").port();
-                // The stream is returned, not dropped: the connection stays open.
-                (port, connected, s)
-            })
-        })
-        .collect();
-    let connected: Vec<(u16, Instant, TcpStream)> =
-        connects.into_iter().map(|t| t.join().expect("client thread")).collect();
+    let connected: Vec<Connected> = (0..clients).map(|k| connect_one(addr, lfd, k)).collect();
+    let _ = go.send(());
     write_ready_file(&ready, &format!("connected {clients}\n"));
 
     let accepted = match server {
-        Some(server) => server.join().expect("server thread"),
+        Some(server) => server.join().expect("server thread").expect("server started"),
         None => {
             wait_for_sigusr1(&set);
             // SAFETY: we own `lfd`; closing the last reference stops the listener.
@@ -200,18 +245,14 @@ fn main() {
             Vec::new()
         }
     };
-    let waits_us: Vec<f64> = accepted
+    let waits_us: Vec<[f64; 2]> = accepted
         .iter()
-        .map(|(port, at)| {
-            let (_, connected, _) = connected
+        .map(|a| {
+            let c = connected
                 .iter()
-                .find(|(p, ..)| p == port)
-                .unwrap_or_else(|| panic!("accepted a connection from port {port}, not one of ours"));
-            // Signed: a client thread scheduled late may read its clock after the accept.
-            match at.checked_duration_since(*connected) {
-                Some(d) => d.as_secs_f64() * 1e6,
-                None => -(connected.duration_since(*at).as_secs_f64() * 1e6),
-            }
+                .find(|c| c.port == a.port)
+                .unwrap_or_else(|| panic!("accepted a connection from port {}, not one of ours", a.port));
+            bracket_us(c, a)
         })
         .collect();
     let report = serde_json::json!({"accepted": accepted.len(), "waits_us": waits_us});
