@@ -303,8 +303,6 @@ pub struct KernelOffsets {
     pub reason_no_socket: u32,
     /// SKB_DROP_REASON_NOT_SPECIFIED.
     pub reason_not_specified: u32,
-    /// 1 when the kfree_skb tracepoint carries rx_sk (6.11+).
-    pub kfree_has_rx_sk: u32,
     // fd -> sock: task_struct.files -> files_struct.fdt -> fdtable.{max_fds, fd}
     // -> file.private_data (struct socket) -> socket.sk
     pub task_files: u32,

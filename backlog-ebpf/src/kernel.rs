@@ -36,7 +36,6 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     reason_listen_overflow: u32::MAX,
     reason_no_socket: u32::MAX,
     reason_not_specified: u32::MAX,
-    kfree_has_rx_sk: 0,
     task_files: 0,
     files_fdt: 0,
     fdtable_max_fds: 0,

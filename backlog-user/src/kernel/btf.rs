@@ -136,19 +136,6 @@ impl KernelBtf {
         })
     }
 
-    /// Number of arguments a raw tracepoint passes (from its btf_trace_* typedef,
-    /// minus the leading context pointer).
-    pub fn tracepoint_args(&self, tp: &str) -> Option<usize> {
-        let name = format!("btf_trace_{tp}");
-        let ty = self.btf.resolve_types_by_name(&name).ok()?.into_iter().next()?;
-        let ptr = self.resolve(ty).ok()?;
-        let proto = self.btf.resolve_chained_type(ptr.as_btf_type()?).ok()?;
-        match proto {
-            Type::FuncProto(fp) => Some(fp.parameters.len().saturating_sub(1)),
-            _ => None,
-        }
-    }
-
     /// Everything the eBPF programs read from kernel memory.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
         let sk_common = |f: &str| self.offset("sock", &["__sk_common", f]);
@@ -177,7 +164,6 @@ impl KernelBtf {
             reason_listen_overflow: reason("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"),
             reason_no_socket: reason("SKB_DROP_REASON_NO_SOCKET"),
             reason_not_specified: reason("SKB_DROP_REASON_NOT_SPECIFIED"),
-            kfree_has_rx_sk: u32::from(self.tracepoint_args("kfree_skb").unwrap_or(0) >= 4),
             task_files: self.offset("task_struct", &["files"])?,
             files_fdt: self.offset("files_struct", &["fdt"])?,
             fdtable_max_fds: self.offset("fdtable", &["max_fds"])?,
@@ -241,6 +227,5 @@ mod tests {
         assert_eq!(b.enum_value("skb_drop_reason", "SKB_DROP_REASON_NOT_SPECIFIED"), Some(2));
         assert_eq!(b.enum_value("skb_drop_reason", "NO_SUCH_ENUMERATOR_XYZ"), None);
         assert_eq!(b.enum_value("no_such_enum_xyz", "SKB_DROP_REASON_NOT_SPECIFIED"), None);
-        assert_eq!(b.tracepoint_args("consume_skb"), Some(2));
     }
 }
