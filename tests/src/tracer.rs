@@ -270,7 +270,7 @@ mod tests {
         .unwrap();
         assert_eq!((drop.port, drop.queue_len, drop.pids[0]), (8080, 9, 7));
         let summary: Summary = serde_json::from_str(
-            r#"{"type":"summary","duration_s":1.5,"lost_events":0,"listeners":[{"netns":1,
+            r#"{"type":"summary","duration_s":1.5,"lost_events":0,"missed_runs":0,"listeners":[{"netns":1,
                 "port":80,"local":"127.0.0.1:80","pids":[7],"comms":["x"],"drops":3,
                 "overflows":2,"drops_by_reason":{"accept_queue_full":2,"syn_queue_full":1,
                 "ack_overflow":0,"other":0}}]}"#,
