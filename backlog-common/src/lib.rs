@@ -29,12 +29,8 @@ pub enum DropReason {
 pub const N_REASONS: usize = 4;
 
 impl DropReason {
-    pub const ALL: [DropReason; N_REASONS] = [
-        DropReason::AcceptQueueFull,
-        DropReason::SynQueueFull,
-        DropReason::AckOverflow,
-        DropReason::Other,
-    ];
+    pub const ALL: [DropReason; N_REASONS] =
+        [DropReason::AcceptQueueFull, DropReason::SynQueueFull, DropReason::AckOverflow, DropReason::Other];
 
     pub fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.get(v as usize).copied()

@@ -288,7 +288,12 @@ mod tests {
     #[test]
     fn events_aggregate_per_listener_and_kernel_counts_win() {
         let mut m = Model::default();
-        for r in [DropReason::AcceptQueueFull, DropReason::AcceptQueueFull, DropReason::SynQueueFull, DropReason::AckOverflow] {
+        for r in [
+            DropReason::AcceptQueueFull,
+            DropReason::AcceptQueueFull,
+            DropReason::SynQueueFull,
+            DropReason::AckOverflow,
+        ] {
             m.apply(&drop_ev(1, r));
         }
         m.apply(&drop_ev(2, DropReason::Other));

@@ -153,12 +153,22 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         sinks.push(Box::new(crate::export::Prometheus::serve(addr, args.filters.clone()).await?));
     }
     let emit_accepts = sinks.iter().any(|s| s.wants_accept_events());
-    let mut session = Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone(), emit_accepts })?;
+    let mut session =
+        Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone(), emit_accepts })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
     // the AsyncFd (and with it the RingBuf) is dropped below.
-    let mut rb = unsafe { AsyncFd::register(session.take_events()?) }.map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut rb = unsafe { AsyncFd::register(session.take_events()?) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
-    let mut live = Live { model: Model::default(), owners: Resolver::new(Duration::from_millis(500)), out, clock: Clock::now(), args, sinks, closing: BTreeSet::new() };
+    let mut live = Live {
+        model: Model::default(),
+        owners: Resolver::new(Duration::from_millis(500)),
+        out,
+        clock: Clock::now(),
+        args,
+        sinks,
+        closing: BTreeSet::new(),
+    };
     let scope = scope(&live.args);
     live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope);
     for s in &mut live.sinks {

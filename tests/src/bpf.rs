@@ -30,22 +30,14 @@ pub fn our_programs_loaded() -> Vec<String> {
         .args(["prog", "list", "-j"])
         .output()
         .unwrap_or_else(|e| panic!("cannot run bpftool: {e}"));
-    assert!(
-        out.status.success(),
-        "bpftool prog list failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let progs: Vec<Prog> = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bpftool prog list -j: unexpected JSON ({e})"));
+    assert!(out.status.success(), "bpftool prog list failed: {}", String::from_utf8_lossy(&out.stderr));
+    let progs: Vec<Prog> =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool prog list -j: unexpected JSON ({e})"));
     progs
         .into_iter()
         .filter(|p| p.name.starts_with(PROGRAM_PREFIX))
         .map(|p| {
-            let holders: Vec<String> = p
-                .pids
-                .iter()
-                .map(|h| format!("{}[{}]", h.comm, h.pid))
-                .collect();
+            let holders: Vec<String> = p.pids.iter().map(|h| format!("{}[{}]", h.comm, h.pid)).collect();
             let mut s = format!("{} (id {})", p.name, p.id);
             if !holders.is_empty() {
                 s += &format!(" held by {}", holders.join(" "));

@@ -28,10 +28,7 @@ pub fn require_root() {
 
 /// The Cargo workspace this crate belongs to.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// Polls `probe` every 50 ms until it yields a value; panics after `timeout`

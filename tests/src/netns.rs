@@ -13,16 +13,9 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs a command to completion; panics with its stderr when it fails.
 pub fn run(argv: &[&str]) -> Output {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
     if !out.status.success() {
-        panic!(
-            "{argv:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        panic!("{argv:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     out
 }
@@ -51,9 +44,7 @@ impl Netns {
     /// The namespace's inode number, as the kernel (and the tracer) report it.
     pub fn inode(&self) -> u64 {
         let path = format!("/run/netns/{}", self.name);
-        std::fs::metadata(&path)
-            .unwrap_or_else(|e| panic!("stat {path}: {e}"))
-            .ino()
+        std::fs::metadata(&path).unwrap_or_else(|e| panic!("stat {path}: {e}")).ino()
     }
 
     fn command(&self, argv: &[&str]) -> Command {
@@ -93,16 +84,9 @@ impl Netns {
 
     /// Pids of every process whose network namespace is this one.
     fn pids(&self) -> Vec<i32> {
-        let out = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output();
-        out.map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+        let out = Command::new("ip").args(["netns", "pids", &self.name]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -114,9 +98,7 @@ impl Drop for Netns {
             // SAFETY: plain syscall on a pid from our own namespace.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -148,17 +130,11 @@ pub fn veth_pair(server: &Netns, client: &Netns) -> VethPair {
         "netns",
         client.name(),
     ]);
-    for (ns, dev, addr) in [
-        (server, "bt-srv", server_addr),
-        (client, "bt-cli", client_addr),
-    ] {
+    for (ns, dev, addr) in [(server, "bt-srv", server_addr), (client, "bt-cli", client_addr)] {
         ns.exec(&["ip", "addr", "add", &format!("{addr}/30"), "dev", dev]);
         ns.exec(&["ip", "link", "set", dev, "up"]);
     }
-    VethPair {
-        server_addr,
-        client_addr,
-    }
+    VethPair { server_addr, client_addr }
 }
 
 /// Applies an nftables ruleset (`nft -f` syntax) inside `ns`.
@@ -170,31 +146,16 @@ pub fn nft(ns: &Netns, ruleset: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run nft in {}: {e}", ns.name));
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(ruleset.as_bytes())
-        .expect("write ruleset to nft");
+    child.stdin.take().expect("piped").write_all(ruleset.as_bytes()).expect("write ruleset to nft");
     let out = child.wait_with_output().expect("wait for nft");
     if !out.status.success() {
-        panic!(
-            "nft in {} rejected:\n{ruleset}\n{}",
-            ns.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        panic!("nft in {} rejected:\n{ruleset}\n{}", ns.name, String::from_utf8_lossy(&out.stderr).trim());
     }
 }
 
 /// The TcpExt counters listen-queue drops move; what a [`Netstat`] displays.
-pub const LISTEN_COUNTERS: [&str; 6] = [
-    "ListenDrops",
-    "ListenOverflows",
-    "TCPReqQFullDrop",
-    "TCPReqQFullDoCookies",
-    "SyncookiesSent",
-    "SyncookiesRecv",
-];
+pub const LISTEN_COUNTERS: [&str; 6] =
+    ["ListenDrops", "ListenOverflows", "TCPReqQFullDrop", "TCPReqQFullDoCookies", "SyncookiesSent", "SyncookiesRecv"];
 
 /// Snapshot of the TcpExt counters of /proc/net/netstat.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,52 +169,31 @@ impl Netstat {
         let mut map = BTreeMap::new();
         for pair in lines.chunks(2) {
             let [names, values] = pair else { continue };
-            let (Some(names), Some(values)) = (
-                names.strip_prefix("TcpExt:"),
-                values.strip_prefix("TcpExt:"),
-            ) else {
+            let (Some(names), Some(values)) = (names.strip_prefix("TcpExt:"), values.strip_prefix("TcpExt:")) else {
                 continue;
             };
             for (k, v) in names.split_whitespace().zip(values.split_whitespace()) {
-                map.insert(
-                    k.to_string(),
-                    v.parse()
-                        .unwrap_or_else(|_| panic!("bad TcpExt value {k}={v}")),
-                );
+                map.insert(k.to_string(), v.parse().unwrap_or_else(|_| panic!("bad TcpExt value {k}={v}")));
             }
         }
-        assert!(
-            map.contains_key("ListenDrops"),
-            "no TcpExt counters in:\n{text}"
-        );
+        assert!(map.contains_key("ListenDrops"), "no TcpExt counters in:\n{text}");
         Netstat(map)
     }
 
     /// A counter's value; panics on an unknown name (a typo must not read as 0).
     pub fn get(&self, name: &str) -> u64 {
-        *self
-            .0
-            .get(name)
-            .unwrap_or_else(|| panic!("no TcpExt counter named {name}"))
+        *self.0.get(name).unwrap_or_else(|| panic!("no TcpExt counter named {name}"))
     }
 
     /// Counter increments from `before` to `self`.
     pub fn since(&self, before: &Netstat) -> Netstat {
-        Netstat(
-            self.0
-                .iter()
-                .map(|(k, v)| (k.clone(), v - before.0.get(k).copied().unwrap_or(0)))
-                .collect(),
-        )
+        Netstat(self.0.iter().map(|(k, v)| (k.clone(), v - before.0.get(k).copied().unwrap_or(0))).collect())
     }
 }
 
 impl std::fmt::Display for Netstat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shown: Vec<String> = LISTEN_COUNTERS
-            .iter()
-            .map(|c| format!("{c} {}", self.get(c)))
-            .collect();
+        let shown: Vec<String> = LISTEN_COUNTERS.iter().map(|c| format!("{c} {}", self.get(c))).collect();
         f.write_str(&shown.join(", "))
     }
 }
@@ -268,16 +208,8 @@ mod tests {
             "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 2 3\n\
              IpExt: InNoRoutes\nIpExt: 9\n",
         );
-        let after =
-            Netstat::parse("TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 7 10\n");
+        let after = Netstat::parse("TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 7 10\n");
         let d = after.since(&before);
-        assert_eq!(
-            (
-                d.get("ListenOverflows"),
-                d.get("ListenDrops"),
-                d.get("SyncookiesSent")
-            ),
-            (5, 7, 0)
-        );
+        assert_eq!((d.get("ListenOverflows"), d.get("ListenDrops"), d.get("SyncookiesSent")), (5, 7, 0));
     }
 }

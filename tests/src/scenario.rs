@@ -44,16 +44,8 @@ pub fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) ->
         println!("netns {name} ({inode}) deltas: {d}");
     }
     let status = tracer.stop_sigint();
-    assert!(
-        status.success(),
-        "backlog-trace ended with {status} after SIGINT; stderr:\n{}",
-        tracer.stderr()
-    );
-    Run {
-        deltas,
-        tracer,
-        summary: OnceCell::new(),
-    }
+    assert!(status.success(), "backlog-trace ended with {status} after SIGINT; stderr:\n{}", tracer.stderr());
+    Run { deltas, tracer, summary: OnceCell::new() }
 }
 
 fn fence(ns: &Netns) {
@@ -71,40 +63,27 @@ fn fence(ns: &Netns) {
 fn settled(ns: &Netns) -> Netstat {
     let key = |n: &Netstat| LISTEN_COUNTERS.map(|c| n.get(c));
     let mut prev = ns.netstat();
-    wait_for(
-        &format!("listen counters of {} to settle", ns.name()),
-        Duration::from_secs(10),
-        || {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = ns.netstat();
-            let stable = key(&now) == key(&prev);
-            prev = now;
-            stable.then(|| prev.clone())
-        },
-    )
+    wait_for(&format!("listen counters of {} to settle", ns.name()), Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = ns.netstat();
+        let stable = key(&now) == key(&prev);
+        prev = now;
+        stable.then(|| prev.clone())
+    })
 }
 
 impl Run {
     /// The namespace's counter increments over the traced window.
     pub fn delta(&self, ns: &Netns) -> &Netstat {
         let inode = ns.inode();
-        self.deltas
-            .iter()
-            .find(|(i, ..)| *i == inode)
-            .map(|(.., d)| d)
-            .expect("namespace was traced")
+        self.deltas.iter().find(|(i, ..)| *i == inode).map(|(.., d)| d).expect("namespace was traced")
     }
 
     /// Fails unless the workload moved `counter` in `ns`: the scenario itself
     /// must provoke what it tests, or an exact comparison proves nothing.
     pub fn expect_kernel(&self, ns: &Netns, counter: &str) -> u64 {
         let n = self.delta(ns).get(counter);
-        assert!(
-            n > 0,
-            "harness problem: the workload did not move {counter} in {}: {}",
-            ns.name(),
-            self.delta(ns)
-        );
+        assert!(n > 0, "harness problem: the workload did not move {counter} in {}: {}", ns.name(), self.delta(ns));
         n
     }
 
@@ -119,19 +98,12 @@ impl Run {
     /// Summary entries of listeners in `ns`.
     pub fn listeners(&self, ns: &Netns) -> Vec<&Listener> {
         let inode = ns.inode();
-        self.summary()
-            .listeners
-            .iter()
-            .filter(|l| l.netns == inode)
-            .collect()
+        self.summary().listeners.iter().filter(|l| l.netns == inode).collect()
     }
 
     /// Summary entries for `port` in `ns` (several with SO_REUSEPORT).
     pub fn listeners_on(&self, ns: &Netns, port: u16) -> Vec<&Listener> {
-        self.listeners(ns)
-            .into_iter()
-            .filter(|l| l.port == port)
-            .collect()
+        self.listeners(ns).into_iter().filter(|l| l.port == port).collect()
     }
 
     /// The one summary entry for `port` in `ns`.

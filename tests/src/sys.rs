@@ -40,22 +40,9 @@ pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// A TCP socket of the family of `addr`; `extra_type` is OR-ed into the type
 /// (e.g. SOCK_NONBLOCK).
 pub fn tcp_socket(addr: &SocketAddr, extra_type: libc::c_int) -> RawFd {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain syscall.
-    check(
-        unsafe {
-            libc::socket(
-                family,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | extra_type,
-                0,
-            )
-        },
-        "socket",
-    )
+    check(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | extra_type, 0) }, "socket")
 }
 
 /// Sets an integer socket option at SOL_SOCKET level.
@@ -87,9 +74,7 @@ impl Flags {
         let mut map = BTreeMap::new();
         let mut i = 0;
         while i < args.len() {
-            let name = args[i]
-                .strip_prefix("--")
-                .unwrap_or_else(|| panic!("unexpected argument '{}'", args[i]));
+            let name = args[i].strip_prefix("--").unwrap_or_else(|| panic!("unexpected argument '{}'", args[i]));
             if let Some((name, value)) = name.split_once('=') {
                 map.insert(name.to_string(), value.to_string());
                 i += 1;
@@ -112,9 +97,7 @@ impl Flags {
     /// The value of `--name` parsed as T, or `default` when absent.
     pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
         match self.0.get(name) {
-            Some(v) => v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value '{v}' for --{name}")),
+            Some(v) => v.parse().unwrap_or_else(|_| panic!("bad value '{v}' for --{name}")),
             None => default,
         }
     }
@@ -124,11 +107,8 @@ impl Flags {
     }
 
     pub fn required<T: std::str::FromStr>(&self, name: &str) -> T {
-        let v = self
-            .opt(name)
-            .unwrap_or_else(|| panic!("--{name} is required"));
-        v.parse()
-            .unwrap_or_else(|_| panic!("bad value '{v}' for --{name}"))
+        let v = self.opt(name).unwrap_or_else(|| panic!("--{name} is required"));
+        v.parse().unwrap_or_else(|_| panic!("bad value '{v}' for --{name}"))
     }
 }
 

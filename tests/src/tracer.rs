@@ -131,14 +131,8 @@ impl Tracer {
             }
         }));
 
-        let mut tracer = Tracer {
-            child,
-            start: serde_json::Value::Null,
-            lines,
-            rest: Vec::new(),
-            stderr,
-            stderr_reader,
-        };
+        let mut tracer =
+            Tracer { child, start: serde_json::Value::Null, lines, rest: Vec::new(), stderr, stderr_reader };
         let first = match tracer.lines.recv_timeout(STEP_TIMEOUT) {
             Ok(line) => line,
             Err(RecvTimeoutError::Timeout) => panic!(
@@ -147,24 +141,13 @@ impl Tracer {
             ),
             Err(RecvTimeoutError::Disconnected) => {
                 let status = tracer.wait_exit();
-                panic!(
-                    "backlog-trace {args:?} exited ({status}) before its start line; stderr:\n{}",
-                    tracer.stderr()
-                );
+                panic!("backlog-trace {args:?} exited ({status}) before its start line; stderr:\n{}", tracer.stderr());
             }
         };
-        tracer.start = serde_json::from_str(&first)
-            .unwrap_or_else(|e| panic!("start line is not JSON ({e}): {first}"));
-        assert_eq!(
-            tracer.start["type"], "start",
-            "first line should be the start line: {first}"
-        );
+        tracer.start = serde_json::from_str(&first).unwrap_or_else(|e| panic!("start line is not JSON ({e}): {first}"));
+        assert_eq!(tracer.start["type"], "start", "first line should be the start line: {first}");
         if let Some(mode) = mode {
-            assert_eq!(
-                tracer.start["mode"],
-                mode.as_str(),
-                "a forced --mode must be the mode used: {first}"
-            );
+            assert_eq!(tracer.start["mode"], mode.as_str(), "a forced --mode must be the mode used: {first}");
         }
         tracer
     }
@@ -192,9 +175,7 @@ impl Tracer {
     /// output. On timeout the test fails and `Drop` kills the tracer.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let child = &mut self.child;
-        let status = wait_for("backlog-trace to exit", STEP_TIMEOUT, || {
-            child.try_wait().expect("wait for tracer")
-        });
+        let status = wait_for("backlog-trace to exit", STEP_TIMEOUT, || child.try_wait().expect("wait for tracer"));
         // The stdout reader ends at EOF, which closes the channel.
         self.rest.extend(self.lines.iter());
         if let Some(reader) = self.stderr_reader.take() {
@@ -212,8 +193,8 @@ impl Tracer {
         self.rest
             .iter()
             .filter(|l| {
-                let v: serde_json::Value = serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {l}"));
+                let v: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {l}"));
                 v["type"] == kind
             })
             .collect()
@@ -230,8 +211,7 @@ impl Tracer {
                 self.stderr()
             );
         };
-        serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("summary line does not match the contract ({e}): {line}"))
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("summary line does not match the contract ({e}): {line}"))
     }
 
     /// The parsed drop lines.
@@ -239,8 +219,7 @@ impl Tracer {
         self.lines_of_type("drop")
             .into_iter()
             .map(|l| {
-                serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("drop line does not match the contract ({e}): {l}"))
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("drop line does not match the contract ({e}): {l}"))
             })
             .collect()
     }
@@ -277,9 +256,6 @@ mod tests {
         )
         .unwrap();
         let l = &summary.listeners[0];
-        assert_eq!(
-            (l.drops, l.overflows, l.reason("syn_queue_full")),
-            (3, 2, 1)
-        );
+        assert_eq!((l.drops, l.overflows, l.reason("syn_queue_full")), (3, 2, 1));
     }
 }

@@ -23,9 +23,7 @@ impl Spawned {
 
     /// The exit status if the process has ended.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child
-            .try_wait()
-            .unwrap_or_else(|e| panic!("wait for {}: {e}", self.what))
+        self.child.try_wait().unwrap_or_else(|e| panic!("wait for {}: {e}", self.what))
     }
 
     /// Waits for the process to end by itself, at most `timeout`.
@@ -49,10 +47,7 @@ impl Drop for Spawned {
 /// integration tests, into the directory above the test binary's deps/.
 pub fn workload_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("test binary lives in target/<profile>/deps");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -79,14 +74,7 @@ pub struct ServerSpec {
 impl ServerSpec {
     /// listen(8), never accepting: the shape that overflows.
     pub fn new(addr: &str, port: u16) -> ServerSpec {
-        ServerSpec {
-            addr: addr.into(),
-            port,
-            backlog: 8,
-            accept: "none".into(),
-            fork: 0,
-            reuseport: 0,
-        }
+        ServerSpec { addr: addr.into(), port, backlog: 8, accept: "none".into(), fork: 0, reuseport: 0 }
     }
 }
 
@@ -111,15 +99,9 @@ impl Server {
             format!("--reuseport={}", spec.reuseport),
         ];
         let (proc, pids): (Spawned, Vec<u32>) = launch(ns, "bt-server", flags, |text| {
-            text.lines()
-                .map(|l| l.parse().expect("pid in server ready file"))
-                .collect()
+            text.lines().map(|l| l.parse().expect("pid in server ready file")).collect()
         });
-        assert_eq!(
-            pids[0],
-            proc.pid(),
-            "bt-server should listen in the process we started"
-        );
+        assert_eq!(pids[0], proc.pid(), "bt-server should listen in the process we started");
         Server { proc, pids }
     }
 
@@ -144,13 +126,7 @@ pub struct Clients {
 
 impl Clients {
     pub fn new(addr: &str, port: u16, count: u32) -> Clients {
-        Clients {
-            addr: addr.into(),
-            port,
-            count,
-            hold_secs: 5,
-            send: false,
-        }
+        Clients { addr: addr.into(), port, count, hold_secs: 5, send: false }
     }
 
     /// Starts the batch in `ns`; returns once every connect has been issued
@@ -166,14 +142,9 @@ impl Clients {
             flags.push("--send".into());
         }
         let (proc, sent) = launch(ns, "bt-client", flags, |text| {
-            text.strip_prefix("sent ")
-                .map(|n| n.trim().parse().expect("count in client ready file"))
+            text.strip_prefix("sent ").map(|n| n.trim().parse().expect("count in client ready file"))
         });
-        ClientBatch {
-            proc,
-            spec: self.clone(),
-            sent,
-        }
+        ClientBatch { proc, spec: self.clone(), sent }
     }
 
     /// Runs the batch in `ns` to its end.
@@ -194,26 +165,15 @@ impl ClientBatch {
     /// Waits for the batch to end (bounded: the hold time, counted from the
     /// ready point, plus a margin).
     pub fn finish(mut self) {
-        let status = self
-            .proc
-            .wait(Duration::from_secs(u64::from(self.spec.hold_secs) + 60));
-        assert!(
-            status.success(),
-            "bt-client {:?} failed: {status}",
-            self.spec
-        );
+        let status = self.proc.wait(Duration::from_secs(u64::from(self.spec.hold_secs) + 60));
+        assert!(status.success(), "bt-client {:?} failed: {status}", self.spec);
     }
 }
 
 /// Starts workload binary `name` in `ns` with `flags` and a ready file, waits
 /// (bounded) for the ready file and parses it; fails early if the process
 /// exits first.
-fn launch<T>(
-    ns: &Netns,
-    name: &str,
-    flags: Vec<String>,
-    parse: impl Fn(&str) -> T,
-) -> (Spawned, T) {
+fn launch<T>(ns: &Netns, name: &str, flags: Vec<String>, parse: impl Fn(&str) -> T) -> (Spawned, T) {
     let ready = scratch_path(name);
     let bin = workload_bin(name);
     let mut argv = vec![bin.to_str().expect("utf-8 path").to_string()];

@@ -18,9 +18,7 @@ fn local_flood(tag: &str, spec: ServerSpec) -> (Netns, Server, Run) {
     require_root();
     let ns = Netns::new(tag);
     let server = Server::start(&ns, spec.clone());
-    let run = traced(&[&ns], &[], || {
-        Clients::new(&spec.addr, spec.port, 300).run(&ns)
-    });
+    let run = traced(&[&ns], &[], || Clients::new(&spec.addr, spec.port, 300).run(&ns));
     run.expect_kernel(&ns, "ListenOverflows");
     run.assert_exact(&ns);
     (ns, server, run)
@@ -30,11 +28,7 @@ fn single_listener(addr: &str, local: &str) {
     let (ns, server, run) = local_flood("single", ServerSpec::new(addr, PORT));
     let l = run.listener(&ns, PORT);
     assert_eq!(l.local, local);
-    assert!(
-        l.pids.contains(&server.pid()),
-        "server pid {} missing from {l:#?}",
-        server.pid()
-    );
+    assert!(l.pids.contains(&server.pid()), "server pid {} missing from {l:#?}", server.pid());
     // SYNs arriving while 9 connections wait in the full accept queue.
     assert!(l.reason("accept_queue_full") > 0, "{l:#?}");
     // One line per drop, unless the ring buffer lost it (lost_events counts
@@ -42,9 +36,7 @@ fn single_listener(addr: &str, local: &str) {
     let events = run.drops();
     let lost = run.summary().lost_events;
     assert!(
-        !events.is_empty()
-            && events.len() as u64 <= l.drops
-            && events.len() as u64 + lost >= l.drops,
+        !events.is_empty() && events.len() as u64 <= l.drops && events.len() as u64 + lost >= l.drops,
         "{} drop lines, {lost} lost, for {} drops",
         events.len(),
         l.drops
@@ -96,11 +88,7 @@ impl HeldAcks {
                  tcp dport {PORT} tcp flags & (syn | ack) == ack drop; }}\n}}\n"
             ),
         );
-        HeldAcks {
-            server_ns,
-            client_ns,
-            server_addr: link.server_addr.to_string(),
-        }
+        HeldAcks { server_ns, client_ns, server_addr: link.server_addr.to_string() }
     }
 
     /// Lets the held-back ACKs through from now on (retransmissions arrive).
@@ -115,17 +103,11 @@ fn syn_queue_full_without_syncookies_is_counted_exactly() {
     let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
     // The SYN queue (as long as the backlog) fills with half-open requests;
     // without syncookies every further SYN is dropped.
-    let run = traced(&[&h.server_ns], &[], || {
-        Clients::new(&h.server_addr, PORT, 200).run(&h.client_ns)
-    });
+    let run = traced(&[&h.server_ns], &[], || Clients::new(&h.server_addr, PORT, 200).run(&h.client_ns));
     let full = run.expect_kernel(&h.server_ns, "TCPReqQFullDrop");
     run.assert_exact(&h.server_ns);
     let l = run.listener(&h.server_ns, PORT);
-    assert_eq!(
-        l.reason("syn_queue_full"),
-        full,
-        "syn_queue_full vs TCPReqQFullDrop: {l:#?}"
-    );
+    assert_eq!(l.reason("syn_queue_full"), full, "syn_queue_full vs TCPReqQFullDrop: {l:#?}");
 }
 
 #[test]
@@ -136,20 +118,12 @@ fn final_ack_overflow_is_counted_exactly() {
     // what the accept queue takes, so nothing would overflow.
     let h = HeldAcks::new("1");
     let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
-    let clients = Clients {
-        send: true,
-        hold_secs: 10,
-        ..Clients::new(&h.server_addr, PORT, 100)
-    };
+    let clients = Clients { send: true, hold_secs: 10, ..Clients::new(&h.server_addr, PORT, 100) };
     let run = traced(&[&h.server_ns], &[], || {
         // Returns once every client connected and sent a byte, which is held
         // back and retransmitted (every ~0.2-1.6 s) with the ACK it carries.
         let batch = clients.start(&h.client_ns);
-        assert_eq!(
-            batch.sent,
-            Some(clients.count),
-            "harness problem: not every handshake was answered"
-        );
+        assert_eq!(batch.sent, Some(clients.count), "harness problem: not every handshake was answered");
         h.release();
         // The retransmissions now complete the handshakes together: the
         // first 9 fill the accept queue, the rest overflow in syn_recv_sock.
@@ -175,10 +149,8 @@ fn listeners_in_two_namespaces_are_counted_apart() {
     let mut servers: Vec<Server> = listeners[..2].iter().map(start).collect();
     let run = traced(&[&a, &b], &[], || {
         servers.push(start(&listeners[2]));
-        let batches: Vec<_> = listeners
-            .iter()
-            .map(|(ns, port)| Clients::new("127.0.0.1", *port, 150).start(ns))
-            .collect();
+        let batches: Vec<_> =
+            listeners.iter().map(|(ns, port)| Clients::new("127.0.0.1", *port, 150).start(ns)).collect();
         batches.into_iter().for_each(|b| b.finish());
     });
     for ns in [&a, &b] {
@@ -188,11 +160,7 @@ fn listeners_in_two_namespaces_are_counted_apart() {
     for ((ns, port), server) in listeners.iter().zip(&servers) {
         let l = run.listener(ns, *port);
         assert!(l.drops > 0, "{l:#?}");
-        assert!(
-            l.pids.contains(&server.pid()),
-            "server pid {} missing from {l:#?}",
-            server.pid()
-        );
+        assert!(l.pids.contains(&server.pid()), "server pid {} missing from {l:#?}", server.pid());
     }
 }
 
@@ -200,30 +168,19 @@ fn listeners_in_two_namespaces_are_counted_apart() {
 fn forked_workers_sharing_a_listener_are_all_listed() {
     // Workers accept slowly (one connection per second each): still overflowing,
     // and every worker really uses the socket.
-    let spec = ServerSpec {
-        fork: 3,
-        accept: "delay=1000".into(),
-        ..ServerSpec::new("127.0.0.1", PORT)
-    };
+    let spec = ServerSpec { fork: 3, accept: "delay=1000".into(), ..ServerSpec::new("127.0.0.1", PORT) };
     let (ns, server, run) = local_flood("fork", spec);
     let l = run.listener(&ns, PORT);
     // The parent keeps the listening fd open, as nginx's master does.
     assert_eq!(server.pids.len(), 4);
     for pid in &server.pids {
-        assert!(
-            l.pids.contains(pid),
-            "pid {pid} of {:?} missing from {l:#?}",
-            server.pids
-        );
+        assert!(l.pids.contains(pid), "pid {pid} of {:?} missing from {l:#?}", server.pids);
     }
 }
 
 #[test]
 fn reuseport_sockets_are_counted_per_socket() {
-    let spec = ServerSpec {
-        reuseport: 2,
-        ..ServerSpec::new("127.0.0.1", PORT)
-    };
+    let spec = ServerSpec { reuseport: 2, ..ServerSpec::new("127.0.0.1", PORT) };
     let (ns, server, run) = local_flood("reuseport", spec);
     // assert_exact already checked that their drops add up to ListenDrops.
     let ls = run.listeners_on(&ns, PORT);

@@ -11,11 +11,7 @@ use backlog_tests::tracer::{tracer_command, Tracer};
 
 /// Starts the tracer with `args`, ends it with `stop`, and checks that all
 /// its programs are gone afterwards. Returns the tracer for further checks.
-fn run_and_unload(
-    args: &[&str],
-    how: &str,
-    stop: impl FnOnce(&mut Tracer) -> ExitStatus,
-) -> (Tracer, ExitStatus) {
+fn run_and_unload(args: &[&str], how: &str, stop: impl FnOnce(&mut Tracer) -> ExitStatus) -> (Tracer, ExitStatus) {
     require_root();
     let mut tracer = Tracer::start(args);
     assert!(
@@ -31,21 +27,14 @@ fn run_and_unload(
         if left.is_empty() {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "after {how}, tracer programs are still loaded: {left:#?}"
-        );
+        assert!(Instant::now() < deadline, "after {how}, tracer programs are still loaded: {left:#?}");
         std::thread::sleep(Duration::from_millis(100));
     }
     (tracer, status)
 }
 
 fn assert_clean_end(tracer: &Tracer, status: ExitStatus, how: &str) {
-    assert!(
-        status.success(),
-        "backlog-trace exited {status} after {how}; stderr:\n{}",
-        tracer.stderr()
-    );
+    assert!(status.success(), "backlog-trace exited {status} after {how}; stderr:\n{}", tracer.stderr());
     tracer.summary();
 }
 
@@ -73,16 +62,9 @@ fn nothing_stays_loaded_after_sigkill() {
 }
 
 fn assert_usage_error(args: &[&str]) {
-    let out = tracer_command()
-        .args(args)
-        .output()
-        .expect("run backlog-trace");
+    let out = tracer_command().args(args).output().expect("run backlog-trace");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "backlog-trace {args:?} should be a usage error; stderr:\n{stderr}"
-    );
+    assert_eq!(out.status.code(), Some(2), "backlog-trace {args:?} should be a usage error; stderr:\n{stderr}");
     assert!(!stderr.trim().is_empty(), "usage error without a message");
 }
 

@@ -84,15 +84,14 @@ impl<'a> Vm<'a> {
         }
         fs::create_dir_all(&out_dir)?;
         fs::write(out_dir.join("run.sh"), run_script(self.workspace, &kernel.release, mode, command))?;
-        let boot =
-            Boot {
-                vmlinux: &kernel.vmlinux,
-                initramfs: &kernel.initramfs,
-                out_dir: &out_dir,
-                workspace: self.workspace,
-                timeout,
-                interactive,
-            };
+        let boot = Boot {
+            vmlinux: &kernel.vmlinux,
+            initramfs: &kernel.initramfs,
+            out_dir: &out_dir,
+            workspace: self.workspace,
+            timeout,
+            interactive,
+        };
         let result = boot.run();
         Ok((out_dir, result))
     }

@@ -14,9 +14,7 @@ fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .unwrap_or(0)
 }
@@ -48,7 +46,8 @@ fn mount(fstype: &str, target: &Path) -> Result<()> {
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe { libc::mount(c(fstype).as_ptr(), t.as_ptr(), c(fstype).as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("mounting {fstype} on {}", target.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting {fstype} on {}", target.display()));
     }
     Ok(())
 }
@@ -73,7 +72,8 @@ pub fn ensure_tracefs() -> Result<PathBuf> {
         return Ok(p);
     }
     let p = PathBuf::from("/sys/kernel/tracing");
-    mount("tracefs", &p).context("tracefs is not mounted and could not be (mount -t tracefs tracefs /sys/kernel/tracing)")?;
+    mount("tracefs", &p)
+        .context("tracefs is not mounted and could not be (mount -t tracefs tracefs /sys/kernel/tracing)")?;
     Ok(p)
 }
 

@@ -23,12 +23,54 @@ struct Hook {
 }
 
 const HOOKS: [Hook; 6] = [
-    Hook { function: "tcp_v4_conn_request", optional: false, fentry: "bt_fe_conn4", fexit: Some("bt_fx_conn4"), kprobe: "bt_kp_conn", kretprobe: Some("bt_kr_conn") },
-    Hook { function: "tcp_v6_conn_request", optional: true, fentry: "bt_fe_conn6", fexit: Some("bt_fx_conn6"), kprobe: "bt_kp_conn", kretprobe: Some("bt_kr_conn") },
-    Hook { function: "tcp_make_synack", optional: false, fentry: "bt_fe_synack", fexit: None, kprobe: "bt_kp_synack", kretprobe: None },
-    Hook { function: "tcp_v4_syn_recv_sock", optional: false, fentry: "bt_fe_recv4", fexit: Some("bt_fx_recv4"), kprobe: "bt_kp_recv", kretprobe: Some("bt_kr_recv") },
-    Hook { function: "tcp_v6_syn_recv_sock", optional: true, fentry: "bt_fe_recv6", fexit: Some("bt_fx_recv6"), kprobe: "bt_kp_recv", kretprobe: Some("bt_kr_recv") },
-    Hook { function: "inet_csk_accept", optional: false, fentry: "", fexit: Some("bt_fx_accept"), kprobe: "", kretprobe: Some("bt_kr_accept") },
+    Hook {
+        function: "tcp_v4_conn_request",
+        optional: false,
+        fentry: "bt_fe_conn4",
+        fexit: Some("bt_fx_conn4"),
+        kprobe: "bt_kp_conn",
+        kretprobe: Some("bt_kr_conn"),
+    },
+    Hook {
+        function: "tcp_v6_conn_request",
+        optional: true,
+        fentry: "bt_fe_conn6",
+        fexit: Some("bt_fx_conn6"),
+        kprobe: "bt_kp_conn",
+        kretprobe: Some("bt_kr_conn"),
+    },
+    Hook {
+        function: "tcp_make_synack",
+        optional: false,
+        fentry: "bt_fe_synack",
+        fexit: None,
+        kprobe: "bt_kp_synack",
+        kretprobe: None,
+    },
+    Hook {
+        function: "tcp_v4_syn_recv_sock",
+        optional: false,
+        fentry: "bt_fe_recv4",
+        fexit: Some("bt_fx_recv4"),
+        kprobe: "bt_kp_recv",
+        kretprobe: Some("bt_kr_recv"),
+    },
+    Hook {
+        function: "tcp_v6_syn_recv_sock",
+        optional: true,
+        fentry: "bt_fe_recv6",
+        fexit: Some("bt_fx_recv6"),
+        kprobe: "bt_kp_recv",
+        kretprobe: Some("bt_kr_recv"),
+    },
+    Hook {
+        function: "inet_csk_accept",
+        optional: false,
+        fentry: "",
+        fexit: Some("bt_fx_accept"),
+        kprobe: "",
+        kretprobe: Some("bt_kr_accept"),
+    },
 ];
 
 /// Which hooked functions the kernel has, to tell a missing function from a failing

@@ -43,8 +43,5 @@ pub fn recursion_misses(fd: BorrowedFd<'_>) -> Result<u64> {
 
 /// Sum over every loaded program of `ebpf`.
 pub fn total_misses(ebpf: &aya::Ebpf) -> u64 {
-    ebpf.programs()
-        .filter_map(|(_, p)| p.fd().ok())
-        .filter_map(|fd| recursion_misses(fd.as_fd()).ok())
-        .sum()
+    ebpf.programs().filter_map(|(_, p)| p.fd().ok()).filter_map(|fd| recursion_misses(fd.as_fd()).ok()).sum()
 }

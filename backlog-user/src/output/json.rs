@@ -132,7 +132,10 @@ impl Serialize for Comms<'_> {
 
 impl Output for Json {
     fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str) {
-        emit(&json!({"type": "start", "mode": mode, "kernel": kernel, "scope": scope, "fallbacks": fallbacks}).to_string());
+        emit(
+            &json!({"type": "start", "mode": mode, "kernel": kernel, "scope": scope, "fallbacks": fallbacks})
+                .to_string(),
+        );
     }
 
     fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener) {

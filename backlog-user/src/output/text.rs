@@ -195,7 +195,13 @@ mod tests {
 
     #[test]
     fn table_rows_line_up_and_show_capped_limits() {
-        let mut l = Listener { port: 8080, netns: 4026531840, queue_max: 128, requested_backlog: Some(511), ..Default::default() };
+        let mut l = Listener {
+            port: 8080,
+            netns: 4026531840,
+            queue_max: 128,
+            requested_backlog: Some(511),
+            ..Default::default()
+        };
         l.addr = Some("0.0.0.0".parse().unwrap());
         l.drops = [3, 0, 2, 1];
         l.owners.insert(42, "nginx".into());

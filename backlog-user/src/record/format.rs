@@ -517,7 +517,11 @@ pub(crate) mod tests {
                 netns: vec![4026531840],
             }),
             Record::Event(ev),
-            Record::Owners(Owners { sk: ev.sk, ino: ev.sock_ino, owners: vec![(42, "nginx".into()), (43, "nginx: worker".into())] }),
+            Record::Owners(Owners {
+                sk: ev.sk,
+                ino: ev.sock_ino,
+                owners: vec![(42, "nginx".into()), (43, "nginx: worker".into())],
+            }),
             Record::Sync(Sync {
                 ts_ns: 5,
                 lost_events: 1,

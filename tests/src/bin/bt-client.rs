@@ -17,23 +17,14 @@ use backlog_tests::sys::{check, sockaddr, tcp_socket, write_ready_file, Flags};
 /// would cap large counts.
 fn raise_nofile(count: usize) {
     let want = count as libc::rlim_t + 64;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `lim` is a valid out-pointer.
-    check(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) },
-        "getrlimit",
-    );
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit");
     if lim.rlim_cur < want {
         lim.rlim_cur = want;
         lim.rlim_max = lim.rlim_max.max(want);
         // SAFETY: `lim` is valid for reading.
-        check(
-            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
-            "setrlimit",
-        );
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit");
     }
 }
 
@@ -52,14 +43,8 @@ fn connect(addr: SocketAddr) -> RawFd {
 /// Waits (until `deadline`) for each connect to finish and sends one byte on
 /// those that succeeded. Returns how many sent.
 fn send_when_connected(fds: &[RawFd], deadline: Instant) -> usize {
-    let mut pending: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        })
-        .collect();
+    let mut pending: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLOUT, revents: 0 }).collect();
     let mut sent = 0;
     while !pending.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -67,13 +52,7 @@ fn send_when_connected(fds: &[RawFd], deadline: Instant) -> usize {
             break;
         }
         // SAFETY: `pending` is a valid array of its length.
-        unsafe {
-            libc::poll(
-                pending.as_mut_ptr(),
-                pending.len() as libc::nfds_t,
-                left.as_millis() as i32,
-            )
-        };
+        unsafe { libc::poll(pending.as_mut_ptr(), pending.len() as libc::nfds_t, left.as_millis() as i32) };
         pending.retain(|p| {
             if p.revents == 0 {
                 return true;
@@ -109,10 +88,7 @@ fn main() {
 
     let fds: Vec<RawFd> = (0..count).map(|_| connect(addr)).collect();
     let report = if flags.opt("send").is_some() {
-        format!(
-            "sent {}\n",
-            send_when_connected(&fds, Instant::now() + hold)
-        )
+        format!("sent {}\n", send_when_connected(&fds, Instant::now() + hold))
     } else {
         format!("connecting {count}\n")
     };

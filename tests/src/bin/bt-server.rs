@@ -39,10 +39,7 @@ fn listener(addr: SocketAddr, backlog: i32, reuseport: bool) -> RawFd {
     }
     let (sa, len) = sockaddr(addr);
     // SAFETY: `sa` is a valid sockaddr of length `len`.
-    check(
-        unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) },
-        "bind",
-    );
+    check(unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) }, "bind");
     // SAFETY: plain syscall.
     check(unsafe { libc::listen(fd, backlog) }, "listen");
     fd
@@ -59,14 +56,8 @@ fn serve(fds: &[RawFd], mode: Accept) -> ! {
         Accept::All => Duration::ZERO,
         Accept::Delay(d) => d,
     };
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     loop {
         // SAFETY: `pfds` is a valid array of its length.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
@@ -76,14 +67,7 @@ fn serve(fds: &[RawFd], mode: Accept) -> ! {
         for p in pfds.iter().filter(|p| p.revents & libc::POLLIN != 0) {
             // Non-blocking: forked workers race for the same connection.
             // SAFETY: null address pointers are allowed.
-            let c = unsafe {
-                libc::accept4(
-                    p.fd,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_NONBLOCK,
-                )
-            };
+            let c = unsafe { libc::accept4(p.fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK) };
             if c >= 0 {
                 // SAFETY: we own `c`.
                 unsafe { libc::close(c) };
@@ -105,9 +89,7 @@ fn main() {
     // SAFETY: plain syscall; SIGALRM's default action terminates the process.
     unsafe { libc::alarm(flags.get("lifetime", 600)) };
 
-    let fds: Vec<RawFd> = (0..reuseport.max(1))
-        .map(|_| listener(addr, backlog, reuseport > 0))
-        .collect();
+    let fds: Vec<RawFd> = (0..reuseport.max(1)).map(|_| listener(addr, backlog, reuseport > 0)).collect();
     // SAFETY: plain syscall.
     let parent = unsafe { libc::getpid() };
     let mut pids = vec![parent];
