@@ -34,8 +34,9 @@ run cargo test --release --workspace --exclude backlog-ebpf --exclude backlog-te
 run cargo test --release -p backlog-tests -- --test-threads=1
 
 # Kernel matrix: the exact-count drop tests and the accept-wait tests inside stock
-# Debian kernels (newest 6.1, 6.12 and 7.x) under qemu, in fentry and kprobe modes.
-# This host's kernel has neither, so this is where those modes are proven.
+# Debian kernels (newest 6.1, 6.12 and 7.x) under qemu, in every mode they support.
+# This host's kernel has neither fentry nor kprobes, so this is where those modes are
+# proven; tracepoint mode runs there too, on verifiers and skb paths older than ours.
 vm_tests=$(cargo test --release -p backlog-tests --test drops --test accept --no-run --message-format=json 2>/dev/null \
     | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
 if [ "$(echo "$vm_tests" | grep -c .)" -ne 2 ]; then
@@ -43,7 +44,7 @@ if [ "$(echo "$vm_tests" | grep -c .)" -ne 2 ]; then
 fi
 rm -rf target/vm/results
 # Every executable runs even after one fails, so one run reports every failure.
-run cargo xtask vm-test --kernel all --mode fentry,kprobe -- \
+run cargo xtask vm-test --kernel all --mode fentry,kprobe,tracepoint -- \
     sh -c 'rc=0; for t in "$@"; do "$t" --test-threads=1 || rc=1; done; exit $rc' sh $vm_tests
 # The guests' cargo test summaries land in their console logs, not on our stdout.
 cat target/vm/results/*/*/console.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g; s/\x1b(B//g' \
