@@ -37,10 +37,10 @@ pub fn on_state(sk: u64, old: u8, new: u8) {
     } else {
         return;
     };
-    let o = kernel::offsets();
-    if !maps::port_watched(kernel::read::<u16>(sk, o.skc_num)) {
+    if !maps::listener_watched(sk) {
         return;
     }
+    let o = kernel::offsets();
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut requested = 0;
     if kind == EventKind::Listen {

@@ -13,7 +13,7 @@ use crate::kernel;
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
-/// Keyed by the listener's kernel address. LRU so an insert never fails; user space
+/// Keyed by the listener's identity (`ListenerKey`). LRU so an insert never fails; user space
 /// deletes a listener's entry after it has read the final values.
 #[map(name = "STATS")]
 pub static STATS: LruPerCpuHashMap<ListenerKey, ListenerStats> = LruPerCpuHashMap::with_max_entries(16384, 0);
@@ -33,13 +33,21 @@ pub fn count(index: u32) {
     }
 }
 
+/// Whether a listener on `port` is watched (`--port`), with the port only looked at
+/// when a filter is set: `port` is a closure because reading it is a helper call.
 #[inline(always)]
-pub fn port_watched(port: u16) -> bool {
-    if crate::kernel::config().filter_ports == 0 {
+pub fn port_watched(port: impl FnOnce() -> u16) -> bool {
+    if kernel::config().filter_ports == 0 {
         return true;
     }
     // SAFETY: read-only lookup of a plain value.
-    unsafe { FILTER_PORTS.get(&port).is_some() }
+    unsafe { FILTER_PORTS.get(&port()).is_some() }
+}
+
+/// `port_watched` for listener `sk`, reading its local port only if needed.
+#[inline(always)]
+pub fn listener_watched(sk: u64) -> bool {
+    port_watched(|| kernel::read::<u16>(sk, kernel::offsets().skc_num))
 }
 
 /// This CPU's counters for a listener, created on first use with the listener's

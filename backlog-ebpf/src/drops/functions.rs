@@ -16,11 +16,10 @@ use crate::kernel;
 /// Opens the window from a listener and the skb it is handling.
 #[inline(always)]
 fn open(sk: u64, skb: u64, kind: u8) {
-    let o = kernel::offsets();
-    let lport = kernel::read::<u16>(sk, o.skc_num);
-    if !crate::maps::port_watched(lport) {
+    if !crate::maps::listener_watched(sk) {
         return;
     }
+    let o = kernel::offsets();
     let (mut peer, v4) = kernel::skb_peer(skb, &o);
     let Some(th) = kernel::skb_tcp_head(skb, &o) else { return };
     if v4 && kernel::read::<u16>(sk, o.skc_family) == AF_INET6 {

@@ -66,7 +66,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     // SAFETY: non-null bpf_sock; state, family and src_port are context fields the
     // verifier rewrites into direct loads (no helper calls).
     let (state, family, lport) = unsafe { ((*bsk).state, (*bsk).family, (*bsk).src_port) };
-    if state != TCP_LISTEN as u32 || !maps::port_watched(lport as u16) {
+    if state != TCP_LISTEN as u32 || !maps::port_watched(|| lport as u16) {
         return;
     }
     // SAFETY: the helper accepts any socket pointer and returns null for non-TCP.
