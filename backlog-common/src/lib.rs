@@ -334,6 +334,10 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerKey {}
 }
 
+/// Bytes of the EVENTS ring buffer: the kernel side sizes it, user space bounds one
+/// drain by what it can hold.
+pub const EVENTS_RING_BYTES: u32 = 4 << 20;
+
 /// Map and program names, shared so the loader cannot drift from the object.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";

@@ -6,12 +6,12 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
-use backlog_common::{global, Event, EventKind, KernelOffsets, ListenerKey, ListenerStats};
+use backlog_common::{global, Event, EventKind, KernelOffsets, ListenerKey, ListenerStats, EVENTS_RING_BYTES};
 
 use crate::kernel;
 
 #[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 /// Keyed by the listener's identity (`ListenerKey`). LRU so an insert never fails; user space
 /// deletes a listener's entry after it has read the final values.

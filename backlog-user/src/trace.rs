@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use backlog_common::{global, Event, EventKind, ListenerKey};
+use backlog_common::{global, Event, EventKind, ListenerKey, EVENTS_RING_BYTES};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -31,8 +31,8 @@ fn scope(args: &TraceArgs) -> String {
     format!("{ports} in {ns}")
 }
 
-/// Upper bound on the events one ring-buffer pass can hold (4 MiB of 112-byte records).
-const RING_EVENTS_MAX: usize = (4 << 20) / std::mem::size_of::<Event>();
+/// Upper bound on the events one ring-buffer pass can hold.
+const RING_EVENTS_MAX: usize = EVENTS_RING_BYTES as usize / std::mem::size_of::<Event>();
 
 /// Under a flood the kernel wakes a consumer that has caught up at the next event:
 /// thousands of wake-ups a second, each with a batch of a few events and a write(2).
