@@ -120,12 +120,22 @@ impl Listener {
     }
 }
 
-pub fn fmt_sockaddr(addr: Option<IpAddr>, port: u16) -> String {
-    match addr {
-        Some(IpAddr::V6(a)) => format!("[{a}]:{port}"),
-        Some(IpAddr::V4(a)) => format!("{a}:{port}"),
-        None => format!("*:{port}"),
+/// `addr:port` the way ss spells it (`[v6]:port`, `*:port` for any address);
+/// displays without allocating, for the per-drop output.
+pub struct SockAddr(pub Option<IpAddr>, pub u16);
+
+impl std::fmt::Display for SockAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.0 {
+            Some(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.1),
+            Some(IpAddr::V4(a)) => write!(f, "{a}:{}", self.1),
+            None => write!(f, "*:{}", self.1),
+        }
     }
+}
+
+pub fn fmt_sockaddr(addr: Option<IpAddr>, port: u16) -> String {
+    SockAddr(addr, port).to_string()
 }
 
 /// The address bytes of an event as an IP address of the event's family.

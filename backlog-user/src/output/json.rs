@@ -1,7 +1,5 @@
 //! NDJSON: the machine contract (`type` = start | drop | interval | summary).
-use std::fmt;
 use std::io::Write;
-use std::net::IpAddr;
 
 use backlog_common::{hist, DropReason, Event};
 use serde::ser::{Serialize, Serializer};
@@ -9,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::{emit, emit_batched, rates, Output, Previous};
 use crate::attribute::Owners;
-use crate::model::{ip, Listener, Model};
+use crate::model::{ip, Listener, Model, SockAddr};
 
 pub struct Json;
 
@@ -95,19 +93,7 @@ pub(super) fn write_drop(w: &mut impl Write, wall_ns: u64, ev: &Event, l: &Liste
     w.write_all(b"\n")
 }
 
-/// `addr:port` as `model::fmt_sockaddr` spells it, without allocating.
-struct SockAddr(Option<IpAddr>, u16);
-
-impl fmt::Display for SockAddr {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        match self.0 {
-            Some(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.1),
-            Some(IpAddr::V4(a)) => write!(f, "{a}:{}", self.1),
-            None => write!(f, "*:{}", self.1),
-        }
-    }
-}
-
+/// Serialised through its Display, without an intermediate String.
 impl Serialize for SockAddr {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
