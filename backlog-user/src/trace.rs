@@ -107,7 +107,7 @@ impl Live {
     /// entries of listeners that have closed (their totals stay in the model).
     fn sync_kernel(&mut self, session: &mut Session) -> Result<()> {
         self.model.lost_events = session.global(global::LOST_EVENTS)?;
-        self.model.missed_runs = session.missed_runs();
+        self.model.missed_runs = session.missed_runs()?;
         self.model.unmatched_accepts = session.global(global::UNMATCHED_ACCEPT)?;
         let pending = session.enqueued_by_listener()?;
         self.model.pending_enqueued = Some(pending.values().sum::<u64>() as usize);

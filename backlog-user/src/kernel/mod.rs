@@ -124,8 +124,8 @@ impl Session {
     }
 
     /// Runs of our programs the kernel skipped (see progstats).
-    pub fn missed_runs(&self) -> u64 {
-        progstats::total_misses(&self.ebpf)
+    pub fn missed_runs(&self) -> Result<u64> {
+        progstats::total_misses(&self.ebpf).context("reading our programs' run statistics")
     }
 
     /// Sum over CPUs of one global counter.

@@ -41,7 +41,8 @@ pub fn recursion_misses(fd: BorrowedFd<'_>) -> Result<u64> {
     Ok(info.recursion_misses)
 }
 
-/// Sum over every loaded program of `ebpf`.
-pub fn total_misses(ebpf: &aya::Ebpf) -> u64 {
-    ebpf.programs().filter_map(|(_, p)| p.fd().ok()).filter_map(|fd| recursion_misses(fd.as_fd()).ok()).sum()
+/// Sum over every loaded program of `ebpf` (programs of the modes not chosen were
+/// never loaded and have no descriptor). A failed read is an error, not a zero.
+pub fn total_misses(ebpf: &aya::Ebpf) -> Result<u64> {
+    ebpf.programs().filter_map(|(_, p)| p.fd().ok()).map(|fd| recursion_misses(fd.as_fd())).sum()
 }
