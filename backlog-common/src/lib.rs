@@ -246,17 +246,42 @@ pub struct ListenerKey {
     pub ino: u64,
 }
 
-/// Counters that are not per listener (index into the `GLOBAL` per-CPU array).
+/// Counters that are not per listener (index into the `GLOBAL` per-CPU array). Each
+/// is a way the kernel side can see less than everything; user space reports every
+/// one that is not zero (the JSON summary's `diagnostics`).
 pub mod global {
-    /// Ring-buffer records that could not be reserved.
+    /// Ring-buffer records that could not be reserved (counts stay exact).
     pub const LOST_EVENTS: u32 = 0;
-    /// Packet windows closed without a matching open window (diagnostic).
-    pub const UNMATCHED_END: u32 = 1;
-    /// Drops seen at listeners whose stats map entry could not be created.
+    /// Windows still open when the next segment on their CPU opened one: their
+    /// segment's end was never seen (a skipped program run, a free no tracepoint
+    /// reports). They are settled then, from the CPU's own listen counters.
+    pub const WINDOWS_REPLACED: u32 = 1;
+    /// Drops at listeners whose stats entry could not be created (map full): in
+    /// the namespace's totals, as undetected.
     pub const STATS_FULL: u32 = 2;
     /// Accept-queue children that were never timed (tracer started after enqueue).
     pub const UNMATCHED_ACCEPT: u32 = 3;
+    /// Drops found by settling a window late (next segment, or a flush) rather than
+    /// at its segment's end: detected, but through the fallback path.
+    pub const SETTLED_LATE: u32 = 4;
+    /// Listen drops a CPU counted while a window was open whose listener's own drop
+    /// counter did not move: the drop was at another listener of the namespace
+    /// that no window covered. Not attributed; undetected in the namespace's totals.
+    pub const UNATTRIBUTED: u32 = 5;
+    /// Flushes of a CPU's window skipped because one of our programs was updating
+    /// it at that instant (user space flushes again at the next sync).
+    pub const FLUSH_BUSY: u32 = 6;
     pub const N: u32 = 8;
+
+    /// JSON names of the diagnostics, by index (`LOST_EVENTS` and
+    /// `UNMATCHED_ACCEPT` are reported under their own names).
+    pub const DIAGNOSTICS: [(u32, &str); 5] = [
+        (WINDOWS_REPLACED, "windows_replaced"),
+        (SETTLED_LATE, "settled_late"),
+        (UNATTRIBUTED, "unattributed"),
+        (STATS_FULL, "stats_full"),
+        (FLUSH_BUSY, "flush_busy"),
+    ];
 }
 
 /// Field offsets and constants read from the running kernel's BTF at load time and

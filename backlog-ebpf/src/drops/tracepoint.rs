@@ -19,7 +19,7 @@
 //! being counted twice. The final-ACK path also adds one to sk_drops when it discards
 //! the segment, which is why sk_drops is a gate here and never a count.
 use aya_ebpf::{helpers::bpf_skc_to_tcp_sock, programs::SkBuffContext};
-use backlog_common::{global, AF_INET6};
+use backlog_common::AF_INET6;
 
 use super::window::{self, KIND_ACK, KIND_SYN};
 use crate::kernel::{self, TCP_LISTEN, TH_ACK, TH_RST, TH_SYN};
@@ -116,10 +116,7 @@ pub fn on_free(skb: u64, drop_reason: Option<u32>) {
     if w.kind == KIND_ACK {
         // A final ACK that tcp_check_req() rejected for other causes (bad sequence,
         // stale timestamps) moves sk_drops too, but is freed with a specific reason.
-        let Some(r) = drop_reason else {
-            maps::count(global::UNMATCHED_END);
-            return;
-        };
+        let Some(r) = drop_reason else { return };
         if r != o.reason_listen_overflow && r != o.reason_no_socket && r != o.reason_not_specified {
             return;
         }
