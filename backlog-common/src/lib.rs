@@ -292,7 +292,6 @@ pub mod global {
 pub struct KernelOffsets {
     // struct sock_common
     pub skc_family: u32,
-    pub skc_state: u32,
     pub skc_num: u32,
     pub skc_rcv_saddr: u32,
     pub skc_v6_rcv_saddr: u32,
@@ -310,20 +309,24 @@ pub struct KernelOffsets {
     pub inode_i_ino: u32,
     // struct net
     pub net_ns_inum: u32,
-    pub net_ipv4_sysctl_tcp_syncookies: u32,
     // struct sk_buff
     pub skb_head: u32,
     pub skb_transport_header: u32,
     pub skb_network_header: u32,
-    // enum skb_drop_reason: SKB_DROP_REASON_TCP_LISTEN_OVERFLOW, or u32::MAX when
-    // the kernel has no such reason (before 6.15 the final-ACK overflow is
-    // NOT_SPECIFIED and is recognised by sk_drops moving by two instead).
-    pub reason_listen_overflow: u32,
-    /// SKB_DROP_REASON_NO_SOCKET: what a SYN-cookie ACK that failed to become a
-    /// child is freed with.
-    pub reason_no_socket: u32,
-    /// SKB_DROP_REASON_NOT_SPECIFIED.
-    pub reason_not_specified: u32,
+    // The namespace's TcpExt counters: `net.mib.net_statistics` is a per-CPU
+    // `struct linux_mib` (an array of unsigned long indexed by LINUX_MIB_*). Each CPU
+    // only ever adds to its own copy, so this CPU's copy, read before and after a
+    // segment is handled, says exactly how many listen drops handling it made.
+    pub net_mib_net_statistics: u32,
+    /// Byte offsets in `struct linux_mib` of LINUX_MIB_LISTENDROPS,
+    /// LINUX_MIB_LISTENOVERFLOWS and LINUX_MIB_TCPREQQFULLDROP (enum values × 8).
+    pub mib_listen_drops: u32,
+    pub mib_listen_overflows: u32,
+    pub mib_reqq_full_drop: u32,
+    /// `struct bpf_array.pptrs`: with it a program finds its CPU's per-CPU offset
+    /// from a per-CPU map of its own (this CPU's element minus the map's percpu
+    /// base), with no kernel symbol.
+    pub bpf_array_pptrs: u32,
     // fd -> sock: task_struct.files -> files_struct.fdt -> fdtable.{max_fds, fd}
     // -> file.private_data (struct socket) -> socket.sk
     pub task_files: u32,
@@ -338,8 +341,6 @@ pub struct KernelOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// 1 when `FILTER_PORTS` lists the only local ports to watch.
-    pub filter_ports: u32,
     /// Offset of `backlog` in the syscalls:sys_enter_listen record (from its format file).
     pub listen_backlog_off: u32,
     /// Offset of `ret` in the syscalls:sys_exit_accept(4) records.
@@ -359,6 +360,12 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerKey {}
 }
 
+/// Listeners the STATS map holds at once. Entries are allocated on first use (no
+/// preallocation, so an idle tracer costs nothing per entry) and deleted by user
+/// space once a closed listener's final counts are read; an insert into a full map
+/// fails and is counted (`global::STATS_FULL`), never evicting a live listener.
+pub const STATS_MAX_ENTRIES: u32 = 65536;
+
 /// Bytes of the EVENTS ring buffer: the kernel side sizes it, user space bounds one
 /// drain by what it can hold.
 pub const EVENTS_RING_BYTES: u32 = 4 << 20;
@@ -370,9 +377,12 @@ pub mod names {
     pub const GLOBAL: &str = "GLOBAL";
     pub const OFFSETS: &str = "OFFSETS";
     pub const CONFIG: &str = "CONFIG";
-    pub const FILTER_PORTS: &str = "FILTER_PORTS";
+    pub const WINDOW: &str = "WINDOW";
     pub const WAIT_HIST: &str = "WAIT_HIST";
     pub const ENQUEUED: &str = "ENQUEUED";
+    /// The program user space runs on each CPU (BPF_PROG_TEST_RUN) to settle that
+    /// CPU's open window.
+    pub const FLUSH_PROGRAM: &str = "bt_flush";
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ use backlog_common::{Config, KernelOffsets, ListenerKey, AF_INET6};
 #[no_mangle]
 static OFFSETS: KernelOffsets = KernelOffsets {
     skc_family: 0,
-    skc_state: 0,
     skc_num: 0,
     skc_rcv_saddr: 0,
     skc_v6_rcv_saddr: 0,
@@ -29,13 +28,14 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     file_f_inode: 0,
     inode_i_ino: 0,
     net_ns_inum: 0,
-    net_ipv4_sysctl_tcp_syncookies: 0,
     skb_head: 0,
     skb_transport_header: 0,
     skb_network_header: 0,
-    reason_listen_overflow: u32::MAX,
-    reason_no_socket: u32::MAX,
-    reason_not_specified: u32::MAX,
+    net_mib_net_statistics: 0,
+    mib_listen_drops: 0,
+    mib_listen_overflows: 0,
+    mib_reqq_full_drop: 0,
+    bpf_array_pptrs: 0,
     task_files: 0,
     files_fdt: 0,
     fdtable_max_fds: 0,
@@ -45,7 +45,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 };
 
 #[no_mangle]
-static CONFIG: Config = Config { filter_ports: 0, listen_backlog_off: 24, accept_ret_off: 16, emit_accepts: 0 };
+static CONFIG: Config = Config { listen_backlog_off: 24, accept_ret_off: 16, emit_accepts: 0 };
 
 /// The offsets, read in place. The pointer is laundered through a volatile stack
 /// slot so the compiler cannot fold the zero initialiser into the loads, while each
@@ -91,6 +91,15 @@ pub fn read<T: Copy>(base: u64, off: u32) -> T {
         );
         v.assume_init()
     }
+}
+
+/// The address a pointer holds, as a plain number. The verifier forbids arithmetic
+/// between pointers of different kinds (a map, a map value): reading the pointer
+/// back from the stack through the helper launders it into a scalar.
+#[inline(always)]
+pub fn address_of<T>(p: *const T) -> u64 {
+    let slot = p;
+    read::<u64>(&slot as *const *const T as u64, 0)
 }
 
 /// What the drop logic needs to know about a listener at one instant.
@@ -148,11 +157,6 @@ pub fn netns_inum(net: u64, o: &KernelOffsets) -> u32 {
     read::<u32>(net, o.net_ns_inum)
 }
 
-#[inline(always)]
-pub fn syncookies(net: u64, o: &KernelOffsets) -> u8 {
-    read::<u8>(net, o.net_ipv4_sysctl_tcp_syncookies)
-}
-
 /// Inode of the `struct socket` behind a sock: what /proc/PID/fd/N links to.
 #[inline(always)]
 pub fn socket_inode(sk: u64, o: &KernelOffsets) -> u64 {
@@ -182,13 +186,12 @@ pub fn local_addr(sk: u64, o: &KernelOffsets) -> (u16, [u8; 16], u16) {
     (family, addr, port)
 }
 
-/// The TCP ports (raw, network order) and flags of the segment an skb carries,
+/// The TCP ports (raw, network order) of the segment an skb carries,
 /// through its transport header.
 #[derive(Clone, Copy)]
 pub struct TcpHead {
     pub sport_be: u16,
     pub dport_be: u16,
-    pub flags: u8,
 }
 
 /// An IPv4 address as an IPv4-mapped IPv6 address (how a dual-stack listener sees it).
@@ -222,10 +225,6 @@ pub fn skb_tcp_head(skb: u64, o: &KernelOffsets) -> Option<TcpHead> {
     if th == u16::MAX {
         return None;
     }
-    let hdr = read::<[u8; 14]>(head, th as u32);
-    Some(TcpHead {
-        sport_be: u16::from_ne_bytes([hdr[0], hdr[1]]),
-        dport_be: u16::from_ne_bytes([hdr[2], hdr[3]]),
-        flags: hdr[13],
-    })
+    let hdr = read::<[u8; 4]>(head, th as u32);
+    Some(TcpHead { sport_be: u16::from_ne_bytes([hdr[0], hdr[1]]), dport_be: u16::from_ne_bytes([hdr[2], hdr[3]]) })
 }

@@ -37,9 +37,6 @@ pub fn on_state(sk: u64, old: u8, new: u8) {
     } else {
         return;
     };
-    if !maps::listener_watched(sk) {
-        return;
-    }
     let o = kernel::offsets();
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut requested = 0;

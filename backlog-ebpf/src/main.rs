@@ -10,10 +10,10 @@ mod listeners;
 mod maps;
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, cgroup_skb, fentry, fexit, kprobe, kretprobe, tracepoint},
+    macros::{btf_tracepoint, cgroup_skb, fentry, fexit, kprobe, kretprobe, raw_tracepoint, tracepoint},
     programs::{
-        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext, SkBuffContext,
-        TracePointContext,
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext,
+        SkBuffContext, TracePointContext,
     },
 };
 
@@ -21,6 +21,15 @@ use crate::drops::{functions, tracepoint as tp, window};
 use crate::kernel::{
     TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV,
 };
+
+// ---- every mode: user space settles each CPU's open window (BPF_PROG_TEST_RUN) ----
+
+/// Never attached: user space runs it on each CPU in turn before reading counts.
+#[raw_tracepoint]
+pub fn bt_flush(_ctx: RawTracePointContext) -> i32 {
+    window::flush();
+    0
+}
 
 // ---- every mode: socket state changes and listen() ----
 
@@ -43,11 +52,8 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => window::finish_ack(sk),
-        (TCP_SYN_RECV, TCP_CLOSE) => {
-            // Died before it was queued (syn_recv_sock failed after cloning).
-            window::child_died();
-            accept::forget(sk);
-        }
+        // Died before it was queued (syn_recv_sock failed after cloning).
+        (TCP_SYN_RECV, TCP_CLOSE) => accept::forget(sk),
         // A queued child is ESTABLISHED or CLOSE_WAIT; leaving those states for
         // CLOSE (reset, listener closed) or FIN_WAIT1 / LAST_ACK (an owner closed
         // it, so it was accepted) ends its time in the queue. Sockets leaving any
@@ -72,21 +78,15 @@ pub fn bt_tp_ingress(ctx: SkBuffContext) -> i32 {
     1 // never drop: we only watch
 }
 
-#[btf_tracepoint(function = "net_dev_queue")]
-pub fn bt_tp_xmit(ctx: BtfTracePointContext) -> i32 {
-    tp::on_xmit(ctx.arg::<u64>(0));
-    0
-}
-
 #[btf_tracepoint(function = "consume_skb")]
 pub fn bt_tp_consume(ctx: BtfTracePointContext) -> i32 {
-    tp::on_free(ctx.arg::<u64>(0), None);
+    tp::on_free(ctx.arg::<u64>(0));
     0
 }
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn bt_tp_kfree(ctx: BtfTracePointContext) -> i32 {
-    tp::on_free(ctx.arg::<u64>(0), Some(ctx.arg::<u64>(2) as u32));
+    tp::on_free(ctx.arg::<u64>(0));
     0
 }
 
@@ -125,19 +125,15 @@ fn conn_exit(_ret: u64) {
     functions::conn_request_exit();
 }
 
+#[inline(always)]
+fn recv_exit(_child: u64) {
+    functions::syn_recv_exit();
+}
+
 fentry_pair!(bt_fe_conn4, bt_fx_conn4, "tcp_v4_conn_request", functions::conn_request_entry, conn_exit);
 fentry_pair!(bt_fe_conn6, bt_fx_conn6, "tcp_v6_conn_request", functions::conn_request_entry, conn_exit);
-fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
-fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
-
-/// Both address families build their SYN-ACK with tcp_make_synack, which (unlike
-/// tcp_v4_send_synack's seven arguments) fits the six-argument limit of fentry
-/// trampolines before Linux 6.6.
-#[fentry(function = "tcp_make_synack")]
-pub fn bt_fe_synack(_ctx: FEntryContext) -> i32 {
-    functions::send_synack();
-    0
-}
+fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, recv_exit);
+fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, recv_exit);
 
 #[fexit(function = "inet_csk_accept")]
 pub fn bt_fx_accept(ctx: FExitContext) -> i32 {
@@ -160,20 +156,14 @@ pub fn bt_kr_conn(_ctx: RetProbeContext) -> u32 {
 }
 
 #[kprobe]
-pub fn bt_kp_synack(_ctx: ProbeContext) -> u32 {
-    functions::send_synack();
-    0
-}
-
-#[kprobe]
 pub fn bt_kp_recv(ctx: ProbeContext) -> u32 {
     functions::syn_recv_entry(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
     0
 }
 
 #[kretprobe]
-pub fn bt_kr_recv(ctx: RetProbeContext) -> u32 {
-    functions::syn_recv_exit(ctx.ret::<u64>());
+pub fn bt_kr_recv(_ctx: RetProbeContext) -> u32 {
+    functions::syn_recv_exit();
     0
 }
 

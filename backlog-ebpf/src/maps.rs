@@ -2,52 +2,45 @@
 //! per-listener counters (exact, never lost) and ring-buffer events (best effort,
 //! every loss counted).
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use backlog_common::{global, Event, EventKind, KernelOffsets, ListenerKey, ListenerStats, EVENTS_RING_BYTES};
+use backlog_common::{
+    global, Event, EventKind, KernelOffsets, ListenerKey, ListenerStats, EVENTS_RING_BYTES, STATS_MAX_ENTRIES,
+};
 
 use crate::kernel;
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
-/// Keyed by the listener's identity (`ListenerKey`). LRU so an insert never fails; user space
-/// deletes a listener's entry after it has read the final values.
+/// Keyed by the listener's identity (`ListenerKey`). Not LRU: an eviction would throw
+/// a live listener's counts away. Entries are allocated as listeners are first seen;
+/// user space deletes a closed listener's entry once it has read the final values.
 #[map(name = "STATS")]
-pub static STATS: LruPerCpuHashMap<ListenerKey, ListenerStats> = LruPerCpuHashMap::with_max_entries(16384, 0);
+pub static STATS: PerCpuHashMap<ListenerKey, ListenerStats> =
+    PerCpuHashMap::with_max_entries(STATS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Where a new STATS value is put together before its insert.
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "GLOBAL")]
 pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::with_max_entries(global::N, 0);
 
-/// Local ports to watch when `Config::filter_ports` is set.
-#[map(name = "FILTER_PORTS")]
-pub static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
-
 #[inline(always)]
 pub fn count(index: u32) {
+    add(index, 1);
+}
+
+#[inline(always)]
+pub fn add(index: u32, n: u64) {
     if let Some(p) = GLOBAL.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *p += 1 };
+        unsafe { *p += n };
     }
-}
-
-/// Whether a listener on `port` is watched (`--port`), with the port only looked at
-/// when a filter is set: `port` is a closure because reading it is a helper call.
-#[inline(always)]
-pub fn port_watched(port: impl FnOnce() -> u16) -> bool {
-    if kernel::config().filter_ports == 0 {
-        return true;
-    }
-    // SAFETY: read-only lookup of a plain value.
-    unsafe { FILTER_PORTS.get(&port()).is_some() }
-}
-
-/// `port_watched` for listener `sk`, reading its local port only if needed.
-#[inline(always)]
-pub fn listener_watched(sk: u64) -> bool {
-    port_watched(|| kernel::read::<u16>(sk, kernel::offsets().skc_num))
 }
 
 /// This CPU's counters for a listener, created on first use with the listener's
@@ -60,16 +53,22 @@ pub fn stats(key: &ListenerKey) -> Option<*mut ListenerStats> {
     if let Some(p) = STATS.get_ptr_mut(key) {
         return Some(p);
     }
+    // Built in a per-CPU scratch slot, not on the 512-byte stack the callers share.
+    let fresh = SCRATCH.get_ptr_mut(0)?;
     let (family, laddr, lport) = kernel::local_addr(sk, &o);
-    let fresh = ListenerStats {
-        sock_ino: key.ino,
-        netns: kernel::netns_inum(kernel::sk_net(sk, &o), &o),
-        family,
-        lport,
-        laddr,
-        ..ListenerStats::default()
+    // SAFETY: this CPU's scratch slot, used only between here and the insert.
+    let fresh = unsafe {
+        *fresh = ListenerStats {
+            sock_ino: key.ino,
+            netns: kernel::netns_inum(kernel::sk_net(sk, &o), &o),
+            family,
+            lport,
+            laddr,
+            ..ListenerStats::default()
+        };
+        &*fresh
     };
-    if STATS.insert(key, &fresh, 0).is_err() {
+    if STATS.insert(key, fresh, 0).is_err() {
         count(global::STATS_FULL);
         return None;
     }

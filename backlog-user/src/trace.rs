@@ -103,6 +103,14 @@ impl Live {
         self.drain_some(rb, RING_EVENTS_MAX);
     }
 
+    /// Settles every CPU's open window (a drop whose segment's end no program saw
+    /// is recorded now, event and count), handles the events, then reads the counts.
+    fn catch_up(&mut self, session: &mut Session, rb: &mut RingBuf<MapData>) -> Result<()> {
+        session.flush()?;
+        self.drain(rb);
+        self.sync_kernel(session)
+    }
+
     /// Pulls the exact per-listener counts from the kernel and releases the map
     /// entries of listeners that have closed (their totals stay in the model).
     fn sync_kernel(&mut self, session: &mut Session) -> Result<()> {
@@ -153,8 +161,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         sinks.push(Box::new(crate::export::Prometheus::serve(addr, args.filters.clone()).await?));
     }
     let emit_accepts = sinks.iter().any(|s| s.wants_accept_events());
-    let mut session =
-        Session::start(&StartOptions { mode: args.mode, ports: args.filters.ports.clone(), emit_accepts })?;
+    let mut session = Session::start(&StartOptions { mode: args.mode, emit_accepts })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
     // the AsyncFd (and with it the RingBuf) is dropped below.
     let mut rb = unsafe { AsyncFd::register(session.take_events()?) }
@@ -208,8 +215,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 resume = None;
             }
             _ = ticker.tick(), if live.args.interval.is_some() => {
-                live.drain(rb.get_mut());
-                live.sync_kernel(&mut session)?;
+                live.catch_up(&mut session, rb.get_mut())?;
                 let secs = last_tick.elapsed().as_secs_f64();
                 last_tick = Instant::now();
                 let rows = live.selected();
@@ -217,8 +223,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 prev = snapshot(&rows);
             }
             _ = sink_ticker.tick(), if !live.sinks.is_empty() => {
-                live.drain(rb.get_mut());
-                live.sync_kernel(&mut session)?;
+                live.catch_up(&mut session, rb.get_mut())?;
                 for s in &mut live.sinks {
                     s.synced(&live.model)?;
                 }
@@ -230,8 +235,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
     }
 
     // Final accounting: whatever is still in the ring, then the exact counters.
-    live.drain(rb.get_mut());
-    live.sync_kernel(&mut session)?;
+    live.catch_up(&mut session, rb.get_mut())?;
     live.owners.refresh();
     let Live { model, owners, .. } = &mut live;
     for l in model.listeners.values_mut() {

@@ -35,9 +35,6 @@ static WAIT_HIST: LruPerCpuHashMap<HistKey, u64> = LruPerCpuHashMap::with_max_en
 /// A child is on `listener`'s accept queue now.
 #[inline(always)]
 pub fn enqueued(child: u64, listener: u64) {
-    if !maps::listener_watched(listener) {
-        return;
-    }
     let o = kernel::offsets();
     let key = kernel::listener_key(listener, &o);
     let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener: key }, 0);

@@ -1,6 +1,7 @@
-//! Where a drop is *recorded*: every attach mode decides, in its own module, that a
-//! tcp_listendrop() happened and why, then calls [`record`]. Classification from
-//! queue state lives here too, so all modes name reasons the same way.
+//! Where a drop is *recorded*: every attach mode opens and closes a per-CPU window
+//! around a listener's segment in its own module; the window (window.rs) decides from
+//! the CPU's own TcpExt counters that a tcp_listendrop() happened and why, then calls
+//! [`record`].
 pub mod functions;
 pub mod tracepoint;
 pub mod window;
@@ -9,31 +10,6 @@ use backlog_common::{DropReason, EventKind, KernelOffsets};
 
 use crate::kernel::{self, QueueState};
 use crate::maps;
-
-/// Why a SYN was dropped, from the listener's queues at that moment. Mirrors the
-/// order of tests in tcp_conn_request(): the SYN-queue test (only fatal without
-/// syncookies) comes before the accept-queue test.
-#[inline(always)]
-pub fn classify_syn(q: &QueueState, syncookies: u8) -> DropReason {
-    if syncookies == 0 && q.syn_qlen >= q.max_ack_backlog {
-        DropReason::SynQueueFull
-    } else if q.ack_backlog > q.max_ack_backlog {
-        DropReason::AcceptQueueFull
-    } else {
-        DropReason::Other
-    }
-}
-
-/// Why a final ACK (or SYN-cookie ACK) was dropped: tcp_v4_syn_recv_sock() tests the
-/// accept queue first; any later failure is not an overflow.
-#[inline(always)]
-pub fn classify_ack(q: &QueueState) -> DropReason {
-    if q.ack_backlog > q.max_ack_backlog {
-        DropReason::AckOverflow
-    } else {
-        DropReason::Other
-    }
-}
 
 /// The peer of a dropped connection, as seen in the packet.
 #[derive(Clone, Copy)]

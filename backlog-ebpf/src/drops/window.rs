@@ -1,27 +1,42 @@
 //! The per-CPU *window*: what one CPU knows about the listener segment it is
 //! handling right now. Every attach mode opens it where it first sees the listener
-//! and the segment, marks it admitted when the kernel accepts the segment, and
-//! closes it where the outcome is known. Softirq handling of one segment does not
-//! migrate or nest on a CPU, so one slot per CPU suffices.
+//! and the segment, and closes it where the segment's handling is over.
+//!
+//! Whether the segment was dropped is not guessed from side effects: the kernel
+//! counts every listen drop in the namespace's TcpExt counters, which are per CPU
+//! (`net.mib.net_statistics`), and a CPU only ever adds to its own copy. The window
+//! keeps this CPU's ListenDrops, ListenOverflows and TCPReqQFullDrop as they were
+//! when it opened; when it closes, their deltas say exactly how many listen drops
+//! handling the segment made, and which kind — no other CPU can move them.
+//!
+//! A window whose end we never see (a skipped program run, a segment freed where no
+//! tracepoint reports it) is settled the same way when the next segment on this CPU
+//! opens a window, or when user space flushes the CPU; the counters make a late
+//! settlement as exact as a timely one.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
+use backlog_common::{global, DropReason};
 
 use crate::kernel::{self, QueueState};
 use crate::maps;
 
 pub const KIND_SYN: u8 = 1;
 pub const KIND_ACK: u8 = 2;
-/// A window older than this belongs to a segment whose end we never saw. Generous:
-/// windows normally close within microseconds, but a preempted vCPU (a busy cloud
-/// host, qemu TCG) can stretch one segment's handling to milliseconds, and expiring
-/// a live window loses its drop.
-const STALE_NS: u64 = 1_000_000_000;
 
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct Window {
     pub sk: u64,
-    pub opened_ns: u64,
-    pub drops_before: u32,
+    /// This CPU's `struct linux_mib` in the listener's namespace.
+    mib: u64,
+    /// This CPU's counters when the window opened or was last settled.
+    listen_drops: u64,
+    overflows: u64,
+    reqq_full: u64,
+    /// This CPU's per-CPU offset, once `cpu_off_known`.
+    cpu_off: u64,
+    /// The listener's own drop counter, likewise: a drop this CPU counted while the
+    /// window was open belongs to its listener only if this moved too.
+    sk_drops: u32,
     pub ack_backlog: u32,
     pub syn_qlen: u32,
     /// The segment's TCP ports, raw (network order), as the peer sent them.
@@ -29,10 +44,10 @@ pub struct Window {
     pub dport_be: u16,
     pub open: u8,
     pub kind: u8,
-    pub admitted: u8,
-    /// The outcome was recorded (IPv4-mapped segments pass through both the v6 and
-    /// the v4 functions; only the first decision counts).
-    pub decided: u8,
+    /// Set while a program updates the window, so that a flush arriving in an
+    /// interrupt leaves it alone.
+    busy: u8,
+    cpu_off_known: u8,
     pub peer: [u8; 16],
 }
 
@@ -41,43 +56,125 @@ static WINDOW: PerCpuArray<Window> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn slot() -> Option<&'static mut Window> {
-    // SAFETY: per-CPU slot; the programs touching it run in the same softirq on this CPU.
+    // SAFETY: this CPU's slot; programs touching it run on this CPU and do not
+    // migrate, and `busy` fences off the one that can interrupt the others (flush).
     WINDOW.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// Opens this CPU's window on `sk` for a segment from `peer` with the given ports.
+/// This CPU's per-CPU offset: the address of this CPU's copy of WINDOW's only
+/// element minus the map's percpu base (`struct bpf_array.pptrs[0]`). Computed once
+/// per CPU and kept in the window.
+#[inline(always)]
+fn cpu_offset(w: &mut Window) -> u64 {
+    if w.cpu_off_known == 0 {
+        let map = kernel::address_of(&WINDOW as *const _);
+        let base = kernel::read::<u64>(map, kernel::offsets().bpf_array_pptrs);
+        w.cpu_off = kernel::address_of(w as *const Window).wrapping_sub(base);
+        w.cpu_off_known = 1;
+    }
+    w.cpu_off
+}
+
+/// Opens this CPU's window on listener `sk` for a segment from `peer` with the given
+/// ports, settling a window its segment's end left open.
 #[inline(always)]
 pub fn open(sk: u64, kind: u8, peer: [u8; 16], sport_be: u16, dport_be: u16) {
-    // Only what can change before the kernel decides is read now; the limit and the
-    // syncookies sysctl are read if there is a drop to classify.
-    let o = kernel::offsets();
     let Some(w) = slot() else { return };
+    w.busy = 1;
+    if w.open != 0 {
+        maps::count(global::WINDOWS_REPLACED);
+        settle(w, true);
+    }
+    let o = kernel::offsets();
+    let stats = kernel::read::<u64>(kernel::sk_net(sk, o), o.net_mib_net_statistics);
+    w.mib = stats.wrapping_add(cpu_offset(w));
+    w.listen_drops = kernel::read::<u64>(w.mib, o.mib_listen_drops);
+    w.overflows = kernel::read::<u64>(w.mib, o.mib_listen_overflows);
+    // Only a SYN can be dropped for a full SYN queue.
+    w.reqq_full = if kind == KIND_SYN { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
     w.sk = sk;
-    w.opened_ns = maps::now_ns();
-    w.drops_before = kernel::sk_drops(sk, o);
+    w.sk_drops = kernel::sk_drops(sk, o);
     w.ack_backlog = kernel::read::<u32>(sk, o.sk_ack_backlog);
     w.syn_qlen = kernel::read::<u32>(sk, o.icsk_accept_queue_qlen);
     w.sport_be = sport_be;
     w.dport_be = dport_be;
     w.kind = kind;
-    w.admitted = 0;
-    w.decided = 0;
     w.peer = peer;
     w.open = 1;
+    w.busy = 0;
 }
 
-/// This CPU's open, fresh window, closing it if it went stale.
+/// This CPU's open window.
 #[inline(always)]
 pub fn current() -> Option<&'static mut Window> {
-    let w = slot()?;
-    if w.open == 0 {
-        return None;
+    slot().filter(|w| w.open != 0)
+}
+
+/// The segment's handling is over: settle and close.
+#[inline(always)]
+pub fn close(w: &mut Window) {
+    w.busy = 1;
+    settle(w, false);
+    w.open = 0;
+    w.busy = 0;
+}
+
+/// User space's flush, run on each CPU in turn: settles the open window without
+/// closing it (its segment may still be in hand on this CPU, interrupted; whatever
+/// it drops later is still counted at its close).
+#[inline(always)]
+pub fn flush() {
+    let Some(w) = slot() else { return };
+    if w.busy != 0 {
+        maps::count(global::FLUSH_BUSY);
+        return;
     }
-    if maps::now_ns().wrapping_sub(w.opened_ns) > STALE_NS {
-        w.open = 0;
-        return None;
+    if w.open != 0 {
+        settle(w, true);
     }
-    Some(w)
+}
+
+/// Records the listen drops this CPU counted since the window opened or was last
+/// settled, and moves the window's baselines up to now. A function of its own (a
+/// BPF-to-BPF call): open, close and flush all settle, and inlining the recording
+/// path into each overflowed the 512-byte stack.
+#[inline(never)]
+fn settle(w: &mut Window, late: bool) {
+    let o = kernel::offsets();
+    let drops = kernel::read::<u64>(w.mib, o.mib_listen_drops);
+    let made = drops.wrapping_sub(w.listen_drops);
+    if made == 0 {
+        return;
+    }
+    let overflows = kernel::read::<u64>(w.mib, o.mib_listen_overflows);
+    let reqq_full = if w.kind == KIND_SYN { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { w.reqq_full };
+    let (overflowed, syn_queue_full) = (overflows != w.overflows, reqq_full != w.reqq_full);
+    w.listen_drops = drops;
+    w.overflows = overflows;
+    w.reqq_full = reqq_full;
+    let sk_drops = kernel::sk_drops(w.sk, o);
+    if sk_drops == w.sk_drops {
+        maps::add(global::UNATTRIBUTED, made);
+        return;
+    }
+    w.sk_drops = sk_drops;
+    if late {
+        maps::count(global::SETTLED_LATE);
+    }
+    // One segment makes one listen drop; more means segments handled inside this
+    // one's handling that no window of theirs covered.
+    if made > 1 {
+        maps::add(global::UNATTRIBUTED, made - 1);
+    }
+    let reason = match (w.kind, overflowed, syn_queue_full) {
+        (KIND_SYN, _, true) => DropReason::SynQueueFull,
+        (KIND_SYN, true, false) => DropReason::AcceptQueueFull,
+        (KIND_ACK, true, _) => DropReason::AckOverflow,
+        _ => DropReason::Other,
+    };
+    let q = queues_at_drop(w);
+    let peer = super::Peer { addr: w.peer, port: u16::from_be(w.sport_be) };
+    super::record(w.sk, reason, &q, &peer, o);
 }
 
 /// Whether `child` belongs to the listener of window `w` (same local port).
@@ -88,27 +185,11 @@ fn owns(w: &Window, child: u64) -> bool {
 }
 
 /// inet_sock_set_state LISTEN -> SYN_RECV: a child was born from the final ACK this
-/// CPU is handling, which admits it (tracepoint mode's signal; harmless in the
-/// others). Returns the listener, which is about to queue the child.
+/// CPU is handling. Returns the listener, which is about to queue the child.
 #[inline(always)]
 pub fn child_born(child: u64) -> Option<u64> {
     let w = current()?;
-    if w.kind != KIND_ACK {
-        return None;
-    }
-    w.admitted = 1;
-    owns(w, child).then_some(w.sk)
-}
-
-/// inet_sock_set_state SYN_RECV -> CLOSE: tcp_v4_syn_recv_sock() failed after
-/// cloning; the child is destroyed and the kernel counts a listen drop.
-#[inline(always)]
-pub fn child_died() {
-    if let Some(w) = current() {
-        if w.kind == KIND_ACK {
-            w.admitted = 0;
-        }
-    }
+    (w.kind == KIND_ACK && owns(w, child)).then_some(w.sk)
 }
 
 /// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
@@ -117,45 +198,21 @@ pub fn child_died() {
 pub fn finish_ack(child: u64) {
     if let Some(w) = current() {
         if w.kind == KIND_ACK && owns(w, child) {
-            w.open = 0;
+            close(w);
         }
     }
 }
 
-/// Whether the listener's drop counter moved since the window opened.
+/// The listener's queues for the drop's record: the kernel tested them between our
+/// two looks, so take the fuller of the two.
 #[inline(always)]
-pub fn drops_moved(w: &Window) -> bool {
-    kernel::sk_drops(w.sk, &kernel::offsets()) != w.drops_before
-}
-
-/// The listener's queues for classifying a drop: the kernel tested them between
-/// our two looks, so take the fuller of the two.
-#[inline(always)]
-pub fn queues_at_drop(w: &Window) -> QueueState {
+fn queues_at_drop(w: &Window) -> QueueState {
     let now = kernel::queue_state(w.sk, &kernel::offsets());
     QueueState {
         ack_backlog: max(w.ack_backlog, now.ack_backlog),
         max_ack_backlog: now.max_ack_backlog,
         syn_qlen: max(w.syn_qlen, now.syn_qlen),
     }
-}
-
-/// Records the drop this window saw (once).
-#[inline(always)]
-pub fn record_drop(w: &mut Window) {
-    if w.decided != 0 {
-        return;
-    }
-    w.decided = 1;
-    let q = queues_at_drop(w);
-    let o = kernel::offsets();
-    let reason = if w.kind == KIND_SYN {
-        super::classify_syn(&q, kernel::syncookies(kernel::sk_net(w.sk, o), o))
-    } else {
-        super::classify_ack(&q)
-    };
-    let peer = super::Peer { addr: w.peer, port: u16::from_be(w.sport_be) };
-    super::record(w.sk, reason, &q, &peer, o);
 }
 
 #[inline(always)]

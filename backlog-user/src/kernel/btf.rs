@@ -124,25 +124,40 @@ impl KernelBtf {
         Ok(bits / 8)
     }
 
-    /// Value of an enumerator of `enum enum_name`, if the kernel has it.
-    pub fn enum_value(&self, enum_name: &str, enumerator: &str) -> Option<u32> {
-        self.btf.resolve_types_by_name(enum_name).ok()?.into_iter().find_map(|ty| match ty {
-            Type::Enum(e) => e
-                .members
-                .iter()
-                .find(|m| self.btf.resolve_name(*m).ok().as_deref() == Some(enumerator))
-                .map(|m| m.val()),
-            _ => None,
-        })
+    /// Values of enumerators of an anonymous enum (like the LINUX_MIB_* indices),
+    /// which no type name leads to: the first enum that has `names[0]` answers for all.
+    pub fn anonymous_enum_values<const N: usize>(&self, names: [&str; N]) -> Result<[u32; N]> {
+        use fallible_iterator::FallibleIterator;
+        let mut types = self.btf.type_iter();
+        while let Some(ty) = types.next()? {
+            let Type::Enum(e) = ty else { continue };
+            let value = |name: &str| {
+                e.members.iter().find(|m| self.btf.resolve_name(*m).ok().as_deref() == Some(name)).map(|m| m.val())
+            };
+            if value(names[0]).is_none() {
+                continue;
+            }
+            let mut out = [0; N];
+            for (o, n) in out.iter_mut().zip(names) {
+                *o = value(n).ok_or_else(|| anyhow!("kernel BTF: enum of {} has no {n}", names[0]))?;
+            }
+            return Ok(out);
+        }
+        bail!("kernel BTF has no enumerator {}", names[0])
     }
 
     /// Everything the eBPF programs read from kernel memory.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
         let sk_common = |f: &str| self.offset("sock", &["__sk_common", f]);
-        let reason = |r: &str| self.enum_value("skb_drop_reason", r).unwrap_or(u32::MAX);
+        let [listen_drops, listen_overflows, reqq_full_drop] = self.anonymous_enum_values([
+            "LINUX_MIB_LISTENDROPS",
+            "LINUX_MIB_LISTENOVERFLOWS",
+            "LINUX_MIB_TCPREQQFULLDROP",
+        ])?;
+        // struct linux_mib is an array of unsigned long.
+        let mib = |index: u32| index * 8;
         Ok(KernelOffsets {
             skc_family: sk_common("skc_family")?,
-            skc_state: sk_common("skc_state")?,
             skc_num: sk_common("skc_num")?,
             skc_rcv_saddr: sk_common("skc_rcv_saddr")?,
             skc_v6_rcv_saddr: sk_common("skc_v6_rcv_saddr")?,
@@ -156,14 +171,14 @@ impl KernelBtf {
             file_f_inode: self.offset("file", &["f_inode"])?,
             inode_i_ino: self.offset("inode", &["i_ino"])?,
             net_ns_inum: self.offset("net", &["ns", "inum"])?,
-            net_ipv4_sysctl_tcp_syncookies: self.offset("net", &["ipv4", "sysctl_tcp_syncookies"])?,
             skb_head: self.offset("sk_buff", &["head"])?,
             skb_transport_header: self.offset("sk_buff", &["transport_header"])?,
             skb_network_header: self.offset("sk_buff", &["network_header"])?,
-            // Kernels before 5.17 have no drop reasons: u32::MAX matches none.
-            reason_listen_overflow: reason("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"),
-            reason_no_socket: reason("SKB_DROP_REASON_NO_SOCKET"),
-            reason_not_specified: reason("SKB_DROP_REASON_NOT_SPECIFIED"),
+            net_mib_net_statistics: self.offset("net", &["mib", "net_statistics"])?,
+            mib_listen_drops: mib(listen_drops),
+            mib_listen_overflows: mib(listen_overflows),
+            mib_reqq_full_drop: mib(reqq_full_drop),
+            bpf_array_pptrs: self.offset("bpf_array", &["pptrs"])?,
             task_files: self.offset("task_struct", &["files"])?,
             files_fdt: self.offset("files_struct", &["fdt"])?,
             fdtable_max_fds: self.offset("fdtable", &["max_fds"])?,
@@ -209,6 +224,23 @@ mod tests {
         assert_eq!(o.skc_num, num);
         assert_eq!(o.sk_max_ack_backlog, o.sk_ack_backlog + 4);
         assert!(o.icsk_accept_queue_qlen > o.sk_drops);
+        // The per-CPU array's elements follow struct bpf_map and three more fields.
+        assert!(o.bpf_array_pptrs > b.offset("bpf_array", &["aux"]).unwrap());
+    }
+
+    #[test]
+    fn listen_counters_are_found_in_the_anonymous_mib_enum() {
+        // /proc/net/netstat prints TcpExt in LINUX_MIB_* order: ListenOverflows is
+        // followed by ListenDrops there and in the enum.
+        let [drops, overflows] =
+            btf().anonymous_enum_values(["LINUX_MIB_LISTENDROPS", "LINUX_MIB_LISTENOVERFLOWS"]).unwrap();
+        assert_eq!(drops, overflows + 1);
+        let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap();
+        let names: Vec<&str> = netstat.lines().next().unwrap().split_whitespace().skip(1).collect();
+        let pos = |n: &str| names.iter().position(|x| *x == n).unwrap() as u32;
+        // The TcpExt line starts with SyncookiesSent = LINUX_MIB_SYNCOOKIESSENT (1).
+        assert_eq!(pos("ListenDrops") + 1, drops);
+        assert!(btf().anonymous_enum_values(["NO_SUCH_ENUMERATOR_XYZ"]).is_err());
     }
 
     #[test]
@@ -219,13 +251,10 @@ mod tests {
     }
 
     #[test]
-    fn missing_fields_and_enums_are_errors_not_zero() {
+    fn missing_fields_are_errors_not_zero() {
         let b = btf();
         let e = b.offset("sock", &["no_such_field"]).unwrap_err().to_string();
         assert!(e.contains("no field no_such_field"), "{e}");
         assert!(b.offset("no_such_struct_xyz", &["a"]).is_err());
-        assert_eq!(b.enum_value("skb_drop_reason", "SKB_DROP_REASON_NOT_SPECIFIED"), Some(2));
-        assert_eq!(b.enum_value("skb_drop_reason", "NO_SUCH_ENUMERATOR_XYZ"), None);
-        assert_eq!(b.enum_value("no_such_enum_xyz", "SKB_DROP_REASON_NOT_SPECIFIED"), None);
     }
 }

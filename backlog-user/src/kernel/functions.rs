@@ -22,7 +22,7 @@ struct Hook {
     kretprobe: Option<&'static str>,
 }
 
-const HOOKS: [Hook; 6] = [
+const HOOKS: [Hook; 5] = [
     Hook {
         function: "tcp_v4_conn_request",
         optional: false,
@@ -38,14 +38,6 @@ const HOOKS: [Hook; 6] = [
         fexit: Some("bt_fx_conn6"),
         kprobe: "bt_kp_conn",
         kretprobe: Some("bt_kr_conn"),
-    },
-    Hook {
-        function: "tcp_make_synack",
-        optional: false,
-        fentry: "bt_fe_synack",
-        fexit: None,
-        kprobe: "bt_kp_synack",
-        kretprobe: None,
     },
     Hook {
         function: "tcp_v4_syn_recv_sock",

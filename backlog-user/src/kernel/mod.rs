@@ -3,6 +3,7 @@
 //! Each attach mode (how drops are detected) is a sibling module implementing
 //! [`AttachMode`]; this file owns what every mode shares: checks, BTF offsets, the
 //! listener hooks, maps, and choosing a mode.
+mod affinity;
 mod btf;
 pub mod env;
 mod functions;
@@ -11,7 +12,7 @@ mod tracepoint;
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::{BtfTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use backlog_common::{names, Config, HistKey, KernelOffsets, ListenerKey, ListenerStats};
 
@@ -52,7 +53,6 @@ const PREFERENCE: [Mode; 3] = [Mode::Fentry, Mode::Kprobe, Mode::Tracepoint];
 
 pub struct StartOptions {
     pub mode: Option<Mode>,
-    pub ports: Vec<u16>,
     /// Send one event per accept (for the recorder); live views read the maps.
     pub emit_accepts: bool,
 }
@@ -79,13 +79,14 @@ impl Session {
             .context("this kernel's BTF lacks a field backlog-trace reads")?;
         let tracefs = env::ensure_tracefs()?;
         let config = Config {
-            filter_ports: u32::from(!opts.ports.is_empty()),
             listen_backlog_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_enter_listen", "backlog")?,
             accept_ret_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_exit_accept4", "ret")?,
             emit_accepts: u32::from(opts.emit_accepts),
         };
         let info = KernelInfo { release: env::kernel_release() };
-        let (ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
+        let (mut ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
+        let p: &mut RawTracePoint = ebpf.program_mut(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
+        p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
         release_freed_heap();
         Ok(Session { ebpf, mode, kernel: info.release, fallbacks })
     }
@@ -121,6 +122,29 @@ impl Session {
             *out.entry(ListenerKey { sk, ino }).or_insert(0) += 1;
         }
         Ok(out)
+    }
+
+    /// Settles every CPU's open window: a drop whose segment's end no program saw
+    /// (a skipped run, a free no tracepoint reports) is counted now instead of when
+    /// the next segment reaches that CPU. Call before reading the counts.
+    ///
+    /// The flush runs on each CPU through an interrupt sent from another CPU, so
+    /// that it can never be interrupted itself by the softirq programs whose window
+    /// it settles; this thread moves off each CPU in turn to make that so. On a
+    /// single CPU there is no other CPU to send from, and the flush does nothing.
+    pub fn flush(&mut self) -> Result<()> {
+        let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        if cpus.len() < 2 {
+            return Ok(());
+        }
+        let p: &RawTracePoint = self.ebpf.program(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
+        let pinned = affinity::Pinned::save()?;
+        for (i, &cpu) in cpus.iter().enumerate() {
+            pinned.run_on(cpus[(i + 1) % cpus.len()])?;
+            p.test_run(RawTracePointRunOptions { cpu: Some(cpu), ..RawTracePointRunOptions::new() })
+                .with_context(|| format!("flushing CPU {cpu}'s window (BPF_PROG_TEST_RUN)"))?;
+        }
+        Ok(())
     }
 
     /// Runs of our programs the kernel skipped (see progstats).
@@ -178,7 +202,6 @@ fn attach_best(
         }
         // A fresh load per attempt: a half-attached mode must leave nothing behind.
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        set_port_filter(&mut ebpf, &opts.ports)?;
         let attached = attach_listeners(&mut ebpf, &aya_btf).and_then(|()| imp.attach(&mut ebpf, &aya_btf));
         match attached {
             Ok(notes) => {
@@ -204,15 +227,6 @@ fn release_freed_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-fn set_port_filter(ebpf: &mut Ebpf, ports: &[u16]) -> Result<()> {
-    let mut m: HashMap<&mut MapData, u16, u8> =
-        HashMap::try_from(ebpf.map_mut(names::FILTER_PORTS).context("FILTER_PORTS map")?)?;
-    for p in ports {
-        m.insert(p, 1, 0)?;
-    }
-    Ok(())
 }
 
 /// The listener registry runs in every mode: listen() and socket state changes.

@@ -10,8 +10,7 @@ use super::{env, AttachMode};
 
 pub struct Tracepoint;
 
-const TP_BTF: [(&str, &str); 3] =
-    [("bt_tp_xmit", "net_dev_queue"), ("bt_tp_consume", "consume_skb"), ("bt_tp_kfree", "kfree_skb")];
+const TP_BTF: [(&str, &str); 2] = [("bt_tp_consume", "consume_skb"), ("bt_tp_kfree", "kfree_skb")];
 
 /// accept() has no tracepoint: its syscall exits give the descriptor of the child.
 const SYSCALLS: [(&str, &str); 2] = [("bt_tp_accept4", "sys_exit_accept4"), ("bt_tp_accept", "sys_exit_accept")];
