@@ -27,6 +27,8 @@ pub struct Listener {
     pub drops: u64,
     pub overflows: u64,
     pub drops_by_reason: BTreeMap<String, u64>,
+    /// What the owner asked of listen(), when the tracer saw the call.
+    pub requested_backlog: Option<u32>,
 }
 
 impl Listener {

@@ -162,6 +162,10 @@ fn listeners_in_two_namespaces_are_counted_apart() {
         assert!(l.drops > 0, "{l:#?}");
         assert!(l.pids.contains(&server.pid()), "server pid {} missing from {l:#?}", server.pid());
     }
+    // The listen() of b's listener happened while the tracer ran: its backlog was
+    // seen (a syscall tracepoint in tracepoint mode, a kernel function otherwise).
+    let l = run.listener(&b, PORT);
+    assert_eq!(l.requested_backlog, Some(8), "{l:#?}");
 }
 
 #[test]

@@ -229,11 +229,16 @@ fn release_freed_heap() {
     }
 }
 
-/// The listener registry runs in every mode: listen() and socket state changes.
+/// The listener registry runs in every mode: socket state changes. Each mode adds
+/// where listen()'s backlog comes from.
 fn attach_listeners(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let p: &mut BtfTracePoint = ebpf.program_mut("bt_set_state").context("bt_set_state")?.try_into()?;
     p.load("inet_sock_set_state", btf).context("loading tp_btf/inet_sock_set_state")?;
-    p.attach().context("attaching tp_btf/inet_sock_set_state")?;
+    p.attach().context("attaching tp_btf/inet_sock_set_state").map(drop)
+}
+
+/// listen()'s backlog from the syscall's entry tracepoint.
+fn attach_listen_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
     let p: &mut TracePoint = ebpf.program_mut("bt_listen").context("bt_listen")?.try_into()?;
     p.load().context("loading syscalls:sys_enter_listen")?;
     p.attach("syscalls", "sys_enter_listen").context("attaching syscalls:sys_enter_listen")?;
