@@ -4,6 +4,7 @@
 //! opened per namespace (see `netns.rs`) and then reused from any thread.
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN};
@@ -29,8 +30,11 @@ pub struct SockEntry {
 
 pub struct Diag {
     sock: Socket,
-    buf: Vec<u8>,
 }
+
+/// Receive buffer of one dump: allocated per dump rather than kept per socket, since
+/// the live session holds a socket in every namespace.
+const RECV_BUF: usize = 64 * 1024;
 
 impl Diag {
     /// Opens a sock_diag socket in the calling thread's network namespace.
@@ -38,19 +42,55 @@ impl Diag {
         let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
-        Ok(Diag { sock, buf: vec![0; 64 * 1024] })
+        Ok(Diag { sock })
     }
 
     /// Every TCP listener and pending (SYN_RECV) request in the namespace, IPv4 and IPv6.
     pub fn dump(&mut self) -> io::Result<Vec<SockEntry>> {
+        self.dump_states(StateFlags::LISTEN | StateFlags::SYN_RECV)
+    }
+
+    /// Every TCP listener in the namespace, IPv4 and IPv6 (no requests: a SYN flood
+    /// does not make this dump longer).
+    pub fn listeners(&mut self) -> io::Result<Vec<SockEntry>> {
+        self.dump_states(StateFlags::LISTEN)
+    }
+
+    /// The namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): a 64-bit number the
+    /// kernel gives each namespace at creation from one increasing counter, never
+    /// reused, so it orders namespaces by creation. None where the kernel lacks it.
+    pub fn netns_cookie(&self) -> Option<u64> {
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: the buffer is a u64 and its size is passed.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                &mut cookie as *mut u64 as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(cookie)
+    }
+
+    fn dump_states(&mut self, states: StateFlags) -> io::Result<Vec<SockEntry>> {
         let mut out = Vec::new();
+        let mut buf = vec![0; RECV_BUF];
         for family in [AF_INET, AF_INET6] {
-            self.dump_family(family, &mut out)?;
+            self.dump_family(family, states.clone(), &mut buf, &mut out)?;
         }
         Ok(out)
     }
 
-    fn dump_family(&mut self, family: u8, out: &mut Vec<SockEntry>) -> io::Result<()> {
+    fn dump_family(
+        &mut self,
+        family: u8,
+        states: StateFlags,
+        buf: &mut [u8],
+        out: &mut Vec<SockEntry>,
+    ) -> io::Result<()> {
         let mut hdr = NetlinkHeader::default();
         hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
@@ -60,7 +100,7 @@ impl Diag {
                 family,
                 protocol: IPPROTO_TCP,
                 extensions: ExtensionFlags::SKMEMINFO,
-                states: StateFlags::LISTEN | StateFlags::SYN_RECV,
+                states,
                 socket_id,
             })
             .into(),
@@ -71,10 +111,10 @@ impl Diag {
         self.sock.send(&bytes, 0)?;
 
         loop {
-            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            let n = self.sock.recv(&mut &mut buf[..], 0)?;
             let mut off = 0;
             while off < n {
-                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buf[off..n])
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[off..n])
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}")))?;
                 match msg.payload {
                     NetlinkPayload::Done(_) => return Ok(()),
@@ -123,5 +163,7 @@ mod tests {
         assert_eq!(me.rqueue, 0);
         assert!(me.drops.is_some());
         assert_ne!(me.inode, 0);
+        assert!(d.listeners().unwrap().iter().all(|e| e.listening));
+        assert!(d.netns_cookie().is_some_and(|c| c > 0));
     }
 }
