@@ -46,3 +46,28 @@ pub fn our_programs_loaded() -> Vec<String> {
         })
         .collect()
 }
+
+/// Ids of the cgroup links process `pid` holds a descriptor of, from
+/// /proc/PID/fdinfo (a bpf link's fdinfo names its type and id).
+pub fn cgroup_links_of(pid: u32) -> Vec<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}")).flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        if field("link_type:") == Some("cgroup") {
+            let id = field("link_id:").and_then(|v| v.parse().ok());
+            ids.extend(id.filter(|i| !ids.contains(i)));
+        }
+    }
+    ids
+}
+
+/// Detaches a BPF link from outside the process holding it, as an operator would.
+pub fn detach_link(id: u32) {
+    let out = Command::new("bpftool")
+        .args(["link", "detach", "id", &id.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool: {e}"));
+    assert!(out.status.success(), "bpftool link detach id {id} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
