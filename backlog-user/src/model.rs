@@ -170,8 +170,8 @@ pub fn ip(family: u16, bytes: &[u8; 16]) -> IpAddr {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetnsCounts {
     pub name: Option<String>,
-    /// Where counting starts: "start" (read before the programs attached),
-    /// "created" (created later: from 0), "first_seen" (found later: from then).
+    /// Where counting starts: "start" (read before the programs attached) or
+    /// "first_seen" (found later: from its first reading).
     pub baseline: &'static str,
     /// TcpExt ListenDrops, ListenOverflows, TCPReqQFullDrop since the baseline, as
     /// of the latest reading.

@@ -6,11 +6,8 @@
 //!
 //! - **Baseline.** Namespaces in scope at start are read before the programs attach,
 //!   so drops in between count as undetected, not as nothing. A namespace found later
-//!   whose cookie is newer than a namespace the session created at start was created
-//!   after start: its baseline is 0. Any other latecomer (it existed at start with no
-//!   process in it and no /run/netns name, or the kernel has no SO_NETNS_COOKIE) is
-//!   reconciled from its first reading on, against the drops detected there since the
-//!   sync before that reading (`first_seen`).
+//!   is reconciled from its first reading on, against the drops detected there since
+//!   the sync before that reading (`first_seen`; why not from 0: `Origin`).
 //! - **No false positives from drops in flight.** A reading is asked for just after a
 //!   sync read the maps and is used at the next sync, after the maps are read again:
 //!   `undetected(k) = max(undetected(k-1), TcpExt(read between k-1 and k) - detected(k))`.
@@ -147,18 +144,14 @@ impl Reconciler {
                 // A namespace read before without a first mark cannot happen; if it
                 // did, counting from now is the safe side.
                 let origin = r.first.unwrap_or(Origin::FirstSeen);
-                let (base, base_detected, from_socket) = match origin {
-                    Origin::Start => (r.tcp, 0, true),
-                    Origin::Created => (Tcp::default(), 0, false),
-                    Origin::FirstSeen => (r.tcp, asked_detected, true),
-                };
+                let base_detected = if origin == Origin::FirstSeen { asked_detected } else { 0 };
                 let sockets = r
                     .sockets
                     .iter()
                     .map(|&(ino, drops)| {
                         let base_expected =
                             if origin == Origin::FirstSeen { self.expected_at_ask(r.inode, ino) } else { 0 };
-                        (ino, Sock { base: if from_socket { drops } else { 0 }, base_expected, latest: drops })
+                        (ino, Sock { base: drops, base_expected, latest: drops })
                     })
                     .collect();
                 self.done.remove(&r.inode);
@@ -166,7 +159,7 @@ impl Reconciler {
                     r.inode,
                     Ns {
                         origin,
-                        base,
+                        base: r.tcp,
                         base_detected,
                         latest: r.tcp,
                         sockets,
@@ -372,15 +365,7 @@ mod tests {
     }
 
     #[test]
-    fn latecomers_start_from_zero_or_from_their_first_reading() {
-        let mut m = Model::default();
-        let mut r = Reconciler::new(&[], Reading::default(), &mut m);
-        // Created after start: all 7 kernel drops are the session's; 6 detected.
-        detect(&mut m, 1, 6, 0);
-        r.asked(&m);
-        r.apply(reading(7, &[(1, 7)], Some(Origin::Created)), &mut m);
-        assert_eq!((counts(&m).baseline, counts(&m).listen_drops, counts(&m).undetected), ("created", 7, 1));
-
+    fn latecomers_count_from_their_first_reading() {
         let mut m = Model::default();
         let mut r = Reconciler::new(&[], Reading::default(), &mut m);
         detect(&mut m, 1, 6, 0);

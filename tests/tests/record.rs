@@ -201,7 +201,16 @@ fn listener_on(summary: &Value, netns: u64, port: u16) -> &Value {
 
 fn assert_same_summary(live: &Value, offline: &Value) {
     assert_eq!(live["listeners"], offline["listeners"], "listeners differ:\nlive {live:#}\nreport {offline:#}");
-    for k in ["lost_events", "unmatched_accepts", "pending_enqueued"] {
+    for k in [
+        "lost_events",
+        "missed_runs",
+        "unmatched_accepts",
+        "pending_enqueued",
+        "undetected",
+        "namespaces",
+        "diagnostics",
+        "detached",
+    ] {
         assert_eq!(live[k], offline[k], "{k}: live {live:#} report {offline:#}");
     }
 }
@@ -236,6 +245,11 @@ fn report_equals_the_live_summary_and_the_kernel() {
         assert_eq!(ns["counters"][c]["delta"].as_u64(), Some(r.delta.get(c)), "{c}: {ns:#}");
     }
     assert!(ns["sysctls"]["net.core.somaxconn"].as_u64().is_some(), "{ns:#}");
+
+    // The reconciliation the live session made is in the recording, and agrees.
+    let n = offline["namespaces"].as_array().unwrap().iter().find(|n| n["netns"] == r.netns).expect("netns");
+    assert_eq!(n["listen_drops"].as_u64(), Some(r.delta.get("ListenDrops")), "{n:#}");
+    assert_eq!((n["detected"].as_u64(), n["undetected"].as_u64()), (Some(drops), Some(0)), "{n:#}");
 
     // No event was lost, so the per-second timeline adds up to the totals.
     assert_eq!(offline["lost_events"], 0);

@@ -42,15 +42,20 @@ impl Tcp {
 }
 
 /// Where a namespace's reconciliation starts counting from.
+///
+/// A namespace found after start is counted from its first reading, not from 0:
+/// nothing tells reliably that it did not exist at start (held then by a descriptor
+/// or a mount elsewhere), and counting its earlier drops would report drops from
+/// before the session as missed. Namespace cookies and ids (SO_NETNS_COOKIE,
+/// NS_GET_ID) do not order creation: the kernel hands them out in per-CPU batches
+/// of 4096 (6.18: namespaces created alternately on two CPUs got 434, 4573, 435,
+/// 4574). Namespaces are looked for every second, so what goes unreconciled is at
+/// most the drops the kernel side missed in a namespace's first second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// Read before the programs attached: every drop since then is the session's.
     Start,
-    /// Created after the session started (its cookie is newer than the start mark):
-    /// all its counts are the session's, from 0.
-    Created,
-    /// Found later, but it may have existed at start (no process in it and no
-    /// /run/netns name then, or no cookie to tell): reconciled from its first reading.
+    /// Found later: reconciled from its first reading on.
     FirstSeen,
 }
 
@@ -58,9 +63,12 @@ impl Origin {
     pub fn name(self) -> &'static str {
         match self {
             Origin::Start => "start",
-            Origin::Created => "created",
             Origin::FirstSeen => "first_seen",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Origin> {
+        [Origin::Start, Origin::FirstSeen].into_iter().find(|o| o.name() == name)
     }
 }
 
@@ -105,9 +113,6 @@ struct Reader {
     scope: Scope,
     current: u32,
     held: BTreeMap<u32, Held>,
-    /// The cookie of a namespace created at start; None without SO_NETNS_COOKIE or
-    /// when one could not be created.
-    mark: Option<u64>,
 }
 
 fn read_tcp(netstat: &mut Netstat) -> io::Result<Tcp> {
@@ -134,7 +139,8 @@ impl Reader {
     }
 
     /// Reads every held namespace, then looks for namespaces that came or went.
-    fn pass(&mut self, origin_of_new: impl Fn(Option<u64>) -> Origin) -> io::Result<Reading> {
+    /// `origin` is the baseline of the namespaces this pass finds.
+    fn pass(&mut self, origin: Origin) -> io::Result<Reading> {
         let mut out = Reading::default();
         for h in self.held.values_mut() {
             match read_held(h) {
@@ -165,11 +171,10 @@ impl Reader {
                     continue;
                 }
             };
-            let cookie = diag.netns_cookie();
             let mut h = Held { info, netstat, diag };
             match read_held(&mut h) {
                 Ok(mut r) => {
-                    r.first = Some(origin_of_new(cookie));
+                    r.first = Some(origin);
                     out.namespaces.push(r);
                     self.held.insert(inode, h);
                 }
@@ -178,22 +183,6 @@ impl Reader {
         }
         Ok(out)
     }
-}
-
-/// The cookie of a namespace created now: every namespace with a larger cookie was
-/// created after this moment. Costs one namespace creation (a few ms, on a helper
-/// thread that unshares itself and ends).
-fn creation_mark() -> Option<u64> {
-    std::thread::spawn(|| {
-        // SAFETY: plain syscall; it moves only this short-lived thread.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return None;
-        }
-        Diag::open().ok()?.netns_cookie()
-    })
-    .join()
-    .ok()
-    .flatten()
 }
 
 /// Lets this process hold a file per namespace and socket on hosts with many
@@ -225,8 +214,6 @@ impl Counters {
     pub fn start(scope: Scope) -> Result<(Counters, Reading)> {
         raise_fd_limit();
         let current = netns::current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
-        // Only namespaces found later need the mark, and only without --netns.
-        let mark = if matches!(scope, Scope::All) { creation_mark() } else { None };
         if let Scope::Only(list) = &scope {
             let all = netns::enumerate().context("cannot list /proc (is /proc mounted?)")?;
             if let Some(missing) = list.iter().find(|w| !all.namespaces.iter().any(|n| n.inode == **w)) {
@@ -235,24 +222,15 @@ impl Counters {
                 );
             }
         }
-        let mut reader = Reader { scope, current, held: BTreeMap::new(), mark: None };
-        let mut baseline =
-            reader.pass(|_| Origin::Start).context("reading the network namespaces' counters at start")?;
-        for r in &mut baseline.namespaces {
-            r.first = Some(Origin::Start);
-        }
-        reader.mark = mark;
+        let mut reader = Reader { scope, current, held: BTreeMap::new() };
+        let baseline = reader.pass(Origin::Start).context("reading the network namespaces' counters at start")?;
         let (ask, asked) = mpsc::sync_channel::<()>(1);
         let (answer, answers) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("bt-counters".into())
             .spawn(move || {
                 while asked.recv().is_ok() {
-                    let mark = reader.mark;
-                    let reading = reader.pass(|cookie| match (mark, cookie) {
-                        (Some(m), Some(c)) if c > m => Origin::Created,
-                        _ => Origin::FirstSeen,
-                    });
+                    let reading = reader.pass(Origin::FirstSeen);
                     if answer.send(reading).is_err() {
                         break;
                     }
@@ -327,12 +305,5 @@ mod tests {
         assert_eq!((again.first, again.last), (None, false));
         assert!(again.tcp.listen_drops >= own.tcp.listen_drops);
         assert!(c.take().is_none());
-    }
-
-    #[test]
-    fn a_namespace_created_now_is_newer_than_the_mark() {
-        let a = creation_mark().expect("creating a network namespace needs root (CAP_SYS_ADMIN): run as root");
-        let b = creation_mark().expect("a second namespace");
-        assert!(b > a, "cookies grow with creation: {a} then {b}");
     }
 }

@@ -4,7 +4,6 @@
 //! opened per namespace (see `netns.rs`) and then reused from any thread.
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN};
@@ -54,25 +53,6 @@ impl Diag {
     /// does not make this dump longer).
     pub fn listeners(&mut self) -> io::Result<Vec<SockEntry>> {
         self.dump_states(StateFlags::LISTEN)
-    }
-
-    /// The namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): a 64-bit number the
-    /// kernel gives each namespace at creation from one increasing counter, never
-    /// reused, so it orders namespaces by creation. None where the kernel lacks it.
-    pub fn netns_cookie(&self) -> Option<u64> {
-        let mut cookie = 0u64;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: the buffer is a u64 and its size is passed.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                &mut cookie as *mut u64 as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(cookie)
     }
 
     fn dump_states(&mut self, states: StateFlags) -> io::Result<Vec<SockEntry>> {
@@ -164,6 +144,5 @@ mod tests {
         assert!(me.drops.is_some());
         assert_ne!(me.inode, 0);
         assert!(d.listeners().unwrap().iter().all(|e| e.listening));
-        assert!(d.netns_cookie().is_some_and(|c| c > 0));
     }
 }
