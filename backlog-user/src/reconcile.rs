@@ -25,7 +25,9 @@
 //!   placed stays with the namespace (`unplaced`).
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::model::{Folded, Listener, Model, NetnsCounts};
+use backlog_common::ListenerKey;
+
+use crate::model::{Folded, Model, NetnsCounts};
 use crate::sys::counters::{NsReading, Origin, Reading, Tcp};
 
 /// Gone namespaces with undetected drops kept one by one; beyond this (and at once
@@ -61,7 +63,7 @@ pub struct Reconciler {
     /// When the outstanding reading was asked for: detected drops per namespace, and
     /// each listener's expected socket drops by (namespace, socket inode).
     asked_detected: HashMap<u32, u64>,
-    asked_expected: HashMap<(u32, u64), u64>,
+    asked_expected: HashMap<u32, HashMap<u64, u64>>,
     /// Gone namespaces kept in the model, oldest first.
     gone: Vec<u32>,
 }
@@ -70,6 +72,16 @@ fn detected_by_ns(model: &Model) -> HashMap<u32, u64> {
     let mut out: HashMap<u32, u64> = HashMap::new();
     for l in model.listeners.values() {
         *out.entry(l.netns).or_default() += l.total_drops();
+    }
+    out
+}
+
+/// The model's listeners by namespace: one pass over them per reading, not one per
+/// namespace.
+fn keys_by_ns(model: &Model) -> HashMap<u32, Vec<ListenerKey>> {
+    let mut out: HashMap<u32, Vec<ListenerKey>> = HashMap::new();
+    for (k, l) in &model.listeners {
+        out.entry(l.netns).or_default().push(*k);
     }
     out
 }
@@ -101,13 +113,16 @@ impl Reconciler {
     /// will be compared with for socket counters and first readings.
     pub fn asked(&mut self, model: &Model) {
         self.asked_detected = detected_by_ns(model);
-        self.asked_expected =
-            model.listeners.values().map(|l| ((l.netns, l.sock_ino), l.socket_drops_expected())).collect();
+        self.asked_expected.clear();
+        for l in model.listeners.values() {
+            self.asked_expected.entry(l.netns).or_default().insert(l.sock_ino, l.socket_drops_expected());
+        }
     }
 
     /// Folds a reading in; the model's maps were read after it was taken.
     pub fn apply(&mut self, reading: Reading, model: &mut Model) {
         let detected = detected_by_ns(model);
+        let keys = keys_by_ns(model);
         for (inode, why) in reading.unreadable {
             if self.in_scope(inode) {
                 model.reconciled.unreconciled.insert(inode, why);
@@ -119,7 +134,7 @@ impl Reconciler {
             }
             model.reconciled.unreconciled.remove(&r.inode);
             let d = detected.get(&r.inode).copied().unwrap_or(0);
-            self.update(&r, d, model);
+            self.update(&r, d, keys.get(&r.inode).map_or(&[], Vec::as_slice), model);
             if r.last {
                 self.release(r.inode, model);
             }
@@ -137,7 +152,7 @@ impl Reconciler {
         }
     }
 
-    fn update(&mut self, r: &NsReading, detected: u64, model: &mut Model) {
+    fn update(&mut self, r: &NsReading, detected: u64, keys: &[ListenerKey], model: &mut Model) {
         let asked_detected = self.asked_detected.get(&r.inode).copied().unwrap_or(0);
         let ns = match (r.first, self.live.contains_key(&r.inode)) {
             (Some(_), _) | (None, false) => {
@@ -175,9 +190,9 @@ impl Reconciler {
         // A listener known when the reading was asked for and absent from it has
         // closed: drops it missed can no longer be told from the socket's counter.
         let present: HashSet<u64> = r.sockets.iter().map(|s| s.0).collect();
-        if ns.sockets.keys().any(|i| !present.contains(i))
-            || self.asked_expected.keys().any(|(n, i)| *n == r.inode && !present.contains(i))
-        {
+        let empty = HashMap::new();
+        let asked = self.asked_expected.get(&r.inode).unwrap_or(&empty);
+        if ns.sockets.keys().any(|i| !present.contains(i)) || asked.keys().any(|i| !present.contains(i)) {
             ns.tracking = false;
         }
         ns.sockets.retain(|i, _| present.contains(i));
@@ -190,14 +205,13 @@ impl Reconciler {
         ns.undetected = ns.undetected.max(kernel.listen_drops.saturating_sub(detected));
 
         let netns = r.inode;
-        let mut rows: HashMap<u64, &mut Listener> =
-            model.listeners.values_mut().filter(|l| l.netns == netns).map(|l| (l.sock_ino, l)).collect();
+        let mut at_least: HashMap<u64, u64> = HashMap::new();
         if ns.tracking && ns.undetected > 0 {
             let ub: Vec<(u64, u64)> = ns
                 .sockets
                 .iter()
                 .map(|(ino, s)| {
-                    let explained = self.asked_expected.get(&(netns, *ino)).copied().unwrap_or(0);
+                    let explained = asked.get(ino).copied().unwrap_or(0);
                     let unexplained =
                         socket_delta(s.latest, s.base).saturating_sub(explained.saturating_sub(s.base_expected));
                     (*ino, unexplained)
@@ -205,13 +219,17 @@ impl Reconciler {
                 .collect();
             let total_ub: u64 = ub.iter().map(|u| u.1).sum();
             for (ino, own) in ub {
-                let at_least = ns.undetected.saturating_sub(total_ub - own).min(own);
-                if let Some(l) = rows.get_mut(&ino) {
-                    l.undetected = l.undetected.max(at_least);
-                }
+                at_least.insert(ino, ns.undetected.saturating_sub(total_ub - own).min(own));
             }
         }
-        let placed: u64 = rows.values().map(|l| l.undetected).sum();
+        let mut placed = 0;
+        for k in keys {
+            let Some(l) = model.listeners.get_mut(k) else { continue };
+            if let Some(n) = at_least.get(&l.sock_ino) {
+                l.undetected = l.undetected.max(*n);
+            }
+            placed += l.undetected;
+        }
         ns.undetected = ns.undetected.max(placed);
         let name = r.name.clone();
         model.reconciled.namespaces.insert(
@@ -231,7 +249,7 @@ impl Reconciler {
     }
 
     fn expected_at_ask(&self, netns: u32, ino: u64) -> u64 {
-        self.asked_expected.get(&(netns, ino)).copied().unwrap_or(0)
+        self.asked_expected.get(&netns).and_then(|m| m.get(&ino)).copied().unwrap_or(0)
     }
 
     /// The namespace is gone: its counts are final. Kept in the model while it has
@@ -268,7 +286,6 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use backlog_common::ListenerKey;
 
     const NS: u32 = 4026532000;
 

@@ -24,6 +24,9 @@
 //! own. Kind 8 came later without a version bump: older readers skip it, and files
 //! without it read as "nothing reconciled".
 use backlog_common::{Event, ListenerStats, COMM_LEN};
+
+use crate::model::{Folded, NetnsCounts};
+use crate::sys::counters::Origin;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: &[u8; 8] = b"BLGTRACE";
@@ -142,30 +145,14 @@ pub struct Reconcile {
     pub missed_runs: u64,
     /// Every kernel-side diagnostic, by name.
     pub diagnostics: Vec<(String, u64)>,
-    pub namespaces: Vec<NetnsRecon>,
-    /// Gone namespaces summed: namespaces, listen drops, detected, undetected.
-    pub folded: [u64; 4],
+    pub namespaces: Vec<(u32, NetnsCounts)>,
+    pub folded: Folded,
     /// Listeners charged with undetected drops: (sk, socket inode, count).
     pub placed: Vec<(u64, u64, u64)>,
     /// Namespaces that could not be read, and why.
     pub unreconciled: Vec<(u32, String)>,
     /// Programs found detached from outside, a line each.
     pub detached: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct NetnsRecon {
-    pub inode: u32,
-    pub name: Option<String>,
-    /// "start" or "first_seen".
-    pub baseline: String,
-    pub listen_drops: u64,
-    pub listen_overflows: u64,
-    pub reqq_full_drop: u64,
-    pub detected: u64,
-    pub undetected: u64,
-    pub unplaced: u64,
-    pub gone: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -369,8 +356,8 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
                 put_str(b, name);
                 b.put_u64_le(*v);
             });
-            put_list(b, &r.namespaces, |b, n| {
-                b.put_u32_le(n.inode);
+            put_list(b, &r.namespaces, |b, (inode, n)| {
+                b.put_u32_le(*inode);
                 put_str(b, n.name.as_deref().unwrap_or(""));
                 put_str(b, &n.baseline);
                 for v in [n.listen_drops, n.listen_overflows, n.reqq_full_drop, n.detected, n.undetected, n.unplaced] {
@@ -378,7 +365,8 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
                 }
                 b.put_u8(u8::from(n.gone));
             });
-            for v in r.folded {
+            let f = &r.folded;
+            for v in [f.namespaces, f.listen_drops, f.detected, f.undetected] {
                 b.put_u64_le(v);
             }
             put_list(b, &r.placed, |b, (sk, ino, n)| {
@@ -552,7 +540,7 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
             namespaces: get_list(b, 57, |b| {
                 let inode = b.try_get_u32_le()?;
                 let name = Some(get_str(b)?).filter(|n| !n.is_empty());
-                let baseline = get_str(b)?;
+                let baseline = Origin::from_name(&get_str(b)?).ok_or(Malformed)?.name();
                 let mut v = [0u64; 6];
                 for x in v.iter_mut() {
                     *x = b.try_get_u64_le()?;
@@ -563,8 +551,7 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
                     1 => true,
                     _ => return Err(Malformed),
                 };
-                Ok(NetnsRecon {
-                    inode,
+                let counts = NetnsCounts {
                     name,
                     baseline,
                     listen_drops,
@@ -574,9 +561,15 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
                     undetected,
                     unplaced,
                     gone,
-                })
+                };
+                Ok((inode, counts))
             })?,
-            folded: [b.try_get_u64_le()?, b.try_get_u64_le()?, b.try_get_u64_le()?, b.try_get_u64_le()?],
+            folded: Folded {
+                namespaces: b.try_get_u64_le()?,
+                listen_drops: b.try_get_u64_le()?,
+                detected: b.try_get_u64_le()?,
+                undetected: b.try_get_u64_le()?,
+            },
             placed: get_list(b, 24, |b| Ok((b.try_get_u64_le()?, b.try_get_u64_le()?, b.try_get_u64_le()?)))?,
             unreconciled: get_list(b, 6, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
             detached: get_list(b, 2, get_str)?,
@@ -655,19 +648,21 @@ pub(crate) mod tests {
                 ts_ns: 9,
                 missed_runs: 3,
                 diagnostics: vec![("windows_replaced".into(), 2), ("stats_full".into(), 0)],
-                namespaces: vec![NetnsRecon {
-                    inode: 4026531840,
-                    name: Some("blue".into()),
-                    baseline: "first_seen".into(),
-                    listen_drops: 70,
-                    listen_overflows: 60,
-                    reqq_full_drop: 10,
-                    detected: 65,
-                    undetected: 5,
-                    unplaced: 1,
-                    gone: true,
-                }],
-                folded: [1, 2, 3, 4],
+                namespaces: vec![(
+                    4026531840,
+                    NetnsCounts {
+                        name: Some("blue".into()),
+                        baseline: "first_seen",
+                        listen_drops: 70,
+                        listen_overflows: 60,
+                        reqq_full_drop: 10,
+                        detected: 65,
+                        undetected: 5,
+                        unplaced: 1,
+                        gone: true,
+                    },
+                )],
+                folded: Folded { namespaces: 1, listen_drops: 2, detected: 3, undetected: 4 },
                 placed: vec![(ev.sk, 77, 4)],
                 unreconciled: vec![(9, "could not enter it".into())],
                 detached: vec!["program bt_tp_ingress (link 3) stopped running".into()],

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use backlog_common::{Event, ListenerKey, ListenerStats, AF_INET, AF_INET6};
 
-use super::format::{self, ListenerState, NetnsRecon, Owners, Phase, Reconcile, Record, Session, Sync};
+use super::format::{self, ListenerState, Owners, Phase, Reconcile, Record, Session, Sync};
 use super::watch::Watched;
 use super::writer::Writer;
 use super::RecordArgs;
@@ -75,28 +75,12 @@ pub fn state_key(s: &ListenerState) -> ListenerKey {
 /// The model's reconciliation as a record.
 fn reconcile_of(model: &Model, ts_ns: u64) -> Reconcile {
     let r = &model.reconciled;
-    let f = &r.folded;
     Reconcile {
         ts_ns,
         missed_runs: model.missed_runs,
         diagnostics: model.diagnostics.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
-        namespaces: r
-            .namespaces
-            .iter()
-            .map(|(inode, n)| NetnsRecon {
-                inode: *inode,
-                name: n.name.clone(),
-                baseline: n.baseline.to_string(),
-                listen_drops: n.listen_drops,
-                listen_overflows: n.listen_overflows,
-                reqq_full_drop: n.reqq_full_drop,
-                detected: n.detected,
-                undetected: n.undetected,
-                unplaced: n.unplaced,
-                gone: n.gone,
-            })
-            .collect(),
-        folded: [f.namespaces, f.listen_drops, f.detected, f.undetected],
+        namespaces: r.namespaces.iter().map(|(i, n)| (*i, n.clone())).collect(),
+        folded: r.folded,
         placed: model
             .listeners
             .values()
@@ -111,8 +95,6 @@ fn reconcile_of(model: &Model, ts_ns: u64) -> Reconcile {
 /// Puts a recorded reconciliation back into a model (`report`). Diagnostics this
 /// build does not know by name are left out.
 pub fn apply_reconcile(model: &mut Model, r: &Reconcile) {
-    use crate::model::{Folded, NetnsCounts};
-    use crate::sys::counters::Origin;
     use backlog_common::global::DIAGNOSTICS;
     model.missed_runs = r.missed_runs;
     model.diagnostics = DIAGNOSTICS
@@ -121,26 +103,8 @@ pub fn apply_reconcile(model: &mut Model, r: &Reconcile) {
         .collect();
     model.detached = r.detached.clone();
     let rec = &mut model.reconciled;
-    rec.namespaces = r
-        .namespaces
-        .iter()
-        .map(|n| {
-            let counts = NetnsCounts {
-                name: n.name.clone(),
-                baseline: Origin::from_name(&n.baseline).map_or("unknown", Origin::name),
-                listen_drops: n.listen_drops,
-                listen_overflows: n.listen_overflows,
-                reqq_full_drop: n.reqq_full_drop,
-                detected: n.detected,
-                undetected: n.undetected,
-                unplaced: n.unplaced,
-                gone: n.gone,
-            };
-            (n.inode, counts)
-        })
-        .collect();
-    let [namespaces, listen_drops, detected, undetected] = r.folded;
-    rec.folded = Folded { namespaces, listen_drops, detected, undetected };
+    rec.namespaces = r.namespaces.iter().cloned().collect();
+    rec.folded = r.folded;
     rec.unreconciled = r.unreconciled.iter().cloned().collect();
     for &(sk, ino, n) in &r.placed {
         if let Some(l) = model.listeners.get_mut(&ListenerKey { sk, ino }) {

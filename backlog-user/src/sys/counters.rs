@@ -288,11 +288,7 @@ mod tests {
     #[test]
     fn reads_own_namespace_and_its_listener() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = {
-            use std::os::fd::AsRawFd;
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap().ino()
-        };
+        let ino = crate::sys::socket_inode(&l);
         let me = netns::current().unwrap();
         let (mut c, base) = Counters::start(Scope::Only(vec![me])).unwrap();
         let own = base.namespaces.iter().find(|n| n.inode == me).expect("own namespace read");
