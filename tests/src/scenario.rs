@@ -29,7 +29,7 @@ pub fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) ->
 
 /// [`traced`], with the running tracer handed to the workload (to act on it
 /// from outside while it runs).
-pub fn traced_with(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce(&Tracer)) -> Run {
+pub fn traced_with(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce(&mut Tracer)) -> Run {
     let mut args = Vec::new();
     for ns in namespaces {
         args.extend(["--netns", ns.name()]);
@@ -37,7 +37,7 @@ pub fn traced_with(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce(
     args.extend_from_slice(extra);
     let mut tracer = Tracer::start(&args);
     let before: Vec<Netstat> = namespaces.iter().map(|ns| ns.netstat()).collect();
-    workload(&tracer);
+    workload(&mut tracer);
     for ns in namespaces {
         fence(ns);
     }
@@ -54,7 +54,9 @@ pub fn traced_with(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce(
     Run { deltas, tracer, summary: OnceCell::new() }
 }
 
-fn fence(ns: &Netns) {
+/// Drops every TCP segment entering `ns` from now on: nothing more can happen at
+/// its listeners.
+pub fn fence(ns: &Netns) {
     nft(
         ns,
         "table inet bt_fence {\n\
@@ -66,7 +68,7 @@ fn fence(ns: &Netns) {
 /// Counters once the listen counters stopped moving (two reads 300 ms apart
 /// agree; bounded). Packets already past the fence are handled in softirq
 /// within microseconds, so this settles at once in practice.
-fn settled(ns: &Netns) -> Netstat {
+pub fn settled(ns: &Netns) -> Netstat {
     let key = |n: &Netstat| LISTEN_COUNTERS.map(|c| n.get(c));
     let mut prev = ns.netstat();
     wait_for(&format!("listen counters of {} to settle", ns.name()), Duration::from_secs(10), || {

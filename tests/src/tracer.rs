@@ -222,6 +222,25 @@ impl Tracer {
         status
     }
 
+    /// Waits (bounded) for an output line of type `kind` for which `pred` holds,
+    /// while the tracer runs; earlier lines are kept for `drops`/`summary`.
+    pub fn wait_line(&mut self, kind: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(e) => panic!("no {kind} line as expected within {timeout:?} ({e:?}); stderr:\n{}", self.stderr()),
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {line}"));
+            self.rest.push(line);
+            if v["type"] == kind && pred(&v) {
+                return;
+            }
+        }
+    }
+
     /// What the tracer wrote on stderr (complete once it has exited).
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()
