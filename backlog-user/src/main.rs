@@ -9,9 +9,10 @@ mod cli;
 mod export;
 mod kernel;
 mod model;
-mod netns;
 mod output;
+mod reconcile;
 mod record;
+mod sys;
 mod trace;
 
 use clap::Parser;
