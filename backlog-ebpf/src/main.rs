@@ -135,10 +135,16 @@ fentry_pair!(bt_fe_conn6, bt_fx_conn6, "tcp_v6_conn_request", functions::conn_re
 fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, recv_exit);
 fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, recv_exit);
 
-/// listen()'s backlog before somaxconn caps it (__sys_listen_socket, or __sys_listen
-/// on kernels without it; the loader picks): no syscall tracepoint in this mode.
-#[fentry]
+/// listen()'s backlog before somaxconn caps it, from __sys_listen(fd, backlog) and
+/// __sys_listen_socket(sock, backlog): no syscall tracepoint in this mode.
+#[fentry(function = "__sys_listen")]
 pub fn bt_fe_listen(ctx: FEntryContext) -> i32 {
+    listeners::remember_backlog(ctx.arg::<u64>(1) as u32 as u64);
+    0
+}
+
+#[fentry(function = "__sys_listen_socket")]
+pub fn bt_fe_listen_socket(ctx: FEntryContext) -> i32 {
     listeners::remember_backlog(ctx.arg::<u64>(1) as u32 as u64);
     0
 }

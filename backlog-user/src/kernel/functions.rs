@@ -13,8 +13,7 @@ use super::{AttachMode, KernelInfo};
 
 /// What a hooked function is for, and the programs each mode uses for it.
 struct Hook {
-    /// The function to hook: the first of these the kernel has.
-    functions: &'static [&'static str],
+    function: &'static str,
     /// IPv6 functions live in the ipv6 module, which may be absent or not loaded.
     optional: bool,
     fentry: &'static str,
@@ -23,9 +22,9 @@ struct Hook {
     kretprobe: Option<&'static str>,
 }
 
-const HOOKS: [Hook; 6] = [
+const HOOKS: [Hook; 7] = [
     Hook {
-        functions: &["tcp_v4_conn_request"],
+        function: "tcp_v4_conn_request",
         optional: false,
         fentry: "bt_fe_conn4",
         fexit: Some("bt_fx_conn4"),
@@ -33,7 +32,7 @@ const HOOKS: [Hook; 6] = [
         kretprobe: Some("bt_kr_conn"),
     },
     Hook {
-        functions: &["tcp_v6_conn_request"],
+        function: "tcp_v6_conn_request",
         optional: true,
         fentry: "bt_fe_conn6",
         fexit: Some("bt_fx_conn6"),
@@ -41,7 +40,7 @@ const HOOKS: [Hook; 6] = [
         kretprobe: Some("bt_kr_conn"),
     },
     Hook {
-        functions: &["tcp_v4_syn_recv_sock"],
+        function: "tcp_v4_syn_recv_sock",
         optional: false,
         fentry: "bt_fe_recv4",
         fexit: Some("bt_fx_recv4"),
@@ -49,7 +48,7 @@ const HOOKS: [Hook; 6] = [
         kretprobe: Some("bt_kr_recv"),
     },
     Hook {
-        functions: &["tcp_v6_syn_recv_sock"],
+        function: "tcp_v6_syn_recv_sock",
         optional: true,
         fentry: "bt_fe_recv6",
         fexit: Some("bt_fx_recv6"),
@@ -57,20 +56,31 @@ const HOOKS: [Hook; 6] = [
         kretprobe: Some("bt_kr_recv"),
     },
     Hook {
-        functions: &["inet_csk_accept"],
+        function: "inet_csk_accept",
         optional: false,
         fentry: "",
         fexit: Some("bt_fx_accept"),
         kprobe: "",
         kretprobe: Some("bt_kr_accept"),
     },
-    // listen()'s backlog before somaxconn caps it. __sys_listen_socket (6.11+) has it
-    // for listen(2) and io_uring alike; before it, only __sys_listen. Without either
-    // the syscall tracepoint stands in (see `listen_backlog_fallback`).
+    // listen()'s backlog before somaxconn caps it: __sys_listen has it on every
+    // kernel; __sys_listen_socket (6.11+) for io_uring's listen too, and for
+    // listen(2) where it is not inlined into __sys_listen (Debian's 6.12 and 7.3
+    // inline it there, keeping a copy for io_uring). Both may see one call: the
+    // second remembers the same value. Without either, the syscall tracepoint
+    // stands in (see `listen_backlog_fallback`).
     Hook {
-        functions: &["__sys_listen_socket", "__sys_listen"],
+        function: "__sys_listen",
         optional: true,
         fentry: "bt_fe_listen",
+        fexit: None,
+        kprobe: "bt_kp_listen",
+        kretprobe: None,
+    },
+    Hook {
+        function: "__sys_listen_socket",
+        optional: true,
+        fentry: "bt_fe_listen_socket",
         fexit: None,
         kprobe: "bt_kp_listen",
         kretprobe: None,
@@ -97,15 +107,15 @@ impl<'a> Functions<'a> {
         self.kallsyms.get_or_insert_with(hooked_kallsyms).contains(name)
     }
 
-    /// The function `h` hooks on this kernel, if it has one.
+    /// The function `h` hooks, if this kernel has it.
     fn pick(&mut self, h: &Hook) -> Result<Option<&'static str>> {
-        if let Some(f) = h.functions.iter().find(|f| self.has(f)) {
-            return Ok(Some(f));
+        if self.has(h.function) {
+            return Ok(Some(h.function));
         }
         if h.optional {
             return Ok(None);
         }
-        bail!("kernel function {} not found (is this a TCP/IPv4 kernel?)", h.functions.join(" or "))
+        bail!("kernel function {} not found (is this a TCP/IPv4 kernel?)", h.function)
     }
 }
 
@@ -114,7 +124,7 @@ fn hooked_kallsyms() -> HashSet<String> {
     let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
     text.lines()
         .filter_map(|l| l.split_whitespace().nth(2))
-        .filter(|n| HOOKS.iter().any(|h| h.functions.contains(n)))
+        .filter(|n| HOOKS.iter().any(|h| h.function == *n))
         .map(str::to_string)
         .collect()
 }
@@ -184,12 +194,15 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, h: &Hook, function: &str) -> Result
 /// tracepoint gives it, at the cost the README describes (every syscall of every
 /// task takes the tracing path); the start line says so.
 fn listen_backlog_fallback(ebpf: &mut Ebpf, functions: &mut Functions) -> Result<Option<String>> {
-    let listen = HOOKS.iter().find(|h| h.fentry == "bt_fe_listen").expect("the listen hook is in HOOKS");
-    if functions.pick(listen)?.is_some() {
-        return Ok(None);
+    let listen: Vec<&Hook> = HOOKS.iter().filter(|h| h.kprobe == "bt_kp_listen").collect();
+    for h in &listen {
+        if functions.pick(h)?.is_some() {
+            return Ok(None);
+        }
     }
     super::attach_listen_tracepoint(ebpf)?;
-    Ok(Some(format!("listen() backlog from the syscall tracepoint ({} not found)", listen.functions.join(", "))))
+    let names: Vec<&str> = listen.iter().map(|h| h.function).collect();
+    Ok(Some(format!("listen() backlog from the syscall tracepoint ({} not found)", names.join(", "))))
 }
 
 const ENOTSUPP: i32 = 524;
