@@ -32,7 +32,9 @@ enum Task {
     /// set. Exits non-zero if any run fails. Kernels and package lists are cached in
     /// target/vm/; only the first run (or --refresh) uses the network.
     VmTest {
-        /// Kernel line: 6.1, 6.12, 7 (newest 7.x) or all; comma-separated for several.
+        /// Kernel: a line (5.10, 6.1, 6.12, 7 = newest 7.x), optionally with a flavour
+        /// (6.12-rt, 6.1-cloud), or all (5.10, 6.1, 6.12, 7, 6.12-rt, 6.1-cloud);
+        /// comma-separated for several.
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Attach modes, each run in its own boot with BACKLOG_MODE set.
@@ -55,8 +57,8 @@ enum Task {
     /// Boot one kernel with its console on this terminal and run COMMAND (default: bash).
     /// Same guest as vm-test; quit qemu with Ctrl-A X.
     VmShell {
-        /// Kernel line: 6.1, 6.12 or 7.
-        #[arg(long, default_value = "6.12", value_parser = ["6.1", "6.12", "7"])]
+        /// Kernel: 5.10, 6.1, 6.12 or 7, optionally with -rt or -cloud.
+        #[arg(long, default_value = "6.12")]
         kernel: String,
         /// Value of BACKLOG_MODE in the guest.
         #[arg(long, default_value = "fentry", value_parser = ["fentry", "kprobe", "tracepoint"])]
@@ -125,7 +127,10 @@ fn run() -> Result<bool> {
             vmtest::run(workspace, &opts)
         }
         Task::VmShell { kernel, mode, command } => {
-            vmtest::shell(workspace, kernels::Series::parse(&kernel)?[0], &mode, &command)
+            let [series] = kernels::Series::parse(&kernel)?[..] else {
+                anyhow::bail!("vm-shell boots one kernel: name one (5.10, 6.12-rt, ...), not '{kernel}'");
+            };
+            vmtest::shell(workspace, series, &mode, &command)
         }
         Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record } => bench::run(
             workspace,

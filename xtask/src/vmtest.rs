@@ -101,7 +101,7 @@ impl<'a> Vm<'a> {
 pub fn run(workspace: &Path, opts: &Options) -> Result<bool> {
     let print = |resolved: &[(Series, String)]| {
         for (series, release) in resolved {
-            println!("{:<6}{release}", series.name());
+            println!("{:<11}{release}", series.name());
         }
         Ok(true)
     };
