@@ -58,15 +58,15 @@ const fn series(line: Line, flavour: Flavour) -> Series {
 }
 
 impl Series {
-    /// What `all` means: every generic line, PREEMPT_RT on its first mainline line
-    /// (6.12) and the cloud flavour of bookworm's default line.
-    pub const ALL: [Series; 6] = [
+    /// What `all` means: every generic line and PREEMPT_RT on its first mainline line
+    /// (6.12). Not -cloud: built without 9p, it cannot mount the host root the guest
+    /// runs from (see initramfs.rs); `--kernel 6.1-cloud` resolves it and says so.
+    pub const ALL: [Series; 5] = [
         series(Line::V5_10, Flavour::Generic),
         series(Line::V6_1, Flavour::Generic),
         series(Line::V6_12, Flavour::Generic),
         series(Line::V7, Flavour::Generic),
         series(Line::V6_12, Flavour::Rt),
-        series(Line::V6_1, Flavour::Cloud),
     ];
 
     /// `all`, or a line (5.10, 6.1, 6.12, 7) with an optional -rt or -cloud suffix.
@@ -296,6 +296,7 @@ mod tests {
         assert!(!rt.contains(&parse_release("6.12.117+deb13-amd64").unwrap()));
         assert!(!rt.contains(&parse_release("6.1.0-56-rt-amd64").unwrap()));
         assert_eq!(Series::parse("5.10-cloud").unwrap()[0].name(), "5.10-cloud");
+        assert_eq!(Series::parse("6.1-cloud").unwrap()[0].name(), "6.1-cloud");
         assert!(Series::parse("6.12-foo").is_err());
         assert!(Series::parse("4.19").is_err());
     }

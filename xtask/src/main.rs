@@ -33,7 +33,7 @@ enum Task {
     /// target/vm/; only the first run (or --refresh) uses the network.
     VmTest {
         /// Kernel: a line (5.10, 6.1, 6.12, 7 = newest 7.x), optionally with a flavour
-        /// (6.12-rt, 6.1-cloud), or all (5.10, 6.1, 6.12, 7, 6.12-rt, 6.1-cloud);
+        /// (6.12-rt, 6.1-cloud), or all (5.10, 6.1, 6.12, 7, 6.12-rt);
         /// comma-separated for several.
         #[arg(long, default_value = "all")]
         kernel: String,
@@ -50,7 +50,13 @@ enum Task {
         /// Seconds before a guest is killed and its run reported as "timeout".
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Guests booted at the same time (each has 2 vCPUs and 1 GiB).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        jobs: u64,
         /// Program and arguments run in the guest (no shell: use `sh -c '...'` for one).
+        /// A command whose mode cannot run on the kernel writes why to
+        /// $BACKLOG_VM_OUT/unsupported and exits 77 ($BACKLOG_VM_UNSUPPORTED): the cell
+        /// then reads "unsupported" with that reason, and does not fail the run.
         #[arg(last = true, default_values = ["target/release/backlog-trace", "--help"])]
         command: Vec<String>,
     },
@@ -113,7 +119,7 @@ fn run() -> Result<bool> {
     // xtask lives one level below the workspace root.
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent dir");
     match Cli::parse().task {
-        Task::VmTest { kernel, mode, list, refresh, timeout, command } => {
+        Task::VmTest { kernel, mode, list, refresh, timeout, jobs, command } => {
             let mut series = Vec::new();
             for k in kernel.split(',') {
                 for s in kernels::Series::parse(k.trim())? {
@@ -122,8 +128,15 @@ fn run() -> Result<bool> {
                     }
                 }
             }
-            let opts =
-                vmtest::Options { series, modes: mode, list, refresh, timeout: Duration::from_secs(timeout), command };
+            let opts = vmtest::Options {
+                series,
+                modes: mode,
+                list,
+                refresh,
+                timeout: Duration::from_secs(timeout),
+                jobs: jobs as usize,
+                command,
+            };
             vmtest::run(workspace, &opts)
         }
         Task::VmShell { kernel, mode, command } => {
