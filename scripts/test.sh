@@ -40,9 +40,11 @@ run cargo test --release -p backlog-tests -- --test-threads=1
 # verifiers and skb paths older than ours. A mode the tracer finds a kernel lacks
 # (5.10: fentry and tracepoint) is a cell of its own: scripts/vm-guest.sh proves the
 # refusal (tests/modes) and the table shows it "unsupported" with the tracer's line.
-# Every cell runs, one guest at a time: under TCG a guest keeps both cores busy, so a
-# second one would halve each one's speed and save nothing, while slowing the
-# drop windows the exact-count tests time (13 full cells x ~100 s + 2 refusals ~ 23 min).
+# Every cell runs, one guest at a time (13 full cells x 86-113 s + 2 refusals x ~25 s,
+# ~20-25 min on a quiet machine): under TCG a guest's two vCPU threads keep both cores
+# busy while its tests run, so a second guest would mostly halve each one's speed, and
+# tracepoint mode's exact counts are known to slip under competing load (README).
+# `vm-test --jobs 2` exists to measure that trade on a quiet machine.
 vm_tests=$(cargo test --release -p backlog-tests --test drops --test accept --test modes --no-run \
     --message-format=json 2>/dev/null \
     | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
