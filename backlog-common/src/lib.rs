@@ -347,6 +347,9 @@ pub struct Config {
     pub accept_ret_off: u32,
     /// 1 to send an event per accept (the recorder wants them; live views read maps).
     pub emit_accepts: u32,
+    /// Parameters of inet_csk_accept: its fexit program's context holds them, then
+    /// the return value (read so, not with bpf_get_func_ret, which 5.10 lacks).
+    pub accept_nargs: u32,
 }
 
 #[cfg(feature = "user")]

@@ -112,28 +112,31 @@ macro_rules! fentry_pair {
             0
         }
 
+        /// The return value is not needed: the window decides from the counters.
         #[fexit(function = $func)]
-        pub fn $exit(ctx: FExitContext) -> i32 {
-            $on_exit(ctx.ret::<u64>().unwrap_or(0));
+        pub fn $exit(_ctx: FExitContext) -> i32 {
+            $on_exit();
             0
         }
     };
 }
 
-#[inline(always)]
-fn conn_exit(_ret: u64) {
-    functions::conn_request_exit();
-}
-
-#[inline(always)]
-fn recv_exit(_child: u64) {
-    functions::syn_recv_exit();
-}
-
-fentry_pair!(bt_fe_conn4, bt_fx_conn4, "tcp_v4_conn_request", functions::conn_request_entry, conn_exit);
-fentry_pair!(bt_fe_conn6, bt_fx_conn6, "tcp_v6_conn_request", functions::conn_request_entry, conn_exit);
-fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, recv_exit);
-fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, recv_exit);
+fentry_pair!(
+    bt_fe_conn4,
+    bt_fx_conn4,
+    "tcp_v4_conn_request",
+    functions::conn_request_entry,
+    functions::conn_request_exit
+);
+fentry_pair!(
+    bt_fe_conn6,
+    bt_fx_conn6,
+    "tcp_v6_conn_request",
+    functions::conn_request_entry,
+    functions::conn_request_exit
+);
+fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
+fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
 
 /// listen()'s backlog before somaxconn caps it, from __sys_listen(fd, backlog) and
 /// __sys_listen_socket(sock, backlog): no syscall tracepoint in this mode.
@@ -149,9 +152,18 @@ pub fn bt_fe_listen_socket(ctx: FEntryContext) -> i32 {
     0
 }
 
+/// An fexit context holds the function's arguments, then its return value. Each
+/// branch reads at a constant offset (the verifier refuses a variable one into the
+/// context), and the loader's constant leaves one branch alive.
 #[fexit(function = "inet_csk_accept")]
 pub fn bt_fx_accept(ctx: FExitContext) -> i32 {
-    accept::accepted(ctx.ret::<u64>().unwrap_or(0));
+    let child = match kernel::config().accept_nargs {
+        2 => ctx.arg::<u64>(2),
+        3 => ctx.arg::<u64>(3),
+        4 => ctx.arg::<u64>(4),
+        _ => 0,
+    };
+    accept::accepted(child);
     0
 }
 

@@ -47,7 +47,11 @@ fn live(session: impl std::future::Future<Output = anyhow::Result<i32>>) -> i32 
         Ok(code) => code,
         Err(e) => {
             eprintln!("backlog-trace: {e:#}");
-            1
+            if e.chain().any(|c| c.is::<kernel::ModeUnavailable>()) {
+                kernel::ModeUnavailable::EXIT_CODE
+            } else {
+                1
+            }
         }
     }
 }

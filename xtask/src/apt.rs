@@ -8,8 +8,12 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// Suites that carry 7.x kernels. The machine's own suites (bookworm*) carry 6.1 and 6.12.
-const EXTRA_SUITES: &[&str] = &["trixie-backports", "sid"];
+/// Suites that carry the kernels the machine's own suites (bookworm*: 6.1, 6.12) lack:
+/// 5.10 (bullseye) and 7.x (trixie-backports, sid).
+const EXTRA_SUITES: &[&str] = &["bullseye", "trixie-backports", "sid"];
+/// The same on the mirror that serves the machine's -security suite: 5.10's newest
+/// builds (bullseye LTS) are only there.
+const EXTRA_SECURITY_SUITES: &[&str] = &["bullseye-security"];
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 pub struct Apt {
@@ -49,6 +53,13 @@ impl Apt {
             text += &stanza(&s.uri, &s.suites.join(" "), &s.components, s.signed_by.as_deref());
         }
         text += &stanza(&mirror, &EXTRA_SUITES.join(" "), "main", Some(KEYRING));
+        let security = format!("{codename}-security");
+        match debian.iter().find(|s| s.suites.contains(&security)) {
+            Some(s) => text += &stanza(&s.uri, &EXTRA_SECURITY_SUITES.join(" "), "main", Some(KEYRING)),
+            None => {
+                eprintln!("vm: no apt source serves '{security}': 5.10 comes from bullseye without its LTS updates")
+            }
+        }
 
         for sub in ["sources.list.d", "lists/partial", "cache", "archives/partial"] {
             fs::create_dir_all(self.dir.join(sub))?;

@@ -152,7 +152,11 @@ fn load_order(moddir: &Path) -> Result<Vec<String>> {
     let mut order = Vec::new();
     for m in ROOT_MODULES {
         if !deps.contains_key(*m) && !builtin.contains(*m) {
-            bail!("kernel in {} has no {m} module: use the generic (amd64) flavour", moddir.display());
+            bail!(
+                "kernel in {} has neither a {m} module nor a built-in one: the guest mounts the host's root over \
+                 virtio 9p (Debian's -cloud flavour is built without CONFIG_NET_9P); use a generic or -rt kernel",
+                moddir.display()
+            );
         }
         visit(m, &deps, &mut seen, &mut order);
     }

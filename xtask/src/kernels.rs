@@ -12,46 +12,97 @@ use anyhow::{bail, Context, Result};
 use crate::apt::Apt;
 use crate::vmlinux;
 
-/// A kernel line we test: 6.1 (bookworm), 6.12 (bookworm's newer line), 7 (newest 7.x).
+/// A kernel line: 5.10 (bullseye), 6.1 (bookworm), 6.12 (bookworm's newer line), 7 (newest 7.x).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Series {
+enum Line {
+    V5_10,
     V6_1,
     V6_12,
     V7,
 }
 
-impl Series {
-    pub const ALL: [Series; 3] = [Series::V6_1, Series::V6_12, Series::V7];
+const LINES: [(Line, &str); 4] = [(Line::V5_10, "5.10"), (Line::V6_1, "6.1"), (Line::V6_12, "6.12"), (Line::V7, "7")];
 
-    pub fn parse(s: &str) -> Result<Vec<Series>> {
-        Ok(match s {
-            "6.1" => vec![Series::V6_1],
-            "6.12" => vec![Series::V6_12],
-            "7" => vec![Series::V7],
-            "all" => Series::ALL.to_vec(),
-            _ => bail!("unknown kernel '{s}': use 6.1, 6.12, 7 or all"),
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Series::V6_1 => "6.1",
-            Series::V6_12 => "6.12",
-            Series::V7 => "7",
-        }
-    }
-
+impl Line {
     fn contains(self, v: &Version) -> bool {
         match self {
-            Series::V6_1 => (v.major, v.minor) == (6, 1),
-            Series::V6_12 => (v.major, v.minor) == (6, 12),
-            Series::V7 => v.major == 7,
+            Line::V5_10 => (v.major, v.minor) == (5, 10),
+            Line::V6_1 => (v.major, v.minor) == (6, 1),
+            Line::V6_12 => (v.major, v.minor) == (6, 12),
+            Line::V7 => v.major == 7,
         }
     }
 }
 
-/// A generic-flavour release, parsed from its package name: 6.1 names its ABI after the
-/// base version (6.1.0-56-amd64), later lines name the upstream version (6.12.117+deb12-amd64).
+/// Debian's kernel flavours: the release name ends in -amd64, -rt-amd64 or -cloud-amd64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Flavour {
+    Generic,
+    /// PREEMPT_RT: softirqs run in preemptible threads.
+    Rt,
+    /// A reduced configuration for cloud VMs (no 9p, modular virtio).
+    Cloud,
+}
+
+const FLAVOURS: [(Flavour, &str); 3] = [(Flavour::Generic, ""), (Flavour::Rt, "-rt"), (Flavour::Cloud, "-cloud")];
+
+/// A kernel we test: a line in one flavour, named like `6.12` or `6.12-rt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Series {
+    line: Line,
+    flavour: Flavour,
+}
+
+const fn series(line: Line, flavour: Flavour) -> Series {
+    Series { line, flavour }
+}
+
+impl Series {
+    /// What `all` means: every generic line and PREEMPT_RT on its first mainline line
+    /// (6.12). Not -cloud: built without 9p, it cannot mount the host root the guest
+    /// runs from (see initramfs.rs); `--kernel 6.1-cloud` resolves it and says so.
+    pub const ALL: [Series; 5] = [
+        series(Line::V5_10, Flavour::Generic),
+        series(Line::V6_1, Flavour::Generic),
+        series(Line::V6_12, Flavour::Generic),
+        series(Line::V7, Flavour::Generic),
+        series(Line::V6_12, Flavour::Rt),
+    ];
+
+    /// `all`, or a line (5.10, 6.1, 6.12, 7) with an optional -rt or -cloud suffix.
+    pub fn parse(s: &str) -> Result<Vec<Series>> {
+        if s == "all" {
+            return Ok(Series::ALL.to_vec());
+        }
+        for (flavour, suffix) in FLAVOURS.iter().rev() {
+            let Some(line) = s.strip_suffix(suffix) else { continue };
+            if let Some((line, _)) = LINES.iter().find(|(_, n)| *n == line) {
+                return Ok(vec![series(*line, *flavour)]);
+            }
+        }
+        bail!("unknown kernel '{s}': use 5.10, 6.1, 6.12 or 7, optionally with -rt or -cloud (6.12-rt), or all")
+    }
+
+    pub fn name(self) -> String {
+        let line = LINES.iter().find(|(l, _)| *l == self.line).map_or("?", |(_, n)| n);
+        let flavour = FLAVOURS.iter().find(|(f, _)| *f == self.flavour).map_or("?", |(_, n)| n);
+        format!("{line}{flavour}")
+    }
+
+    fn contains(self, release: &Release) -> bool {
+        release.flavour == self.flavour && self.line.contains(&release.version)
+    }
+}
+
+/// A release, parsed from its package name: 5.10 and 6.1 name their ABI after the base
+/// version (6.1.0-56-amd64), later lines name the upstream version (6.12.117+deb12-amd64);
+/// a flavour sits before -amd64 (6.1.0-56-cloud-amd64).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Release {
+    version: Version,
+    flavour: Flavour,
+}
+
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Version {
     major: u32,
@@ -60,8 +111,13 @@ struct Version {
     abi: u32,
 }
 
-fn parse_release(release: &str) -> Option<Version> {
+fn parse_release(release: &str) -> Option<Release> {
     let base = release.strip_suffix("-amd64")?;
+    let (base, flavour) = match (base.strip_suffix("-rt"), base.strip_suffix("-cloud")) {
+        (Some(b), _) => (b, Flavour::Rt),
+        (_, Some(b)) => (b, Flavour::Cloud),
+        _ => (base, Flavour::Generic),
+    };
     let (upstream, abi) = match base.split_once('-') {
         Some((u, abi)) => (u, abi.parse().ok()?),
         None => (base.split_once("+deb")?.0, 0),
@@ -70,7 +126,7 @@ fn parse_release(release: &str) -> Option<Version> {
     let (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch)), None) = (it.next(), it.next(), it.next(), it.next()) else {
         return None;
     };
-    Some(Version { major, minor, patch, abi })
+    Some(Release { version: Version { major, minor, patch, abi }, flavour })
 }
 
 /// Kernel package sets: 6.x ship everything in linux-image-R; 7.x split it into
@@ -106,9 +162,11 @@ impl Kernels {
             self.vm_dir.join("apt").display()
         );
         self.apt.update()?;
-        let names = self.apt.search_names(r"^linux-image-[0-9.]+(-[0-9]+|\+deb[0-9]+)-amd64$")?;
+        let names = self.apt.search_names(r"^linux-image-[0-9.]+(-[0-9]+|\+deb[0-9]+)(-rt|-cloud)?-amd64$")?;
         let mut text = String::new();
-        for s in Series::ALL {
+        let mut wanted = Series::ALL.to_vec();
+        wanted.extend(series.iter().filter(|s| !Series::ALL.contains(s)));
+        for s in wanted {
             let newest = names
                 .iter()
                 .filter_map(|n| n.strip_prefix("linux-image-"))
@@ -117,14 +175,16 @@ impl Kernels {
                 .max();
             match newest {
                 Some((_, r)) => text += &format!("{} {r}\n", s.name()),
-                None => eprintln!("vm: no {} generic kernel in the archive", s.name()),
+                None => eprintln!("vm: no {} kernel in the archive", s.name()),
             }
         }
         fs::create_dir_all(&self.vm_dir)?;
         fs::write(self.vm_dir.join("kernels.list"), &text)?;
         series
             .iter()
-            .map(|s| lookup(&text, *s).map(|r| (*s, r)).with_context(|| format!("no {} kernel available", s.name())))
+            .map(|s| {
+                lookup(&text, *s).map(|r| (*s, r)).with_context(|| format!("no {} kernel in the archive", s.name()))
+            })
             .collect()
     }
 
@@ -188,7 +248,8 @@ impl Kernels {
 }
 
 fn lookup(list: &str, s: Series) -> Option<String> {
-    list.lines().find_map(|l| l.strip_prefix(s.name()).and_then(|r| r.strip_prefix(' '))).map(str::to_owned)
+    let name = s.name();
+    list.lines().find_map(|l| l.strip_prefix(&name).and_then(|r| r.strip_prefix(' '))).map(str::to_owned)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -203,11 +264,50 @@ fn run(cmd: &mut Command) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn v(major: u32, minor: u32, patch: u32, abi: u32) -> Version {
+        Version { major, minor, patch, abi }
+    }
+
     #[test]
-    fn parses_both_release_name_styles() {
-        assert_eq!(parse_release("6.1.0-56-amd64"), Some(Version { major: 6, minor: 1, patch: 0, abi: 56 }));
-        assert_eq!(parse_release("6.12.117+deb12-amd64"), Some(Version { major: 6, minor: 12, patch: 117, abi: 0 }));
-        assert_eq!(parse_release("6.1.0-56-cloud-amd64"), None);
+    fn parses_both_release_name_styles_and_flavours() {
+        let generic = |version| Some(Release { version, flavour: Flavour::Generic });
+        assert_eq!(parse_release("6.1.0-56-amd64"), generic(v(6, 1, 0, 56)));
+        assert_eq!(parse_release("5.10.0-46-amd64"), generic(v(5, 10, 0, 46)));
+        assert_eq!(parse_release("6.12.117+deb12-amd64"), generic(v(6, 12, 117, 0)));
+        assert_eq!(
+            parse_release("6.1.0-56-cloud-amd64"),
+            Some(Release { version: v(6, 1, 0, 56), flavour: Flavour::Cloud })
+        );
+        assert_eq!(
+            parse_release("6.12.117+deb13-rt-amd64"),
+            Some(Release { version: v(6, 12, 117, 0), flavour: Flavour::Rt })
+        );
+        assert_eq!(parse_release("6.1.0-56-amd64-unsigned"), None);
         assert!(parse_release("7.3.4+deb13-amd64") > parse_release("7.2.13+deb14-amd64"));
+    }
+
+    #[test]
+    fn series_names_round_trip_and_pick_their_flavour() {
+        for s in Series::ALL {
+            assert_eq!(Series::parse(&s.name()).unwrap(), vec![s]);
+        }
+        let rt = Series::parse("6.12-rt").unwrap()[0];
+        assert!(rt.contains(&parse_release("6.12.117+deb13-rt-amd64").unwrap()));
+        assert!(!rt.contains(&parse_release("6.12.117+deb13-amd64").unwrap()));
+        assert!(!rt.contains(&parse_release("6.1.0-56-rt-amd64").unwrap()));
+        assert_eq!(Series::parse("5.10-cloud").unwrap()[0].name(), "5.10-cloud");
+        assert_eq!(Series::parse("6.1-cloud").unwrap()[0].name(), "6.1-cloud");
+        assert!(Series::parse("6.12-foo").is_err());
+        assert!(Series::parse("4.19").is_err());
+    }
+
+    #[test]
+    fn lookup_tells_a_line_from_its_flavours() {
+        let list = "6.1 6.1.0-56-amd64\n6.1-cloud 6.1.0-56-cloud-amd64\n6.12 6.12.117+deb13-amd64\n";
+        let get = |n: &str| lookup(list, Series::parse(n).unwrap()[0]);
+        assert_eq!(get("6.1").as_deref(), Some("6.1.0-56-amd64"));
+        assert_eq!(get("6.1-cloud").as_deref(), Some("6.1.0-56-cloud-amd64"));
+        assert_eq!(get("6.12").as_deref(), Some("6.12.117+deb13-amd64"));
+        assert_eq!(get("6.12-rt"), None);
     }
 }

@@ -32,7 +32,9 @@ enum Task {
     /// set. Exits non-zero if any run fails. Kernels and package lists are cached in
     /// target/vm/; only the first run (or --refresh) uses the network.
     VmTest {
-        /// Kernel line: 6.1, 6.12, 7 (newest 7.x) or all; comma-separated for several.
+        /// Kernel: a line (5.10, 6.1, 6.12, 7 = newest 7.x), optionally with a flavour
+        /// (6.12-rt, 6.1-cloud), or all (5.10, 6.1, 6.12, 7, 6.12-rt);
+        /// comma-separated for several.
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Attach modes, each run in its own boot with BACKLOG_MODE set.
@@ -48,15 +50,21 @@ enum Task {
         /// Seconds before a guest is killed and its run reported as "timeout".
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Guests booted at the same time (each has 2 vCPUs and 1 GiB).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        jobs: u64,
         /// Program and arguments run in the guest (no shell: use `sh -c '...'` for one).
+        /// A command whose mode cannot run on the kernel writes why to
+        /// $BACKLOG_VM_OUT/unsupported and exits 77 ($BACKLOG_VM_UNSUPPORTED): the cell
+        /// then reads "unsupported" with that reason, and does not fail the run.
         #[arg(last = true, default_values = ["target/release/backlog-trace", "--help"])]
         command: Vec<String>,
     },
     /// Boot one kernel with its console on this terminal and run COMMAND (default: bash).
     /// Same guest as vm-test; quit qemu with Ctrl-A X.
     VmShell {
-        /// Kernel line: 6.1, 6.12 or 7.
-        #[arg(long, default_value = "6.12", value_parser = ["6.1", "6.12", "7"])]
+        /// Kernel: 5.10, 6.1, 6.12 or 7, optionally with -rt or -cloud.
+        #[arg(long, default_value = "6.12")]
         kernel: String,
         /// Value of BACKLOG_MODE in the guest.
         #[arg(long, default_value = "fentry", value_parser = ["fentry", "kprobe", "tracepoint"])]
@@ -111,7 +119,7 @@ fn run() -> Result<bool> {
     // xtask lives one level below the workspace root.
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent dir");
     match Cli::parse().task {
-        Task::VmTest { kernel, mode, list, refresh, timeout, command } => {
+        Task::VmTest { kernel, mode, list, refresh, timeout, jobs, command } => {
             let mut series = Vec::new();
             for k in kernel.split(',') {
                 for s in kernels::Series::parse(k.trim())? {
@@ -120,12 +128,22 @@ fn run() -> Result<bool> {
                     }
                 }
             }
-            let opts =
-                vmtest::Options { series, modes: mode, list, refresh, timeout: Duration::from_secs(timeout), command };
+            let opts = vmtest::Options {
+                series,
+                modes: mode,
+                list,
+                refresh,
+                timeout: Duration::from_secs(timeout),
+                jobs: jobs as usize,
+                command,
+            };
             vmtest::run(workspace, &opts)
         }
         Task::VmShell { kernel, mode, command } => {
-            vmtest::shell(workspace, kernels::Series::parse(&kernel)?[0], &mode, &command)
+            let [series] = kernels::Series::parse(&kernel)?[..] else {
+                anyhow::bail!("vm-shell boots one kernel: name one (5.10, 6.12-rt, ...), not '{kernel}'");
+            };
+            vmtest::shell(workspace, series, &mode, &command)
         }
         Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record } => bench::run(
             workspace,

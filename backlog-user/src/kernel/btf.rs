@@ -146,6 +146,11 @@ impl KernelBtf {
         bail!("kernel BTF has no enumerator {}", names[0])
     }
 
+    /// What the attach modes need beyond offsets (see features.rs).
+    pub fn features(&self) -> super::features::Features {
+        super::features::Features::probe(&self.btf)
+    }
+
     /// Everything the eBPF programs read from kernel memory.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
         let sk_common = |f: &str| self.offset("sock", &["__sk_common", f]);

@@ -136,8 +136,10 @@ impl AttachMode for Fentry {
         "fentry"
     }
 
-    fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
-        None // only loading tells: some kernels refuse tracing programs (EPERM)
+    /// Whether tracing programs load at all only loading tells (some kernels refuse
+    /// them: EPERM); see `probe`.
+    fn unavailable(&self, k: &KernelInfo) -> Option<String> {
+        k.features.fexit_unavailable()
     }
 
     /// A two-instruction fentry program on the kernel's own test function, loaded and
@@ -147,8 +149,11 @@ impl AttachMode for Fentry {
     fn probe(&self) -> Option<String> {
         match is_program_supported(ProgramType::Tracing) {
             Ok(true) => None,
-            Ok(false) => Some("this kernel cannot attach fentry programs".to_string()),
-            Err(e) => Some(format!("a test fentry program failed: {:#}", anyhow::Error::from(e))),
+            Ok(false) => Some("this kernel cannot attach fentry programs: use --mode kprobe or tracepoint".to_string()),
+            Err(e) => Some(format!(
+                "a test fentry program failed ({:#}): use --mode kprobe or tracepoint",
+                anyhow::Error::from(e)
+            )),
         }
     }
 
@@ -245,7 +250,9 @@ impl AttachMode for Kprobe {
         let pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
         let events = std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists()
             || std::path::Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();
-        (!pmu && !events).then(|| "this kernel has no kprobes (CONFIG_KPROBES is not set)".to_string())
+        (!pmu && !events).then(|| {
+            "this kernel has no kprobes (CONFIG_KPROBES is not set): use --mode fentry or tracepoint".to_string()
+        })
     }
 
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>> {

@@ -6,6 +6,7 @@
 mod affinity;
 mod btf;
 pub mod env;
+mod features;
 mod functions;
 mod links;
 mod objinfo;
@@ -26,7 +27,26 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ba
 /// What is known about the running kernel before choosing a mode.
 pub struct KernelInfo {
     pub release: String,
+    pub features: features::Features,
 }
+
+/// A forced attach mode that this kernel cannot run, as found by probing it (not by
+/// trying): the process exits with [`ModeUnavailable::EXIT_CODE`], so scripts can tell
+/// "not on this kernel" from a failure.
+#[derive(Debug)]
+pub struct ModeUnavailable(pub String);
+
+impl ModeUnavailable {
+    pub const EXIT_CODE: i32 = 3;
+}
+
+impl std::fmt::Display for ModeUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ModeUnavailable {}
 
 /// One way of detecting drops. Adding a mode is adding a sibling module.
 pub trait AttachMode {
@@ -34,7 +54,7 @@ pub trait AttachMode {
     /// Why this mode cannot work on this kernel, if that is known without trying.
     fn unavailable(&self, k: &KernelInfo) -> Option<String>;
     /// Why this mode would fail, told by a test far cheaper than loading the object
-    /// and attaching (which is what a failed attempt costs); run only when choosing.
+    /// and attaching (which is what a failed attempt costs); run before attaching.
     fn probe(&self) -> Option<String> {
         None
     }
@@ -78,17 +98,19 @@ impl Session {
         }
         env::require_privileges()?;
         env::require_btf()?;
-        // The mapped BTF is released as soon as the offsets are known.
-        let offsets = btf::KernelBtf::open(btf::VMLINUX)?
-            .kernel_offsets()
-            .context("this kernel's BTF lacks a field backlog-trace reads")?;
+        // The mapped BTF is released as soon as the offsets and features are known.
+        let (offsets, features) = {
+            let kbtf = btf::KernelBtf::open(btf::VMLINUX)?;
+            (kbtf.kernel_offsets().context("this kernel's BTF lacks a field backlog-trace reads")?, kbtf.features())
+        };
         let tracefs = env::ensure_tracefs()?;
         let config = Config {
             listen_backlog_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_enter_listen", "backlog")?,
             accept_ret_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_exit_accept4", "ret")?,
             emit_accepts: u32::from(opts.emit_accepts),
+            accept_nargs: features.accept_args.unwrap_or(0) as u32,
         };
-        let info = KernelInfo { release: env::kernel_release() };
+        let info = KernelInfo { release: env::kernel_release(), features };
         let (mut ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
         let p: &mut RawTracePoint = ebpf.program_mut(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
@@ -189,16 +211,15 @@ fn attach_best(
         None => PREFERENCE.to_vec(),
     };
     // Every mode's cheap checks first: a probe parses BTF of its own, which need not
-    // coexist with the loader's. Probes run only when choosing: a forced mode's own
-    // attach gives the precise error.
+    // coexist with the loader's. A forced mode is probed too, so that a kernel lacking
+    // what it needs is told apart (ModeUnavailable, one line) from a failing attach.
     let mut verdicts = Vec::new();
     for mode in candidates {
         let imp = implementation(mode);
-        let why = imp.unavailable(info);
+        let why = imp.unavailable(info).or_else(|| imp.probe());
         if let (Some(why), Some(_)) = (&why, opts.mode) {
-            bail!("{} mode is unavailable: {why}", imp.name());
+            return Err(ModeUnavailable(format!("{} mode is unavailable: {why}", imp.name())).into());
         }
-        let why = why.or_else(|| if opts.mode.is_none() { imp.probe() } else { None });
         verdicts.push((mode, imp, why));
     }
     // One loader for every attempt: creating one parses the kernel's BTF, which is

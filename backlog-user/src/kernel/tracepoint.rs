@@ -20,8 +20,8 @@ impl AttachMode for Tracepoint {
         "tracepoint"
     }
 
-    fn unavailable(&self, _k: &super::KernelInfo) -> Option<String> {
-        None
+    fn unavailable(&self, k: &super::KernelInfo) -> Option<String> {
+        k.features.kfree_skb_unavailable()
     }
 
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>> {
