@@ -27,6 +27,10 @@ pub struct Listener {
     pub drops: u64,
     pub overflows: u64,
     pub drops_by_reason: BTreeMap<String, u64>,
+    /// Drops the kernel counted here that the tracer did not detect, when the
+    /// tracer reports them (absent: not reported, which is not the same as 0).
+    #[serde(default)]
+    pub undetected: Option<serde_json::Value>,
 }
 
 impl Listener {
@@ -43,6 +47,25 @@ pub struct Summary {
     pub lost_events: u64,
     /// Program runs the kernel skipped (recursion on one CPU).
     pub missed_runs: u64,
+    /// Drops the kernel counted that no program detected: a number, or an
+    /// object of numbers (per namespace, say). Absent from older tracers.
+    #[serde(default)]
+    pub undetected: Option<serde_json::Value>,
+    /// Counters of the ways a detection can fail, when the tracer reports them.
+    #[serde(default)]
+    pub diagnostics: Option<serde_json::Value>,
+}
+
+/// The sum of the numbers in a JSON value (itself if a number, its members or
+/// elements otherwise); None for null. Reads `undetected` in whatever shape the
+/// tracer reports it.
+pub fn json_count(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::Object(m) => Some(m.values().filter_map(json_count).sum()),
+        serde_json::Value::Array(a) => Some(a.iter().filter_map(json_count).sum()),
+        _ => None,
+    }
 }
 
 /// One `{"type":"drop",...}` line.
