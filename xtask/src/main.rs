@@ -2,6 +2,7 @@
 
 mod apt;
 mod bench;
+mod harness;
 mod initramfs;
 mod kernels;
 mod qemu;

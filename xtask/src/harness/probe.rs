@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::sys;
+use crate::harness::sys;
 
 /// How long a probe may take to attach before the bench gives up on it.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);

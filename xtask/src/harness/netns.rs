@@ -44,6 +44,19 @@ impl Drop for Netns {
     }
 }
 
+/// A command for `program` run in `netns` (None: ours). `ip netns exec` execs the
+/// program in place, so the child's pid is the program's.
+pub fn command(netns: Option<&Netns>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Links `a` and `b` with a veth pair and addresses each end; deleting either
 /// namespace deletes the pair.
 pub fn veth(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> Result<()> {
