@@ -57,19 +57,12 @@ impl Nginx {
         }
         Ok(nginx)
     }
-}
 
-/// Whether 127.0.0.1:`port` accepts a connection, in the namespace behind `netns`
-/// (None: ours). A short-lived thread enters it: setns moves only the caller.
-fn accepts(netns: Option<&std::fs::File>, port: u16) -> bool {
-    let connect = || TcpStream::connect(("127.0.0.1", port)).is_ok();
-    match netns {
-        None => connect(),
-        Some(ns) => thread::scope(|s| s.spawn(|| sys::enter_netns(ns).is_ok() && connect()).join().unwrap_or(false)),
+    /// The master's exit status if it has ended.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
-}
 
-impl Nginx {
     /// CPU used so far by the master and its workers (where loopback TCP and the
     /// probes' programs run on the server side).
     pub fn cpu(&self) -> Result<Duration> {
@@ -82,6 +75,16 @@ impl Nginx {
             }
         }
         Ok(total)
+    }
+}
+
+/// Whether 127.0.0.1:`port` accepts a connection, in the namespace behind `netns`
+/// (None: ours). A short-lived thread enters it: setns moves only the caller.
+fn accepts(netns: Option<&std::fs::File>, port: u16) -> bool {
+    let connect = || TcpStream::connect(("127.0.0.1", port)).is_ok();
+    match netns {
+        None => connect(),
+        Some(ns) => thread::scope(|s| s.spawn(|| sys::enter_netns(ns).is_ok() && connect()).join().unwrap_or(false)),
     }
 }
 

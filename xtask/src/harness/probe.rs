@@ -208,7 +208,7 @@ fn field(status: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn last_line(s: &str) -> &str {
+pub fn last_line(s: &str) -> &str {
     s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)")
 }
 

@@ -34,6 +34,16 @@ extern "C" {
     fn sysconf(name: i32) -> i64;
     fn geteuid() -> u32;
     fn getrusage(who: i32, usage: *mut [i64; 18]) -> i32;
+    fn setsockopt(fd: i32, level: i32, name: i32, val: *const Linger, len: u32) -> i32;
+}
+
+const SOL_SOCKET: i32 = 1;
+const SO_LINGER: i32 = 13;
+
+#[repr(C)]
+struct Linger {
+    onoff: i32,
+    secs: i32,
 }
 
 const RUSAGE_CHILDREN: i32 = -1;
@@ -134,6 +144,17 @@ pub fn enter_netns(ns: &File) -> io::Result<()> {
 pub fn set_backlog(fd: RawFd, backlog: i32) -> io::Result<()> {
     // SAFETY: valid fd owned by the caller.
     if unsafe { listen(fd, backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// SO_LINGER with a zero timeout: close() then resets the connection instead of
+/// leaving it in TIME_WAIT, so a loop of connections does not run out of ports.
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    let l = Linger { onoff: 1, secs: 0 };
+    // SAFETY: valid fd owned by the caller; `l` lives for the call and its size is passed.
+    if unsafe { setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, std::mem::size_of::<Linger>() as u32) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
