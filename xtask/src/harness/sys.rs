@@ -15,6 +15,8 @@ const SOCK_RAW: i32 = 3;
 const IPPROTO_RAW: i32 = 255;
 const CLONE_NEWNET: i32 = 0x4000_0000;
 const SC_CLK_TCK: i32 = 2;
+const SOL_SOCKET: i32 = 1;
+const SO_LINGER: i32 = 13;
 
 #[repr(C)]
 struct SockaddrIn {
@@ -22,6 +24,13 @@ struct SockaddrIn {
     port_be: u16,
     addr: [u8; 4],
     zero: [u8; 8],
+}
+
+/// struct linger: SO_LINGER's value.
+#[repr(C)]
+struct Linger {
+    onoff: i32,
+    secs: i32,
 }
 
 extern "C" {
@@ -35,15 +44,6 @@ extern "C" {
     fn geteuid() -> u32;
     fn getrusage(who: i32, usage: *mut [i64; 18]) -> i32;
     fn setsockopt(fd: i32, level: i32, name: i32, val: *const Linger, len: u32) -> i32;
-}
-
-const SOL_SOCKET: i32 = 1;
-const SO_LINGER: i32 = 13;
-
-#[repr(C)]
-struct Linger {
-    onoff: i32,
-    secs: i32,
 }
 
 const RUSAGE_CHILDREN: i32 = -1;

@@ -65,7 +65,9 @@ impl Load {
 
     fn parts(self) -> Vec<Load> {
         match self {
-            Load::All => Load::DEFAULT[..6].to_vec(),
+            Load::All => {
+                vec![Load::SecondTracer, Load::TracerRestarts, Load::Bpftrace, Load::Nginx, Load::Churn, Load::Cpu]
+            }
             Load::None => vec![],
             l => vec![l],
         }
