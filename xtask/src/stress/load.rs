@@ -86,22 +86,34 @@ impl Load {
         c
     }
 
-    /// Starts the load with `tracer` as the binary for the tracer loads.
+    /// Starts the load with `tracer` as the binary for the tracer loads. The parts of
+    /// `all` start side by side: bpftrace and the tracers take seconds to attach.
     pub fn start(self, tracer: &Path) -> Result<Running> {
+        let started: Vec<Result<Part>> = thread::scope(|s| {
+            let handles: Vec<_> = self.parts().into_iter().map(|l| s.spawn(move || l.start_part(tracer))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("starting a load panicked"))))
+                .collect()
+        });
+        // Parts that did start are stopped by Running's drop if another failed.
         let mut running = Running { parts: Vec::new() };
-        for l in self.parts() {
-            let part = match l {
-                Load::SecondTracer => Part::Probe("second tracer", Probe::tracer(tracer, &["--prometheus", "0"])?),
-                Load::TracerRestarts => Part::Thread(restarts(tracer.to_path_buf())),
-                Load::Bpftrace => Part::Probe("bpftrace", Probe::bpftrace(PEER_SCRIPT)?),
-                Load::Nginx => Part::Server(Server::start()?),
-                Load::Churn => Part::Thread(Background::spawn("churn", "listeners", 1, churn)),
-                Load::Cpu => Part::Thread(cpu_hogs()),
-                Load::None | Load::All => unreachable!("parts() expands these"),
-            };
-            running.parts.push(part);
+        for part in started {
+            running.parts.push(part?);
         }
         Ok(running)
+    }
+
+    fn start_part(self, tracer: &Path) -> Result<Part> {
+        Ok(match self {
+            Load::SecondTracer => Part::Probe("second tracer", Probe::tracer(tracer, &["--prometheus", "0"])?),
+            Load::TracerRestarts => Part::Thread(restarts(tracer.to_path_buf())),
+            Load::Bpftrace => Part::Probe("bpftrace", Probe::bpftrace(PEER_SCRIPT)?),
+            Load::Nginx => Part::Server(Server::start()?),
+            Load::Churn => Part::Thread(Background::spawn("churn", "listeners", 1, churn)),
+            Load::Cpu => Part::Thread(cpu_hogs()),
+            Load::None | Load::All => unreachable!("parts() expands these"),
+        })
     }
 }
 
@@ -182,16 +194,23 @@ impl Background {
         Background { name, stop, handles, unit }
     }
 
-    fn stop(self) -> Result<String> {
+    fn stop(mut self) -> Result<String> {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = 0;
-        for h in self.handles {
+        for h in std::mem::take(&mut self.handles) {
             match h.join() {
                 Ok(r) => total += r.with_context(|| format!("{} load", self.name))?,
                 Err(_) => bail!("{} load panicked", self.name),
             }
         }
         Ok(format!("{}: {total} {}", self.name, self.unit))
+    }
+}
+
+impl Drop for Background {
+    /// On an error path the threads are told to stop, not waited for.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -251,7 +270,8 @@ fn cpu_hogs() -> Background {
 /// nginx in a namespace of its own, under wrk from the same namespace.
 struct Server {
     wrk: Child,
-    nginx: Nginx,
+    /// Always Some until dropped (taken so it stops before its directory goes).
+    nginx: Option<Nginx>,
     dir: PathBuf,
     started: Instant,
     /// The namespace's PassiveOpens at the start: connections nginx accepted since.
@@ -276,23 +296,29 @@ impl Server {
             .spawn()
             .context("starting wrk (install it with scripts/bench-deps.sh)")?;
         let opened = netns.tcp("PassiveOpens")?;
-        Ok(Server { wrk, nginx, dir, started: Instant::now(), opened, netns })
+        Ok(Server { wrk, nginx: Some(nginx), dir, started: Instant::now(), opened, netns })
     }
 
+    /// What it did; an error if nginx or wrk ended before the run did. Drop ends both.
     fn stop(mut self) -> Result<String> {
-        if let Some(st) = self.nginx.exited()? {
+        if let Some(st) = self.nginx.as_mut().expect("running").exited()? {
             bail!("nginx ended ({st}) before the run did; see {}", self.dir.join("error.log").display());
         }
-        let ended = self.wrk.try_wait()?;
-        sys::send(self.wrk.id(), sys::SIGKILL);
-        let _ = self.wrk.wait();
-        let secs = self.started.elapsed().as_secs();
-        let served = self.netns.tcp("PassiveOpens")? - self.opened;
-        drop(self.nginx);
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some(st) = ended {
+        if let Some(st) = self.wrk.try_wait()? {
             bail!("wrk ended ({st}) before the run did");
         }
-        Ok(format!("nginx+wrk: {served} connections in {secs} s"))
+        let served = self.netns.tcp("PassiveOpens")? - self.opened;
+        Ok(format!("nginx+wrk: {served} connections in {} s", self.started.elapsed().as_secs()))
+    }
+}
+
+impl Drop for Server {
+    /// Kills wrk, stops nginx, removes its directory; the namespace goes last, with
+    /// its field.
+    fn drop(&mut self) {
+        sys::send(self.wrk.id(), sys::SIGKILL);
+        let _ = self.wrk.wait();
+        drop(self.nginx.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

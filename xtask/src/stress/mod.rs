@@ -25,7 +25,7 @@ use crate::harness::{self, sys};
 pub use load::Load;
 
 /// Lets the loads reach their steady state before the scenario's tracer starts.
-const SETTLE: Duration = Duration::from_secs(1);
+const SETTLE: Duration = Duration::from_millis(500);
 /// A run's test is killed after this; its own waits are bounded well below it.
 const TEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -81,6 +81,8 @@ struct Outcome {
     /// that did not run throughout.
     problem: Option<String>,
     secs: f64,
+    /// Of `secs`, the test's own time; the rest is starting and stopping the load.
+    test_secs: f64,
     load_note: String,
     log: PathBuf,
 }
@@ -139,13 +141,14 @@ pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
                 sys::check_interrupt()?;
                 let r = one_run(&tracer, &drops, &out, scenario, load, n)?;
                 println!(
-                    "stress: [{}/{total}] {} under {}, run {n}: {} — {} ({:.0} s{}{})",
+                    "stress: [{}/{total}] {} under {}, run {n}: {} — {} ({:.0} s, test {:.0} s{}{})",
                     outcomes.len() + 1,
                     scenario.name(),
                     load.name(),
                     if r.exact { "exact" } else { "NOT EXACT" },
                     r.numbers(),
                     r.secs,
+                    r.test_secs,
                     if r.load_note.is_empty() { "" } else { "; " },
                     r.load_note
                 );
@@ -235,6 +238,7 @@ fn one_run(tracer: &Path, drops: &Path, out: &Path, scenario: Scenario, load: Lo
         counts: vec![],
         problem: None,
         secs: 0.0,
+        test_secs: 0.0,
         load_note: String::new(),
         log: log.clone(),
     };
@@ -246,7 +250,9 @@ fn one_run(tracer: &Path, drops: &Path, out: &Path, scenario: Scenario, load: Lo
         }
     };
     thread::sleep(SETTLE);
+    let t_test = Instant::now();
     let test = run_test(drops, scenario.test(), tracer, &counts_file, &log);
+    outcome.test_secs = t_test.elapsed().as_secs_f64();
     let stopped = running.stop();
     outcome.secs = t0.elapsed().as_secs_f64();
     if let Ok(text) = std::fs::read_to_string(&counts_file) {
