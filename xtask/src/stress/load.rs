@@ -86,20 +86,28 @@ impl Load {
         c
     }
 
-    /// Starts the load with `tracer` as the binary for the tracer loads. The parts of
-    /// `all` start side by side: bpftrace and the tracers take seconds to attach.
+    /// Starts the load with `tracer` as the binary for the tracer loads. The parts
+    /// that attach or listen (second tracer, bpftrace, nginx) start first, side by
+    /// side, as they take seconds; the busy loops (restarts, churn, CPU hogs) start
+    /// once they are up, or a kernel-matrix guest's emulated CPUs would not let them
+    /// attach within their timeouts.
     pub fn start(self, tracer: &Path) -> Result<Running> {
+        let (first, then): (Vec<Load>, Vec<Load>) =
+            self.parts().into_iter().partition(|l| matches!(l, Load::SecondTracer | Load::Bpftrace | Load::Nginx));
         let started: Vec<Result<Part>> = thread::scope(|s| {
-            let handles: Vec<_> = self.parts().into_iter().map(|l| s.spawn(move || l.start_part(tracer))).collect();
+            let handles: Vec<_> = first.into_iter().map(|l| s.spawn(move || l.start_part(tracer))).collect();
             handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("starting a load panicked"))))
                 .collect()
         });
-        // Parts that did start are stopped by Running's drop if another failed.
+        // Parts that did start are stopped by their drop if another failed.
         let mut running = Running { parts: Vec::new() };
         for part in started {
             running.parts.push(part?);
+        }
+        for l in then {
+            running.parts.push(l.start_part(tracer)?);
         }
         Ok(running)
     }

@@ -246,6 +246,7 @@ fn one_run(tracer: &Path, drops: &Path, out: &Path, scenario: Scenario, load: Lo
         Ok(r) => r,
         Err(e) => {
             outcome.problem = Some(format!("load {} did not start: {e:#}", load.name()));
+            outcome.secs = t0.elapsed().as_secs_f64();
             return Ok(outcome);
         }
     };
