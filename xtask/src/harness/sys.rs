@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-const SIGINT: i32 = 2;
+pub const SIGINT: i32 = 2;
 pub const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
 const AF_INET: i32 = 2;
