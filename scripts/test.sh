@@ -13,6 +13,8 @@ fi
 bash scripts/setup.sh
 bash scripts/vm-deps.sh
 bash scripts/test-deps-prometheus.sh
+# The stress step's loads: nginx, wrk, bpftrace.
+bash scripts/bench-deps.sh
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -32,6 +34,11 @@ run cargo test --release --workspace --exclude backlog-ebpf --exclude backlog-te
 # Integration tests: one at a time, since each drives the shared kernel counters of
 # the namespaces it creates and loads the tracer.
 run cargo test --release -p backlog-tests -- --test-threads=1
+# Stress, short: each exact-count drop test once under each concurrent load (second
+# tracer, tracers restarted during the run, bpftrace, nginx+wrk, listener churn, CPU
+# hogs, all at once), every drop required detected. It ends with a line in cargo test's
+# format, so each of its runs counts as a test below.
+run cargo xtask stress --runs 1 --tracer "$BACKLOG_TRACE_BIN"
 
 # Kernel matrix: the exact-count drop tests and the accept-wait tests inside stock
 # Debian kernels (newest 5.10, 6.1, 6.12, 7.x and 6.12 PREEMPT_RT) under qemu, in

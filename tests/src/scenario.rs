@@ -2,9 +2,13 @@
 //! the namespaces' kernel counters are read around it, so tests can compare the
 //! tracer's numbers with the kernel's exactly.
 use std::cell::OnceCell;
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::time::Duration;
 
 use crate::netns::{nft, Netns, Netstat, LISTEN_COUNTERS};
+use serde::{Deserialize, Serialize};
+
 use crate::tracer::{DropEvent, Listener, Summary, Tracer};
 use crate::wait_for;
 
@@ -137,7 +141,19 @@ impl Run {
     /// ListenOverflows deltas exactly, and there were drops to count; every one of
     /// them was detected (undetected 0, a drop line each), and the tracer's own
     /// reading of the namespace's counters agrees with the test's.
+    ///
+    /// With `$BACKLOG_COUNTS_FILE` set, the counts are first appended to that file
+    /// as a JSON line, pass or fail (`cargo xtask stress` reads them).
     pub fn assert_exact(&self, ns: &Netns) {
+        if let Some(path) = std::env::var_os(COUNTS_FILE_VAR) {
+            let line = serde_json::to_string(&self.counts(ns)).expect("counts serialize") + "\n";
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("cannot append to ${COUNTS_FILE_VAR} {}: {e}", path.to_string_lossy()));
+            f.write_all(line.as_bytes()).unwrap_or_else(|e| panic!("write ${COUNTS_FILE_VAR}: {e}"));
+        }
         self.assert_totals(ns);
         let d = self.delta(ns);
         let s = self.summary();
@@ -183,6 +199,26 @@ impl Run {
         );
     }
 
+    /// The tracer's and the kernel's numbers for `ns` over the traced window.
+    pub fn counts(&self, ns: &Netns) -> Counts {
+        let inode = ns.inode();
+        let ls = self.listeners(ns);
+        let d = self.delta(ns);
+        let s = self.summary();
+        Counts {
+            netns: ns.name().to_string(),
+            kernel: d.get("ListenDrops"),
+            tracer: ls.iter().map(|l| l.drops).sum(),
+            lines: self.drops().iter().filter(|e| e.netns == inode).count() as u64,
+            kernel_overflows: d.get("ListenOverflows"),
+            tracer_overflows: ls.iter().map(|l| l.overflows).sum(),
+            lost_events: s.lost_events,
+            missed_runs: s.missed_runs,
+            undetected: s.netns(inode).undetected,
+            diagnostics: s.diagnostics.clone(),
+        }
+    }
+
     /// Per listener sums over `ns` against ListenDrops and ListenOverflows.
     fn assert_totals(&self, ns: &Netns) {
         let ls = self.listeners(ns);
@@ -210,5 +246,92 @@ impl Run {
             "overflows vs ListenOverflows in {} (kernel deltas: {d}): {ls:#?}",
             ns.name()
         );
+    }
+}
+
+/// Environment variable naming the file [`Run::assert_exact`] appends its
+/// [`Counts`] to.
+pub const COUNTS_FILE_VAR: &str = "BACKLOG_COUNTS_FILE";
+
+/// One namespace's figures from a traced run: what the tracer detected and
+/// reported against what the kernel counted.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Counts {
+    pub netns: String,
+    /// ListenDrops delta.
+    pub kernel: u64,
+    /// Drops in the tracer's summary, over the namespace's listeners.
+    pub tracer: u64,
+    /// `{"type":"drop"}` lines in the namespace.
+    pub lines: u64,
+    /// ListenOverflows delta.
+    pub kernel_overflows: u64,
+    pub tracer_overflows: u64,
+    pub lost_events: u64,
+    pub missed_runs: u64,
+    pub undetected: u64,
+    pub diagnostics: BTreeMap<String, u64>,
+}
+
+impl Counts {
+    pub fn is_exact(&self) -> bool {
+        self.kernel > 0
+            && self.lines == self.kernel
+            && self.tracer == self.kernel
+            && self.tracer_overflows == self.kernel_overflows
+            && self.undetected == 0
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nonzero: Vec<String> =
+            self.diagnostics.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+        write!(
+            f,
+            "tracer {}, lines {}, kernel {} (overflows: tracer {}, kernel {}), lost_events {}, missed_runs {}, \
+             undetected {}, diagnostics {}",
+            self.tracer,
+            self.lines,
+            self.kernel,
+            self.tracer_overflows,
+            self.kernel_overflows,
+            self.lost_events,
+            self.missed_runs,
+            self.undetected,
+            if nonzero.is_empty() { "all 0".to_string() } else { nonzero.join(" ") }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    fn counts(undetected: u64, diagnostics: &[(&str, u64)]) -> Counts {
+        Counts {
+            netns: "ns".into(),
+            kernel: 5,
+            tracer: 5,
+            lines: 5,
+            kernel_overflows: 4,
+            tracer_overflows: 4,
+            lost_events: 0,
+            missed_runs: 0,
+            undetected,
+            diagnostics: diagnostics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn exact_means_every_drop_detected_and_shown() {
+        let c = counts(0, &[("windows_replaced", 0)]);
+        assert!(c.is_exact());
+        assert!(c.to_string().ends_with("undetected 0, diagnostics all 0"), "{c}");
+        assert!(!counts(1, &[]).is_exact());
+        let c = counts(0, &[("windows_replaced", 0), ("stats_full", 2)]);
+        assert!(c.to_string().ends_with("undetected 0, diagnostics stats_full=2"), "{c}");
+        assert!(!Counts { lines: 4, ..counts(0, &[]) }.is_exact());
+        assert!(!Counts { kernel: 0, tracer: 0, lines: 0, ..counts(0, &[]) }.is_exact());
     }
 }

@@ -2,9 +2,11 @@
 
 mod apt;
 mod bench;
+mod harness;
 mod initramfs;
 mod kernels;
 mod qemu;
+mod stress;
 mod vmlinux;
 mod vmtest;
 
@@ -102,6 +104,36 @@ enum Task {
         #[arg(long)]
         record: bool,
     },
+    /// Repeat the exact-count drop scenarios (tests/tests/drops.rs) under concurrent load and
+    /// check every run: drop lines == ListenDrops delta == the summary's drops, undetected 0.
+    /// Prints a line per run and a scenario × load table; exits non-zero if any run was not
+    /// exact. Needs root; deps: scripts/bench-deps.sh. Logs: target/stress/ (in a vm-test
+    /// guest: $BACKLOG_VM_OUT/stress/).
+    Stress {
+        /// Runs of each scenario under each load.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        runs: u32,
+        /// Scenarios, comma-separated [default: all].
+        #[arg(long, value_delimiter = ',', value_enum)]
+        scenario: Vec<stress::Scenario>,
+        /// Loads, comma-separated; each is started before every run and stopped after it
+        /// [default: all but none].
+        #[arg(long, value_delimiter = ',', value_enum)]
+        load: Vec<stress::Load>,
+        /// Tracer binary [default: build and use the workspace's release build].
+        #[arg(long)]
+        tracer: Option<PathBuf>,
+        /// The tests/tests/drops.rs executable [default: build it].
+        #[arg(long)]
+        drops_test: Option<PathBuf>,
+        /// Build nothing: use target/release's tracer and newest drops test executable (for
+        /// vm-test guests, where cargo cannot write target/).
+        #[arg(long)]
+        no_build: bool,
+        /// Directory for each run's test log and counts [default: target/stress].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -157,6 +189,18 @@ fn run() -> Result<bool> {
                 flood_threads: flood_threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 record,
+            },
+        ),
+        Task::Stress { runs, scenario, load, tracer, drops_test, no_build, out } => stress::run(
+            workspace,
+            &stress::Options {
+                runs,
+                scenarios: if scenario.is_empty() { stress::Scenario::ALL.to_vec() } else { scenario },
+                loads: if load.is_empty() { stress::Load::DEFAULT.to_vec() } else { load },
+                tracer,
+                drops_test,
+                no_build,
+                out,
             },
         ),
     }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::netns::{self, Netns};
-use super::probe::Probe;
-use super::sys::{self, RawSocket};
+use crate::harness::netns::{self, Netns};
+use crate::harness::probe::Probe;
+use crate::harness::sys::{self, RawSocket};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);

@@ -5,26 +5,22 @@
 //! Ctrl-C included (Drop guards).
 mod flood;
 mod hooks;
-mod netns;
-mod nginx;
-mod probe;
 mod rate;
-mod sys;
 mod table;
-mod wrk;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
+use crate::harness::probe::{Probe, Summary};
+use crate::harness::wrk::Wrk;
+use crate::harness::{nginx, sys, PEER_SCRIPT};
 use flood::Flood;
-use probe::{Probe, Summary};
 use rate::{Measured, Spread, SETTLE};
 use table::{Status, Table};
-use wrk::Wrk;
 
 pub struct Options {
     pub tracer: Option<PathBuf>,
@@ -37,18 +33,6 @@ pub struct Options {
     pub record: bool,
 }
 
-/// The peer: bpftrace on the tracepoints backlog-trace's tracepoint mode uses (its
-/// cgroup_skb program has no bpftrace equivalent), each doing what a typical script
-/// does there, a per-CPU count.
-const PEER_SCRIPT: &str = "
-tracepoint:sock:inet_sock_set_state /args->protocol == 6/ { @state[args->oldstate, args->newstate] = count(); }
-tracepoint:skb:kfree_skb { @kfree[args->reason] = count(); }
-tracepoint:skb:consume_skb { @consume = count(); }
-tracepoint:net:net_dev_queue { @xmit = count(); }
-tracepoint:syscalls:sys_enter_listen { @listen = count(); }
-tracepoint:syscalls:sys_exit_accept4, tracepoint:syscalls:sys_exit_accept { @accept = count(); }
-";
-
 const RATIO_TARGET: f64 = 0.98;
 /// A ratio whose pairs spread wider than this cannot be judged against a 2 % target.
 const NOISE: f64 = 0.10;
@@ -56,9 +40,9 @@ const STARTUP_TARGET: Duration = Duration::from_millis(500);
 const RSS_TARGET_MB: f64 = 30.0;
 
 pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
-    preflight()?;
+    crate::harness::preflight("bench", &["nginx", "wrk", "bpftrace", "bpftool", "ip"], "scripts/bench-deps.sh")?;
     sys::catch_sigint();
-    let tracer = locate_tracer(workspace, o)?;
+    let tracer = crate::harness::tracer(workspace, o.tracer.as_deref(), "bench")?;
     let machine = table::machine(workspace, &tracer);
     let conditions = table::conditions();
     eprintln!("bench: {machine}\nbench: {conditions}");
@@ -86,7 +70,7 @@ pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
 /// nginx + wrk: bare vs backlog-trace (default, --events) vs bpftrace, then one
 /// profiled run. Returns the per-program profile under this load.
 fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table) -> Result<hooks::Profile> {
-    let nginx = nginx::Nginx::start(&nginx::dir(workspace), o.port)?;
+    let nginx = nginx::Nginx::start(&nginx::dir(workspace), o.port, nginx::BACKLOG, None)?;
     let threads = thread::available_parallelism().map_or(2, |n| n.get());
     let wrk = Wrk { url: nginx.url.clone(), seconds: o.seconds, connections: o.connections, threads };
     eprintln!("bench: warm-up run ({} s)", o.seconds);
@@ -252,45 +236,6 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: f64) -> 
         hooks::Profile::new(&before, &hooks::sample(p.pid())?, started.elapsed(), out.drops_per_sec(), floor_ns);
     p.stop()?;
     Ok(profile)
-}
-
-fn preflight() -> Result<()> {
-    if !sys::is_root() {
-        bail!("the bench loads eBPF programs and creates namespaces: run it as root (sudo -E cargo xtask bench)");
-    }
-    let missing: Vec<&str> =
-        ["nginx", "wrk", "bpftrace", "bpftool", "ip"].into_iter().filter(|c| !on_path(c)).collect();
-    if !missing.is_empty() {
-        bail!("{} not found: run scripts/bench-deps.sh", missing.join(", "));
-    }
-    Ok(())
-}
-
-fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-}
-
-/// --tracer, or the workspace's release build, rebuilt first so the bench measures
-/// the tree as it is (a no-op when it is fresh).
-fn locate_tracer(workspace: &Path, o: &Options) -> Result<PathBuf> {
-    if let Some(p) = &o.tracer {
-        if !p.is_file() {
-            bail!("--tracer {}: no such file", p.display());
-        }
-        return Ok(p.clone());
-    }
-    eprintln!("bench: building backlog-trace (release)");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "backlog-user"])
-        .current_dir(workspace)
-        .status()
-        .context("running cargo build")?;
-    if !st.success() {
-        bail!("building backlog-trace failed; fix the build or pass --tracer PATH");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or(workspace.join("target"), |d| workspace.join(d));
-    Ok(target.join("release/backlog-trace"))
 }
 
 fn utc_now() -> String {

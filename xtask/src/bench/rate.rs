@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::nginx::Nginx;
-use super::probe::Probe;
-use super::sys;
-use super::wrk::Wrk;
+use crate::harness::nginx::Nginx;
+use crate::harness::probe::Probe;
+use crate::harness::sys;
+use crate::harness::wrk::Wrk;
 
 /// Pause between a probe's "attached" line and the load: bpftrace announces before
 /// it attaches, and backlog-trace's first listener scan should not be measured.

@@ -1,16 +1,18 @@
-//! The web server under load: Debian's nginx with a private config, on loopback.
+//! The web server under load: Debian's nginx with a private config, on loopback of
+//! this namespace (the bench) or of a namespace of its own (the stress loads).
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::sys;
+use crate::harness::netns::{self, Netns};
+use crate::harness::sys;
 
-/// The peer figures were taken with this backlog; the same keeps them comparable.
-const BACKLOG: u32 = 4096;
+/// The bench's peer figures were taken with this backlog; the same keeps them comparable.
+pub const BACKLOG: u32 = 4096;
 
 pub struct Nginx {
     child: Child,
@@ -18,16 +20,20 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx in the foreground (so it dies with us) on 127.0.0.1:`port`,
-    /// answering every request with a fixed 200, logging no access.
-    pub fn start(dir: &Path, port: u16) -> Result<Nginx> {
-        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+    /// Starts nginx in the foreground (so it dies with us) on 127.0.0.1:`port` of
+    /// `netns` (None: ours) with listen(`backlog`), answering every request with a
+    /// fixed 200, logging no access. Config, logs and temp paths live in `dir`, so
+    /// nothing outside it is written (a tmpfs dir works on a read-only root).
+    pub fn start(dir: &Path, port: u16, backlog: u32, netns: Option<&Netns>) -> Result<Nginx> {
+        if netns.is_none() && TcpListener::bind(("127.0.0.1", port)).is_err() {
             bail!("127.0.0.1:{port} is in use; pick a free one with --port");
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(dir, port)).with_context(|| format!("writing {}", conf.display()))?;
-        let child = Command::new("nginx")
+        std::fs::write(&conf, config(dir, port, backlog)).with_context(|| format!("writing {}", conf.display()))?;
+        // The child is nginx's master (`ip netns exec` execs it in place).
+        let mut cmd = netns::command(netns, "nginx");
+        let child = cmd
             .arg("-p")
             .arg(dir)
             .arg("-c")
@@ -38,21 +44,25 @@ impl Nginx {
             .spawn()
             .context("starting nginx (install it with scripts/bench-deps.sh)")?;
         let mut nginx = Nginx { child, url: format!("http://127.0.0.1:{port}/") };
+        let ns_file = netns.map(Netns::file).transpose()?;
         let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !accepts(ns_file.as_ref(), port) {
             if let Some(st) = nginx.child.try_wait()? {
                 bail!("nginx exited ({st}) at start; see {}", dir.join("error.log").display());
             }
             if t0.elapsed() > Duration::from_secs(10) {
-                bail!("nginx did not listen on 127.0.0.1:{port} within 10 s");
+                bail!("nginx did not listen on 127.0.0.1:{port} within 10 s; see {}", dir.join("error.log").display());
             }
             thread::sleep(Duration::from_millis(50));
         }
         Ok(nginx)
     }
-}
 
-impl Nginx {
+    /// The master's exit status if it has ended.
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// CPU used so far by the master and its workers (where loopback TCP and the
     /// probes' programs run on the server side).
     pub fn cpu(&self) -> Result<Duration> {
@@ -65,6 +75,16 @@ impl Nginx {
             }
         }
         Ok(total)
+    }
+}
+
+/// Whether 127.0.0.1:`port` accepts a connection, in the namespace behind `netns`
+/// (None: ours). A short-lived thread enters it: setns moves only the caller.
+fn accepts(netns: Option<&std::fs::File>, port: u16) -> bool {
+    let connect = || TcpStream::connect(("127.0.0.1", port)).is_ok();
+    match netns {
+        None => connect(),
+        Some(ns) => thread::scope(|s| s.spawn(|| sys::enter_netns(ns).is_ok() && connect()).join().unwrap_or(false)),
     }
 }
 
@@ -83,7 +103,7 @@ impl Drop for Nginx {
     }
 }
 
-fn config(dir: &Path, port: u16) -> String {
+fn config(dir: &Path, port: u16, backlog: u32) -> String {
     let d = dir.display();
     // One worker per core, as a tuned server would run; temp paths inside `dir` so
     // nothing under /var is touched.
@@ -101,7 +121,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen 127.0.0.1:{port} backlog={BACKLOG};
+        listen 127.0.0.1:{port} backlog={backlog};
         location / {{ return 200 \"ok\\n\"; }}
     }}
 }}

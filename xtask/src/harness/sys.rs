@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-const SIGINT: i32 = 2;
+pub const SIGINT: i32 = 2;
 pub const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
 const AF_INET: i32 = 2;
@@ -15,6 +15,8 @@ const SOCK_RAW: i32 = 3;
 const IPPROTO_RAW: i32 = 255;
 const CLONE_NEWNET: i32 = 0x4000_0000;
 const SC_CLK_TCK: i32 = 2;
+const SOL_SOCKET: i32 = 1;
+const SO_LINGER: i32 = 13;
 
 #[repr(C)]
 struct SockaddrIn {
@@ -22,6 +24,13 @@ struct SockaddrIn {
     port_be: u16,
     addr: [u8; 4],
     zero: [u8; 8],
+}
+
+/// struct linger: SO_LINGER's value.
+#[repr(C)]
+struct Linger {
+    onoff: i32,
+    secs: i32,
 }
 
 extern "C" {
@@ -34,6 +43,7 @@ extern "C" {
     fn sysconf(name: i32) -> i64;
     fn geteuid() -> u32;
     fn getrusage(who: i32, usage: *mut [i64; 18]) -> i32;
+    fn setsockopt(fd: i32, level: i32, name: i32, val: *const Linger, len: u32) -> i32;
 }
 
 const RUSAGE_CHILDREN: i32 = -1;
@@ -134,6 +144,17 @@ pub fn enter_netns(ns: &File) -> io::Result<()> {
 pub fn set_backlog(fd: RawFd, backlog: i32) -> io::Result<()> {
     // SAFETY: valid fd owned by the caller.
     if unsafe { listen(fd, backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// SO_LINGER with a zero timeout: close() then resets the connection instead of
+/// leaving it in TIME_WAIT, so a loop of connections does not run out of ports.
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    let l = Linger { onoff: 1, secs: 0 };
+    // SAFETY: valid fd owned by the caller; `l` lives for the call and its size is passed.
+    if unsafe { setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, std::mem::size_of::<Linger>() as u32) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -32,15 +32,37 @@ impl Netns {
 
     /// One TcpExt counter of this namespace (e.g. ListenDrops).
     pub fn tcp_ext(&self, key: &str) -> Result<u64> {
-        let out = Command::new("ip").args(["netns", "exec", &self.name, "cat", "/proc/net/netstat"]).output()?;
-        tcp_ext(&String::from_utf8_lossy(&out.stdout), key)
-            .with_context(|| format!("no TcpExt {key} in /proc/net/netstat of netns {}", self.name))
+        self.counter("/proc/net/netstat", "TcpExt:", key)
+    }
+
+    /// One Tcp counter of this namespace (e.g. PassiveOpens).
+    pub fn tcp(&self, key: &str) -> Result<u64> {
+        self.counter("/proc/net/snmp", "Tcp:", key)
+    }
+
+    fn counter(&self, file: &str, prefix: &str, key: &str) -> Result<u64> {
+        let out = Command::new("ip").args(["netns", "exec", &self.name, "cat", file]).output()?;
+        counter(&String::from_utf8_lossy(&out.stdout), prefix, key)
+            .with_context(|| format!("no {prefix} {key} in {file} of netns {}", self.name))
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A command for `program` run in `netns` (None: ours). `ip netns exec` execs the
+/// program in place, so the child's pid is the program's.
+pub fn command(netns: Option<&Netns>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name, program]);
+            c
+        }
+        None => Command::new(program),
     }
 }
 
@@ -63,9 +85,10 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// /proc/net/netstat holds pairs of lines: "TcpExt: names…" then "TcpExt: values…".
-fn tcp_ext(netstat: &str, key: &str) -> Option<u64> {
-    let mut rows = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+/// /proc/net/netstat and /proc/net/snmp hold pairs of lines: "TcpExt: names…" then
+/// "TcpExt: values…" (and so on for each `prefix`).
+fn counter(text: &str, prefix: &str, key: &str) -> Option<u64> {
+    let mut rows = text.lines().filter(|l| l.starts_with(prefix));
     let (names, values) = (rows.next()?, rows.next()?);
     let i = names.split_whitespace().position(|n| n == key)?;
     values.split_whitespace().nth(i)?.parse().ok()
@@ -76,7 +99,8 @@ mod tests {
     #[test]
     fn tcp_ext_by_name() {
         let t = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 5 7\nIpExt: InNoRoutes\nIpExt: 0\n";
-        assert_eq!(super::tcp_ext(t, "ListenDrops"), Some(7));
-        assert_eq!(super::tcp_ext(t, "Nope"), None);
+        assert_eq!(super::counter(t, "TcpExt:", "ListenDrops"), Some(7));
+        assert_eq!(super::counter(t, "TcpExt:", "Nope"), None);
+        assert_eq!(super::counter(t, "IpExt:", "InNoRoutes"), Some(0));
     }
 }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::sys;
+use crate::harness::netns::{self, Netns};
+use crate::harness::sys;
 
 /// One run's rate and wrk's own CPU time (client-side TCP, and the probes'
 /// programs that run in its context).
@@ -22,16 +23,20 @@ pub struct Wrk {
 }
 
 impl Wrk {
-    /// One run.
-    pub fn run(&self) -> Result<Run> {
-        let cpu0 = sys::children_cpu();
-        let out = Command::new("wrk")
-            .args(["-t", &self.threads.to_string(), "-c", &self.connections.to_string()])
+    /// wrk with this configuration, run in `netns` (None: ours).
+    pub fn command(&self, netns: Option<&Netns>) -> Command {
+        let mut cmd = netns::command(netns, "wrk");
+        cmd.args(["-t", &self.threads.to_string(), "-c", &self.connections.to_string()])
             .args(["-d", &format!("{}s", self.seconds), "--timeout", "2s"])
             .args(["-H", "Connection: close", &self.url])
-            .stdin(Stdio::null())
-            .output()
-            .context("running wrk (install it with scripts/bench-deps.sh)")?;
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// One run, here.
+    pub fn run(&self) -> Result<Run> {
+        let cpu0 = sys::children_cpu();
+        let out = self.command(None).output().context("running wrk (install it with scripts/bench-deps.sh)")?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!("wrk failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
