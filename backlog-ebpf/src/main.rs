@@ -15,6 +15,7 @@ use aya_ebpf::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext,
         SkBuffContext, TracePointContext,
     },
+    EbpfContext as _,
 };
 
 use crate::drops::{functions, tracepoint as tp, window};
@@ -152,18 +153,14 @@ pub fn bt_fe_listen_socket(ctx: FEntryContext) -> i32 {
     0
 }
 
-/// An fexit context holds the function's arguments, then its return value. Each
-/// branch reads at a constant offset (the verifier refuses a variable one into the
-/// context), and the loader's constant leaves one branch alive.
+/// An fexit context holds the function's arguments, then its return value; the
+/// loader counted the arguments from BTF. The verifier refuses a computed offset into
+/// the context, so the slot is read through its address as plain memory (the
+/// trampoline's stack), which works on kernels without bpf_get_func_ret (5.10).
 #[fexit(function = "inet_csk_accept")]
 pub fn bt_fx_accept(ctx: FExitContext) -> i32 {
-    let child = match kernel::config().accept_nargs {
-        2 => ctx.arg::<u64>(2),
-        3 => ctx.arg::<u64>(3),
-        4 => ctx.arg::<u64>(4),
-        _ => 0,
-    };
-    accept::accepted(child);
+    let slot = kernel::config().accept_nargs * 8;
+    accept::accepted(kernel::read::<u64>(kernel::address_of(ctx.as_ptr()), slot));
     0
 }
 
