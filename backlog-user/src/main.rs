@@ -12,6 +12,7 @@ mod model;
 mod netns;
 mod output;
 mod record;
+mod retired;
 mod trace;
 
 use clap::Parser;

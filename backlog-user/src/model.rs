@@ -105,6 +105,13 @@ impl Listener {
         self.drops.iter().sum()
     }
 
+    /// Accepts whose wait is missing from the histogram. The kernel counts an accept
+    /// and its wait bucket together, so any shortfall is buckets the kernel's
+    /// WAIT_HIST map (LRU) evicted: percentiles then cover only the rest.
+    pub fn waits_unrecorded(&self) -> u64 {
+        self.accepts.saturating_sub(self.wait.count())
+    }
+
     pub fn overflows(&self) -> u64 {
         DropReason::ALL.iter().filter(|r| r.is_overflow()).map(|r| self.drops[*r as usize]).sum()
     }
@@ -164,6 +171,9 @@ pub struct Model {
     pub unmatched_accepts: u64,
     /// Children the kernel side still times as queued (live sessions only).
     pub pending_enqueued: Option<usize>,
+    /// Closed listeners merged into aggregates (see retired.rs): the hook that keeps
+    /// the model bounded under listener churn.
+    pub retired: crate::retired::Retired,
 }
 
 impl Model {
@@ -253,8 +263,11 @@ impl Model {
         }
     }
 
-    /// Replaces event-derived wait buckets with the kernel's histogram, given as
-    /// (bucket, count) pairs.
+    /// Raises wait buckets to the kernel's histogram, given as (bucket, count) pairs.
+    /// Never lowers one: a bucket the kernel's LRU map evicted (and maybe created
+    /// again from 1) keeps what was read before, and `waits_unrecorded` says what is
+    /// still missing. Event-derived counts are a subset of the kernel's, so the
+    /// larger of the two is right.
     pub fn set_kernel_hist(&mut self, key: ListenerKey, buckets: &[(usize, u64)]) {
         let Some(l) = self.listeners.get_mut(&key) else { return };
         let mut all = vec![0u64; hist::BUCKETS];
@@ -263,7 +276,9 @@ impl Model {
                 *slot += n;
             }
         }
-        l.wait.buckets = all;
+        for (have, kernel) in l.wait.buckets.iter_mut().zip(all) {
+            *have = (*have).max(kernel);
+        }
     }
 
     pub fn matching<'a>(&'a self, f: &'a Filters) -> impl Iterator<Item = &'a Listener> + 'a {

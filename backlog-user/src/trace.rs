@@ -1,5 +1,5 @@
 //! The live session: attach, stream events into the model, print, detach.
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -12,8 +12,9 @@ use crate::attribute::Resolver;
 use crate::cli::TraceArgs;
 use crate::export::Sink;
 use crate::kernel::{Session, StartOptions};
-use crate::model::{Listener, Model};
-use crate::output::{snapshot, Clock, Json, Output, Previous, Text};
+use crate::model::Model;
+use crate::output::{rows, snapshot, Clock, Json, Output, Previous, Rows, Text};
+use crate::retired::{Policy, Retired};
 
 fn scope(args: &TraceArgs) -> String {
     let f = &args.filters;
@@ -57,6 +58,12 @@ struct Live {
 
 impl Live {
     fn handle(&mut self, ev: &Event) {
+        // Churn hook: a straggler about a merged listener must not bring it back as
+        // a listener of its own that never closes; its counts reach the aggregate
+        // through the kernel entry (`sync_kernel`).
+        if self.model.retired.was_merged(&ListenerKey { sk: ev.sk, ino: ev.sock_ino }) {
+            return;
+        }
         let Some(l) = self.model.apply(ev) else { return };
         // The listen() caller is known from the event; forked workers and sockets
         // that predate the tracer are found through /proc.
@@ -122,13 +129,21 @@ impl Live {
         for (key, l) in self.model.listeners.iter_mut() {
             l.pending = pending.get(key).copied().unwrap_or(0);
         }
-        for (key, buckets) in session.wait_hist()? {
-            self.model.set_kernel_hist(key, &buckets);
-        }
+        // Counts before histograms: an accept between the two reads then shows in
+        // both, never as a wait missing from the histogram.
         let mut stats = session.stats()?;
         let entries: Vec<(ListenerKey, Vec<_>)> =
             stats.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.iter().copied().collect())).collect();
+        let mut in_kernel = HashSet::new();
+        let mut released = Vec::new();
         for (key, per_cpu) in entries {
+            // Churn hook: an entry of a listener already merged (retired.rs) adds to
+            // its aggregate; every count in it is new, and the listener is long closed.
+            if self.model.retired.absorb_late(&key, &per_cpu) {
+                let _ = stats.remove(&key);
+                continue;
+            }
+            in_kernel.insert(key);
             self.model.set_kernel_stats(key, &per_cpu);
             if !self.model.listeners.get(&key).is_some_and(|l| l.closed) {
                 continue;
@@ -139,15 +154,34 @@ impl Live {
             if self.closing.remove(&key) {
                 let _ = stats.remove(&key);
                 self.model.retire(key);
+                released.push(key);
             } else {
                 self.closing.insert(key);
             }
         }
+        let hist = session.wait_hist()?;
+        for (key, buckets) in &hist {
+            self.model.set_kernel_hist(*key, buckets);
+        }
+        // Churn hook: a released listener's wait buckets are final; deleting them
+        // leaves the kernel's LRU histogram map to live listeners, which 150,000
+        // closed listeners' buckets would otherwise evict.
+        for (key, buckets) in &hist {
+            if released.contains(key) || self.model.retired.was_merged(key) {
+                session.forget_hist(*key, buckets)?;
+            }
+        }
+        let now = Instant::now();
+        for key in released {
+            in_kernel.remove(&key);
+            self.model.retired.released(key, now);
+        }
+        self.model.retired.merge_due(&mut self.model.listeners, &in_kernel, now);
         Ok(())
     }
 
-    fn selected(&self) -> Vec<&Listener> {
-        self.model.matching(&self.args.filters).collect()
+    fn rows(&self) -> Rows<'_> {
+        rows(&self.model, &self.args.filters, self.args.top.n)
     }
 }
 
@@ -168,7 +202,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
     let mut live = Live {
-        model: Model::default(),
+        model: Model { retired: Retired::new(Policy::for_session(&args.filters)), ..Model::default() },
         owners: Resolver::new(Duration::from_millis(500)),
         out,
         clock: Clock::now(),
@@ -218,9 +252,9 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 live.catch_up(&mut session, rb.get_mut())?;
                 let secs = last_tick.elapsed().as_secs_f64();
                 last_tick = Instant::now();
-                let rows = live.selected();
+                let rows = live.rows();
                 live.out.interval(&live.model, &rows, secs, &prev);
-                prev = snapshot(&rows);
+                prev = snapshot(live.model.matching(&live.args.filters));
             }
             _ = sink_ticker.tick(), if !live.sinks.is_empty() => {
                 live.catch_up(&mut session, rb.get_mut())?;
@@ -243,7 +277,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
             l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
         }
     }
-    let rows = live.selected();
+    let rows = live.rows();
     live.out.summary(&live.model, &rows, started.elapsed().as_secs_f64(), live.args.hist);
     for s in &mut live.sinks {
         s.finish(&live.model)?;

@@ -112,6 +112,17 @@ impl Session {
         Ok(out)
     }
 
+    /// Deletes a released listener's wait buckets (`buckets` as `wait_hist` gave
+    /// them). A bucket already gone (evicted since the read) is no error.
+    pub fn forget_hist(&mut self, listener: ListenerKey, buckets: &[(usize, u64)]) -> Result<()> {
+        let m = self.ebpf.map_mut(names::WAIT_HIST).context("WAIT_HIST map")?;
+        let mut h: PerCpuHashMap<&mut MapData, HistKey, u64> = PerCpuHashMap::try_from(m)?;
+        for &(b, _) in buckets {
+            let _ = h.remove(&HistKey { listener, bucket: b as u32, _pad: 0 });
+        }
+        Ok(())
+    }
+
     /// Children still timed as queued, counted per listener. Value layout is
     /// backlog-ebpf's `accept::Enqueued` { ts_ns, listener: ListenerKey }.
     pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<ListenerKey, u64>> {

@@ -5,6 +5,7 @@ use backlog_common::{hist, DropReason, Event};
 use serde::ser::{Serialize, Serializer};
 use serde_json::{json, Value};
 
+use super::rows::{aggregate_json, Rows};
 use super::{emit, emit_batched, rates, Output, Previous};
 use crate::attribute::Owners;
 use crate::model::{ip, Listener, Model, SockAddr};
@@ -30,6 +31,7 @@ pub fn listener_json(l: &Listener) -> Value {
         "accepts": l.accepts,
         "abandoned": l.abandoned,
         "pending": l.pending,
+        "waits_unrecorded": l.waits_unrecorded(),
         "accept_latency_us": l.wait.latency().map(|w| json!({
             "count": w.count, "p50": w.p50, "p90": w.p90, "p99": w.p99, "max": w.max,
         })),
@@ -128,8 +130,9 @@ impl Output for Json {
         emit_batched(|w| write_drop(w, wall_ns, ev, l));
     }
 
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous) {
-        let rows: Vec<Value> = listeners
+    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous) {
+        let listeners: Vec<Value> = rows
+            .shown
             .iter()
             .map(|l| {
                 let mut v = listener_json(l);
@@ -139,11 +142,21 @@ impl Output for Json {
                 v
             })
             .collect();
-        emit(&json!({"type": "interval", "listeners": rows, "lost_events": model.lost_events}).to_string());
+        emit(
+            &json!({
+                "type": "interval",
+                "listeners": listeners,
+                "more": rows.rest.json(),
+                "totals": rows.total.json(),
+                "lost_events": model.lost_events,
+            })
+            .to_string(),
+        );
     }
 
-    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool) {
-        let rows: Vec<Value> = listeners
+    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
+        let listeners: Vec<Value> = rows
+            .shown
             .iter()
             .map(|l| {
                 let mut v = listener_json(l);
@@ -153,11 +166,15 @@ impl Output for Json {
                 v
             })
             .collect();
+        let merged: Vec<Value> = rows.merged.iter().map(|(k, a)| aggregate_json(k, a)).collect();
         emit(
             &json!({
                 "type": "summary",
                 "duration_s": secs,
-                "listeners": rows,
+                "listeners": listeners,
+                "more": rows.rest.json(),
+                "totals": rows.total.json(),
+                "merged": merged,
                 "lost_events": model.lost_events,
                 "missed_runs": model.missed_runs,
                 "unmatched_accepts": model.unmatched_accepts,

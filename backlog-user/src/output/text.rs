@@ -4,6 +4,7 @@ use std::io::Write;
 
 use backlog_common::{hist, DropReason, Event};
 
+use super::rows::{Rows, Totals};
 use super::{emit, emit_batched, rates, Output, Previous};
 use crate::model::{fmt_sockaddr, ip, Listener, Model};
 
@@ -152,9 +153,12 @@ impl Output for Text {
         });
     }
 
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous) {
+    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous) {
         emit("");
-        for line in table(listeners, Some((secs, prev))) {
+        for line in table(&rows.shown, Some((secs, prev))) {
+            emit(&line);
+        }
+        if let Some(line) = more(&rows.rest) {
             emit(&line);
         }
         if model.lost_events > 0 {
@@ -162,20 +166,29 @@ impl Output for Text {
         }
     }
 
-    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool) {
+    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
         emit("");
-        let total: u64 = listeners.iter().map(|l| l.total_drops()).sum();
-        emit(&format!("Summary after {secs:.1}s: {total} drops at {} listeners", listeners.len()));
-        for line in table(listeners, None) {
+        let total = &rows.total;
+        emit(&format!("Summary after {secs:.1}s: {} drops at {} listeners", total.total_drops(), total.listeners));
+        for line in table(&rows.shown, None) {
+            emit(&line);
+        }
+        if let Some(line) = more(&rows.rest) {
             emit(&line);
         }
         if hist {
-            for l in listeners.iter().filter(|l| l.wait.count() > 0) {
+            for l in rows.shown.iter().filter(|l| l.wait.count() > 0) {
                 emit("");
                 for line in histogram(l) {
                     emit(&line);
                 }
             }
+        }
+        if total.waits_unrecorded > 0 {
+            emit(&format!(
+                "{} of {} accepts are missing from the wait histograms (the kernel's WAIT_HIST map evicted their buckets): wait percentiles cover the rest",
+                total.waits_unrecorded, total.accepts
+            ));
         }
         if model.lost_events > 0 {
             emit(&format!("{} events lost (ring buffer full); per-listener counts are exact", model.lost_events));
@@ -187,6 +200,26 @@ impl Output for Text {
             ));
         }
     }
+}
+
+/// The line under a table for the listeners it leaves out.
+fn more(rest: &Totals) -> Option<String> {
+    if rest.listeners == 0 {
+        return None;
+    }
+    let merged = if rest.merged > 0 { format!(" ({} closed, merged by port)", rest.merged) } else { String::new() };
+    let d = |r: DropReason| rest.drops[r as usize];
+    Some(format!(
+        "... and {} more listeners{merged}: {} drops (acceptq {}, synq {}, ack_ovf {}, other {}), {} accepts, {} abandoned",
+        rest.listeners,
+        rest.total_drops(),
+        d(DropReason::AcceptQueueFull),
+        d(DropReason::SynQueueFull),
+        d(DropReason::AckOverflow),
+        d(DropReason::Other),
+        rest.accepts,
+        rest.abandoned
+    ))
 }
 
 #[cfg(test)]
