@@ -44,16 +44,12 @@ pub struct Counts {
 }
 
 /// Accept-queue waits in the kernel's bucket layout (see `backlog_common::hist`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Wait {
+    /// Empty until the first wait: most listeners of a churning host never accept
+    /// anything while they are in the model, and 232 buckets are 1.8 KB each.
     pub buckets: Vec<u64>,
     pub max_ns: u64,
-}
-
-impl Default for Wait {
-    fn default() -> Self {
-        Wait { buckets: vec![0; hist::BUCKETS], max_ns: 0 }
-    }
 }
 
 /// Percentiles of accept-queue wait, in microseconds.
@@ -68,8 +64,16 @@ pub struct Latency {
 
 impl Wait {
     pub fn record(&mut self, ns: u64) {
-        self.buckets[hist::bucket(ns / 1000)] += 1;
+        self.buckets_mut()[hist::bucket(ns / 1000)] += 1;
         self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Every bucket, allocated on first use.
+    pub fn buckets_mut(&mut self) -> &mut [u64] {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; hist::BUCKETS];
+        }
+        &mut self.buckets
     }
 
     pub fn count(&self) -> u64 {
@@ -276,7 +280,10 @@ impl Model {
                 *slot += n;
             }
         }
-        for (have, kernel) in l.wait.buckets.iter_mut().zip(all) {
+        if buckets.is_empty() {
+            return;
+        }
+        for (have, kernel) in l.wait.buckets_mut().iter_mut().zip(all) {
             *have = (*have).max(kernel);
         }
     }

@@ -124,8 +124,10 @@ impl Aggregate {
         }
         s.accepts += l.accepts;
         s.abandoned += l.abandoned;
-        for (a, b) in s.wait.buckets.iter_mut().zip(&l.wait.buckets) {
-            *a += b;
+        if !l.wait.buckets.is_empty() {
+            for (a, b) in s.wait.buckets_mut().iter_mut().zip(&l.wait.buckets) {
+                *a += b;
+            }
         }
         s.wait.max_ns = s.wait.max_ns.max(l.wait.max_ns);
         s.queue_peak = s.queue_peak.max(l.queue_peak);
@@ -185,7 +187,8 @@ impl Retired {
         self.latest.len()
     }
 
-    /// Merges the closed listeners that are past `keep_for` or over `keep_max`.
+    /// Merges the closed listeners that are past `keep_for` or over `keep_max`;
+    /// returns how many it merged.
     /// `in_kernel` holds the keys that had a kernel entry at this sync: a listener
     /// with one (children of its close counted after the release) is released again
     /// once that entry is read and deleted, and merged then.
@@ -194,7 +197,8 @@ impl Retired {
         listeners: &mut BTreeMap<ListenerKey, Listener>,
         in_kernel: &HashSet<ListenerKey>,
         now: Instant,
-    ) {
+    ) -> usize {
+        let mut merged = 0;
         while let Some(&(at, key)) = self.released.front() {
             let due = self.latest.len() > self.policy.keep_max || now.duration_since(at) >= self.policy.keep_for;
             if !due {
@@ -213,7 +217,9 @@ impl Retired {
             let agg = self.key_for(&l);
             self.aggregates.entry(agg.clone()).or_default().absorb(&l);
             self.remember(key, agg);
+            merged += 1;
         }
+        merged
     }
 
     fn key_for(&self, l: &Listener) -> AggKey {

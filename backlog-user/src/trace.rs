@@ -54,7 +54,20 @@ struct Live {
     sinks: Vec<Box<dyn Sink>>,
     /// Closed listeners whose kernel entry goes at the next sync.
     closing: BTreeSet<ListenerKey>,
+    merged_since_trim: usize,
+    /// Listeners seen closing since the last sync (see `SYNC_AFTER_CLOSES`).
+    closed_since_sync: usize,
 }
+
+/// Closed listeners leave the model (and their kernel entries the map) only through
+/// syncs, which run every second with a sink or --interval and otherwise only at the
+/// end: without this, churn of 10,000 listeners a second holds tens of MB between
+/// syncs, and a plain session would never release a kernel entry. A sync after this
+/// many closes bounds both by count, whatever the rate.
+const SYNC_AFTER_CLOSES: usize = 2048;
+
+/// Merged listeners after which the freed heap is handed back (see `sync_kernel`).
+const TRIM_AFTER_MERGES: usize = 4096;
 
 impl Live {
     fn handle(&mut self, ev: &Event) {
@@ -63,6 +76,9 @@ impl Live {
         // through the kernel entry (`sync_kernel`).
         if self.model.retired.was_merged(&ListenerKey { sk: ev.sk, ino: ev.sock_ino }) {
             return;
+        }
+        if ev.kind == EventKind::Unlisten as u8 {
+            self.closed_since_sync += 1;
         }
         let Some(l) = self.model.apply(ev) else { return };
         // The listen() caller is known from the event; forked workers and sockets
@@ -121,6 +137,7 @@ impl Live {
     /// Pulls the exact per-listener counts from the kernel and releases the map
     /// entries of listeners that have closed (their totals stay in the model).
     fn sync_kernel(&mut self, session: &mut Session) -> Result<()> {
+        self.closed_since_sync = 0;
         self.model.lost_events = session.global(global::LOST_EVENTS)?;
         self.model.missed_runs = session.missed_runs()?;
         self.model.unmatched_accepts = session.global(global::UNMATCHED_ACCEPT)?;
@@ -176,7 +193,13 @@ impl Live {
             in_kernel.remove(&key);
             self.model.retired.released(key, now);
         }
-        self.model.retired.merge_due(&mut self.model.listeners, &in_kernel, now);
+        self.merged_since_trim += self.model.retired.merge_due(&mut self.model.listeners, &in_kernel, now);
+        // A burst of churn leaves the heap full of freed listeners that glibc keeps
+        // resident; a trim every few thousand merges costs a heap walk (~1 ms).
+        if self.merged_since_trim >= TRIM_AFTER_MERGES {
+            crate::kernel::release_freed_heap();
+            self.merged_since_trim = 0;
+        }
         Ok(())
     }
 
@@ -209,6 +232,8 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         args,
         sinks,
         closing: BTreeSet::new(),
+        merged_since_trim: 0,
+        closed_since_sync: 0,
     };
     let scope = scope(&live.args);
     live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope);
@@ -238,6 +263,9 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 // Readiness stays set while events remain, so the loop comes back
                 // here after giving signals and timers their turn.
                 let (handled, emptied) = live.drain_some(guard.get_inner_mut(), 4096);
+                if live.closed_since_sync >= SYNC_AFTER_CLOSES {
+                    live.catch_up(&mut session, guard.get_inner_mut())?;
+                }
                 if emptied {
                     guard.clear_ready();
                     if handled >= BUSY_DRAIN {

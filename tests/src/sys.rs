@@ -62,6 +62,34 @@ pub fn set_sockopt(fd: RawFd, opt: libc::c_int, val: libc::c_int, what: &str) {
     );
 }
 
+/// Room for `count` fds plus stdio and slack: the default soft limit (1024) would cap
+/// large counts.
+pub fn raise_nofile(count: usize) {
+    let want = count as libc::rlim_t + 64;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid out-pointer.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit");
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        lim.rlim_max = lim.rlim_max.max(want);
+        // SAFETY: `lim` is valid for reading.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit");
+    }
+}
+
+/// A non-blocking connect to `addr`, issued and not waited for.
+pub fn connect_nonblocking(addr: SocketAddr) -> RawFd {
+    let fd = tcp_socket(&addr, libc::SOCK_NONBLOCK);
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: `sa` is a valid sockaddr of length `len`.
+    let r = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };
+    let err = std::io::Error::last_os_error();
+    if r < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
+        panic!("connect {addr}: {err}");
+    }
+    fd
+}
+
 /// `--name value` / `--name=value` pairs and bare `--switch`es from the command line.
 pub struct Flags(BTreeMap<String, String>);
 

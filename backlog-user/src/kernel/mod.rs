@@ -231,8 +231,9 @@ fn attach_best(
 /// Hands the heap that start-up freed back to the kernel. Parsing BTF and loading
 /// the object peak at tens of MB that are garbage once the programs are attached;
 /// glibc keeps freed memory below its trim threshold resident for reuse, which a
-/// tracer that runs for days never needs.
-fn release_freed_heap() {
+/// tracer that runs for days never needs. The same holds after a burst of closed
+/// listeners is merged away.
+pub fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free pages to the kernel.
     unsafe {
