@@ -46,3 +46,60 @@ pub fn our_programs_loaded() -> Vec<String> {
         })
         .collect()
 }
+
+/// Ids of the eBPF maps process `pid` holds (from /proc/PID/fdinfo, so another
+/// tracer running on the machine is never read by mistake).
+fn maps_held_by(pid: u32) -> Vec<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}"));
+    entries
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("map_id:")?.trim().parse().ok()))
+        .collect()
+}
+
+#[derive(Deserialize, Debug)]
+struct MapInfo {
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Deserialize, Debug)]
+struct PerCpuValue {
+    value: Vec<String>,
+}
+
+#[derive(Deserialize, Debug)]
+struct Lookup {
+    values: Vec<PerCpuValue>,
+}
+
+fn bpftool_json<T: serde::de::DeserializeOwned>(args: &[&str]) -> T {
+    let out =
+        Command::new("bpftool").arg("-j").args(args).output().unwrap_or_else(|e| panic!("cannot run bpftool: {e}"));
+    assert!(out.status.success(), "bpftool {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?}: unexpected JSON ({e})"))
+}
+
+/// Slot `index` of the GLOBAL per-CPU counters of the tracer with pid `pid`, summed
+/// over CPUs (see `backlog_common::global`).
+pub fn tracer_global(pid: u32, index: u32) -> u64 {
+    let id = maps_held_by(pid)
+        .into_iter()
+        .find(|id| bpftool_json::<MapInfo>(&["map", "show", "id", &id.to_string()]).name == "GLOBAL")
+        .unwrap_or_else(|| panic!("process {pid} holds no GLOBAL map: is it a running backlog-trace?"));
+    let key: Vec<String> = index.to_le_bytes().iter().map(u8::to_string).collect();
+    let mut args = vec!["map".to_string(), "lookup".into(), "id".into(), id.to_string(), "key".into()];
+    args.extend(key);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let found: Lookup = bpftool_json(&args);
+    found
+        .values
+        .iter()
+        .map(|v| {
+            let bytes: Vec<u8> =
+                v.value.iter().map(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16).unwrap()).collect();
+            u64::from_le_bytes(bytes.try_into().expect("8-byte GLOBAL value"))
+        })
+        .sum()
+}

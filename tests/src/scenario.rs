@@ -24,6 +24,17 @@ pub struct Run {
 /// Between the two counter reads the tracer sees exactly the drops the kernel
 /// counts.
 pub fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) -> Run {
+    traced_inspect(namespaces, extra, workload, |_| {})
+}
+
+/// [`traced`], with `inspect` given the running tracer once the counters are read,
+/// just before it is stopped (to read its kernel maps, its memory).
+pub fn traced_inspect(
+    namespaces: &[&Netns],
+    extra: &[&str],
+    workload: impl FnOnce(),
+    inspect: impl FnOnce(&Tracer),
+) -> Run {
     let mut args = Vec::new();
     for ns in namespaces {
         args.extend(["--netns", ns.name()]);
@@ -43,6 +54,7 @@ pub fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) ->
     for (inode, name, d) in &deltas {
         println!("netns {name} ({inode}) deltas: {d}");
     }
+    inspect(&tracer);
     let status = tracer.stop_sigint();
     assert!(status.success(), "backlog-trace ended with {status} after SIGINT; stderr:\n{}", tracer.stderr());
     Run { deltas, tracer, summary: OnceCell::new() }

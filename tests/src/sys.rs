@@ -77,6 +77,15 @@ pub fn raise_nofile(count: usize) {
     }
 }
 
+/// The hard limit on open fds: what a process can raise its own limit to without
+/// CAP_SYS_RESOURCE (containers often withhold it).
+pub fn nofile_hard_limit() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid out-pointer.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit");
+    usize::try_from(lim.rlim_max).unwrap_or(usize::MAX)
+}
+
 /// A non-blocking connect to `addr`, issued and not waited for.
 pub fn connect_nonblocking(addr: SocketAddr) -> RawFd {
     let fd = tcp_socket(&addr, libc::SOCK_NONBLOCK);

@@ -170,11 +170,16 @@ impl ClientBatch {
     }
 }
 
-/// `count` listeners on ports the kernel picks, each with one accept, one queued
-/// connection and one client whose SYNs its full queue drops (bt-listeners many);
-/// held until dropped.
-pub fn many_listeners(ns: &Netns, addr: &str, count: usize) -> Spawned {
-    let flags = vec!["--mode=many".into(), format!("--count={count}"), format!("--addr={addr}")];
+/// `count` listeners on ports `first_port`, `first_port + 1`, ..., each with one
+/// accept, one queued connection and one client whose SYNs its full queue drops
+/// (bt-listeners many); held until dropped.
+pub fn many_listeners(ns: &Netns, addr: &str, first_port: u16, count: usize) -> Spawned {
+    let flags = vec![
+        "--mode=many".into(),
+        format!("--count={count}"),
+        format!("--addr={addr}"),
+        format!("--first-port={first_port}"),
+    ];
     launch(ns, "bt-listeners", flags, |_| ()).0
 }
 

@@ -1,23 +1,29 @@
 //! Test workload: listeners by the thousand, on ports the kernel picks (bind to port 0).
 //!
-//! bt-listeners --mode many|churn --count N [--addr IP] [--ready-file PATH] [--lifetime SECS]
+//! bt-listeners --mode many|churn --count N [--addr IP] [--first-port P] [--ready-file PATH]
+//!              [--lifetime SECS]
 //!
-//! many: N listeners with listen(0), each left with one accepted connection, one
+//! many: N listeners on ports P, P+1, ... (below the ephemeral range: the clients'
+//! 2N connections take their ports from it) with listen(0), each left with one accepted connection, one
 //! connection on its accept queue (the queue's only slot) and one client whose SYN the
-//! full queue drops (and keeps dropping as the client retransmits). Writes the ready
-//! file (`listening N`) and holds everything until killed.
+//! full queue drops (and keeps dropping as the client retransmits). Three fds per
+//! listener: the work is split over as many forked processes as the hard fd limit
+//! needs. Writes the ready file (`listening N`) once all of them are set up and holds
+//! everything until killed.
 //!
-//! churn: N times in a row, a listener accepts one connection and everything closes
+//! churn: N times in a row, a listener on a port the kernel picks accepts one connection and everything closes
 //! (the client with a RST, so that no TIME_WAIT is left behind); exits 0 when done.
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 
-use backlog_tests::sys::{check, connect_nonblocking, raise_nofile, sockaddr, tcp_socket, write_ready_file, Flags};
+use backlog_tests::sys::{
+    check, connect_nonblocking, nofile_hard_limit, raise_nofile, sockaddr, tcp_socket, write_ready_file, Flags,
+};
 
-/// A listener on `ip` and a port the kernel picks; returns it and the port.
-fn listen_any(ip: IpAddr, backlog: i32) -> (RawFd, SocketAddr) {
-    let fd = tcp_socket(&SocketAddr::new(ip, 0), 0);
-    let (sa, len) = sockaddr(SocketAddr::new(ip, 0));
+/// A listener on `ip` and `port` (0: one the kernel picks); returns it and its address.
+fn listen_on(ip: IpAddr, port: u16, backlog: i32) -> (RawFd, SocketAddr) {
+    let fd = tcp_socket(&SocketAddr::new(ip, port), 0);
+    let (sa, len) = sockaddr(SocketAddr::new(ip, port));
     // SAFETY: `sa` is a valid sockaddr of length `len`.
     check(unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) }, "bind");
     // SAFETY: plain syscall.
@@ -80,11 +86,52 @@ fn accept_one(l: RawFd, addr: SocketAddr) {
     close(child);
 }
 
-fn many(ip: IpAddr, count: usize) {
-    // Per listener: itself, the queued client and the dropped one.
-    raise_nofile(count * 3 + 16);
-    for _ in 0..count {
-        let (l, addr) = listen_any(ip, 0);
+/// Per listener: itself, the queued client and the dropped one.
+const FDS_PER_LISTENER: usize = 3;
+
+/// Sets up `count` listeners over forked workers; returns once all are set up.
+fn many(ip: IpAddr, first_port: u16, count: usize) {
+    // Room for raise_nofile's slack and stdio besides the listeners' fds.
+    let per_process = (nofile_hard_limit().min(1 << 20) - 128) / FDS_PER_LISTENER;
+    // SAFETY: plain syscall.
+    let parent = unsafe { libc::getpid() };
+    let mut workers = Vec::new();
+    for start in (0..count).step_by(per_process) {
+        let share = per_process.min(count - start);
+        // SAFETY: single-threaded here, so fork is safe.
+        match check(unsafe { libc::fork() }, "fork") {
+            0 => {
+                // Workers must not outlive the parent the test kills.
+                // SAFETY: plain syscalls.
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                }
+                listeners_with_drops(ip, first_port + start as u16, share);
+                // Stopped: the parent sees the share is ready (waitpid WUNTRACED).
+                // SAFETY: plain syscalls.
+                unsafe {
+                    libc::raise(libc::SIGSTOP);
+                    libc::_exit(0);
+                }
+            }
+            pid => workers.push(pid),
+        }
+    }
+    for pid in workers {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer; `pid` is our child.
+        check(unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) }, "waitpid");
+        assert!(libc::WIFSTOPPED(status), "worker {pid} ended before its listeners were set up (status {status})");
+    }
+}
+
+fn listeners_with_drops(ip: IpAddr, first_port: u16, count: usize) {
+    raise_nofile(count * FDS_PER_LISTENER + 16);
+    for i in 0..count {
+        let (l, addr) = listen_on(ip, first_port + i as u16, 0);
         accept_one(l, addr);
         // listen(0) queues one connection; the next SYN finds the queue full. All
         // three fds stay open until the process ends.
@@ -95,7 +142,7 @@ fn many(ip: IpAddr, count: usize) {
 
 fn churn(ip: IpAddr, count: usize) {
     for _ in 0..count {
-        let (l, addr) = listen_any(ip, 1);
+        let (l, addr) = listen_on(ip, 0, 1);
         accept_one(l, addr);
         close(l);
     }
@@ -110,7 +157,12 @@ fn main() {
     unsafe { libc::alarm(flags.get("lifetime", 600)) };
     match flags.opt("mode") {
         Some("many") => {
-            many(ip, count);
+            let first_port: u16 = flags.get("first-port", 10000);
+            assert!(
+                usize::from(first_port) + count <= 65536,
+                "--first-port {first_port} leaves no room for {count} ports"
+            );
+            many(ip, first_port, count);
             write_ready_file(&flags.required::<String>("ready-file"), &format!("listening {count}\n"));
             loop {
                 // SAFETY: plain syscall; returns only when a signal is handled.
