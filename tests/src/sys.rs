@@ -99,6 +99,27 @@ pub fn connect_nonblocking(addr: SocketAddr) -> RawFd {
     fd
 }
 
+/// Forks a worker that dies with its parent (the process the test kills). Returns the
+/// worker's pid in the parent and None in the worker. Call while single-threaded.
+pub fn fork_worker() -> Option<libc::pid_t> {
+    // SAFETY: plain syscall.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the caller is single-threaded, so fork is safe.
+    match check(unsafe { libc::fork() }, "fork") {
+        0 => {
+            // SAFETY: plain syscalls; exits if the parent is already gone.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+            }
+            None
+        }
+        pid => Some(pid),
+    }
+}
+
 /// `--name value` / `--name=value` pairs and bare `--switch`es from the command line.
 pub struct Flags(BTreeMap<String, String>);
 

@@ -48,6 +48,7 @@ fn twenty_thousand_listeners_are_all_counted_exactly() {
     let ns = Netns::new("many");
     let mut held = None;
     let mut stats_full = None;
+    let mut rss = 0;
     let run = traced_inspect(
         &[&ns],
         &["--top", "0"],
@@ -60,7 +61,10 @@ fn twenty_thousand_listeners_are_all_counted_exactly() {
                 (d.len() == LISTENERS && d.values().all(|n| *n > 0)).then_some(())
             });
         },
-        |tracer| stats_full = Some(tracer_global(tracer.pid(), global::STATS_FULL)),
+        |tracer| {
+            stats_full = Some(tracer_global(tracer.pid(), global::STATS_FULL));
+            rss = tracer.status_kb("VmRSS");
+        },
     );
     let setup = t0.elapsed();
     // The fence is still up and the workload still holds every socket: final counts.
@@ -85,10 +89,11 @@ fn twenty_thousand_listeners_are_all_counted_exactly() {
     println!(
         "{LISTENERS} listeners: {} drops = ListenDrops, every socket's count equal; stats_full 0; \
          waits missing from histograms {unrecorded}; unmatched accepts {}; children timed as queued {:?} of {LISTENERS}; \
-         {:.1}s",
+         lost events {}; tracer RSS {rss} kB; {:.1}s",
         run.delta(&ns).get("ListenDrops"),
         s.unmatched_accepts,
         s.pending_enqueued,
+        s.lost_events,
         setup.as_secs_f64()
     );
     drop(held);

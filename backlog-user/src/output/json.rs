@@ -1,7 +1,7 @@
 //! NDJSON: the machine contract (`type` = start | drop | interval | summary).
 use std::io::Write;
 
-use backlog_common::{hist, DropReason, Event};
+use backlog_common::{hist, DropReason, Event, N_REASONS};
 use serde::ser::{Serialize, Serializer};
 use serde_json::{json, Value};
 
@@ -12,9 +12,13 @@ use crate::model::{ip, Listener, Model, SockAddr};
 
 pub struct Json;
 
+/// Drops by reason name, as every record prints them.
+pub fn drops_by_reason(drops: &[u64; N_REASONS]) -> Value {
+    DropReason::ALL.iter().map(|r| (r.name().to_string(), json!(drops[*r as usize]))).collect()
+}
+
 pub fn listener_json(l: &Listener) -> Value {
-    let by_reason: serde_json::Map<String, Value> =
-        DropReason::ALL.iter().map(|r| (r.name().to_string(), json!(l.drops[*r as usize]))).collect();
+    let by_reason = drops_by_reason(&l.drops);
     json!({
         "netns": l.netns,
         "port": l.port,

@@ -1,9 +1,10 @@
 //! What a table shows: the busiest listeners, then one line summing the rest (listeners
 //! past `--top` and merged closed ones), so that 150,000 listeners print as a screenful
 //! and the totals still add up.
-use backlog_common::{DropReason, N_REASONS};
+use backlog_common::N_REASONS;
 use serde_json::{json, Value};
 
+use super::json::drops_by_reason;
 use crate::cli::Filters;
 use crate::model::{Listener, Model};
 use crate::retired::{AggKey, Aggregate};
@@ -48,13 +49,11 @@ impl Totals {
     }
 
     pub fn json(&self) -> Value {
-        let by_reason: serde_json::Map<String, Value> =
-            DropReason::ALL.iter().map(|r| (r.name().to_string(), json!(self.drops[*r as usize]))).collect();
         json!({
             "listeners": self.listeners,
             "merged": self.merged,
             "drops": self.total_drops(),
-            "drops_by_reason": by_reason,
+            "drops_by_reason": drops_by_reason(&self.drops),
             "accepts": self.accepts,
             "abandoned": self.abandoned,
             "waits_unrecorded": self.waits_unrecorded,

@@ -208,15 +208,17 @@ fn more(rest: &Totals) -> Option<String> {
         return None;
     }
     let merged = if rest.merged > 0 { format!(" ({} closed, merged by port)", rest.merged) } else { String::new() };
-    let d = |r: DropReason| rest.drops[r as usize];
+    // The table's column names, in DropReason order.
+    let by_reason: Vec<String> = DropReason::ALL
+        .iter()
+        .zip(&HEAD[5..9])
+        .map(|(r, name)| format!("{name} {}", rest.drops[*r as usize]))
+        .collect();
     Some(format!(
-        "... and {} more listeners{merged}: {} drops (acceptq {}, synq {}, ack_ovf {}, other {}), {} accepts, {} abandoned",
+        "... and {} more listeners{merged}: {} drops ({}), {} accepts, {} abandoned",
         rest.listeners,
         rest.total_drops(),
-        d(DropReason::AcceptQueueFull),
-        d(DropReason::SynQueueFull),
-        d(DropReason::AckOverflow),
-        d(DropReason::Other),
+        by_reason.join(", "),
         rest.accepts,
         rest.abandoned
     ))

@@ -1,23 +1,25 @@
-//! Test workload: listeners by the thousand, on ports the kernel picks (bind to port 0).
+//! Test workload: listeners by the thousand.
 //!
-//! bt-listeners --mode many|churn --count N [--addr IP] [--first-port P] [--ready-file PATH]
-//!              [--lifetime SECS]
+//! bt-listeners --mode many|churn --count N [--addr IP] [--first-port P] [--queued K]
+//!              [--ready-file PATH] [--lifetime SECS]
 //!
 //! many: N listeners on ports P, P+1, ... (below the ephemeral range: the clients'
-//! 2N connections take their ports from it) with listen(0), each left with one accepted connection, one
-//! connection on its accept queue (the queue's only slot) and one client whose SYN the
-//! full queue drops (and keeps dropping as the client retransmits). Three fds per
+//! connections take their ports from it) with listen(K-1), each left with one accepted
+//! connection, K connections on its accept queue (filling it) and one client whose SYN
+//! the full queue drops (and keeps dropping as the client retransmits). K+2 fds per
 //! listener: the work is split over as many forked processes as the hard fd limit
 //! needs. Writes the ready file (`listening N`) once all of them are set up and holds
 //! everything until killed.
 //!
-//! churn: N times in a row, a listener on a port the kernel picks accepts one connection and everything closes
-//! (the client with a RST, so that no TIME_WAIT is left behind); exits 0 when done.
+//! churn: N times in a row, a listener on a port the kernel picks (bind to port 0)
+//! accepts one connection and everything closes (the client with a RST, so that no
+//! TIME_WAIT is left behind); exits 0 when done.
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 
 use backlog_tests::sys::{
-    check, connect_nonblocking, nofile_hard_limit, raise_nofile, sockaddr, tcp_socket, write_ready_file, Flags,
+    check, connect_nonblocking, fork_worker, nofile_hard_limit, raise_nofile, sockaddr, tcp_socket, write_ready_file,
+    Flags,
 };
 
 /// A listener on `ip` and `port` (0: one the kernel picks); returns it and its address.
@@ -86,39 +88,25 @@ fn accept_one(l: RawFd, addr: SocketAddr) {
     close(child);
 }
 
-/// Per listener: itself, the queued client and the dropped one.
-const FDS_PER_LISTENER: usize = 3;
-
 /// Sets up `count` listeners over forked workers; returns once all are set up.
-fn many(ip: IpAddr, first_port: u16, count: usize) {
-    // Room for raise_nofile's slack and stdio besides the listeners' fds.
-    let per_process = (nofile_hard_limit().min(1 << 20) - 128) / FDS_PER_LISTENER;
-    // SAFETY: plain syscall.
-    let parent = unsafe { libc::getpid() };
+fn many(ip: IpAddr, first_port: u16, count: usize, queued: usize) {
+    // Per listener: itself, the queued clients and the dropped one; plus room for
+    // raise_nofile's slack and stdio.
+    let fds_per_listener = queued + 2;
+    let per_process = (nofile_hard_limit().min(1 << 20) - 128) / fds_per_listener;
     let mut workers = Vec::new();
     for start in (0..count).step_by(per_process) {
         let share = per_process.min(count - start);
-        // SAFETY: single-threaded here, so fork is safe.
-        match check(unsafe { libc::fork() }, "fork") {
-            0 => {
-                // Workers must not outlive the parent the test kills.
-                // SAFETY: plain syscalls.
-                unsafe {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
-                }
-                listeners_with_drops(ip, first_port + start as u16, share);
-                // Stopped: the parent sees the share is ready (waitpid WUNTRACED).
-                // SAFETY: plain syscalls.
-                unsafe {
-                    libc::raise(libc::SIGSTOP);
-                    libc::_exit(0);
-                }
+        let Some(pid) = fork_worker() else {
+            listeners_with_drops(ip, first_port + start as u16, share, queued);
+            // Stopped: the parent sees the share is ready (waitpid WUNTRACED).
+            // SAFETY: plain syscalls.
+            unsafe {
+                libc::raise(libc::SIGSTOP);
+                libc::_exit(0);
             }
-            pid => workers.push(pid),
-        }
+        };
+        workers.push(pid);
     }
     for pid in workers {
         let mut status = 0;
@@ -128,14 +116,16 @@ fn many(ip: IpAddr, first_port: u16, count: usize) {
     }
 }
 
-fn listeners_with_drops(ip: IpAddr, first_port: u16, count: usize) {
-    raise_nofile(count * FDS_PER_LISTENER + 16);
+fn listeners_with_drops(ip: IpAddr, first_port: u16, count: usize, queued: usize) {
+    raise_nofile(count * (queued + 2) + 16);
     for i in 0..count {
-        let (l, addr) = listen_on(ip, first_port + i as u16, 0);
+        let (l, addr) = listen_on(ip, first_port + i as u16, queued as i32 - 1);
         accept_one(l, addr);
-        // listen(0) queues one connection; the next SYN finds the queue full. All
-        // three fds stay open until the process ends.
-        connect_blocking(addr);
+        // listen(K-1) queues K connections; the next SYN finds the queue full. Every
+        // fd stays open until the process ends.
+        for _ in 0..queued {
+            connect_blocking(addr);
+        }
         connect_nonblocking(addr);
     }
 }
@@ -162,7 +152,9 @@ fn main() {
                 usize::from(first_port) + count <= 65536,
                 "--first-port {first_port} leaves no room for {count} ports"
             );
-            many(ip, first_port, count);
+            let queued: usize = flags.get("queued", 1);
+            assert!(queued >= 1, "--queued must be at least 1");
+            many(ip, first_port, count, queued);
             write_ready_file(&flags.required::<String>("ready-file"), &format!("listening {count}\n"));
             loop {
                 // SAFETY: plain syscall; returns only when a signal is handled.
