@@ -17,18 +17,27 @@ use crate::maps;
 #[map(name = "LISTEN_ARGS")]
 static LISTEN_ARGS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
 
+/// syscalls:sys_enter_listen (tracepoint mode): the backlog argument.
 #[inline(always)]
 pub fn on_sys_enter_listen(ctx: &TracePointContext) {
     let off = kernel::config().listen_backlog_off as usize;
     // SAFETY: offset of a u64 field inside the tracepoint record (from its format file).
-    let Ok(backlog) = (unsafe { ctx.read_at::<u64>(off) }) else {
-        return;
-    };
+    if let Ok(backlog) = unsafe { ctx.read_at::<u64>(off) } {
+        remember_backlog(backlog);
+    }
+}
+
+/// The backlog this thread is asking of listen(), before somaxconn caps it: from
+/// the syscall's tracepoint, or (fentry and kprobe modes, which then need no syscall
+/// tracepoint at all) from the kernel function that still has it.
+#[inline(always)]
+pub fn remember_backlog(backlog: u64) {
     let _ = LISTEN_ARGS.insert(&bpf_get_current_pid_tgid(), &(backlog as u32), 0);
 }
 
-/// inet_sock_set_state for a socket entering or leaving LISTEN.
-#[inline(always)]
+/// inet_sock_set_state for a socket entering or leaving LISTEN. A function of its
+/// own for the same reason as `accept::enqueued`.
+#[inline(never)]
 pub fn on_state(sk: u64, old: u8, new: u8) {
     let kind = if new == TCP_LISTEN {
         EventKind::Listen

@@ -135,6 +135,14 @@ fentry_pair!(bt_fe_conn6, bt_fx_conn6, "tcp_v6_conn_request", functions::conn_re
 fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, recv_exit);
 fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, recv_exit);
 
+/// listen()'s backlog before somaxconn caps it (__sys_listen_socket, or __sys_listen
+/// on kernels without it; the loader picks): no syscall tracepoint in this mode.
+#[fentry]
+pub fn bt_fe_listen(ctx: FEntryContext) -> i32 {
+    listeners::remember_backlog(ctx.arg::<u64>(1) as u32 as u64);
+    0
+}
+
 #[fexit(function = "inet_csk_accept")]
 pub fn bt_fx_accept(ctx: FExitContext) -> i32 {
     accept::accepted(ctx.ret::<u64>().unwrap_or(0));
@@ -164,6 +172,12 @@ pub fn bt_kp_recv(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn bt_kr_recv(_ctx: RetProbeContext) -> u32 {
     functions::syn_recv_exit();
+    0
+}
+
+#[kprobe]
+pub fn bt_kp_listen(ctx: ProbeContext) -> u32 {
+    listeners::remember_backlog(ctx.arg::<u64>(1).unwrap_or(0) as u32 as u64);
     0
 }
 

@@ -47,7 +47,7 @@ pub struct Filters {
     pub pids: Vec<u32>,
     /// Only this network namespace: a name from `ip netns`, a path such as
     /// /proc/PID/ns/net, or an inode number (repeatable).
-    #[arg(long = "netns", value_parser = crate::netns::parse_netns)]
+    #[arg(long = "netns", value_parser = crate::sys::netns::parse_netns)]
     pub netns: Vec<u32>,
 }
 

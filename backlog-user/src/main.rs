@@ -9,10 +9,11 @@ mod cli;
 mod export;
 mod kernel;
 mod model;
-mod netns;
 mod output;
+mod reconcile;
 mod record;
 mod retired;
+mod sys;
 mod trace;
 
 use clap::Parser;

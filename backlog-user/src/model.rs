@@ -33,6 +33,9 @@ pub struct Listener {
     /// a closing listener empties from its queue count into a new entry after its
     /// old one may have gone; those add to these counts, never replace them.
     pub retired: Counts,
+    /// Listen drops the kernel counted at this socket that the kernel side did not
+    /// detect, placed here by the socket's own drop counter (`crate::reconcile`).
+    pub undetected: u64,
 }
 
 /// The exact per-listener counts the kernel keeps.
@@ -120,6 +123,16 @@ impl Listener {
         DropReason::ALL.iter().filter(|r| r.is_overflow()).map(|r| self.drops[*r as usize]).sum()
     }
 
+    /// How far the detected drops moved the socket's own drop counter
+    /// (SK_MEMINFO_DROPS): a final-ACK overflow counts twice there (the listen
+    /// drop, then the segment's discard), every other listen drop once.
+    pub fn socket_drops_expected(&self) -> u64 {
+        DropReason::ALL
+            .iter()
+            .map(|r| self.drops[*r as usize] * if *r == DropReason::AckOverflow { 2 } else { 1 })
+            .sum()
+    }
+
     pub fn local(&self) -> String {
         fmt_sockaddr(self.addr, self.port)
     }
@@ -163,6 +176,62 @@ pub fn ip(family: u16, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
+/// One network namespace's drops as the kernel counted them (TcpExt deltas since
+/// its baseline) against the drops detected at its listeners.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetnsCounts {
+    pub name: Option<String>,
+    /// Where counting starts: "start" (read before the programs attached) or
+    /// "first_seen" (found later: from its first reading).
+    pub baseline: &'static str,
+    /// TcpExt ListenDrops, ListenOverflows, TCPReqQFullDrop since the baseline, as
+    /// of the latest reading.
+    pub listen_drops: u64,
+    pub listen_overflows: u64,
+    pub reqq_full_drop: u64,
+    /// Drops detected at the namespace's listeners over the same span.
+    pub detected: u64,
+    /// Drops the kernel counted and the kernel side did not detect (placed at a
+    /// listener or not). Only ever grows.
+    pub undetected: u64,
+    /// The part of `undetected` no listener's own counter could be charged with.
+    pub unplaced: u64,
+    /// The namespace is gone; these are its final counts.
+    pub gone: bool,
+}
+
+/// Gone namespaces summed, once they are too many to keep one by one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Folded {
+    pub namespaces: u64,
+    pub listen_drops: u64,
+    pub detected: u64,
+    pub undetected: u64,
+}
+
+/// How the kernel side's counts compare with the kernel's own counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Namespaces read, by inode.
+    pub namespaces: BTreeMap<u32, NetnsCounts>,
+    pub folded: Folded,
+    /// Namespaces with detected drops whose counters could not be read, and why
+    /// (no process in them and no /run/netns name, or entering them failed).
+    pub unreconciled: BTreeMap<u32, String>,
+}
+
+impl Reconciled {
+    /// Undetected drops over the namespaces `netns` selects (all when empty).
+    pub fn undetected(&self, netns: &[u32]) -> u64 {
+        let kept: u64 = self.selected(netns).map(|(_, n)| n.undetected).sum();
+        kept + if netns.is_empty() { self.folded.undetected } else { 0 }
+    }
+
+    pub fn selected<'a>(&'a self, netns: &'a [u32]) -> impl Iterator<Item = (&'a u32, &'a NetnsCounts)> + 'a {
+        self.namespaces.iter().filter(move |(i, _)| netns.is_empty() || netns.contains(i))
+    }
+}
+
 #[derive(Default)]
 pub struct Model {
     pub listeners: BTreeMap<ListenerKey, Listener>,
@@ -178,6 +247,12 @@ pub struct Model {
     /// Closed listeners merged into aggregates (see retired.rs): the hook that keeps
     /// the model bounded under listener churn.
     pub retired: crate::retired::Retired,
+    /// The kernel side's diagnostics (`backlog_common::global::DIAGNOSTICS`), by name.
+    pub diagnostics: Vec<(&'static str, u64)>,
+    /// The tracer's programs found detached from outside, one line each.
+    pub detached: Vec<String>,
+    /// The kernel's own counters against the detected drops.
+    pub reconciled: Reconciled,
 }
 
 impl Model {

@@ -8,7 +8,8 @@
 //! Prometheus series: namespace, port class, owner names, and whether it matched the
 //! filters. Aggregates keep every count, so totals per namespace and per port still add
 //! up, and there are at most `Policy::aggregates_max` of them (past that, merged
-//! listeners go to one catch-all per filter match).
+//! listeners go to one catch-all per namespace and filter match: reconciliation
+//! compares each namespace's detected drops with its kernel counters).
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -26,7 +27,8 @@ pub enum PortClass {
     /// A port of the namespace's ip_local_port_range: bind(0) listeners take a new one
     /// each time, so a series per port would grow with every listener ever opened.
     Ephemeral,
-    /// Listeners merged after `aggregates_max` aggregates existed.
+    /// Listeners merged after `aggregates_max` aggregates existed (their namespace's
+    /// catch-all).
     Other,
 }
 
@@ -228,7 +230,7 @@ impl Retired {
         if self.aggregates.len() < self.policy.aggregates_max || self.aggregates.contains_key(&key) {
             return key;
         }
-        AggKey { netns: 0, port: PortClass::Other, comm: String::new(), matched }
+        AggKey { netns: l.netns, port: PortClass::Other, comm: String::new(), matched }
     }
 
     fn remember(&mut self, key: ListenerKey, agg: AggKey) {
@@ -254,6 +256,13 @@ impl Retired {
             a.absorb_late(per_cpu);
         }
         true
+    }
+
+    /// Adds each namespace's drops at merged listeners to `by_ns`.
+    pub fn add_drops_by_ns(&self, by_ns: &mut HashMap<u32, u64>) {
+        for (k, a) in &self.aggregates {
+            *by_ns.entry(k.netns).or_default() += a.sum.total_drops();
+        }
     }
 
     /// Aggregates of listeners that matched the session's filters.

@@ -14,7 +14,9 @@ use crate::export::Sink;
 use crate::kernel::{Session, StartOptions};
 use crate::model::Model;
 use crate::output::{rows, snapshot, Clock, Json, Output, Previous, Rows, Text};
+use crate::reconcile::Reconciler;
 use crate::retired::{Policy, Retired};
+use crate::sys::counters::{Counters, Scope};
 
 fn scope(args: &TraceArgs) -> String {
     let f = &args.filters;
@@ -44,6 +46,11 @@ const RING_EVENTS_MAX: usize = EVENTS_RING_BYTES as usize / std::mem::size_of::<
 const BUSY_DRAIN: usize = 32;
 const COALESCE: Duration = Duration::from_millis(5);
 
+/// At the end, between the kernel's counters being read and our maps: time for a
+/// drop the kernel has just counted to reach the maps (its program runs in the same
+/// softirq, microseconds later).
+const SETTLE: Duration = Duration::from_millis(100);
+
 struct Live {
     model: Model,
     owners: Resolver,
@@ -57,13 +64,14 @@ struct Live {
     merged_since_trim: usize,
     /// Listeners seen closing since the last sync (see `SYNC_AFTER_CLOSES`).
     closed_since_sync: usize,
+    /// The namespaces' own counters, read on a helper thread, and what they say.
+    counters: Counters,
+    reconciler: Reconciler,
 }
 
 /// Closed listeners leave the model (and their kernel entries the map) only through
-/// syncs, which run every second with a sink or --interval and otherwise only at the
-/// end: without this, churn of 10,000 listeners a second holds tens of MB between
-/// syncs, and a plain session would never release a kernel entry. A sync after this
-/// many closes bounds both by count, whatever the rate.
+/// syncs, which run every second: churn of 10,000 listeners a second held tens of MB
+/// between them. A sync after this many closes bounds it by count, whatever the rate.
 const SYNC_AFTER_CLOSES: usize = 2048;
 
 /// Merged listeners after which the freed heap is handed back (see `sync_kernel`).
@@ -126,17 +134,22 @@ impl Live {
         self.drain_some(rb, RING_EVENTS_MAX);
     }
 
-    /// Settles every CPU's open window (a drop whose segment's end no program saw
-    /// is recorded now, event and count), handles the events, then reads the counts.
-    fn catch_up(&mut self, session: &mut Session, rb: &mut RingBuf<MapData>) -> Result<()> {
-        session.flush()?;
-        self.drain(rb);
-        self.sync_kernel(session)
-    }
-
     /// Pulls the exact per-listener counts from the kernel and releases the map
     /// entries of listeners that have closed (their totals stay in the model).
-    fn sync_kernel(&mut self, session: &mut Session) -> Result<()> {
+    /// `settle` waits between the kernel side's flush and the reads (at the end).
+    fn sync_kernel(&mut self, session: &mut Session, rb: &mut RingBuf<MapData>, settle: Duration) -> Result<()> {
+        if !settle.is_zero() {
+            std::thread::sleep(settle);
+        }
+        // Every CPU's open window settled first: a drop whose segment's end no
+        // program saw is recorded now (event and count), before the reads below.
+        session.flush()?;
+        self.drain(rb);
+        for line in session.newly_detached() {
+            eprintln!("backlog-trace: {line}");
+            self.model.detached.push(line);
+        }
+        self.model.diagnostics = session.diagnostics()?;
         self.closed_since_sync = 0;
         self.model.lost_events = session.global(global::LOST_EVENTS)?;
         self.model.missed_runs = session.missed_runs()?;
@@ -152,7 +165,7 @@ impl Live {
         let entries: Vec<(ListenerKey, Vec<_>)> =
             stats.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.iter().copied().collect())).collect();
         let mut in_kernel = HashSet::new();
-        let mut released = Vec::new();
+        let mut released = HashSet::new();
         for (key, per_cpu) in entries {
             // Churn hook: an entry of a listener already merged (retired.rs) adds to
             // its aggregate; every count in it is new, and the listener is long closed.
@@ -171,7 +184,7 @@ impl Live {
             if self.closing.remove(&key) {
                 let _ = stats.remove(&key);
                 self.model.retire(key);
-                released.push(key);
+                released.insert(key);
             } else {
                 self.closing.insert(key);
             }
@@ -203,6 +216,34 @@ impl Live {
         Ok(())
     }
 
+    /// After a sync: folds in the namespaces' counters read since the previous
+    /// sync, and asks for the next reading (taken from now, so it is compared with
+    /// the maps of the next sync: see `reconcile`).
+    fn reconcile(&mut self) -> Result<()> {
+        if let Some(reading) = self.counters.take() {
+            self.reconciler.apply(reading?, &mut self.model);
+        }
+        if self.counters.ask() {
+            self.reconciler.asked(&self.model);
+        }
+        Ok(())
+    }
+
+    /// The last sync: the kernel's counters first, then (flush, settle) the maps, so
+    /// that every drop the kernel counted has reached them when they are compared.
+    fn sync_final(&mut self, session: &mut Session, rb: &mut RingBuf<MapData>) -> Result<()> {
+        self.sync_kernel(session, rb, Duration::ZERO)?;
+        if let Some(reading) = self.counters.wait() {
+            self.reconciler.apply(reading?, &mut self.model);
+        }
+        anyhow::ensure!(self.counters.ask(), "the namespace counter thread did not take the final request");
+        self.reconciler.asked(&self.model);
+        let reading = self.counters.wait().expect("asked")?;
+        self.sync_kernel(session, rb, SETTLE)?;
+        self.reconciler.apply(reading, &mut self.model);
+        Ok(())
+    }
+
     fn rows(&self) -> Rows<'_> {
         rows(&self.model, &self.args.filters, self.args.top.n)
     }
@@ -218,6 +259,14 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         sinks.push(Box::new(crate::export::Prometheus::serve(addr, args.filters.clone()).await?));
     }
     let emit_accepts = sinks.iter().any(|s| s.wants_accept_events());
+    // The baseline of every namespace in scope, before anything attaches: a drop
+    // between now and then is counted as undetected, not hidden.
+    let which = if args.filters.netns.is_empty() { Scope::All } else { Scope::Only(args.filters.netns.clone()) };
+    let (counters, baseline) = Counters::start(which)?;
+    let mut model = Model { retired: Retired::new(Policy::for_session(&args.filters)), ..Model::default() };
+    let reconciler = Reconciler::new(&args.filters.netns, baseline, &mut model);
+    // The kernel side counts at every listener (reconciliation compares whole
+    // namespaces); --port, --pid and --netns only choose what is printed.
     let mut session = Session::start(&StartOptions { mode: args.mode, emit_accepts })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
     // the AsyncFd (and with it the RingBuf) is dropped below.
@@ -225,7 +274,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
     let mut live = Live {
-        model: Model { retired: Retired::new(Policy::for_session(&args.filters)), ..Model::default() },
+        model,
         owners: Resolver::new(Duration::from_millis(500)),
         out,
         clock: Clock::now(),
@@ -234,6 +283,8 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         closing: BTreeSet::new(),
         merged_since_trim: 0,
         closed_since_sync: 0,
+        counters,
+        reconciler,
     };
     let scope = scope(&live.args);
     live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope);
@@ -250,7 +301,8 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut prev = Previous::new();
     let mut last_tick = Instant::now();
-    // Sinks get the exact counters every second, whatever --interval says.
+    // Every second, whatever --interval says: the exact counters for the sinks,
+    // closed listeners' map entries released, the namespaces' counters reconciled.
     let second = Duration::from_secs(1);
     let mut sink_ticker = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
 
@@ -264,7 +316,8 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 // here after giving signals and timers their turn.
                 let (handled, emptied) = live.drain_some(guard.get_inner_mut(), 4096);
                 if live.closed_since_sync >= SYNC_AFTER_CLOSES {
-                    live.catch_up(&mut session, guard.get_inner_mut())?;
+                    live.sync_kernel(&mut session, guard.get_inner_mut(), Duration::ZERO)?;
+                    live.reconcile()?;
                 }
                 if emptied {
                     guard.clear_ready();
@@ -277,15 +330,17 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 resume = None;
             }
             _ = ticker.tick(), if live.args.interval.is_some() => {
-                live.catch_up(&mut session, rb.get_mut())?;
+                live.sync_kernel(&mut session, rb.get_mut(), Duration::ZERO)?;
+                live.reconcile()?;
                 let secs = last_tick.elapsed().as_secs_f64();
                 last_tick = Instant::now();
                 let rows = live.rows();
                 live.out.interval(&live.model, &rows, secs, &prev);
                 prev = snapshot(live.model.matching(&live.args.filters));
             }
-            _ = sink_ticker.tick(), if !live.sinks.is_empty() => {
-                live.catch_up(&mut session, rb.get_mut())?;
+            _ = sink_ticker.tick() => {
+                live.sync_kernel(&mut session, rb.get_mut(), Duration::ZERO)?;
+                live.reconcile()?;
                 for s in &mut live.sinks {
                     s.synced(&live.model)?;
                 }
@@ -296,8 +351,9 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         }
     }
 
-    // Final accounting: whatever is still in the ring, then the exact counters.
-    live.catch_up(&mut session, rb.get_mut())?;
+    // Final accounting: whatever is still in the ring, the exact counters, and the
+    // kernel's own counters against them.
+    live.sync_final(&mut session, rb.get_mut())?;
     live.owners.refresh();
     let Live { model, owners, .. } = &mut live;
     for l in model.listeners.values_mut() {

@@ -23,19 +23,36 @@ struct Prog {
     pids: Vec<Holder>,
 }
 
-/// The tracer's programs currently loaded in the kernel, as "name (id N)",
-/// followed by " held by comm[pid] ..." when bpftool can tell.
-pub fn our_programs_loaded() -> Vec<String> {
+fn loaded() -> Vec<Prog> {
     let out = Command::new("bpftool")
         .args(["prog", "list", "-j"])
         .output()
         .unwrap_or_else(|e| panic!("cannot run bpftool: {e}"));
     assert!(out.status.success(), "bpftool prog list failed: {}", String::from_utf8_lossy(&out.stderr));
-    let progs: Vec<Prog> =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool prog list -j: unexpected JSON ({e})"));
-    progs
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool prog list -j: unexpected JSON ({e})"))
+}
+
+/// Ids of the tracer's programs (`bt_...`) that process `pid` holds, found in
+/// /proc/PID/fdinfo (a program's or a link's fdinfo names its program id; bpftool's
+/// own `pids` needs BPF iterators it is not always built with). Another
+/// backlog-trace may run on the machine meanwhile: its programs are not ours.
+pub fn programs_held_by(pid: u32) -> Vec<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut held = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}")).flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        let id = text.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse::<u32>().ok());
+        held.extend(id.filter(|i| !held.contains(i)));
+    }
+    loaded().into_iter().filter(|p| p.name.starts_with(PROGRAM_PREFIX) && held.contains(&p.id)).map(|p| p.id).collect()
+}
+
+/// Those of `ids` still loaded, as "name (id N)", followed by " held by
+/// comm[pid] ..." when bpftool can tell.
+pub fn still_loaded(ids: &[u32]) -> Vec<String> {
+    loaded()
         .into_iter()
-        .filter(|p| p.name.starts_with(PROGRAM_PREFIX))
+        .filter(|p| ids.contains(&p.id))
         .map(|p| {
             let holders: Vec<String> = p.pids.iter().map(|h| format!("{}[{}]", h.comm, h.pid)).collect();
             let mut s = format!("{} (id {})", p.name, p.id);
@@ -47,59 +64,27 @@ pub fn our_programs_loaded() -> Vec<String> {
         .collect()
 }
 
-/// Ids of the eBPF maps process `pid` holds (from /proc/PID/fdinfo, so another
-/// tracer running on the machine is never read by mistake).
-fn maps_held_by(pid: u32) -> Vec<u32> {
+/// Ids of the cgroup links process `pid` holds a descriptor of, from
+/// /proc/PID/fdinfo (a bpf link's fdinfo names its type and id).
+pub fn cgroup_links_of(pid: u32) -> Vec<u32> {
     let dir = format!("/proc/{pid}/fdinfo");
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}"));
-    entries
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("map_id:")?.trim().parse().ok()))
-        .collect()
+    let mut ids = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}")).flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        if field("link_type:") == Some("cgroup") {
+            let id = field("link_id:").and_then(|v| v.parse().ok());
+            ids.extend(id.filter(|i| !ids.contains(i)));
+        }
+    }
+    ids
 }
 
-#[derive(Deserialize, Debug)]
-struct MapInfo {
-    #[serde(default)]
-    name: String,
-}
-
-#[derive(Deserialize, Debug)]
-struct PerCpuValue {
-    value: Vec<String>,
-}
-
-#[derive(Deserialize, Debug)]
-struct Lookup {
-    values: Vec<PerCpuValue>,
-}
-
-fn bpftool_json<T: serde::de::DeserializeOwned>(args: &[&str]) -> T {
-    let out =
-        Command::new("bpftool").arg("-j").args(args).output().unwrap_or_else(|e| panic!("cannot run bpftool: {e}"));
-    assert!(out.status.success(), "bpftool {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?}: unexpected JSON ({e})"))
-}
-
-/// Slot `index` of the GLOBAL per-CPU counters of the tracer with pid `pid`, summed
-/// over CPUs (see `backlog_common::global`).
-pub fn tracer_global(pid: u32, index: u32) -> u64 {
-    let id = maps_held_by(pid)
-        .into_iter()
-        .find(|id| bpftool_json::<MapInfo>(&["map", "show", "id", &id.to_string()]).name == "GLOBAL")
-        .unwrap_or_else(|| panic!("process {pid} holds no GLOBAL map: is it a running backlog-trace?"));
-    let key: Vec<String> = index.to_le_bytes().iter().map(u8::to_string).collect();
-    let mut args = vec!["map".to_string(), "lookup".into(), "id".into(), id.to_string(), "key".into()];
-    args.extend(key);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let found: Lookup = bpftool_json(&args);
-    found
-        .values
-        .iter()
-        .map(|v| {
-            let bytes: Vec<u8> =
-                v.value.iter().map(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16).unwrap()).collect();
-            u64::from_le_bytes(bytes.try_into().expect("8-byte GLOBAL value"))
-        })
-        .sum()
+/// Detaches a BPF link from outside the process holding it, as an operator would.
+pub fn detach_link(id: u32) {
+    let out = Command::new("bpftool")
+        .args(["link", "detach", "id", &id.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool: {e}"));
+    assert!(out.status.success(), "bpftool link detach id {id} failed: {}", String::from_utf8_lossy(&out.stderr));
 }

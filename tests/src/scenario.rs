@@ -24,17 +24,12 @@ pub struct Run {
 /// Between the two counter reads the tracer sees exactly the drops the kernel
 /// counts.
 pub fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) -> Run {
-    traced_inspect(namespaces, extra, workload, |_| {})
+    traced_with(namespaces, extra, |_| workload())
 }
 
-/// [`traced`], with `inspect` given the running tracer once the counters are read,
-/// just before it is stopped (to read its kernel maps, its memory).
-pub fn traced_inspect(
-    namespaces: &[&Netns],
-    extra: &[&str],
-    workload: impl FnOnce(),
-    inspect: impl FnOnce(&Tracer),
-) -> Run {
+/// [`traced`], with the running tracer handed to the workload (to act on it
+/// from outside while it runs).
+pub fn traced_with(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce(&mut Tracer)) -> Run {
     let mut args = Vec::new();
     for ns in namespaces {
         args.extend(["--netns", ns.name()]);
@@ -42,7 +37,7 @@ pub fn traced_inspect(
     args.extend_from_slice(extra);
     let mut tracer = Tracer::start(&args);
     let before: Vec<Netstat> = namespaces.iter().map(|ns| ns.netstat()).collect();
-    workload();
+    workload(&mut tracer);
     for ns in namespaces {
         fence(ns);
     }
@@ -54,13 +49,14 @@ pub fn traced_inspect(
     for (inode, name, d) in &deltas {
         println!("netns {name} ({inode}) deltas: {d}");
     }
-    inspect(&tracer);
     let status = tracer.stop_sigint();
     assert!(status.success(), "backlog-trace ended with {status} after SIGINT; stderr:\n{}", tracer.stderr());
     Run { deltas, tracer, summary: OnceCell::new() }
 }
 
-fn fence(ns: &Netns) {
+/// Drops every TCP segment entering `ns` from now on: nothing more can happen at
+/// its listeners.
+pub fn fence(ns: &Netns) {
     nft(
         ns,
         "table inet bt_fence {\n\
@@ -72,7 +68,7 @@ fn fence(ns: &Netns) {
 /// Counters once the listen counters stopped moving (two reads 300 ms apart
 /// agree; bounded). Packets already past the fence are handled in softirq
 /// within microseconds, so this settles at once in practice.
-fn settled(ns: &Netns) -> Netstat {
+pub fn settled(ns: &Netns) -> Netstat {
     let key = |n: &Netstat| LISTEN_COUNTERS.map(|c| n.get(c));
     let mut prev = ns.netstat();
     wait_for(&format!("listen counters of {} to settle", ns.name()), Duration::from_secs(10), || {
@@ -107,6 +103,11 @@ impl Run {
         self.tracer.drops()
     }
 
+    /// What the tracer wrote on stderr.
+    pub fn stderr(&self) -> String {
+        self.tracer.stderr()
+    }
+
     /// Summary entries of listeners in `ns`.
     pub fn listeners(&self, ns: &Netns) -> Vec<&Listener> {
         let inode = ns.inode();
@@ -133,8 +134,57 @@ impl Run {
     }
 
     /// The tracer's totals over `ns` equal the namespace's ListenDrops and
-    /// ListenOverflows deltas exactly, and there were drops to count.
+    /// ListenOverflows deltas exactly, and there were drops to count; every one of
+    /// them was detected (undetected 0, a drop line each), and the tracer's own
+    /// reading of the namespace's counters agrees with the test's.
     pub fn assert_exact(&self, ns: &Netns) {
+        self.assert_totals(ns);
+        let d = self.delta(ns);
+        let s = self.summary();
+        let n = s.netns(ns.inode());
+        assert_eq!(
+            (n.listen_drops, n.listen_overflows, n.reqq_full_drop),
+            (d.get("ListenDrops"), d.get("ListenOverflows"), d.get("TCPReqQFullDrop")),
+            "the tracer's reading of {}'s counters vs the test's (kernel deltas: {d}): {n:#?}",
+            ns.name()
+        );
+        assert_eq!(
+            (n.detected, n.undetected),
+            (d.get("ListenDrops"), 0),
+            "detected/undetected in {} (kernel deltas: {d}; diagnostics {:?}): {n:#?}",
+            ns.name(),
+            s.diagnostics
+        );
+        let lines = self.drops().iter().filter(|e| e.netns == ns.inode()).count() as u64;
+        assert_eq!(
+            lines,
+            d.get("ListenDrops"),
+            "drop lines vs ListenDrops in {} ({} lost events): every drop is detected as it happens",
+            ns.name(),
+            s.lost_events
+        );
+    }
+
+    /// Detected plus undetected drops over `ns` equal the namespace's ListenDrops
+    /// delta exactly (whatever the tracer missed, it says so), and so does the
+    /// tracer's own reading of the counters.
+    pub fn assert_accounted(&self, ns: &Netns) {
+        let d = self.delta(ns);
+        let s = self.summary();
+        let n = s.netns(ns.inode());
+        let detected: u64 = self.listeners(ns).iter().map(|l| l.drops).sum();
+        assert_eq!(n.detected, detected, "namespace vs listener totals in {}: {n:#?}", ns.name());
+        assert_eq!(n.listen_drops, d.get("ListenDrops"), "the tracer's reading vs the test's: {n:#?}");
+        assert_eq!(
+            n.detected + n.undetected,
+            d.get("ListenDrops"),
+            "detected + undetected vs ListenDrops in {} (kernel deltas: {d}): {n:#?}",
+            ns.name()
+        );
+    }
+
+    /// Per listener sums over `ns` against ListenDrops and ListenOverflows.
+    fn assert_totals(&self, ns: &Netns) {
         let ls = self.listeners(ns);
         let drops: u64 = ls.iter().map(|l| l.drops).sum();
         let overflows: u64 = ls.iter().map(|l| l.overflows).sum();

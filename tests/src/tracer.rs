@@ -34,6 +34,25 @@ pub struct Listener {
     pub waits_unrecorded: u64,
     #[serde(default)]
     pub accept_latency_us: Option<serde_json::Value>,
+    /// What the owner asked of listen(), when the tracer saw the call.
+    pub requested_backlog: Option<u32>,
+    /// Drops the kernel counted at this socket that the tracer did not detect,
+    /// placed here by the socket's own drop counter.
+    pub undetected: u64,
+}
+
+/// One namespace of the summary's `namespaces`: the kernel's TcpExt deltas since
+/// the tracer's baseline against the drops it detected there.
+#[derive(Deserialize, Debug, Clone)]
+pub struct NetnsCounts {
+    pub netns: u64,
+    pub baseline: String,
+    pub listen_drops: u64,
+    pub listen_overflows: u64,
+    pub reqq_full_drop: u64,
+    pub detected: u64,
+    pub undetected: u64,
+    pub unplaced: u64,
 }
 
 impl Listener {
@@ -58,6 +77,23 @@ pub struct Summary {
     pub unmatched_accepts: u64,
     #[serde(default)]
     pub pending_enqueued: Option<u64>,
+    /// Drops the kernel counted and the tracer did not detect, over every namespace.
+    pub undetected: u64,
+    pub namespaces: Vec<NetnsCounts>,
+    /// Every kernel-side diagnostic by name, with missed_runs and lost_events.
+    pub diagnostics: BTreeMap<String, u64>,
+    /// One line per program found detached from outside.
+    pub detached: Vec<String>,
+}
+
+impl Summary {
+    /// The reconciliation of namespace `inode`; panics if the tracer did not read it.
+    pub fn netns(&self, inode: u64) -> &NetnsCounts {
+        self.namespaces
+            .iter()
+            .find(|n| n.netns == inode)
+            .unwrap_or_else(|| panic!("netns {inode} missing from the summary's namespaces: {self:#?}"))
+    }
 }
 
 /// One `{"type":"drop",...}` line.
@@ -167,10 +203,6 @@ impl Tracer {
         tracer
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// A `kB` field of /proc/PID/status (VmRSS, VmHWM) of the running tracer.
     pub fn status_kb(&self, field: &str) -> u64 {
         let path = format!("/proc/{}/status", self.pid());
@@ -184,6 +216,10 @@ impl Tracer {
         // SAFETY: plain syscall on our own, not yet reaped, child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
         self.wait_exit()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Asks the tracer to stop (Ctrl-C) and waits for it to exit.
@@ -210,6 +246,25 @@ impl Tracer {
             let _ = reader.join();
         }
         status
+    }
+
+    /// Waits (bounded) for an output line of type `kind` for which `pred` holds,
+    /// while the tracer runs; earlier lines are kept for `drops`/`summary`.
+    pub fn wait_line(&mut self, kind: &str, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(e) => panic!("no {kind} line as expected within {timeout:?} ({e:?}); stderr:\n{}", self.stderr()),
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("tracer printed a non-JSON line ({e}): {line}"));
+            self.rest.push(line);
+            if v["type"] == kind && pred(&v) {
+                return;
+            }
+        }
     }
 
     /// What the tracer wrote on stderr (complete once it has exited).
@@ -280,10 +335,19 @@ mod tests {
             r#"{"type":"summary","duration_s":1.5,"lost_events":0,"missed_runs":0,"listeners":[{"netns":1,
                 "port":80,"local":"127.0.0.1:80","pids":[7],"comms":["x"],"drops":3,
                 "overflows":2,"drops_by_reason":{"accept_queue_full":2,"syn_queue_full":1,
-                "ack_overflow":0,"other":0}}]}"#,
+                "ack_overflow":0,"other":0},"undetected":1}],"undetected":2,
+                "namespaces":[{"netns":1,"name":"blue","baseline":"start","listen_drops":5,
+                "listen_overflows":3,"reqq_full_drop":1,"detected":3,"undetected":2,"unplaced":1,
+                "gone":false}],"gone_namespaces":{"namespaces":0,"listen_drops":0,"detected":0,
+                "undetected":0},"unreconciled":[],"detached":[],
+                "diagnostics":{"windows_replaced":0,"settled_late":0,"unattributed":0,"stats_full":0,
+                "flush_busy":0,"missed_runs":0,"lost_events":0}}"#,
         )
         .unwrap();
         let l = &summary.listeners[0];
-        assert_eq!((l.drops, l.overflows, l.reason("syn_queue_full")), (3, 2, 1));
+        assert_eq!((l.drops, l.overflows, l.reason("syn_queue_full"), l.undetected), (3, 2, 1, 1));
+        let n = summary.netns(1);
+        assert_eq!(n.detected + n.undetected, n.listen_drops);
+        assert_eq!(summary.diagnostics.len(), 7);
     }
 }

@@ -6,7 +6,10 @@
 //!   cargo test -p backlog-tests --test drops -- --test-threads=1
 use backlog_tests::netns::{nft, veth_pair, Netns};
 use backlog_tests::require_root;
-use backlog_tests::scenario::{traced, Run};
+use std::time::Duration;
+
+use backlog_tests::scenario::{fence, settled, traced, Run};
+use backlog_tests::tracer::Tracer;
 use backlog_tests::workload::{Clients, Server, ServerSpec};
 
 const PORT: u16 = 8080;
@@ -162,6 +165,10 @@ fn listeners_in_two_namespaces_are_counted_apart() {
         assert!(l.drops > 0, "{l:#?}");
         assert!(l.pids.contains(&server.pid()), "server pid {} missing from {l:#?}", server.pid());
     }
+    // The listen() of b's listener happened while the tracer ran: its backlog was
+    // seen (a syscall tracepoint in tracepoint mode, a kernel function otherwise).
+    let l = run.listener(&b, PORT);
+    assert_eq!(l.requested_backlog, Some(8), "{l:#?}");
 }
 
 #[test]
@@ -190,4 +197,35 @@ fn reuseport_sockets_are_counted_per_socket() {
         assert!(l.drops > 0, "{l:#?}");
         assert!(l.pids.contains(&server.pid()), "{l:#?}");
     }
+}
+
+#[test]
+fn a_namespace_created_while_tracing_everything_is_reconciled_from_its_first_reading() {
+    require_root();
+    // No --netns: every namespace is in scope, including one that appears later.
+    let mut tracer = Tracer::start(&["--interval", "1"]);
+    let ns = Netns::new("late");
+    let _server = Server::start(&ns, ServerSpec::new("127.0.0.1", PORT));
+    let inode = ns.inode();
+    // Found (its first reading, the baseline) before any drop there.
+    tracer.wait_line("interval", Duration::from_secs(20), |v| {
+        let found = v["namespaces"].as_array().and_then(|a| a.iter().find(|n| n["netns"] == inode).cloned());
+        found.is_some_and(|n| n["baseline"] == "first_seen")
+    });
+    let before = ns.netstat();
+    Clients::new("127.0.0.1", PORT, 300).run(&ns);
+    fence(&ns);
+    let d = settled(&ns).since(&before);
+    let status = tracer.stop_sigint();
+    assert!(status.success(), "{}", tracer.stderr());
+    assert!(d.get("ListenDrops") > 0, "harness problem: the workload did not drop: {d}");
+    let s = tracer.summary();
+    let n = s.netns(inode);
+    assert_eq!(
+        (n.listen_drops, n.listen_overflows, n.detected, n.undetected),
+        (d.get("ListenDrops"), d.get("ListenOverflows"), d.get("ListenDrops"), 0),
+        "kernel deltas {d}: {n:#?}"
+    );
+    let lines = tracer.drops().iter().filter(|e| e.netns == inode).count() as u64;
+    assert_eq!(lines, d.get("ListenDrops"));
 }

@@ -5,7 +5,7 @@
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use backlog_tests::bpf::our_programs_loaded;
+use backlog_tests::bpf::{programs_held_by, still_loaded};
 use backlog_tests::require_root;
 use backlog_tests::tracer::{tracer_command, Tracer};
 
@@ -14,16 +14,17 @@ use backlog_tests::tracer::{tracer_command, Tracer};
 fn run_and_unload(args: &[&str], how: &str, stop: impl FnOnce(&mut Tracer) -> ExitStatus) -> (Tracer, ExitStatus) {
     require_root();
     let mut tracer = Tracer::start(args);
+    let ours = programs_held_by(tracer.pid());
     assert!(
-        !our_programs_loaded().is_empty(),
-        "backlog-trace printed its start line but no bt_* program is loaded; the unload check would prove nothing"
+        !ours.is_empty(),
+        "backlog-trace printed its start line but holds no bt_* program; the unload check would prove nothing"
     );
     let status = stop(&mut tracer);
     // Links die with their last fd; the kernel frees the programs shortly
     // after the process is gone (asynchronously, hence the bounded wait).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left = our_programs_loaded();
+        let left = still_loaded(&ours);
         if left.is_empty() {
             break;
         }

@@ -14,7 +14,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use backlog_tests::http::{free_port, http_get};
-use backlog_tests::netns::{nft, Netns, Netstat, LISTEN_COUNTERS};
+use backlog_tests::netns::{Netns, Netstat};
+use backlog_tests::scenario::{fence, settled};
 use backlog_tests::tracer::{tracer_command, Tracer};
 use backlog_tests::workload::{Clients, Server, ServerSpec};
 use backlog_tests::{require_root, scratch_path, wait_for};
@@ -27,29 +28,6 @@ const STEP: Duration = Duration::from_secs(60);
 /// each payload and a crc32 after it.
 const HEADER_LEN: usize = 16;
 const RECORD_OVERHEAD: usize = 9;
-
-/// Drops every TCP segment entering `ns`, so no listener there can drop any more
-/// (orphaned handshakes keep retransmitting): the counters stop moving.
-fn fence(ns: &Netns) {
-    nft(
-        ns,
-        "table inet bt_fence {\n\tchain input { type filter hook input priority -300; policy accept; \
-         meta l4proto tcp drop; }\n}\n",
-    );
-}
-
-/// The namespace's counters once two reads 300 ms apart agree (bounded).
-fn settled(ns: &Netns) -> Netstat {
-    let key = |n: &Netstat| LISTEN_COUNTERS.map(|c| n.get(c));
-    let mut prev = ns.netstat();
-    wait_for("listen counters to settle", Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = ns.netstat();
-        let stable = key(&now) == key(&prev);
-        prev = now;
-        stable.then(|| prev.clone())
-    })
-}
 
 fn parse_lines(text: &str) -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))).collect()
@@ -200,7 +178,16 @@ fn listener_on(summary: &Value, netns: u64, port: u16) -> &Value {
 
 fn assert_same_summary(live: &Value, offline: &Value) {
     assert_eq!(live["listeners"], offline["listeners"], "listeners differ:\nlive {live:#}\nreport {offline:#}");
-    for k in ["lost_events", "unmatched_accepts", "pending_enqueued"] {
+    for k in [
+        "lost_events",
+        "missed_runs",
+        "unmatched_accepts",
+        "pending_enqueued",
+        "undetected",
+        "namespaces",
+        "diagnostics",
+        "detached",
+    ] {
         assert_eq!(live[k], offline[k], "{k}: live {live:#} report {offline:#}");
     }
 }
@@ -235,6 +222,11 @@ fn report_equals_the_live_summary_and_the_kernel() {
         assert_eq!(ns["counters"][c]["delta"].as_u64(), Some(r.delta.get(c)), "{c}: {ns:#}");
     }
     assert!(ns["sysctls"]["net.core.somaxconn"].as_u64().is_some(), "{ns:#}");
+
+    // The reconciliation the live session made is in the recording, and agrees.
+    let n = offline["namespaces"].as_array().unwrap().iter().find(|n| n["netns"] == r.netns).expect("netns");
+    assert_eq!(n["listen_drops"].as_u64(), Some(r.delta.get("ListenDrops")), "{n:#}");
+    assert_eq!((n["detected"].as_u64(), n["undetected"].as_u64()), (Some(drops), Some(0)), "{n:#}");
 
     // No event was lost, so the per-second timeline adds up to the totals.
     assert_eq!(offline["lost_events"], 0);
@@ -604,6 +596,13 @@ fn prometheus_scrapes_the_exact_drop_counter() {
         (run.prom.query(&accepts_q)? == a).then_some(a)
     });
     let waits = run.prom.query(&q("backlog_accept_wait_seconds_count", "")).expect("wait histogram count");
+    // Reconciled with the namespace's own counters: nothing undetected, and the
+    // detected drops are all of ListenDrops.
+    let undetected_q = format!("backlog_undetected_drops_total{{netns=\"{inode}\"}}");
+    let undetected = run.prom.query(&undetected_q).expect("undetected drops of the traced namespace");
+    assert_eq!(undetected, 0.0, "undetected drops in Prometheus");
+    assert_eq!(run.drops + undetected, run.delta.get("ListenDrops") as f64);
+    assert_eq!(run.prom.query("backlog_programs_detached"), Some(0.0));
     let status = run.session.stop_sigint();
     assert!(status.success(), "{}", run.session.stderr());
     assert!(run.session.stderr().contains("Prometheus metrics on http://127.0.0.1:"), "{}", run.session.stderr());

@@ -8,11 +8,9 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use backlog_common::global;
-use backlog_tests::bpf::tracer_global;
 use backlog_tests::http::{free_port, http_get};
 use backlog_tests::netns::Netns;
-use backlog_tests::scenario::traced_inspect;
+use backlog_tests::scenario::traced_with;
 use backlog_tests::tracer::Tracer;
 use backlog_tests::workload::{churn_listeners, many_listeners};
 use backlog_tests::{require_root, wait_for};
@@ -47,31 +45,24 @@ fn twenty_thousand_listeners_are_all_counted_exactly() {
     let t0 = Instant::now();
     let ns = Netns::new("many");
     let mut held = None;
-    let mut stats_full = None;
     let mut rss = 0;
-    let run = traced_inspect(
-        &[&ns],
-        &["--top", "0"],
-        || {
-            held = Some(many_listeners(&ns, "127.0.0.1", FIRST_PORT, LISTENERS));
-            // Every listener's queued connection leaves a client whose SYN is dropped
-            // (at once, or at its first retransmission a second later).
-            wait_for("every listener to have dropped a SYN", Duration::from_secs(30), || {
-                let d = socket_drops(&ns);
-                (d.len() == LISTENERS && d.values().all(|n| *n > 0)).then_some(())
-            });
-        },
-        |tracer| {
-            stats_full = Some(tracer_global(tracer.pid(), global::STATS_FULL));
-            rss = tracer.status_kb("VmRSS");
-        },
-    );
+    let run = traced_with(&[&ns], &["--top", "0"], |tracer| {
+        held = Some(many_listeners(&ns, "127.0.0.1", FIRST_PORT, LISTENERS));
+        // Every listener's queued connection leaves a client whose SYN is dropped
+        // (at once, or at its first retransmission a second later).
+        wait_for("every listener to have dropped a SYN", Duration::from_secs(30), || {
+            let d = socket_drops(&ns);
+            (d.len() == LISTENERS && d.values().all(|n| *n > 0)).then_some(())
+        });
+        rss = tracer.status_kb("VmRSS");
+    });
     let setup = t0.elapsed();
     // The fence is still up and the workload still holds every socket: final counts.
     let kernel = socket_drops(&ns);
     assert_eq!(kernel.len(), LISTENERS, "harness problem: not every listener is listening");
     run.expect_kernel(&ns, "ListenDrops");
     run.assert_exact(&ns);
+    let stats_full = run.summary().diagnostics.get("stats_full").copied();
     assert_eq!(stats_full, Some(0), "inserts into the full STATS map");
     let listeners = run.listeners(&ns);
     assert_eq!(listeners.len(), LISTENERS, "one summary row per listener with --top 0");

@@ -32,8 +32,10 @@ static ENQUEUED: LruHashMap<u64, Enqueued> = LruHashMap::with_max_entries(65536,
 #[map(name = "WAIT_HIST")]
 static WAIT_HIST: LruPerCpuHashMap<HistKey, u64> = LruPerCpuHashMap::with_max_entries(16384, 0);
 
-/// A child is on `listener`'s accept queue now.
-#[inline(always)]
+/// A child is on `listener`'s accept queue now. Not inlined (nor `closed`,
+/// `accepted`): bt_set_state also closes windows, whose settlement is a function
+/// call of its own, and the two stack frames together must stay within 512 bytes.
+#[inline(never)]
 pub fn enqueued(child: u64, listener: u64) {
     let o = kernel::offsets();
     let key = kernel::listener_key(listener, &o);
@@ -62,7 +64,7 @@ fn listener_event(kind: EventKind, listener: &ListenerKey, value: u64) {
 }
 
 /// accept() returned `child`.
-#[inline(always)]
+#[inline(never)]
 pub fn accepted(child: u64) {
     // SAFETY: plain value copy out of the map.
     let Some(e) = (unsafe { ENQUEUED.get(&child) }).copied() else {
@@ -98,7 +100,7 @@ pub fn forget(child: u64) {
 /// `child` is closing or being closed. If it is still timed and has no `struct
 /// socket`, it left the queue unaccepted (listener closed, peer reset); if it has one
 /// it was accepted by a path we do not see (io_uring, in-kernel accept).
-#[inline(always)]
+#[inline(never)]
 pub fn closed(child: u64) {
     // SAFETY: plain value copy out of the map.
     let Some(e) = (unsafe { ENQUEUED.get(&child) }).copied() else { return };

@@ -18,7 +18,7 @@ fn open(sk: u64, skb: u64, kind: u8) {
     if v4 && kernel::read::<u16>(sk, o.skc_family) == AF_INET6 {
         peer = kernel::v4_mapped(&peer);
     }
-    window::open(sk, kind, peer, th.sport_be, th.dport_be);
+    window::open(sk, kind, &peer, th.sport_be, th.dport_be);
 }
 
 /// Entry of a hooked function that handles a `kind` segment for listener `sk`.

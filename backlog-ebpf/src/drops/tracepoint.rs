@@ -76,7 +76,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     if family == AF_INET6 as u32 && ctx.skb.protocol() == ETH_P_IP_BE {
         peer = kernel::v4_mapped(&peer);
     }
-    window::open(tp as u64, kind, peer, u16::from_ne_bytes([th[0], th[1]]), u16::from_ne_bytes([th[2], th[3]]));
+    window::open(tp as u64, kind, &peer, u16::from_ne_bytes([th[0], th[1]]), u16::from_ne_bytes([th[2], th[3]]));
 }
 
 /// consume_skb / kfree_skb: when the freed skb is the window's segment, its

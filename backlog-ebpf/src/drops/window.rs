@@ -76,9 +76,11 @@ fn cpu_offset(w: &mut Window) -> u64 {
 }
 
 /// Opens this CPU's window on listener `sk` for a segment from `peer` with the given
-/// ports, settling a window its segment's end left open.
-#[inline(always)]
-pub fn open(sk: u64, kind: u8, peer: [u8; 16], sport_be: u16, dport_be: u16) {
+/// ports, settling a window its segment's end left open. A function of its own: the
+/// callers' packet parsing and the settlement's recording each need much of the
+/// 512-byte stack, and a call chain adds its frames up.
+#[inline(never)]
+pub fn open(sk: u64, kind: u8, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
     let Some(w) = slot() else { return };
     w.busy = 1;
     if w.open != 0 {
@@ -99,7 +101,7 @@ pub fn open(sk: u64, kind: u8, peer: [u8; 16], sport_be: u16, dport_be: u16) {
     w.sport_be = sport_be;
     w.dport_be = dport_be;
     w.kind = kind;
-    w.peer = peer;
+    w.peer = *peer;
     w.open = 1;
     w.busy = 0;
 }

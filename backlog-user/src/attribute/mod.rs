@@ -57,15 +57,10 @@ impl Resolver {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt;
-
     #[test]
     fn finds_our_own_listening_socket() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = {
-            use std::os::fd::AsRawFd;
-            std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap().ino()
-        };
+        let ino = crate::sys::socket_inode(&l);
         let table = super::scan();
         let owners = table.get(&ino).expect("our socket is in the scan");
         assert_eq!(owners.keys().copied().collect::<Vec<_>>(), vec![std::process::id()]);

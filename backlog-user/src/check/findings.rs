@@ -247,7 +247,7 @@ fn owners_text(owners: &[super::model::OwnerUse]) -> String {
 mod tests {
     use super::*;
     use crate::check::model::{CounterDelta, Member};
-    use crate::check::sysctl::Sysctls;
+    use crate::sys::sysctl::Sysctls;
 
     fn ns(somaxconn: u32, abort: u32, counters: &[(&'static str, u64)]) -> NetnsReport {
         NetnsReport {

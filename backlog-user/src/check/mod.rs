@@ -4,15 +4,11 @@
 //! sysctls that cap it, how full it gets over a sampling window, whether the namespace's
 //! drop counters move and which listener they belong to, and whether the owning
 //! processes have CPU left. Needs no eBPF: sock_diag, /proc and sysctls only.
-mod diag;
 mod findings;
 mod model;
-pub(crate) mod namespaces;
-mod netstat;
 mod procs;
 mod render;
 mod sample;
-mod sysctl;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -20,9 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::sys::netns::{self, Inside, NetnsInfo};
+use crate::sys::netstat::{self, Counters};
 use model::{CounterDelta, NetnsReport, OwnerUse, Report};
-use namespaces::{Inside, NetnsInfo};
-use netstat::Counters;
 use sample::Sampler;
 
 #[derive(Args, Debug, Clone)]
@@ -32,7 +28,7 @@ pub struct CheckArgs {
     pub ports: Vec<u16>,
     /// Only this network namespace: a name from `ip netns`, a path such as
     /// /proc/PID/ns/net, or an inode number (repeatable). Default: all of them.
-    #[arg(long = "netns", value_parser = crate::netns::parse_netns)]
+    #[arg(long = "netns", value_parser = crate::sys::netns::parse_netns)]
     pub netns: Vec<u32>,
     /// How long to watch queues and counters (e.g. 2s, 500ms). Ten seconds, as with
     /// two `nstat` runs, catches bursts that a shorter look misses.
@@ -122,8 +118,8 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
 
 /// Enters every requested namespace; the ones we may not enter are reported, not fatal.
 fn open_namespaces(args: &CheckArgs, not_visible: &mut Vec<String>) -> anyhow::Result<Vec<(NetnsInfo, Inside)>> {
-    let current = crate::netns::current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
-    let all = namespaces::enumerate().context("cannot list /proc (is /proc mounted?)")?;
+    let current = netns::current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
+    let all = netns::enumerate().context("cannot list /proc (is /proc mounted?)")?;
     let chosen: Vec<NetnsInfo> = if args.netns.is_empty() {
         if all.hidden_pids > 0 {
             not_visible.push(format!(
@@ -148,7 +144,7 @@ fn open_namespaces(args: &CheckArgs, not_visible: &mut Vec<String>) -> anyhow::R
     };
     let mut watched = Vec::new();
     for ns in chosen {
-        match namespaces::enter(&ns, current) {
+        match netns::enter(&ns, current) {
             Ok(inside) => watched.push((ns, inside)),
             Err(e) => {
                 let name = ns.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();

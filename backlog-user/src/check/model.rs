@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 
 use super::procs::CpuUse;
-use super::sysctl::Sysctls;
+use crate::sys::sysctl::Sysctls;
 
 /// Bumped when a field changes meaning or disappears.
 pub const SCHEMA_VERSION: u32 = 1;

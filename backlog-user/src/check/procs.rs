@@ -114,10 +114,8 @@ mod tests {
 
     #[test]
     fn finds_own_listener_and_measures_a_busy_thread() {
-        use std::os::fd::AsRawFd;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap();
-        let ino = std::os::unix::fs::MetadataExt::ino(&ino) as u32;
+        let ino = crate::sys::socket_inode(&l) as u32;
         let scan = owners_of(&BTreeSet::from([ino]));
         let me = std::process::id() as i32;
         assert!(scan.owners[&ino].iter().any(|o| o.pid == me));

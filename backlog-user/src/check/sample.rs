@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::diag::SockEntry;
 use super::model::{ListenerGroup, Member, OwnerUse};
+use crate::sys::diag::SockEntry;
 
 /// One local address and port in one namespace.
 type GroupKey = (u32, IpAddr, u16);

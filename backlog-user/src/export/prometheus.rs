@@ -64,6 +64,12 @@ struct Series {
 struct Snapshot {
     series: BTreeMap<Labels, Series>,
     lost_events: u64,
+    missed_runs: u64,
+    /// Undetected drops by namespace label (an inode, or "gone" for namespaces
+    /// summed after they went away).
+    undetected: Vec<(String, u64)>,
+    diagnostics: Vec<(&'static str, u64)>,
+    detached: u64,
 }
 
 fn wait_slot(bucket: usize) -> usize {
@@ -102,7 +108,20 @@ impl Snapshot {
             let labels = Labels { netns: k.netns, port: k.port, comm: k.comm.clone() };
             add(series.entry(labels).or_default(), &a.sum);
         }
-        Snapshot { series, lost_events: model.lost_events }
+        let r = &model.reconciled;
+        let mut undetected: Vec<(String, u64)> =
+            r.selected(&filters.netns).map(|(inode, n)| (inode.to_string(), n.undetected)).collect();
+        if filters.netns.is_empty() && r.folded.namespaces > 0 {
+            undetected.push(("gone".into(), r.folded.undetected));
+        }
+        Snapshot {
+            series,
+            lost_events: model.lost_events,
+            missed_runs: model.missed_runs,
+            undetected,
+            diagnostics: model.diagnostics.clone(),
+            detached: model.detached.len() as u64,
+        }
     }
 }
 
@@ -167,13 +186,41 @@ impl Collector for Metrics {
                 ConstGauge::new(get(s) as i64).encode(m.encode_family(&labels(l))?)?;
             }
         }
-        let m = enc.encode_descriptor(
-            "backlog_lost_events",
-            "Events the ring buffer could not take (counters stay exact)",
+        let mut m = enc.encode_descriptor(
+            "backlog_undetected_drops",
+            "Listen drops the namespace's TcpExt ListenDrops counted that the tracer did not detect",
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(snap.lost_events).encode(m)
+        for (netns, n) in &snap.undetected {
+            ConstCounter::new(*n).encode(m.encode_family(&[("netns", netns.as_str())])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "backlog_diagnostics",
+            "Ways the kernel side saw less than everything, by kind (see README)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, n) in &snap.diagnostics {
+            ConstCounter::new(*n).encode(m.encode_family(&[("kind", *kind)])?)?;
+        }
+        for (name, help, v) in [
+            ("backlog_lost_events", "Events the ring buffer could not take (counters stay exact)", snap.lost_events),
+            (
+                "backlog_missed_runs",
+                "Runs of the tracer's programs the kernel skipped (each may hide a drop)",
+                snap.missed_runs,
+            ),
+        ] {
+            ConstCounter::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
+        let m = enc.encode_descriptor(
+            "backlog_programs_detached",
+            "The tracer's programs detached from outside (their drops count as undetected)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(snap.detached as i64).encode(m)
     }
 }
 
@@ -284,6 +331,10 @@ mod tests {
             l.owners.insert(100 + sk as u32, "srv".into());
             l.wait.record(1_500_000); // 1.5 ms
         }
+        model.missed_runs = 4;
+        model.diagnostics = vec![("windows_replaced", 2)];
+        let blue = crate::model::NetnsCounts { undetected: 3, ..Default::default() };
+        model.reconciled.namespaces.insert(7, blue);
         let (prom, render) = Prometheus::new(Filters { ports: vec![8080], ..Default::default() });
         prom.update(&model);
         let text = String::from_utf8(render().1.to_vec()).unwrap();
@@ -294,6 +345,10 @@ mod tests {
         has("backlog_accept_wait_seconds_bucket{le=\"0.001024\",netns=\"7\",port=\"8080\",comm=\"srv\"} 0");
         has("backlog_accept_wait_seconds_bucket{le=\"0.002048\",netns=\"7\",port=\"8080\",comm=\"srv\"} 2");
         has("backlog_accept_wait_seconds_count{netns=\"7\",port=\"8080\",comm=\"srv\"} 2");
+        has("backlog_undetected_drops_total{netns=\"7\"} 3");
+        has("backlog_diagnostics_total{kind=\"windows_replaced\"} 2");
+        has("backlog_missed_runs_total 4");
+        has("backlog_programs_detached 0");
         assert!(!text.contains("9090"), "filtered out by port");
         assert!(text.ends_with("# EOF\n"));
     }

@@ -13,7 +13,8 @@ use super::{AttachMode, KernelInfo};
 
 /// What a hooked function is for, and the programs each mode uses for it.
 struct Hook {
-    function: &'static str,
+    /// The function to hook: the first of these the kernel has.
+    functions: &'static [&'static str],
     /// IPv6 functions live in the ipv6 module, which may be absent or not loaded.
     optional: bool,
     fentry: &'static str,
@@ -22,9 +23,9 @@ struct Hook {
     kretprobe: Option<&'static str>,
 }
 
-const HOOKS: [Hook; 5] = [
+const HOOKS: [Hook; 6] = [
     Hook {
-        function: "tcp_v4_conn_request",
+        functions: &["tcp_v4_conn_request"],
         optional: false,
         fentry: "bt_fe_conn4",
         fexit: Some("bt_fx_conn4"),
@@ -32,7 +33,7 @@ const HOOKS: [Hook; 5] = [
         kretprobe: Some("bt_kr_conn"),
     },
     Hook {
-        function: "tcp_v6_conn_request",
+        functions: &["tcp_v6_conn_request"],
         optional: true,
         fentry: "bt_fe_conn6",
         fexit: Some("bt_fx_conn6"),
@@ -40,7 +41,7 @@ const HOOKS: [Hook; 5] = [
         kretprobe: Some("bt_kr_conn"),
     },
     Hook {
-        function: "tcp_v4_syn_recv_sock",
+        functions: &["tcp_v4_syn_recv_sock"],
         optional: false,
         fentry: "bt_fe_recv4",
         fexit: Some("bt_fx_recv4"),
@@ -48,7 +49,7 @@ const HOOKS: [Hook; 5] = [
         kretprobe: Some("bt_kr_recv"),
     },
     Hook {
-        function: "tcp_v6_syn_recv_sock",
+        functions: &["tcp_v6_syn_recv_sock"],
         optional: true,
         fentry: "bt_fe_recv6",
         fexit: Some("bt_fx_recv6"),
@@ -56,12 +57,23 @@ const HOOKS: [Hook; 5] = [
         kretprobe: Some("bt_kr_recv"),
     },
     Hook {
-        function: "inet_csk_accept",
+        functions: &["inet_csk_accept"],
         optional: false,
         fentry: "",
         fexit: Some("bt_fx_accept"),
         kprobe: "",
         kretprobe: Some("bt_kr_accept"),
+    },
+    // listen()'s backlog before somaxconn caps it. __sys_listen_socket (6.11+) has it
+    // for listen(2) and io_uring alike; before it, only __sys_listen. Without either
+    // the syscall tracepoint stands in (see `listen_backlog_fallback`).
+    Hook {
+        functions: &["__sys_listen_socket", "__sys_listen"],
+        optional: true,
+        fentry: "bt_fe_listen",
+        fexit: None,
+        kprobe: "bt_kp_listen",
+        kretprobe: None,
     },
 ];
 
@@ -85,14 +97,15 @@ impl<'a> Functions<'a> {
         self.kallsyms.get_or_insert_with(hooked_kallsyms).contains(name)
     }
 
-    fn present(&mut self, h: &Hook) -> Result<bool> {
-        if self.has(h.function) {
-            return Ok(true);
+    /// The function `h` hooks on this kernel, if it has one.
+    fn pick(&mut self, h: &Hook) -> Result<Option<&'static str>> {
+        if let Some(f) = h.functions.iter().find(|f| self.has(f)) {
+            return Ok(Some(f));
         }
         if h.optional {
-            return Ok(false);
+            return Ok(None);
         }
-        bail!("kernel function {} not found (is this a TCP/IPv4 kernel?)", h.function)
+        bail!("kernel function {} not found (is this a TCP/IPv4 kernel?)", h.functions.join(" or "))
     }
 }
 
@@ -101,7 +114,7 @@ fn hooked_kallsyms() -> HashSet<String> {
     let text = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
     text.lines()
         .filter_map(|l| l.split_whitespace().nth(2))
-        .filter(|n| HOOKS.iter().any(|h| h.function == *n))
+        .filter(|n| HOOKS.iter().any(|h| h.functions.contains(n)))
         .map(str::to_string)
         .collect()
 }
@@ -134,38 +147,49 @@ impl AttachMode for Fentry {
         let mut kprobes = Kprobes::default();
         let mut functions = Functions::new(btf);
         for h in HOOKS.iter() {
-            if !functions.present(h)? {
-                continue;
-            }
-            match attach_fentry(ebpf, btf, h) {
+            let Some(function) = functions.pick(h)? else { continue };
+            match attach_fentry(ebpf, btf, h, function) {
                 Ok(()) => {}
                 // Some kernels' trampolines refuse particular functions (ENOTSUPP:
                 // Linux 6.1 with tcp_v4_syn_recv_sock, for one); the same programs'
                 // kprobe twins observe the same calls.
                 Err(e) if is_enotsupp(&e) => {
-                    kprobes.attach(ebpf, h)?;
-                    notes.push(format!("fentry: {} hooked with a kprobe (trampoline refused it)", h.function));
+                    kprobes.attach(ebpf, h, function)?;
+                    notes.push(format!("fentry: {function} hooked with a kprobe (trampoline refused it)"));
                 }
                 Err(e) => return Err(e),
             }
         }
+        notes.extend(listen_backlog_fallback(ebpf, &mut functions)?);
         Ok(notes)
     }
 }
 
-fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, h: &Hook) -> Result<()> {
+fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, h: &Hook, function: &str) -> Result<()> {
     // Exits first: an entry without its exit would open windows nobody closes.
     if let Some(name) = h.fexit {
         let p: &mut FExit = ebpf.program_mut(name).context(name)?.try_into()?;
-        p.load(h.function, btf).with_context(|| format!("loading fexit/{}", h.function))?;
-        p.attach().with_context(|| format!("attaching fexit/{}", h.function))?;
+        p.load(function, btf).with_context(|| format!("loading fexit/{function}"))?;
+        p.attach().with_context(|| format!("attaching fexit/{function}"))?;
     }
     if !h.fentry.is_empty() {
         let p: &mut FEntry = ebpf.program_mut(h.fentry).context(h.fentry)?.try_into()?;
-        p.load(h.function, btf).with_context(|| format!("loading fentry/{}", h.function))?;
-        p.attach().with_context(|| format!("attaching fentry/{}", h.function))?;
+        p.load(function, btf).with_context(|| format!("loading fentry/{function}"))?;
+        p.attach().with_context(|| format!("attaching fentry/{function}"))?;
     }
     Ok(())
+}
+
+/// Where the kernel has no function that still sees listen()'s backlog, the syscall
+/// tracepoint gives it, at the cost the README describes (every syscall of every
+/// task takes the tracing path); the start line says so.
+fn listen_backlog_fallback(ebpf: &mut Ebpf, functions: &mut Functions) -> Result<Option<String>> {
+    let listen = HOOKS.iter().find(|h| h.fentry == "bt_fe_listen").expect("the listen hook is in HOOKS");
+    if functions.pick(listen)?.is_some() {
+        return Ok(None);
+    }
+    super::attach_listen_tracepoint(ebpf)?;
+    Ok(Some(format!("listen() backlog from the syscall tracepoint ({} not found)", listen.functions.join(", "))))
 }
 
 const ENOTSUPP: i32 = 524;
@@ -184,14 +208,14 @@ struct Kprobes {
 }
 
 impl Kprobes {
-    fn attach(&mut self, ebpf: &mut Ebpf, h: &Hook) -> Result<()> {
+    fn attach(&mut self, ebpf: &mut Ebpf, h: &Hook, function: &str) -> Result<()> {
         let progs = [h.kretprobe, (!h.kprobe.is_empty()).then_some(h.kprobe)];
         for name in progs.into_iter().flatten() {
             let p: &mut KProbe = ebpf.program_mut(name).context(name)?.try_into()?;
             if self.loaded.insert(name) {
                 p.load().with_context(|| format!("loading {name}"))?;
             }
-            p.attach(h.function, 0).with_context(|| format!("attaching {name} to {}", h.function))?;
+            p.attach(function, 0).with_context(|| format!("attaching {name} to {function}"))?;
         }
         Ok(())
     }
@@ -215,10 +239,10 @@ impl AttachMode for Kprobe {
         let mut kprobes = Kprobes::default();
         let mut functions = Functions::new(btf);
         for h in HOOKS.iter() {
-            if functions.present(h)? {
-                kprobes.attach(ebpf, h)?;
+            if let Some(function) = functions.pick(h)? {
+                kprobes.attach(ebpf, h, function)?;
             }
         }
-        Ok(Vec::new())
+        Ok(listen_backlog_fallback(ebpf, &mut functions)?.into_iter().collect())
     }
 }

@@ -7,6 +7,8 @@ mod affinity;
 mod btf;
 pub mod env;
 mod functions;
+mod links;
+mod objinfo;
 mod progstats;
 mod tracepoint;
 
@@ -14,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{names, Config, HistKey, KernelOffsets, ListenerKey, ListenerStats};
+use backlog_common::{global, names, Config, HistKey, KernelOffsets, ListenerKey, ListenerStats};
 
 use crate::cli::Mode;
 
@@ -59,6 +61,9 @@ pub struct StartOptions {
 
 /// A loaded and attached tracer. Dropping it detaches everything.
 pub struct Session {
+    /// Our own descriptors of the programs' links, to see them detached from
+    /// outside. Declared first so they close before `ebpf` detaches.
+    links: links::Links,
     ebpf: Ebpf,
     pub mode: &'static str,
     pub kernel: String,
@@ -87,8 +92,9 @@ impl Session {
         let (mut ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
         let p: &mut RawTracePoint = ebpf.program_mut(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
+        let links = links::Links::of(&ebpf).context("finding the links of the attached programs")?;
         release_freed_heap();
-        Ok(Session { ebpf, mode, kernel: info.release, fallbacks })
+        Ok(Session { links, ebpf, mode, kernel: info.release, fallbacks })
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
@@ -161,6 +167,16 @@ impl Session {
     /// Runs of our programs the kernel skipped (see progstats).
     pub fn missed_runs(&self) -> Result<u64> {
         progstats::total_misses(&self.ebpf).context("reading our programs' run statistics")
+    }
+
+    /// The kernel side's diagnostics (`global::DIAGNOSTICS`), by name.
+    pub fn diagnostics(&self) -> Result<Vec<(&'static str, u64)>> {
+        global::DIAGNOSTICS.iter().map(|&(index, name)| Ok((name, self.global(index)?))).collect()
+    }
+
+    /// Programs found detached from outside since the last call, a line each.
+    pub fn newly_detached(&mut self) -> Vec<String> {
+        self.links.newly_detached()
     }
 
     /// Sum over CPUs of one global counter.
@@ -241,11 +257,16 @@ pub fn release_freed_heap() {
     }
 }
 
-/// The listener registry runs in every mode: listen() and socket state changes.
+/// The listener registry runs in every mode: socket state changes. Each mode adds
+/// where listen()'s backlog comes from.
 fn attach_listeners(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let p: &mut BtfTracePoint = ebpf.program_mut("bt_set_state").context("bt_set_state")?.try_into()?;
     p.load("inet_sock_set_state", btf).context("loading tp_btf/inet_sock_set_state")?;
-    p.attach().context("attaching tp_btf/inet_sock_set_state")?;
+    p.attach().context("attaching tp_btf/inet_sock_set_state").map(drop)
+}
+
+/// listen()'s backlog from the syscall's entry tracepoint.
+fn attach_listen_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
     let p: &mut TracePoint = ebpf.program_mut("bt_listen").context("bt_listen")?.try_into()?;
     p.load().context("loading syscalls:sys_enter_listen")?;
     p.attach("syscalls", "sys_enter_listen").context("attaching syscalls:sys_enter_listen")?;

@@ -6,38 +6,16 @@
 //! only counts it (`recursion_misses`). A skipped run can hide a drop, so the
 //! tracer reports these counts next to its own losses instead of trusting them to
 //! be zero.
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::Result;
 use aya_obj::generated::bpf_prog_info;
-
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-/// The `info` member of `union bpf_attr` (uapi, stable).
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
 
 /// Runs of the program behind `fd` that the kernel skipped.
 pub fn recursion_misses(fd: BorrowedFd<'_>) -> Result<u64> {
     // SAFETY: bpf_prog_info is plain old data; all-zero is a valid value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    let attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<bpf_prog_info>() as u32,
-        info: &mut info as *mut bpf_prog_info as u64,
-    };
-    // SAFETY: the attribute names a buffer of info_len bytes that lives across the
-    // call; the kernel writes at most that many.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr as *const InfoAttr, std::mem::size_of::<InfoAttr>())
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    super::objinfo::get(fd, &mut info)?;
     Ok(info.recursion_misses)
 }
 

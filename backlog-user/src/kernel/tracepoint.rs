@@ -37,6 +37,7 @@ impl AttachMode for Tracepoint {
             p.load().with_context(|| format!("loading {prog}"))?;
             p.attach("syscalls", tp).with_context(|| format!("attaching {prog} to syscalls:{tp}"))?;
         }
+        super::attach_listen_tracepoint(ebpf)?;
         let root = env::cgroup2_root()?;
         let cg = File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
         let p: &mut CgroupSkb = ebpf.program_mut("bt_tp_ingress").context("bt_tp_ingress")?.try_into()?;

@@ -36,10 +36,57 @@ pub fn listener_json(l: &Listener) -> Value {
         "abandoned": l.abandoned,
         "pending": l.pending,
         "waits_unrecorded": l.waits_unrecorded(),
+        "undetected": l.undetected,
         "accept_latency_us": l.wait.latency().map(|w| json!({
             "count": w.count, "p50": w.p50, "p90": w.p90, "p99": w.p99, "max": w.max,
         })),
     })
+}
+
+/// What the kernel counted against what was detected: the total undetected, per
+/// namespace, and the namespaces that could not be read.
+fn reconciled_json(model: &Model) -> Vec<(&'static str, Value)> {
+    let r = &model.reconciled;
+    let namespaces: Vec<Value> = r
+        .namespaces
+        .iter()
+        .map(|(inode, n)| {
+            json!({
+                "netns": inode,
+                "name": n.name,
+                "baseline": n.baseline,
+                "listen_drops": n.listen_drops,
+                "listen_overflows": n.listen_overflows,
+                "reqq_full_drop": n.reqq_full_drop,
+                "detected": n.detected,
+                "undetected": n.undetected,
+                "unplaced": n.unplaced,
+                "gone": n.gone,
+            })
+        })
+        .collect();
+    let unreconciled: Vec<Value> =
+        r.unreconciled.iter().map(|(inode, why)| json!({"netns": inode, "why": why})).collect();
+    let f = &r.folded;
+    vec![
+        ("undetected", json!(r.undetected(&[]))),
+        ("namespaces", Value::Array(namespaces)),
+        (
+            "gone_namespaces",
+            json!({"namespaces": f.namespaces, "listen_drops": f.listen_drops, "detected": f.detected,
+                   "undetected": f.undetected}),
+        ),
+        ("unreconciled", Value::Array(unreconciled)),
+    ]
+}
+
+/// Every way the kernel side can see less than everything, zero or not.
+fn diagnostics_json(model: &Model) -> Value {
+    let mut d: serde_json::Map<String, Value> =
+        model.diagnostics.iter().map(|(name, n)| (name.to_string(), json!(n))).collect();
+    d.insert("missed_runs".into(), json!(model.missed_runs));
+    d.insert("lost_events".into(), json!(model.lost_events));
+    Value::Object(d)
 }
 
 /// Non-empty wait buckets as [low_us, high_us, count].
@@ -146,16 +193,17 @@ impl Output for Json {
                 v
             })
             .collect();
-        emit(
-            &json!({
-                "type": "interval",
-                "listeners": listeners,
-                "more": rows.rest.json(),
-                "totals": rows.total.json(),
-                "lost_events": model.lost_events,
-            })
-            .to_string(),
-        );
+        let mut line = json!({
+            "type": "interval",
+            "listeners": listeners,
+            "more": rows.rest.json(),
+            "totals": rows.total.json(),
+            "lost_events": model.lost_events,
+        });
+        for (k, v) in reconciled_json(model) {
+            line[k] = v;
+        }
+        emit(&line.to_string());
     }
 
     fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
@@ -171,21 +219,24 @@ impl Output for Json {
             })
             .collect();
         let merged: Vec<Value> = rows.merged.iter().map(|(k, a)| aggregate_json(k, a)).collect();
-        emit(
-            &json!({
-                "type": "summary",
-                "duration_s": secs,
-                "listeners": listeners,
-                "more": rows.rest.json(),
-                "totals": rows.total.json(),
-                "merged": merged,
-                "lost_events": model.lost_events,
-                "missed_runs": model.missed_runs,
-                "unmatched_accepts": model.unmatched_accepts,
-                "pending_enqueued": model.pending_enqueued,
-            })
-            .to_string(),
-        );
+        let mut line = json!({
+            "type": "summary",
+            "duration_s": secs,
+            "listeners": listeners,
+            "more": rows.rest.json(),
+            "totals": rows.total.json(),
+            "merged": merged,
+            "lost_events": model.lost_events,
+            "missed_runs": model.missed_runs,
+            "unmatched_accepts": model.unmatched_accepts,
+            "pending_enqueued": model.pending_enqueued,
+            "diagnostics": diagnostics_json(model),
+            "detached": model.detached,
+        });
+        for (k, v) in reconciled_json(model) {
+            line[k] = v;
+        }
+        emit(&line.to_string());
     }
 }
 

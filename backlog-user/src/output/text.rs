@@ -5,7 +5,7 @@ use std::io::Write;
 use backlog_common::{hist, DropReason, Event};
 
 use super::rows::{Rows, Totals};
-use super::{emit, emit_batched, rates, Output, Previous};
+use super::{completeness_lines, emit, emit_batched, rates, undetected_line, Output, Previous};
 use crate::model::{fmt_sockaddr, ip, Listener, Model};
 
 pub struct Text;
@@ -164,6 +164,9 @@ impl Output for Text {
         if model.lost_events > 0 {
             emit(&format!("({} events lost: ring buffer full; counts above stay exact)", model.lost_events));
         }
+        if let Some(line) = undetected_line(model, &rows.shown) {
+            emit(&line);
+        }
     }
 
     fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
@@ -198,6 +201,12 @@ impl Output for Text {
                 "{} program runs skipped by the kernel (a run of the same program was already active on that CPU): counts may be short",
                 model.missed_runs
             ));
+        }
+        for line in completeness_lines(model) {
+            emit(&line);
+        }
+        if let Some(line) = undetected_line(model, &rows.shown) {
+            emit(&line);
         }
     }
 }

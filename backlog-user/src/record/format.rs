@@ -16,10 +16,17 @@
 //! 112-byte `Event`), 3 owners (pid/comm of a listener, when they change), 4 sync
 //! (exact counters of listeners changed since the last sync, every second), 5
 //! snapshot (sysctls and TcpExt counters per namespace, at start and end), 6 queues
-//! (accept-queue depth of every listener, every second), 7 end (clean stop).
-//! After a rotation a file starts with session, start snapshot, every owner and
-//! every listener's counters, so each file can be reported on its own.
+//! (accept-queue depth of every listener, every second), 7 end (clean stop), 8
+//! reconcile (the kernel's own counters against the detected drops: undetected per
+//! namespace and listener, diagnostics, detached programs; at a sync when it changed).
+//! After a rotation a file starts with session, start snapshot, every owner, every
+//! listener's counters and the latest reconcile, so each file can be reported on its
+//! own. Kind 8 came later without a version bump: older readers skip it, and files
+//! without it read as "nothing reconciled".
 use backlog_common::{Event, ListenerStats, COMM_LEN};
+
+use crate::model::{Folded, NetnsCounts};
+use crate::sys::counters::Origin;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: &[u8; 8] = b"BLGTRACE";
@@ -41,6 +48,7 @@ mod kind {
     pub const SNAPSHOT: u8 = 5;
     pub const QUEUES: u8 = 6;
     pub const END: u8 = 7;
+    pub const RECONCILE: u8 = 8;
 }
 
 /// Opens every file of a recording: who recorded what, and where this file sits
@@ -129,6 +137,24 @@ pub struct QueueRow {
     pub max: u32,
 }
 
+/// The kernel's own counters against the detected drops (see `crate::reconcile`),
+/// as the live session last had them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reconcile {
+    pub ts_ns: u64,
+    pub missed_runs: u64,
+    /// Every kernel-side diagnostic, by name.
+    pub diagnostics: Vec<(String, u64)>,
+    pub namespaces: Vec<(u32, NetnsCounts)>,
+    pub folded: Folded,
+    /// Listeners charged with undetected drops: (sk, socket inode, count).
+    pub placed: Vec<(u64, u64, u64)>,
+    /// Namespaces that could not be read, and why.
+    pub unreconciled: Vec<(u32, String)>,
+    /// Programs found detached from outside, a line each.
+    pub detached: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
     Session(Session),
@@ -141,6 +167,7 @@ pub enum Record {
     End {
         ts_ns: u64,
     },
+    Reconcile(Reconcile),
 }
 
 pub fn header() -> [u8; HEADER_LEN] {
@@ -322,6 +349,38 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
             b.put_u64_le(*ts_ns);
             kind::END
         }
+        Record::Reconcile(r) => {
+            b.put_u64_le(r.ts_ns);
+            b.put_u64_le(r.missed_runs);
+            put_list(b, &r.diagnostics, |b, (name, v)| {
+                put_str(b, name);
+                b.put_u64_le(*v);
+            });
+            put_list(b, &r.namespaces, |b, (inode, n)| {
+                b.put_u32_le(*inode);
+                put_str(b, n.name.as_deref().unwrap_or(""));
+                put_str(b, &n.baseline);
+                for v in [n.listen_drops, n.listen_overflows, n.reqq_full_drop, n.detected, n.undetected, n.unplaced] {
+                    b.put_u64_le(v);
+                }
+                b.put_u8(u8::from(n.gone));
+            });
+            let f = &r.folded;
+            for v in [f.namespaces, f.listen_drops, f.detected, f.undetected] {
+                b.put_u64_le(v);
+            }
+            put_list(b, &r.placed, |b, (sk, ino, n)| {
+                b.put_u64_le(*sk);
+                b.put_u64_le(*ino);
+                b.put_u64_le(*n);
+            });
+            put_list(b, &r.unreconciled, |b, (inode, why)| {
+                b.put_u32_le(*inode);
+                put_str(b, why);
+            });
+            put_list(b, &r.detached, |b, line| put_str(b, line));
+            kind::RECONCILE
+        }
     }
 }
 
@@ -474,6 +533,47 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
             })?,
         }),
         kind::END => Record::End { ts_ns: b.try_get_u64_le()? },
+        kind::RECONCILE => Record::Reconcile(Reconcile {
+            ts_ns: b.try_get_u64_le()?,
+            missed_runs: b.try_get_u64_le()?,
+            diagnostics: get_list(b, 10, |b| Ok((get_str(b)?, b.try_get_u64_le()?)))?,
+            namespaces: get_list(b, 57, |b| {
+                let inode = b.try_get_u32_le()?;
+                let name = Some(get_str(b)?).filter(|n| !n.is_empty());
+                let baseline = Origin::from_name(&get_str(b)?).ok_or(Malformed)?.name();
+                let mut v = [0u64; 6];
+                for x in v.iter_mut() {
+                    *x = b.try_get_u64_le()?;
+                }
+                let [listen_drops, listen_overflows, reqq_full_drop, detected, undetected, unplaced] = v;
+                let gone = match b.try_get_u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Malformed),
+                };
+                let counts = NetnsCounts {
+                    name,
+                    baseline,
+                    listen_drops,
+                    listen_overflows,
+                    reqq_full_drop,
+                    detected,
+                    undetected,
+                    unplaced,
+                    gone,
+                };
+                Ok((inode, counts))
+            })?,
+            folded: Folded {
+                namespaces: b.try_get_u64_le()?,
+                listen_drops: b.try_get_u64_le()?,
+                detected: b.try_get_u64_le()?,
+                undetected: b.try_get_u64_le()?,
+            },
+            placed: get_list(b, 24, |b| Ok((b.try_get_u64_le()?, b.try_get_u64_le()?, b.try_get_u64_le()?)))?,
+            unreconciled: get_list(b, 6, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
+            detached: get_list(b, 2, get_str)?,
+        }),
         _ => return Ok(None),
     };
     // Trailing bytes mean the payload is not what this kind looks like.
@@ -544,6 +644,29 @@ pub(crate) mod tests {
                 rows: vec![QueueRow { netns: 1, sock_ino: 2, port: 3, len: 4, max: 5 }],
             }),
             Record::End { ts_ns: 8 },
+            Record::Reconcile(Reconcile {
+                ts_ns: 9,
+                missed_runs: 3,
+                diagnostics: vec![("windows_replaced".into(), 2), ("stats_full".into(), 0)],
+                namespaces: vec![(
+                    4026531840,
+                    NetnsCounts {
+                        name: Some("blue".into()),
+                        baseline: "first_seen",
+                        listen_drops: 70,
+                        listen_overflows: 60,
+                        reqq_full_drop: 10,
+                        detected: 65,
+                        undetected: 5,
+                        unplaced: 1,
+                        gone: true,
+                    },
+                )],
+                folded: Folded { namespaces: 1, listen_drops: 2, detected: 3, undetected: 4 },
+                placed: vec![(ev.sk, 77, 4)],
+                unreconciled: vec![(9, "could not enter it".into())],
+                detached: vec!["program bt_tp_ingress (link 3) stopped running".into()],
+            }),
         ]
     }
 

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use backlog_common::{Event, ListenerKey, ListenerStats, AF_INET, AF_INET6};
 
-use super::format::{self, ListenerState, Owners, Phase, Record, Session, Sync};
+use super::format::{self, ListenerState, Owners, Phase, Reconcile, Record, Session, Sync};
 use super::watch::Watched;
 use super::writer::Writer;
 use super::RecordArgs;
@@ -31,6 +31,8 @@ pub struct Recorder {
     owners: HashMap<ListenerKey, Owners>,
     states: HashMap<ListenerKey, ListenerState>,
     last_sync: Sync,
+    /// The reconciliation last written (its time aside), repeated after rotation.
+    last_reconcile: Option<Reconcile>,
     /// The first write error, returned at the next sync.
     error: Option<io::Error>,
 }
@@ -70,6 +72,47 @@ pub fn state_key(s: &ListenerState) -> ListenerKey {
     ListenerKey { sk: s.sk, ino: s.stats.sock_ino }
 }
 
+/// The model's reconciliation as a record.
+fn reconcile_of(model: &Model, ts_ns: u64) -> Reconcile {
+    let r = &model.reconciled;
+    Reconcile {
+        ts_ns,
+        missed_runs: model.missed_runs,
+        diagnostics: model.diagnostics.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+        namespaces: r.namespaces.iter().map(|(i, n)| (*i, n.clone())).collect(),
+        folded: r.folded,
+        placed: model
+            .listeners
+            .values()
+            .filter(|l| l.undetected > 0)
+            .map(|l| (l.sk, l.sock_ino, l.undetected))
+            .collect(),
+        unreconciled: r.unreconciled.iter().map(|(i, w)| (*i, w.clone())).collect(),
+        detached: model.detached.clone(),
+    }
+}
+
+/// Puts a recorded reconciliation back into a model (`report`). Diagnostics this
+/// build does not know by name are left out.
+pub fn apply_reconcile(model: &mut Model, r: &Reconcile) {
+    use backlog_common::global::DIAGNOSTICS;
+    model.missed_runs = r.missed_runs;
+    model.diagnostics = DIAGNOSTICS
+        .iter()
+        .filter_map(|(_, name)| r.diagnostics.iter().find(|(n, _)| n == name).map(|(_, v)| (*name, *v)))
+        .collect();
+    model.detached = r.detached.clone();
+    let rec = &mut model.reconciled;
+    rec.namespaces = r.namespaces.iter().cloned().collect();
+    rec.folded = r.folded;
+    rec.unreconciled = r.unreconciled.iter().cloned().collect();
+    for &(sk, ino, n) in &r.placed {
+        if let Some(l) = model.listeners.get_mut(&ListenerKey { sk, ino }) {
+            l.undetected = n;
+        }
+    }
+}
+
 fn owners_of(l: &Listener) -> Owners {
     Owners { sk: l.sk, ino: l.sock_ino, owners: l.owners.iter().map(|(p, c)| (*p, c.clone())).collect() }
 }
@@ -105,6 +148,7 @@ impl Recorder {
             owners: HashMap::new(),
             states: HashMap::new(),
             last_sync,
+            last_reconcile: None,
             error: None,
         })
     }
@@ -121,6 +165,7 @@ impl Recorder {
             let mut sync = self.last_sync.clone();
             sync.listeners = self.states.values().cloned().collect();
             preamble.push(Record::Sync(sync));
+            preamble.extend(self.last_reconcile.clone().map(Record::Reconcile));
             for p in &preamble {
                 self.writer.write(&format::frame(p))?;
             }
@@ -167,6 +212,12 @@ impl Recorder {
         self.put(&rec)?;
         for s in std::mem::take(&mut self.last_sync.listeners) {
             self.states.insert(state_key(&s), s);
+        }
+        let rec = reconcile_of(model, ts_ns);
+        let changed = self.last_reconcile.as_ref().is_none_or(|last| Reconcile { ts_ns, ..last.clone() } != rec);
+        if changed {
+            self.put(&Record::Reconcile(rec.clone()))?;
+            self.last_reconcile = Some(rec);
         }
         let queues = self.watched.queues(ts_ns);
         self.put(&Record::Queues(queues))?;

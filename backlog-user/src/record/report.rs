@@ -12,9 +12,9 @@ use anyhow::{bail, Result};
 use backlog_common::{DropReason, EventKind, ListenerKey, N_REASONS};
 use serde_json::{json, Value};
 
-use super::format::{ListenerState, Phase, Record, Session, Snapshot, Sync};
+use super::format::{ListenerState, Phase, Reconcile, Record, Session, Snapshot, Sync};
 use super::reader::{Damage, Reader, Step};
-use super::recorder::state_key;
+use super::recorder::{apply_reconcile, state_key};
 use super::time::fmt_utc;
 use super::ReportArgs;
 use crate::cli::Filters;
@@ -55,6 +55,8 @@ struct Replay {
     /// Latest exact counters per listener, from Sync records.
     states: HashMap<ListenerKey, ListenerState>,
     last_sync: Option<Sync>,
+    /// The latest reconciliation with the kernel's own counters.
+    reconcile: Option<Reconcile>,
     owners: HashMap<ListenerKey, BTreeMap<u32, String>>,
     /// Per listener, per second since the start of the recording.
     timeline: HashMap<ListenerKey, BTreeMap<u64, Second>>,
@@ -163,6 +165,10 @@ impl Replay {
                 self.seen(ts_ns);
                 self.clean_end = true;
             }
+            Record::Reconcile(r) => {
+                self.seen(r.ts_ns);
+                self.reconcile = Some(r);
+            }
         }
     }
 
@@ -181,6 +187,9 @@ impl Replay {
             self.model.lost_events = s.lost_events;
             self.model.unmatched_accepts = s.unmatched_accepts;
             self.model.pending_enqueued = s.pending_enqueued.map(|n| n as usize);
+        }
+        if let Some(r) = &self.reconcile {
+            apply_reconcile(&mut self.model, r);
         }
     }
 

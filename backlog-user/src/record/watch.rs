@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 
 use super::format::{NetnsSnapshot, Phase, QueueRow, Queues, Snapshot};
-use crate::check::namespaces::{self, Inside, NetnsInfo};
+use crate::sys::netns::{self, Inside, NetnsInfo};
 
 pub struct Watched {
     namespaces: Vec<(NetnsInfo, Inside)>,
@@ -16,8 +16,8 @@ impl Watched {
     /// namespace that cannot be entered is skipped with a warning: the recording
     /// of events does not depend on it.
     pub fn open(wanted: &[u32]) -> Result<Watched> {
-        let current = crate::netns::current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
-        let all = namespaces::enumerate().context("cannot list /proc (is /proc mounted?)")?;
+        let current = netns::current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
+        let all = netns::enumerate().context("cannot list /proc (is /proc mounted?)")?;
         let mut chosen = Vec::new();
         for ns in all.namespaces {
             if wanted.is_empty() || wanted.contains(&ns.inode) {
@@ -29,7 +29,7 @@ impl Watched {
         }
         let mut watched = Vec::new();
         for ns in chosen {
-            match namespaces::enter(&ns, current) {
+            match netns::enter(&ns, current) {
                 Ok(inside) => watched.push((ns, inside)),
                 Err(e) => eprintln!(
                     "backlog-trace record: netns {}: not recording its counters and queues ({e}); needs root",
@@ -46,7 +46,7 @@ impl Watched {
         let mut out = Vec::new();
         for (info, inside) in &mut self.namespaces {
             if phase == Phase::End {
-                if let Ok(fresh) = namespaces::enter(info, self.current) {
+                if let Ok(fresh) = netns::enter(info, self.current) {
                     inside.sysctls = fresh.sysctls;
                 }
             }

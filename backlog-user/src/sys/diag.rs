@@ -29,8 +29,11 @@ pub struct SockEntry {
 
 pub struct Diag {
     sock: Socket,
-    buf: Vec<u8>,
 }
+
+/// Receive buffer of one dump: allocated per dump rather than kept per socket, since
+/// the live session holds a socket in every namespace.
+const RECV_BUF: usize = 64 * 1024;
 
 impl Diag {
     /// Opens a sock_diag socket in the calling thread's network namespace.
@@ -38,19 +41,36 @@ impl Diag {
         let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
-        Ok(Diag { sock, buf: vec![0; 64 * 1024] })
+        Ok(Diag { sock })
     }
 
     /// Every TCP listener and pending (SYN_RECV) request in the namespace, IPv4 and IPv6.
     pub fn dump(&mut self) -> io::Result<Vec<SockEntry>> {
+        self.dump_states(StateFlags::LISTEN | StateFlags::SYN_RECV)
+    }
+
+    /// Every TCP listener in the namespace, IPv4 and IPv6 (no requests: a SYN flood
+    /// does not make this dump longer).
+    pub fn listeners(&mut self) -> io::Result<Vec<SockEntry>> {
+        self.dump_states(StateFlags::LISTEN)
+    }
+
+    fn dump_states(&mut self, states: StateFlags) -> io::Result<Vec<SockEntry>> {
         let mut out = Vec::new();
+        let mut buf = vec![0; RECV_BUF];
         for family in [AF_INET, AF_INET6] {
-            self.dump_family(family, &mut out)?;
+            self.dump_family(family, states.clone(), &mut buf, &mut out)?;
         }
         Ok(out)
     }
 
-    fn dump_family(&mut self, family: u8, out: &mut Vec<SockEntry>) -> io::Result<()> {
+    fn dump_family(
+        &mut self,
+        family: u8,
+        states: StateFlags,
+        buf: &mut [u8],
+        out: &mut Vec<SockEntry>,
+    ) -> io::Result<()> {
         let mut hdr = NetlinkHeader::default();
         hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
@@ -60,7 +80,7 @@ impl Diag {
                 family,
                 protocol: IPPROTO_TCP,
                 extensions: ExtensionFlags::SKMEMINFO,
-                states: StateFlags::LISTEN | StateFlags::SYN_RECV,
+                states,
                 socket_id,
             })
             .into(),
@@ -71,10 +91,10 @@ impl Diag {
         self.sock.send(&bytes, 0)?;
 
         loop {
-            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            let n = self.sock.recv(&mut &mut buf[..], 0)?;
             let mut off = 0;
             while off < n {
-                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buf[off..n])
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[off..n])
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}")))?;
                 match msg.payload {
                     NetlinkPayload::Done(_) => return Ok(()),
@@ -123,5 +143,6 @@ mod tests {
         assert_eq!(me.rqueue, 0);
         assert!(me.drops.is_some());
         assert_ne!(me.inode, 0);
+        assert!(d.listeners().unwrap().iter().all(|e| e.listening));
     }
 }

@@ -1,10 +1,10 @@
-//! Finding every network namespace in use and looking into each one.
+//! Network namespaces: named the ways operators name them, found, and looked into.
 //!
 //! A namespace is in use if some process lives in it (/proc/*/ns/net) or `ip netns`
 //! pinned it (/run/netns/*). To look inside, a short-lived thread enters it with
-//! setns(CLONE_NEWNET) and opens what the check needs there: a sock_diag socket, the
-//! netstat file and the sysctls. Sockets and open proc files stay bound to the namespace
-//! they were opened in, so the main thread samples them afterwards without moving.
+//! setns(CLONE_NEWNET) and opens what the caller needs there (a sock_diag socket, the
+//! netstat file, the sysctls). Sockets and open proc files stay bound to the namespace
+//! they were opened in, so any thread samples them afterwards without moving.
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
@@ -15,6 +15,30 @@ use std::path::{Path, PathBuf};
 use super::diag::Diag;
 use super::netstat::Netstat;
 use super::sysctl::Sysctls;
+
+/// Resolves `ip netns` names, /proc/PID/ns/net style paths, and bare inode numbers
+/// to the namespace inode the kernel reports (`ns.inum`).
+pub fn parse_netns(s: &str) -> Result<u32, String> {
+    if let Ok(ino) = s.parse::<u32>() {
+        return Ok(ino);
+    }
+    let candidates = if s.contains('/') {
+        vec![s.to_string()]
+    } else {
+        vec![format!("/run/netns/{s}"), format!("/var/run/netns/{s}")]
+    };
+    for c in &candidates {
+        if let Ok(md) = std::fs::metadata(Path::new(c)) {
+            return u32::try_from(md.ino()).map_err(|_| format!("{c}: not a namespace file"));
+        }
+    }
+    Err(format!("no network namespace '{s}' (not in `ip netns list`, not a path, not an inode number)"))
+}
+
+/// The inode of the namespace this process runs in.
+pub fn current() -> io::Result<u32> {
+    Ok(std::fs::metadata("/proc/self/ns/net")?.ino() as u32)
+}
 
 #[derive(Debug, Clone)]
 pub struct NetnsInfo {
@@ -78,9 +102,17 @@ pub fn enumerate() -> io::Result<Enumeration> {
 /// Opens the check's view of `ns`. Our own namespace needs no privilege; any other
 /// needs CAP_SYS_ADMIN for setns.
 pub fn enter(ns: &NetnsInfo, current: u32) -> io::Result<Inside> {
-    fn look() -> io::Result<Inside> {
-        Ok(Inside { sysctls: Sysctls::read(), diag: Diag::open()?, netstat: Netstat::open()? })
-    }
+    run_in(ns, current, || Ok(Inside { sysctls: Sysctls::read(), diag: Diag::open()?, netstat: Netstat::open()? }))
+}
+
+/// Runs `look` inside `ns`: on this thread when it is our own namespace, else on a
+/// helper thread that enters it first (and ends with it, so no thread of ours stays
+/// in a foreign namespace).
+pub fn run_in<T: Send + 'static>(
+    ns: &NetnsInfo,
+    current: u32,
+    look: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     if ns.inode == current {
         return look();
     }
@@ -106,8 +138,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_paths_and_numbers() {
+        assert_eq!(parse_netns("4026531840").unwrap(), 4026531840);
+        let me = current().unwrap();
+        assert_eq!(parse_netns("/proc/self/ns/net").unwrap(), me);
+        assert!(parse_netns("surely-no-such-netns").is_err());
+    }
+
+    #[test]
     fn own_namespace_is_listed_and_enterable() {
-        let me = crate::netns::current().unwrap();
+        let me = current().unwrap();
         let all = enumerate().unwrap();
         let own = all.namespaces.iter().find(|n| n.inode == me).expect("own netns");
         let inside = enter(own, me).unwrap();
