@@ -324,6 +324,10 @@ mod tests {
         assert!(m.listeners.is_empty());
         assert_eq!(sums(&m), before);
         assert!(m.retired.was_merged(&ListenerKey { sk: 10, ino: 1010 }));
+        // Reconciliation sees the merged drops in their namespace (1 + ... + 10).
+        let mut by_ns = HashMap::new();
+        m.retired.add_drops_by_ns(&mut by_ns);
+        assert_eq!(by_ns, HashMap::from([(7, 55)]));
     }
 
     #[test]
@@ -375,6 +379,8 @@ mod tests {
         assert_eq!(keys.len(), 3, "{keys:?}");
         assert!(keys.contains(&(PortClass::Port(40001), true)));
         assert!(keys.contains(&(PortClass::Other, false)));
+        // The catch-all stays in the listeners' namespace, for reconciliation.
+        assert!(r.aggregates.keys().all(|k| k.netns == 7));
         assert_eq!(r.matching().count(), 1);
         let total: u64 = r.aggregates.values().map(|a| a.listeners).sum();
         assert_eq!(total, 4);
