@@ -51,10 +51,21 @@ pub struct Filters {
     pub netns: Vec<u32>,
 }
 
+/// How many listeners a table lists; shared by the tracer and `report`.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Top {
+    /// List the N listeners with most drops (then accepts) and sum the rest on one
+    /// line; 0 lists every listener.
+    #[arg(long = "top", value_name = "N", default_value_t = 50)]
+    pub n: usize,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct TraceArgs {
     #[command(flatten)]
     pub filters: Filters,
+    #[command(flatten)]
+    pub top: Top,
     /// Print the per-listener table every this many seconds.
     #[arg(long, short = 'i', value_parser = parse_duration)]
     pub interval: Option<Duration>,

@@ -12,6 +12,7 @@ mod model;
 mod output;
 mod reconcile;
 mod record;
+mod retired;
 mod sys;
 mod trace;
 

@@ -47,16 +47,12 @@ pub struct Counts {
 }
 
 /// Accept-queue waits in the kernel's bucket layout (see `backlog_common::hist`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Wait {
+    /// Empty until the first wait: most listeners of a churning host never accept
+    /// anything while they are in the model, and 232 buckets are 1.8 KB each.
     pub buckets: Vec<u64>,
     pub max_ns: u64,
-}
-
-impl Default for Wait {
-    fn default() -> Self {
-        Wait { buckets: vec![0; hist::BUCKETS], max_ns: 0 }
-    }
 }
 
 /// Percentiles of accept-queue wait, in microseconds.
@@ -71,8 +67,16 @@ pub struct Latency {
 
 impl Wait {
     pub fn record(&mut self, ns: u64) {
-        self.buckets[hist::bucket(ns / 1000)] += 1;
+        self.buckets_mut()[hist::bucket(ns / 1000)] += 1;
         self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Every bucket, allocated on first use.
+    pub fn buckets_mut(&mut self) -> &mut [u64] {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; hist::BUCKETS];
+        }
+        &mut self.buckets
     }
 
     pub fn count(&self) -> u64 {
@@ -106,6 +110,13 @@ impl Listener {
 
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
+    }
+
+    /// Accepts whose wait is missing from the histogram. The kernel counts an accept
+    /// and its wait bucket together, so any shortfall is buckets the kernel's
+    /// WAIT_HIST map (LRU) evicted: percentiles then cover only the rest.
+    pub fn waits_unrecorded(&self) -> u64 {
+        self.accepts.saturating_sub(self.wait.count())
     }
 
     pub fn overflows(&self) -> u64 {
@@ -233,6 +244,9 @@ pub struct Model {
     pub unmatched_accepts: u64,
     /// Children the kernel side still times as queued (live sessions only).
     pub pending_enqueued: Option<usize>,
+    /// Closed listeners merged into aggregates (see retired.rs): the hook that keeps
+    /// the model bounded under listener churn.
+    pub retired: crate::retired::Retired,
     /// The kernel side's diagnostics (`backlog_common::global::DIAGNOSTICS`), by name.
     pub diagnostics: Vec<(&'static str, u64)>,
     /// The tracer's programs found detached from outside, one line each.
@@ -328,8 +342,11 @@ impl Model {
         }
     }
 
-    /// Replaces event-derived wait buckets with the kernel's histogram, given as
-    /// (bucket, count) pairs.
+    /// Raises wait buckets to the kernel's histogram, given as (bucket, count) pairs.
+    /// Never lowers one: a bucket the kernel's LRU map evicted (and maybe created
+    /// again from 1) keeps what was read before, and `waits_unrecorded` says what is
+    /// still missing. Event-derived counts are a subset of the kernel's, so the
+    /// larger of the two is right.
     pub fn set_kernel_hist(&mut self, key: ListenerKey, buckets: &[(usize, u64)]) {
         let Some(l) = self.listeners.get_mut(&key) else { return };
         let mut all = vec![0u64; hist::BUCKETS];
@@ -338,7 +355,12 @@ impl Model {
                 *slot += n;
             }
         }
-        l.wait.buckets = all;
+        if buckets.is_empty() {
+            return;
+        }
+        for (have, kernel) in l.wait.buckets_mut().iter_mut().zip(all) {
+            *have = (*have).max(kernel);
+        }
     }
 
     pub fn matching<'a>(&'a self, f: &'a Filters) -> impl Iterator<Item = &'a Listener> + 'a {

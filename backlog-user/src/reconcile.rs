@@ -73,6 +73,8 @@ fn detected_by_ns(model: &Model) -> HashMap<u32, u64> {
     for l in model.listeners.values() {
         *out.entry(l.netns).or_default() += l.total_drops();
     }
+    // Churn hook: closed listeners merged away (retired.rs) detected drops too.
+    model.retired.add_drops_by_ns(&mut out);
     out
 }
 

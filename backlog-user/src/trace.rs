@@ -1,5 +1,5 @@
 //! The live session: attach, stream events into the model, print, detach.
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -12,9 +12,10 @@ use crate::attribute::Resolver;
 use crate::cli::TraceArgs;
 use crate::export::Sink;
 use crate::kernel::{Session, StartOptions};
-use crate::model::{Listener, Model};
-use crate::output::{snapshot, Clock, Json, Output, Previous, Text};
+use crate::model::Model;
+use crate::output::{rows, snapshot, Clock, Json, Output, Previous, Rows, Text};
 use crate::reconcile::Reconciler;
+use crate::retired::{Policy, Retired};
 use crate::sys::counters::{Counters, Scope};
 
 fn scope(args: &TraceArgs) -> String {
@@ -60,13 +61,33 @@ struct Live {
     sinks: Vec<Box<dyn Sink>>,
     /// Closed listeners whose kernel entry goes at the next sync.
     closing: BTreeSet<ListenerKey>,
+    merged_since_trim: usize,
+    /// Listeners seen closing since the last sync (see `SYNC_AFTER_CLOSES`).
+    closed_since_sync: usize,
     /// The namespaces' own counters, read on a helper thread, and what they say.
     counters: Counters,
     reconciler: Reconciler,
 }
 
+/// Closed listeners leave the model (and their kernel entries the map) only through
+/// syncs, which run every second: churn of 10,000 listeners a second held tens of MB
+/// between them. A sync after this many closes bounds it by count, whatever the rate.
+const SYNC_AFTER_CLOSES: usize = 2048;
+
+/// Merged listeners after which the freed heap is handed back (see `sync_kernel`).
+const TRIM_AFTER_MERGES: usize = 4096;
+
 impl Live {
     fn handle(&mut self, ev: &Event) {
+        // Churn hook: a straggler about a merged listener must not bring it back as
+        // a listener of its own that never closes; its counts reach the aggregate
+        // through the kernel entry (`sync_kernel`).
+        if self.model.retired.was_merged(&ListenerKey { sk: ev.sk, ino: ev.sock_ino }) {
+            return;
+        }
+        if ev.kind == EventKind::Unlisten as u8 {
+            self.closed_since_sync += 1;
+        }
         let Some(l) = self.model.apply(ev) else { return };
         // The listen() caller is known from the event; forked workers and sockets
         // that predate the tracer are found through /proc.
@@ -129,6 +150,7 @@ impl Live {
             self.model.detached.push(line);
         }
         self.model.diagnostics = session.diagnostics()?;
+        self.closed_since_sync = 0;
         self.model.lost_events = session.global(global::LOST_EVENTS)?;
         self.model.missed_runs = session.missed_runs()?;
         self.model.unmatched_accepts = session.global(global::UNMATCHED_ACCEPT)?;
@@ -137,13 +159,21 @@ impl Live {
         for (key, l) in self.model.listeners.iter_mut() {
             l.pending = pending.get(key).copied().unwrap_or(0);
         }
-        for (key, buckets) in session.wait_hist()? {
-            self.model.set_kernel_hist(key, &buckets);
-        }
+        // Counts before histograms: an accept between the two reads then shows in
+        // both, never as a wait missing from the histogram.
         let mut stats = session.stats()?;
         let entries: Vec<(ListenerKey, Vec<_>)> =
             stats.iter().filter_map(|r| r.ok()).map(|(k, v)| (k, v.iter().copied().collect())).collect();
+        let mut in_kernel = HashSet::new();
+        let mut released = HashSet::new();
         for (key, per_cpu) in entries {
+            // Churn hook: an entry of a listener already merged (retired.rs) adds to
+            // its aggregate; every count in it is new, and the listener is long closed.
+            if self.model.retired.absorb_late(&key, &per_cpu) {
+                let _ = stats.remove(&key);
+                continue;
+            }
+            in_kernel.insert(key);
             self.model.set_kernel_stats(key, &per_cpu);
             if !self.model.listeners.get(&key).is_some_and(|l| l.closed) {
                 continue;
@@ -154,9 +184,34 @@ impl Live {
             if self.closing.remove(&key) {
                 let _ = stats.remove(&key);
                 self.model.retire(key);
+                released.insert(key);
             } else {
                 self.closing.insert(key);
             }
+        }
+        let hist = session.wait_hist()?;
+        for (key, buckets) in &hist {
+            self.model.set_kernel_hist(*key, buckets);
+        }
+        // Churn hook: a released listener's wait buckets are final; deleting them
+        // leaves the kernel's LRU histogram map to live listeners, which 150,000
+        // closed listeners' buckets would otherwise evict.
+        for (key, buckets) in &hist {
+            if released.contains(key) || self.model.retired.was_merged(key) {
+                session.forget_hist(*key, buckets)?;
+            }
+        }
+        let now = Instant::now();
+        for key in released {
+            in_kernel.remove(&key);
+            self.model.retired.released(key, now);
+        }
+        self.merged_since_trim += self.model.retired.merge_due(&mut self.model.listeners, &in_kernel, now);
+        // A burst of churn leaves the heap full of freed listeners that glibc keeps
+        // resident; a trim every few thousand merges costs a heap walk (~1 ms).
+        if self.merged_since_trim >= TRIM_AFTER_MERGES {
+            crate::kernel::release_freed_heap();
+            self.merged_since_trim = 0;
         }
         Ok(())
     }
@@ -189,8 +244,8 @@ impl Live {
         Ok(())
     }
 
-    fn selected(&self) -> Vec<&Listener> {
-        self.model.matching(&self.args.filters).collect()
+    fn rows(&self) -> Rows<'_> {
+        rows(&self.model, &self.args.filters, self.args.top.n)
     }
 }
 
@@ -208,7 +263,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
     // between now and then is counted as undetected, not hidden.
     let which = if args.filters.netns.is_empty() { Scope::All } else { Scope::Only(args.filters.netns.clone()) };
     let (counters, baseline) = Counters::start(which)?;
-    let mut model = Model::default();
+    let mut model = Model { retired: Retired::new(Policy::for_session(&args.filters)), ..Model::default() };
     let reconciler = Reconciler::new(&args.filters.netns, baseline, &mut model);
     // The kernel side counts at every listener (reconciliation compares whole
     // namespaces); --port, --pid and --netns only choose what is printed.
@@ -226,6 +281,8 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
         args,
         sinks,
         closing: BTreeSet::new(),
+        merged_since_trim: 0,
+        closed_since_sync: 0,
         counters,
         reconciler,
     };
@@ -258,6 +315,10 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 // Readiness stays set while events remain, so the loop comes back
                 // here after giving signals and timers their turn.
                 let (handled, emptied) = live.drain_some(guard.get_inner_mut(), 4096);
+                if live.closed_since_sync >= SYNC_AFTER_CLOSES {
+                    live.sync_kernel(&mut session, guard.get_inner_mut(), Duration::ZERO)?;
+                    live.reconcile()?;
+                }
                 if emptied {
                     guard.clear_ready();
                     if handled >= BUSY_DRAIN {
@@ -273,9 +334,9 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                 live.reconcile()?;
                 let secs = last_tick.elapsed().as_secs_f64();
                 last_tick = Instant::now();
-                let rows = live.selected();
+                let rows = live.rows();
                 live.out.interval(&live.model, &rows, secs, &prev);
-                prev = snapshot(&rows);
+                prev = snapshot(live.model.matching(&live.args.filters));
             }
             _ = sink_ticker.tick() => {
                 live.sync_kernel(&mut session, rb.get_mut(), Duration::ZERO)?;
@@ -300,7 +361,7 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
             l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
         }
     }
-    let rows = live.selected();
+    let rows = live.rows();
     live.out.summary(&live.model, &rows, started.elapsed().as_secs_f64(), live.args.hist);
     for s in &mut live.sinks {
         s.finish(&live.model)?;

@@ -9,6 +9,7 @@
 //! `$BACKLOG_TRACE_BIN`, else `target/release/backlog-trace`; `$BACKLOG_MODE`
 //! (fentry|kprobe|tracepoint) forces its attach mode.
 pub mod bpf;
+pub mod http;
 pub mod netns;
 pub mod scenario;
 pub mod sys;

@@ -62,6 +62,64 @@ pub fn set_sockopt(fd: RawFd, opt: libc::c_int, val: libc::c_int, what: &str) {
     );
 }
 
+/// Room for `count` fds plus stdio and slack: the default soft limit (1024) would cap
+/// large counts.
+pub fn raise_nofile(count: usize) {
+    let want = count as libc::rlim_t + 64;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid out-pointer.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit");
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        lim.rlim_max = lim.rlim_max.max(want);
+        // SAFETY: `lim` is valid for reading.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit");
+    }
+}
+
+/// The hard limit on open fds: what a process can raise its own limit to without
+/// CAP_SYS_RESOURCE (containers often withhold it).
+pub fn nofile_hard_limit() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid out-pointer.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit");
+    usize::try_from(lim.rlim_max).unwrap_or(usize::MAX)
+}
+
+/// A non-blocking connect to `addr`, issued and not waited for.
+pub fn connect_nonblocking(addr: SocketAddr) -> RawFd {
+    let fd = tcp_socket(&addr, libc::SOCK_NONBLOCK);
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: `sa` is a valid sockaddr of length `len`.
+    let r = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };
+    let err = std::io::Error::last_os_error();
+    if r < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
+        panic!("connect {addr}: {err}");
+    }
+    fd
+}
+
+/// Forks a worker that dies with its parent (the process the test kills). Returns the
+/// worker's pid in the parent and None in the worker. Call while single-threaded.
+pub fn fork_worker() -> Option<libc::pid_t> {
+    // SAFETY: plain syscall.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the caller is single-threaded, so fork is safe.
+    match check(unsafe { libc::fork() }, "fork") {
+        0 => {
+            // SAFETY: plain syscalls; exits if the parent is already gone.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+            }
+            None
+        }
+        pid => Some(pid),
+    }
+}
+
 /// `--name value` / `--name=value` pairs and bare `--switch`es from the command line.
 pub struct Flags(BTreeMap<String, String>);
 

@@ -27,6 +27,13 @@ pub struct Listener {
     pub drops: u64,
     pub overflows: u64,
     pub drops_by_reason: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub accepts: u64,
+    /// Accepts missing from the wait histogram (kernel map evictions).
+    #[serde(default)]
+    pub waits_unrecorded: u64,
+    #[serde(default)]
+    pub accept_latency_us: Option<serde_json::Value>,
     /// What the owner asked of listen(), when the tracer saw the call.
     pub requested_backlog: Option<u32>,
     /// Drops the kernel counted at this socket that the tracer did not detect,
@@ -62,6 +69,14 @@ pub struct Summary {
     pub lost_events: u64,
     /// Program runs the kernel skipped (recursion on one CPU).
     pub missed_runs: u64,
+    /// Every selected listener's summed counts, shown or not (`listeners`, `merged`,
+    /// `drops`, `accepts`, `waits_unrecorded`, ...).
+    #[serde(default)]
+    pub totals: serde_json::Value,
+    #[serde(default)]
+    pub unmatched_accepts: u64,
+    #[serde(default)]
+    pub pending_enqueued: Option<u64>,
     /// Drops the kernel counted and the tracer did not detect, over every namespace.
     pub undetected: u64,
     pub namespaces: Vec<NetnsCounts>,
@@ -186,6 +201,15 @@ impl Tracer {
             assert_eq!(tracer.start["mode"], mode.as_str(), "a forced --mode must be the mode used: {first}");
         }
         tracer
+    }
+
+    /// A `kB` field of /proc/PID/status (VmRSS, VmHWM) of the running tracer.
+    pub fn status_kb(&self, field: &str) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let line = text.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'));
+        let line = line.unwrap_or_else(|| panic!("no {field} in {path}"));
+        line.trim().trim_end_matches("kB").trim().parse().unwrap_or_else(|_| panic!("bad {field} in {path}: {line}"))
     }
 
     fn signal(&mut self, sig: libc::c_int) -> ExitStatus {

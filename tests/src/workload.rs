@@ -170,6 +170,29 @@ impl ClientBatch {
     }
 }
 
+/// `count` listeners on ports `first_port`, `first_port + 1`, ..., each with one
+/// accept, one queued connection and one client whose SYNs its full queue drops
+/// (bt-listeners many); held until dropped.
+pub fn many_listeners(ns: &Netns, addr: &str, first_port: u16, count: usize) -> Spawned {
+    let flags = vec![
+        "--mode=many".into(),
+        format!("--count={count}"),
+        format!("--addr={addr}"),
+        format!("--first-port={first_port}"),
+    ];
+    launch(ns, "bt-listeners", flags, |_| ()).0
+}
+
+/// Opens `count` listeners one after the other, each accepting one connection, and
+/// closes everything (bt-listeners churn); returns once done, at most `timeout`.
+pub fn churn_listeners(ns: &Netns, addr: &str, count: usize, timeout: Duration) {
+    let bin = workload_bin("bt-listeners");
+    let argv =
+        [bin.to_str().expect("utf-8 path"), "--mode=churn", &format!("--count={count}"), &format!("--addr={addr}")];
+    let status = ns.spawn(&argv).wait(timeout);
+    assert!(status.success(), "bt-listeners churn of {count} listeners failed: {status}");
+}
+
 /// Starts workload binary `name` in `ns` with `flags` and a ready file, waits
 /// (bounded) for the ready file and parses it; fails early if the process
 /// exits first.

@@ -7,14 +7,13 @@
 //!   cargo test -p backlog-tests --test record -- --test-threads=1
 //! The Prometheus test needs the `prometheus` binary (scripts/test-deps-prometheus.sh).
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use backlog_tests::http::{free_port, http_get};
 use backlog_tests::netns::{Netns, Netstat};
 use backlog_tests::scenario::{fence, settled};
 use backlog_tests::tracer::{tracer_command, Tracer};
@@ -467,21 +466,6 @@ struct PromServer {
     child: Child,
     dir: PathBuf,
     addr: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// GET on loopback; (status, body).
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut c = TcpStream::connect(addr).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut out = String::new();
-    c.read_to_string(&mut out).ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    Some((status, out.split_once("\r\n\r\n")?.1.to_string()))
 }
 
 fn percent_encode(s: &str) -> String {

@@ -1,21 +1,33 @@
-//! Just enough HTTP/1.1 to be scraped: GET /metrics answers with a body made at
-//! request time, anything else gets a short 404. One request per connection.
+//! Just enough HTTP/1.1 to be scraped: GET /metrics answers with the body `render`
+//! gives (shared, not copied, between concurrent scrapes), anything else gets a
+//! short 404. One request per connection.
+//!
+//! What a client can make the tracer hold is bounded: at most `MAX_CONNECTIONS`
+//! exchanges at once (more wait in the kernel's accept queue), each dropped after
+//! `EXCHANGE_TIMEOUT` however slowly it reads, each holding a request head of at most
+//! `MAX_HEAD` and a reference to a body it does not own.
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 /// Request heads larger than this are refused: a scraper's is a few hundred bytes.
 const MAX_HEAD: usize = 8192;
-/// A client that sends nothing is dropped after this long.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that sends nothing, or reads the answer too slowly, is dropped after this.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Exchanges in flight at once; a few scrapers and a person with curl need far fewer.
+const MAX_CONNECTIONS: usize = 16;
 
-pub type Render = Arc<dyn Fn() -> (&'static str, String) + Send + Sync>;
+pub type Render = Arc<dyn Fn() -> (&'static str, Bytes) + Send + Sync>;
 
 /// Serves forever on `listener`; `render` gives (content type, body) of /metrics.
 pub async fn serve(listener: TcpListener, render: Render) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         // Accept errors (EMFILE and the like) are transient: back off, keep serving.
         let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -23,7 +35,8 @@ pub async fn serve(listener: TcpListener, render: Render) {
         };
         let render = render.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(READ_TIMEOUT, answer(conn, render)).await;
+            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(conn, render)).await;
+            drop(slot);
         });
     }
 }
@@ -47,14 +60,15 @@ async fn answer(mut conn: TcpStream, render: Render) -> std::io::Result<()> {
             let (ctype, body) = render();
             ("200 OK", ctype, body)
         }
-        (b"GET", _) => ("404 Not Found", "text/plain", "backlog-trace: metrics are at /metrics\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "backlog-trace: only GET is served\n".to_string()),
+        (b"GET", _) => ("404 Not Found", "text/plain", Bytes::from_static(b"backlog-trace: metrics are at /metrics\n")),
+        _ => ("405 Method Not Allowed", "text/plain", Bytes::from_static(b"backlog-trace: only GET is served\n")),
     };
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    conn.write_all(reply.as_bytes()).await?;
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(&body).await?;
     conn.shutdown().await
 }
 
@@ -76,7 +90,7 @@ mod tests {
     async fn serves_metrics_and_refuses_the_rest() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let render: Render = Arc::new(|| ("text/plain", "up 1\n".to_string()));
+        let render: Render = Arc::new(|| ("text/plain", Bytes::from_static(b"up 1\n")));
         tokio::spawn(serve(listener, render));
         let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nup 1\n"), "{ok}");

@@ -3,7 +3,12 @@
 //! Series are labelled by network namespace, port and owning command, summed over
 //! the sockets that share those (SO_REUSEPORT groups, IPv4 and IPv6 listeners on
 //! one port), so the number of series stays bounded by the listeners, never by the
-//! peers. Values are copied from the model at each sync and served from that copy.
+//! peers. A port of the ephemeral range is labelled `ephemeral` for a listener's
+//! whole life, and closed listeners' counts stay in their series through their merge
+//! into aggregates (retired.rs), so neither churn on port 0 nor closing adds series
+//! or moves counts between them. Values are copied from the model at each sync; the
+//! body is encoded at the first scrape after a sync and shared by every scrape until
+//! the next one.
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use backlog_common::{hist, DropReason, Event, N_REASONS};
+use bytes::Bytes;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -22,6 +28,7 @@ use super::http::{self, Render};
 use super::Sink;
 use crate::cli::Filters;
 use crate::model::{Listener, Model};
+use crate::retired::{comm_label, PortClass};
 
 /// "9464" means 127.0.0.1:9464: metrics stay on the host unless an address is given.
 pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
@@ -34,7 +41,7 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Labels {
     netns: u32,
-    port: u16,
+    port: PortClass,
     comm: String,
 }
 
@@ -92,12 +99,14 @@ fn add(s: &mut Series, l: &Listener) {
 impl Snapshot {
     fn of(model: &Model, filters: &Filters) -> Snapshot {
         let mut series: BTreeMap<Labels, Series> = BTreeMap::new();
+        let policy = model.retired.policy();
         for l in model.matching(filters) {
-            let mut comms: Vec<&str> = l.owners.values().map(String::as_str).collect();
-            comms.sort_unstable();
-            comms.dedup();
-            let labels = Labels { netns: l.netns, port: l.port, comm: comms.join(",") };
+            let labels = Labels { netns: l.netns, port: policy.class(l.port), comm: comm_label(l) };
             add(series.entry(labels).or_default(), l);
+        }
+        for (k, a) in model.retired.matching() {
+            let labels = Labels { netns: k.netns, port: k.port, comm: k.comm.clone() };
+            add(series.entry(labels).or_default(), &a.sum);
         }
         let r = &model.reconciled;
         let mut undetected: Vec<(String, u64)> =
@@ -120,7 +129,7 @@ impl Snapshot {
 struct Metrics(Arc<Mutex<Snapshot>>);
 
 fn labels(l: &Labels) -> Vec<(&'static str, String)> {
-    vec![("netns", l.netns.to_string()), ("port", l.port.to_string()), ("comm", l.comm.clone())]
+    vec![("netns", l.netns.to_string()), ("port", l.port.label()), ("comm", l.comm.clone())]
 }
 
 impl Collector for Metrics {
@@ -217,7 +226,25 @@ impl Collector for Metrics {
 
 pub struct Prometheus {
     snapshot: Arc<Mutex<Snapshot>>,
+    /// The body encoded from the current snapshot, once a scrape asked for it.
+    body: Arc<Mutex<Option<Bytes>>>,
     filters: Filters,
+}
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The body of the current snapshot: encoded by the first scrape after a sync, then
+/// shared (a reference count, not a copy) by every scrape until the next sync.
+fn cached(body: &Mutex<Option<Bytes>>, registry: &Registry) -> Bytes {
+    let mut cache = body.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .get_or_insert_with(|| {
+            let mut text = String::new();
+            // Writing to a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+            Bytes::from(text)
+        })
+        .clone()
 }
 
 impl Prometheus {
@@ -228,23 +255,25 @@ impl Prometheus {
             .with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
         let bound = listener.local_addr()?;
         eprintln!("backlog-trace: Prometheus metrics on http://{bound}/metrics");
+        let (prom, render) = Prometheus::new(filters);
+        tokio::spawn(http::serve(listener, render));
+        Ok(prom)
+    }
+
+    fn new(filters: Filters) -> (Prometheus, Render) {
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Metrics(snapshot.clone())));
-        let registry = Arc::new(registry);
-        let render: Render = Arc::new(move || {
-            let mut body = String::new();
-            // Writing to a String cannot fail.
-            let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
-            ("application/openmetrics-text; version=1.0.0; charset=utf-8", body)
-        });
-        tokio::spawn(http::serve(listener, render));
-        Ok(Prometheus { snapshot, filters })
+        let body = Arc::new(Mutex::new(None));
+        let shared = body.clone();
+        let render: Render = Arc::new(move || (CONTENT_TYPE, cached(&shared, &registry)));
+        (Prometheus { snapshot, body, filters }, render)
     }
 
     fn update(&self, model: &Model) {
         let snap = Snapshot::of(model, &self.filters);
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snap;
+        *self.body.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -306,12 +335,9 @@ mod tests {
         model.diagnostics = vec![("windows_replaced", 2)];
         let blue = crate::model::NetnsCounts { undetected: 3, ..Default::default() };
         model.reconciled.namespaces.insert(7, blue);
-        let snap = Snapshot::of(&model, &Filters { ports: vec![8080], ..Default::default() });
-        let m = Metrics(Arc::new(Mutex::new(snap)));
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(m));
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let (prom, render) = Prometheus::new(Filters { ports: vec![8080], ..Default::default() });
+        prom.update(&model);
+        let text = String::from_utf8(render().1.to_vec()).unwrap();
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         has("backlog_drops_total{netns=\"7\",port=\"8080\",comm=\"srv\",reason=\"accept_queue_full\"} 5");
         has("backlog_drops_total{netns=\"7\",port=\"8080\",comm=\"srv\",reason=\"ack_overflow\"} 1");
@@ -325,5 +351,49 @@ mod tests {
         has("backlog_programs_detached 0");
         assert!(!text.contains("9090"), "filtered out by port");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    fn series_lines(body: &Bytes) -> Vec<String> {
+        let text = std::str::from_utf8(body).unwrap();
+        text.lines().filter(|l| l.starts_with("backlog_accepts_total{")).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn churn_adds_no_series_and_keeps_every_count() {
+        use std::collections::HashSet;
+        use std::time::Instant;
+
+        use crate::retired::{Policy, Retired};
+        let mut model = Model::default();
+        model.retired = Retired::new(Policy { keep_max: 0, ..Policy::default() });
+        let (prom, render) = Prometheus::new(Filters::default());
+        let now = Instant::now();
+        // 500 port-0 listeners (ephemeral ports) and 500 on port 8080, each one accept.
+        for sk in 0..1000u64 {
+            let port = if sk % 2 == 0 { 33000 + sk as u16 } else { 8080 };
+            let mut l = Listener { sk, netns: 7, port, accepts: 1, closed: true, ..Default::default() };
+            l.wait.record(1_000);
+            model.listeners.insert(l.key(), l);
+        }
+        prom.update(&model);
+        let before = render().1;
+        let want = vec![
+            "backlog_accepts_total{netns=\"7\",port=\"8080\",comm=\"\"} 500".to_string(),
+            "backlog_accepts_total{netns=\"7\",port=\"ephemeral\",comm=\"\"} 500".to_string(),
+        ];
+        assert_eq!(series_lines(&before), want);
+        // Concurrent scrapes between two syncs share one encoding.
+        assert_eq!(render().1.as_ptr(), before.as_ptr());
+        // Every listener closed and merged: same series, same values.
+        for sk in 0..1000u64 {
+            model.retired.released(backlog_common::ListenerKey { sk, ino: 0 }, now);
+        }
+        model.retired.merge_due(&mut model.listeners, &HashSet::new(), now);
+        assert!(model.listeners.is_empty());
+        prom.update(&model);
+        let after = render().1;
+        assert_ne!(after.as_ptr(), before.as_ptr(), "a sync makes a new body");
+        assert_eq!(series_lines(&after), want);
+        assert_eq!(after, before);
     }
 }

@@ -140,6 +140,17 @@ impl Session {
         Ok(out)
     }
 
+    /// Deletes a released listener's wait buckets (`buckets` as `wait_hist` gave
+    /// them). A bucket already gone (evicted since the read) is no error.
+    pub fn forget_hist(&mut self, listener: ListenerKey, buckets: &[(usize, u64)]) -> Result<()> {
+        let m = self.ebpf.map_mut(names::WAIT_HIST).context("WAIT_HIST map")?;
+        let mut h: PerCpuHashMap<&mut MapData, HistKey, u64> = PerCpuHashMap::try_from(m)?;
+        for &(b, _) in buckets {
+            let _ = h.remove(&HistKey { listener, bucket: b as u32, _pad: 0 });
+        }
+        Ok(())
+    }
+
     /// Children still timed as queued, counted per listener. Value layout is
     /// backlog-ebpf's `accept::Enqueued` { ts_ns, listener: ListenerKey }.
     pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<ListenerKey, u64>> {
@@ -257,8 +268,9 @@ fn attach_best(
 /// Hands the heap that start-up freed back to the kernel. Parsing BTF and loading
 /// the object peak at tens of MB that are garbage once the programs are attached;
 /// glibc keeps freed memory below its trim threshold resident for reuse, which a
-/// tracer that runs for days never needs.
-fn release_freed_heap() {
+/// tracer that runs for days never needs. The same holds after a burst of closed
+/// listeners is merged away.
+pub fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free pages to the kernel.
     unsafe {

@@ -1,19 +1,24 @@
 //! NDJSON: the machine contract (`type` = start | drop | interval | summary).
 use std::io::Write;
 
-use backlog_common::{hist, DropReason, Event};
+use backlog_common::{hist, DropReason, Event, N_REASONS};
 use serde::ser::{Serialize, Serializer};
 use serde_json::{json, Value};
 
+use super::rows::{aggregate_json, Rows};
 use super::{emit, emit_batched, rates, Output, Previous};
 use crate::attribute::Owners;
 use crate::model::{ip, Listener, Model, SockAddr};
 
 pub struct Json;
 
+/// Drops by reason name, as every record prints them.
+pub fn drops_by_reason(drops: &[u64; N_REASONS]) -> Value {
+    DropReason::ALL.iter().map(|r| (r.name().to_string(), json!(drops[*r as usize]))).collect()
+}
+
 pub fn listener_json(l: &Listener) -> Value {
-    let by_reason: serde_json::Map<String, Value> =
-        DropReason::ALL.iter().map(|r| (r.name().to_string(), json!(l.drops[*r as usize]))).collect();
+    let by_reason = drops_by_reason(&l.drops);
     json!({
         "netns": l.netns,
         "port": l.port,
@@ -30,6 +35,7 @@ pub fn listener_json(l: &Listener) -> Value {
         "accepts": l.accepts,
         "abandoned": l.abandoned,
         "pending": l.pending,
+        "waits_unrecorded": l.waits_unrecorded(),
         "undetected": l.undetected,
         "accept_latency_us": l.wait.latency().map(|w| json!({
             "count": w.count, "p50": w.p50, "p90": w.p90, "p99": w.p99, "max": w.max,
@@ -175,8 +181,9 @@ impl Output for Json {
         emit_batched(|w| write_drop(w, wall_ns, ev, l));
     }
 
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous) {
-        let rows: Vec<Value> = listeners
+    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous) {
+        let listeners: Vec<Value> = rows
+            .shown
             .iter()
             .map(|l| {
                 let mut v = listener_json(l);
@@ -186,15 +193,22 @@ impl Output for Json {
                 v
             })
             .collect();
-        let mut line = json!({"type": "interval", "listeners": rows, "lost_events": model.lost_events});
+        let mut line = json!({
+            "type": "interval",
+            "listeners": listeners,
+            "more": rows.rest.json(),
+            "totals": rows.total.json(),
+            "lost_events": model.lost_events,
+        });
         for (k, v) in reconciled_json(model) {
             line[k] = v;
         }
         emit(&line.to_string());
     }
 
-    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool) {
-        let rows: Vec<Value> = listeners
+    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
+        let listeners: Vec<Value> = rows
+            .shown
             .iter()
             .map(|l| {
                 let mut v = listener_json(l);
@@ -204,10 +218,14 @@ impl Output for Json {
                 v
             })
             .collect();
+        let merged: Vec<Value> = rows.merged.iter().map(|(k, a)| aggregate_json(k, a)).collect();
         let mut line = json!({
             "type": "summary",
             "duration_s": secs,
-            "listeners": rows,
+            "listeners": listeners,
+            "more": rows.rest.json(),
+            "totals": rows.total.json(),
+            "merged": merged,
             "lost_events": model.lost_events,
             "missed_runs": model.missed_runs,
             "unmatched_accepts": model.unmatched_accepts,

@@ -1,6 +1,7 @@
 //! Where drops are *printed*: text for people, NDJSON for programs. Both render the
 //! same model and events.
 mod json;
+mod rows;
 mod text;
 
 use std::io::Write;
@@ -10,14 +11,15 @@ use backlog_common::Event;
 use crate::model::{Listener, Model};
 
 pub use json::Json;
+pub use rows::{rows, Rows};
 pub use text::Text;
 
 /// What a session says at start, per event, per interval and at the end.
 pub trait Output {
     fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str);
     fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener);
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous);
-    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool);
+    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous);
+    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool);
 }
 
 /// The one-line warning when the kernel counted listen drops the kernel side did not
@@ -74,8 +76,10 @@ pub fn completeness_lines(model: &Model) -> Vec<String> {
 /// Each listener's (drops, accepts) at the previous interval, for rates.
 pub type Previous = std::collections::HashMap<backlog_common::ListenerKey, (u64, u64)>;
 
-pub fn snapshot(listeners: &[&Listener]) -> Previous {
-    listeners.iter().map(|l| (l.key(), (l.total_drops(), l.accepts))).collect()
+/// Every listener's, not only the shown ones': a listener entering the top rows
+/// has its rate measured from its own previous totals.
+pub fn snapshot<'a>(listeners: impl Iterator<Item = &'a Listener>) -> Previous {
+    listeners.map(|l| (l.key(), (l.total_drops(), l.accepts))).collect()
 }
 
 /// Per-second rates of drops and accepts since `prev`.

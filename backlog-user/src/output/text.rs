@@ -4,6 +4,7 @@ use std::io::Write;
 
 use backlog_common::{hist, DropReason, Event};
 
+use super::rows::{Rows, Totals};
 use super::{completeness_lines, emit, emit_batched, rates, undetected_line, Output, Previous};
 use crate::model::{fmt_sockaddr, ip, Listener, Model};
 
@@ -152,33 +153,45 @@ impl Output for Text {
         });
     }
 
-    fn interval(&self, model: &Model, listeners: &[&Listener], secs: f64, prev: &Previous) {
+    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous) {
         emit("");
-        for line in table(listeners, Some((secs, prev))) {
+        for line in table(&rows.shown, Some((secs, prev))) {
+            emit(&line);
+        }
+        if let Some(line) = more(&rows.rest) {
             emit(&line);
         }
         if model.lost_events > 0 {
             emit(&format!("({} events lost: ring buffer full; counts above stay exact)", model.lost_events));
         }
-        if let Some(line) = undetected_line(model, listeners) {
+        if let Some(line) = undetected_line(model, &rows.shown) {
             emit(&line);
         }
     }
 
-    fn summary(&self, model: &Model, listeners: &[&Listener], secs: f64, hist: bool) {
+    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
         emit("");
-        let total: u64 = listeners.iter().map(|l| l.total_drops()).sum();
-        emit(&format!("Summary after {secs:.1}s: {total} drops at {} listeners", listeners.len()));
-        for line in table(listeners, None) {
+        let total = &rows.total;
+        emit(&format!("Summary after {secs:.1}s: {} drops at {} listeners", total.total_drops(), total.listeners));
+        for line in table(&rows.shown, None) {
+            emit(&line);
+        }
+        if let Some(line) = more(&rows.rest) {
             emit(&line);
         }
         if hist {
-            for l in listeners.iter().filter(|l| l.wait.count() > 0) {
+            for l in rows.shown.iter().filter(|l| l.wait.count() > 0) {
                 emit("");
                 for line in histogram(l) {
                     emit(&line);
                 }
             }
+        }
+        if total.waits_unrecorded > 0 {
+            emit(&format!(
+                "{} of {} accepts are missing from the wait histograms (the kernel's WAIT_HIST map evicted their buckets): wait percentiles cover the rest",
+                total.waits_unrecorded, total.accepts
+            ));
         }
         if model.lost_events > 0 {
             emit(&format!("{} events lost (ring buffer full); per-listener counts are exact", model.lost_events));
@@ -192,10 +205,32 @@ impl Output for Text {
         for line in completeness_lines(model) {
             emit(&line);
         }
-        if let Some(line) = undetected_line(model, listeners) {
+        if let Some(line) = undetected_line(model, &rows.shown) {
             emit(&line);
         }
     }
+}
+
+/// The line under a table for the listeners it leaves out.
+fn more(rest: &Totals) -> Option<String> {
+    if rest.listeners == 0 {
+        return None;
+    }
+    let merged = if rest.merged > 0 { format!(" ({} closed, merged by port)", rest.merged) } else { String::new() };
+    // The table's column names, in DropReason order.
+    let by_reason: Vec<String> = DropReason::ALL
+        .iter()
+        .zip(&HEAD[5..9])
+        .map(|(r, name)| format!("{name} {}", rest.drops[*r as usize]))
+        .collect();
+    Some(format!(
+        "... and {} more listeners{merged}: {} drops ({}), {} accepts, {} abandoned",
+        rest.listeners,
+        rest.total_drops(),
+        by_reason.join(", "),
+        rest.accepts,
+        rest.abandoned
+    ))
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ pub struct ReportArgs {
     /// Each listener's accept-queue wait histogram.
     #[arg(long)]
     pub hist: bool,
+    #[command(flatten)]
+    pub top: crate::cli::Top,
 }
 
 /// Accepts 4096, 500K, 64M, 1G (powers of 1024, optional trailing B or iB).

@@ -279,17 +279,18 @@ pub fn run(args: &ReportArgs) -> Result<i32> {
     let secs = replay.duration_s();
     let timeline = timeline(&replay, &rows, &filters);
     let peers = top_peers(&replay, &rows, 10);
+    let table = crate::output::rows(&replay.model, &filters, args.top.n);
 
     if args.json {
         emit(&recording_json(&replay, &session, &results, windowed).to_string());
-        Json.summary(&replay.model, &rows, secs, args.hist);
+        Json.summary(&replay.model, &table, secs, args.hist);
         emit(&timeline_json(&session, &timeline).to_string());
         let peers: Vec<Value> = peers.iter().map(|(p, n)| json!({"peer": p.to_string(), "drops": n})).collect();
         emit(&json!({"type": "peers", "top": peers}).to_string());
         emit(&json!({"type": "namespaces", "namespaces": namespaces_json(&replay)}).to_string());
     } else {
         text_header(&replay, &session, &results, windowed);
-        Text.summary(&replay.model, &rows, secs, args.hist);
+        Text.summary(&replay.model, &table, secs, args.hist);
         text_sections(&replay, &session, &timeline, &peers);
     }
     Ok(0)

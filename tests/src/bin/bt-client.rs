@@ -11,34 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use backlog_tests::sys::{check, sockaddr, tcp_socket, write_ready_file, Flags};
-
-/// One fd per connection plus stdio and slack; the default soft limit (1024)
-/// would cap large counts.
-fn raise_nofile(count: usize) {
-    let want = count as libc::rlim_t + 64;
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `lim` is a valid out-pointer.
-    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, "getrlimit");
-    if lim.rlim_cur < want {
-        lim.rlim_cur = want;
-        lim.rlim_max = lim.rlim_max.max(want);
-        // SAFETY: `lim` is valid for reading.
-        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, "setrlimit");
-    }
-}
-
-fn connect(addr: SocketAddr) -> RawFd {
-    let fd = tcp_socket(&addr, libc::SOCK_NONBLOCK);
-    let (sa, len) = sockaddr(addr);
-    // SAFETY: `sa` is a valid sockaddr of length `len`.
-    let r = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };
-    let err = std::io::Error::last_os_error();
-    if r < 0 && err.raw_os_error() != Some(libc::EINPROGRESS) {
-        panic!("connect {addr}: {err}");
-    }
-    fd
-}
+use backlog_tests::sys::{connect_nonblocking as connect, raise_nofile, write_ready_file, Flags};
 
 /// Waits (until `deadline`) for each connect to finish and sends one byte on
 /// those that succeeded. Returns how many sent.

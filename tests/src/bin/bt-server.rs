@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use backlog_tests::sys::{check, set_sockopt, sockaddr, tcp_socket, write_ready_file, Flags};
+use backlog_tests::sys::{check, fork_worker, set_sockopt, sockaddr, tcp_socket, write_ready_file, Flags};
 
 #[derive(Clone, Copy)]
 enum Accept {
@@ -91,23 +91,11 @@ fn main() {
 
     let fds: Vec<RawFd> = (0..reuseport.max(1)).map(|_| listener(addr, backlog, reuseport > 0)).collect();
     // SAFETY: plain syscall.
-    let parent = unsafe { libc::getpid() };
-    let mut pids = vec![parent];
+    let mut pids = vec![unsafe { libc::getpid() }];
     for _ in 0..workers {
-        // SAFETY: single-threaded here, so fork is safe.
-        match check(unsafe { libc::fork() }, "fork") {
-            0 => {
-                // Workers must not outlive the parent the test kills.
-                // SAFETY: plain syscalls.
-                unsafe {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
-                }
-                serve(&fds, mode);
-            }
-            pid => pids.push(pid),
+        match fork_worker() {
+            None => serve(&fds, mode),
+            Some(pid) => pids.push(pid),
         }
     }
     if let Some(path) = flags.opt("ready-file") {
