@@ -16,6 +16,10 @@ pub struct Features {
     /// drop reason, then the receiving socket; only the skb is read. `None`: the
     /// tracepoint is not in BTF.
     pub kfree_skb_args: Option<usize>,
+    /// Whether tracing programs may use maps allocated at run time: the BPF memory
+    /// allocator (`struct bpf_mem_alloc`, Linux 6.1) made that safe; before it the
+    /// kernel warns (and PREEMPT_RT refuses), so STATS is preallocated (object.rs).
+    pub run_time_alloc_safe: bool,
 }
 
 impl Features {
@@ -23,6 +27,7 @@ impl Features {
         Features {
             accept_args: function_args(btf, "inet_csk_accept"),
             kfree_skb_args: tracepoint_args(btf, "kfree_skb"),
+            run_time_alloc_safe: btf.resolve_ids_by_name("bpf_mem_alloc").is_ok_and(|ids| !ids.is_empty()),
         }
     }
 
@@ -95,14 +100,15 @@ mod tests {
         // inet_csk_accept(sk, arg) since 6.10 (this machine's kernel is newer).
         assert_eq!(function_args(&b, "inet_csk_accept"), Some(2));
         assert_eq!(function_args(&b, "no_such_function_xyz"), None);
+        assert!(Features::probe(&b).run_time_alloc_safe, "this machine's 6.18 has the BPF memory allocator");
     }
 
     #[test]
     fn a_kernel_without_the_features_is_told_in_one_line_each() {
         // What Linux 5.10's BTF says (measured on Debian's 5.10.0-46-amd64) is enough.
-        let old = Features { accept_args: Some(4), kfree_skb_args: Some(2) };
+        let old = Features { accept_args: Some(4), kfree_skb_args: Some(2), run_time_alloc_safe: false };
         assert_eq!((old.fexit_unavailable(), old.kfree_skb_unavailable()), (None, None));
-        let none = Features { accept_args: None, kfree_skb_args: None };
+        let none = Features { accept_args: None, kfree_skb_args: None, run_time_alloc_safe: true };
         for why in [none.fexit_unavailable(), none.kfree_skb_unavailable()] {
             let why = why.expect("neither is there");
             assert!(!why.contains('\n') && why.contains("use --mode"), "{why}");

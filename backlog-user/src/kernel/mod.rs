@@ -9,6 +9,7 @@ pub mod env;
 mod features;
 mod functions;
 mod links;
+mod object;
 mod objinfo;
 mod progstats;
 mod tracepoint;
@@ -242,14 +243,25 @@ fn attach_best(
     loader.btf(Some(&aya_btf));
     loader.override_global(names::OFFSETS, offsets, true);
     loader.override_global(names::CONFIG, config, true);
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    let stats = object::StatsMap::for_kernel(info.features.run_time_alloc_safe, cpus);
+    loader.map_max_entries(names::STATS, stats.max_entries);
+    let obj = object::adjusted(OBJECT, &stats)?;
     let mut fallbacks = Vec::new();
+    if stats.prealloc {
+        fallbacks.push(format!(
+            "listener counters preallocated for {} listeners (this kernel predates run-time allocation in tracing \
+             programs)",
+            stats.max_entries
+        ));
+    }
     for (mode, imp, unavailable) in verdicts {
         if let Some(why) = unavailable {
             fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
             continue;
         }
         // A fresh load per attempt: a half-attached mode must leave nothing behind.
-        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = loader.load(&obj).context("loading the eBPF object")?;
         let attached = attach_listeners(&mut ebpf, &aya_btf).and_then(|()| imp.attach(&mut ebpf, &aya_btf));
         match attached {
             Ok(notes) => {
