@@ -271,16 +271,19 @@ pub mod global {
     /// Flushes of a CPU's window skipped because one of our programs was updating
     /// it at that instant (user space flushes again at the next sync).
     pub const FLUSH_BUSY: u32 = 6;
+    /// Accept waits not counted in a histogram because WAIT_HIST was full.
+    pub const HIST_FULL: u32 = 7;
     pub const N: u32 = 8;
 
     /// JSON names of the diagnostics, by index (`LOST_EVENTS` and
     /// `UNMATCHED_ACCEPT` are reported under their own names).
-    pub const DIAGNOSTICS: [(u32, &str); 5] = [
+    pub const DIAGNOSTICS: [(u32, &str); 6] = [
         (WINDOWS_REPLACED, "windows_replaced"),
         (SETTLED_LATE, "settled_late"),
         (UNATTRIBUTED, "unattributed"),
         (STATS_FULL, "stats_full"),
         (FLUSH_BUSY, "flush_busy"),
+        (HIST_FULL, "hist_full"),
     ];
 }
 
@@ -368,6 +371,11 @@ mod pod {
 /// space once a closed listener's final counts are read; an insert into a full map
 /// fails and is counted (`global::STATS_FULL`), never evicting a live listener.
 pub const STATS_MAX_ENTRIES: u32 = 65536;
+
+/// (listener, bucket) counters WAIT_HIST holds at once: a listener fills a few
+/// dozen of its buckets. Allocated on use like STATS; a failed insert is counted
+/// (`global::HIST_FULL`), never evicting another listener's waits.
+pub const HIST_MAX_ENTRIES: u32 = 4 * STATS_MAX_ENTRIES;
 
 /// Bytes of the EVENTS ring buffer: the kernel side sizes it, user space bounds one
 /// drain by what it can hold.

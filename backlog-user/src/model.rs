@@ -113,8 +113,8 @@ impl Listener {
     }
 
     /// Accepts whose wait is missing from the histogram. The kernel counts an accept
-    /// and its wait bucket together, so any shortfall is buckets the kernel's
-    /// WAIT_HIST map (LRU) evicted: percentiles then cover only the rest.
+    /// and its wait bucket together, so any shortfall is waits the kernel's WAIT_HIST
+    /// map had no room for (`hist_full`): percentiles then cover only the rest.
     pub fn waits_unrecorded(&self) -> u64 {
         self.accepts.saturating_sub(self.wait.count())
     }

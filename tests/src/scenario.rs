@@ -243,10 +243,13 @@ impl Run {
         assert_eq!(
             drops,
             d.get("ListenDrops"),
-            "drops vs ListenDrops in {} (kernel deltas: {d}; tracer: {} lost events, {} skipped program runs): {ls:#?}",
+            "drops vs ListenDrops in {} (kernel deltas: {d}; tracer: {} lost events, {} skipped program runs, \
+             diagnostics {:?}, namespace {:?}): {ls:#?}",
             ns.name(),
             s.lost_events,
-            s.missed_runs
+            s.missed_runs,
+            s.diagnostics,
+            s.namespaces.iter().find(|n| n.netns == ns.inode())
         );
         assert_eq!(
             overflows,

@@ -5,10 +5,11 @@
 pub mod tracepoint;
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{LruHashMap, LruPerCpuHashMap},
+    maps::{LruHashMap, PerCpuHashMap},
 };
-use backlog_common::{global, hist, EventKind, HistKey, ListenerKey};
+use backlog_common::{global, hist, EventKind, HistKey, ListenerKey, HIST_MAX_ENTRIES};
 
 use crate::kernel;
 use crate::maps;
@@ -25,12 +26,12 @@ pub struct Enqueued {
 #[map(name = "ENQUEUED")]
 static ENQUEUED: LruHashMap<u64, Enqueued> = LruHashMap::with_max_entries(65536, 0);
 
-/// (listener, wait bucket) -> accepts, per CPU. A listener fills a few dozen of its
-/// 232 buckets; LRU ages out closed listeners' buckets. Every per-CPU element is
-/// allocated when the map is created, so its size is paid at start-up (65536
-/// entries took 56 ms here).
+/// (listener, wait bucket) -> accepts, per CPU. Not LRU: an LRU evicted live
+/// listeners' buckets (per-CPU free lists evict before the map is full). Allocated
+/// on use (a preallocated map's size was paid at start-up: 65536 entries took 56 ms
+/// here); user space deletes a released listener's buckets.
 #[map(name = "WAIT_HIST")]
-static WAIT_HIST: LruPerCpuHashMap<HistKey, u64> = LruPerCpuHashMap::with_max_entries(16384, 0);
+static WAIT_HIST: PerCpuHashMap<HistKey, u64> = PerCpuHashMap::with_max_entries(HIST_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// A child is on `listener`'s accept queue now. Not inlined (nor `closed`,
 /// `accepted`): bt_set_state also closes windows, whose settlement is a function
@@ -53,7 +54,9 @@ fn count_wait(listener: ListenerKey, wait_ns: u64) {
         // SAFETY: this CPU's copy.
         Some(c) => unsafe { *c += 1 },
         None => {
-            let _ = WAIT_HIST.insert(&key, &1, 0);
+            if WAIT_HIST.insert(&key, &1, 0).is_err() {
+                maps::count(global::HIST_FULL);
+            }
         }
     }
 }

@@ -244,15 +244,17 @@ fn attach_best(
     loader.override_global(names::OFFSETS, offsets, true);
     loader.override_global(names::CONFIG, config, true);
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    let stats = object::StatsMap::for_kernel(info.features.run_time_alloc_safe, cpus);
-    loader.map_max_entries(names::STATS, stats.max_entries);
-    let obj = object::adjusted(OBJECT, &stats)?;
+    let sizings = object::sizings(info.features.run_time_alloc_safe, cpus);
+    for m in &sizings {
+        loader.map_max_entries(m.name, m.max_entries);
+    }
+    let obj = object::adjusted(OBJECT, &sizings)?;
     let mut fallbacks = Vec::new();
-    if stats.prealloc {
+    if let Some(m) = sizings.iter().find(|m| m.prealloc && m.name == names::WAIT_HIST) {
         fallbacks.push(format!(
-            "listener counters preallocated for {} listeners (this kernel predates run-time allocation in tracing \
+            "accept-wait histograms preallocated ({} buckets; this kernel predates run-time allocation in tracing \
              programs)",
-            stats.max_entries
+            m.max_entries
         ));
     }
     for (mode, imp, unavailable) in verdicts {

@@ -189,7 +189,7 @@ impl Output for Text {
         }
         if total.waits_unrecorded > 0 {
             emit(&format!(
-                "{} of {} accepts are missing from the wait histograms (the kernel's WAIT_HIST map evicted their buckets): wait percentiles cover the rest",
+                "{} of {} accepts are missing from the wait histograms (the kernel's WAIT_HIST map was full: hist_full): wait percentiles cover the rest",
                 total.waits_unrecorded, total.accepts
             ));
         }
