@@ -21,6 +21,16 @@ impl Pinned {
         Ok(Pinned { saved })
     }
 
+    /// A CPU this thread may run on other than `cpu`: the tracer may be confined to
+    /// a few CPUs (taskset, a container's cpuset) and still flush every CPU.
+    pub fn other_than(&self, cpu: u32) -> Option<u32> {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `saved` is a valid cpu_set_t and the index is within its size.
+            .filter(|c| unsafe { libc::CPU_ISSET(*c, &self.saved) })
+            .map(|c| c as u32)
+            .find(|c| *c != cpu)
+    }
+
     /// Moves this thread to `cpu` (returns once it runs there).
     pub fn run_on(&self, cpu: u32) -> Result<()> {
         // SAFETY: as above; CPU_SET bounds-checks the index.

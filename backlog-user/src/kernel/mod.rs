@@ -80,6 +80,14 @@ pub struct StartOptions {
     pub emit_accepts: bool,
 }
 
+/// The user-side diagnostic beside the kernel side's `global::DIAGNOSTICS`.
+const FLUSHES_SKIPPED: &str = "flushes_skipped";
+
+/// Every diagnostic's name, as `Session::diagnostics` reports them.
+pub fn diagnostic_names() -> impl Iterator<Item = &'static str> {
+    global::DIAGNOSTICS.iter().map(|(_, name)| *name).chain([FLUSHES_SKIPPED])
+}
+
 /// A loaded and attached tracer. Dropping it detaches everything.
 pub struct Session {
     /// Our own descriptors of the programs' links, to see them detached from
@@ -90,6 +98,8 @@ pub struct Session {
     pub kernel: String,
     /// Modes tried and passed over, and hooks attached another way, for the start line.
     pub fallbacks: Vec<String>,
+    /// CPUs a flush could not reach (the tracer confined to that one CPU).
+    flushes_skipped: u64,
 }
 
 impl Session {
@@ -117,7 +127,7 @@ impl Session {
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
         let links = links::Links::of(&ebpf).context("finding the links of the attached programs")?;
         release_freed_heap();
-        Ok(Session { links, ebpf, mode, kernel: info.release, fallbacks })
+        Ok(Session { links, ebpf, mode, kernel: info.release, fallbacks, flushes_skipped: 0 })
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
@@ -170,17 +180,21 @@ impl Session {
     ///
     /// The flush runs on each CPU through an interrupt sent from another CPU, so
     /// that it can never be interrupted itself by the softirq programs whose window
-    /// it settles; this thread moves off each CPU in turn to make that so. On a
-    /// single CPU there is no other CPU to send from, and the flush does nothing.
+    /// it settles; this thread moves off each CPU in turn to make that so. A CPU with
+    /// no other CPU to send from (the tracer confined to it, a single-CPU machine) is
+    /// skipped and counted (`flushes_skipped`).
     pub fn flush(&mut self) -> Result<()> {
         let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        if cpus.len() < 2 {
-            return Ok(());
-        }
         let p: &RawTracePoint = self.ebpf.program(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
         let pinned = affinity::Pinned::save()?;
-        for (i, &cpu) in cpus.iter().enumerate() {
-            pinned.run_on(cpus[(i + 1) % cpus.len()])?;
+        for cpu in cpus {
+            // Confined to this one CPU (or a single-CPU machine): its window is
+            // settled by its next segment instead; counted, never silent.
+            let Some(from) = pinned.other_than(cpu) else {
+                self.flushes_skipped += 1;
+                continue;
+            };
+            pinned.run_on(from)?;
             p.test_run(RawTracePointRunOptions { cpu: Some(cpu), ..RawTracePointRunOptions::new() })
                 .with_context(|| format!("flushing CPU {cpu}'s window (BPF_PROG_TEST_RUN)"))?;
         }
@@ -194,7 +208,10 @@ impl Session {
 
     /// The kernel side's diagnostics (`global::DIAGNOSTICS`), by name.
     pub fn diagnostics(&self) -> Result<Vec<(&'static str, u64)>> {
-        global::DIAGNOSTICS.iter().map(|&(index, name)| Ok((name, self.global(index)?))).collect()
+        let mut all: Vec<(&'static str, u64)> =
+            global::DIAGNOSTICS.iter().map(|&(index, name)| Ok((name, self.global(index)?))).collect::<Result<_>>()?;
+        all.push((FLUSHES_SKIPPED, self.flushes_skipped));
+        Ok(all)
     }
 
     /// Programs found detached from outside since the last call, a line each.

@@ -95,11 +95,9 @@ fn reconcile_of(model: &Model, ts_ns: u64) -> Reconcile {
 /// Puts a recorded reconciliation back into a model (`report`). Diagnostics this
 /// build does not know by name are left out.
 pub fn apply_reconcile(model: &mut Model, r: &Reconcile) {
-    use backlog_common::global::DIAGNOSTICS;
     model.missed_runs = r.missed_runs;
-    model.diagnostics = DIAGNOSTICS
-        .iter()
-        .filter_map(|(_, name)| r.diagnostics.iter().find(|(n, _)| n == name).map(|(_, v)| (*name, *v)))
+    model.diagnostics = crate::kernel::diagnostic_names()
+        .filter_map(|name| r.diagnostics.iter().find(|(n, _)| n == name).map(|(_, v)| (name, *v)))
         .collect();
     model.detached = r.detached.clone();
     let rec = &mut model.reconciled;
