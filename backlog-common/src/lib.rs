@@ -366,10 +366,10 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerKey {}
 }
 
-/// Listeners the STATS map holds at once. Entries are allocated on first use (no
-/// preallocation, so an idle tracer costs nothing per entry) and deleted by user
-/// space once a closed listener's final counts are read; an insert into a full map
-/// fails and is counted (`global::STATS_FULL`), never evicting a live listener.
+/// Listeners the STATS map holds at most (the loader may size it lower to fit its
+/// preallocation budget on hosts with many CPUs). Entries are deleted by user space
+/// once a closed listener's final counts are read; an insert into a full map fails
+/// and is counted (`global::STATS_FULL`), never evicting a live listener.
 pub const STATS_MAX_ENTRIES: u32 = 65536;
 
 /// (listener, bucket) counters WAIT_HIST holds at once: a listener fills a few

@@ -23,7 +23,7 @@ pub fn on_sys_enter_listen(ctx: &TracePointContext) {
     let off = kernel::config().listen_backlog_off as usize;
     // SAFETY: offset of a u64 field inside the tracepoint record (from its format file).
     if let Ok(backlog) = unsafe { ctx.read_at::<u64>(off) } {
-        remember_backlog(backlog);
+        remember_backlog(backlog as u32);
     }
 }
 
@@ -31,8 +31,8 @@ pub fn on_sys_enter_listen(ctx: &TracePointContext) {
 /// the syscall's tracepoint, or (fentry and kprobe modes, which then need no syscall
 /// tracepoint at all) from the kernel function that still has it.
 #[inline(always)]
-pub fn remember_backlog(backlog: u64) {
-    let _ = LISTEN_ARGS.insert(&bpf_get_current_pid_tgid(), &(backlog as u32), 0);
+pub fn remember_backlog(backlog: u32) {
+    let _ = LISTEN_ARGS.insert(&bpf_get_current_pid_tgid(), &backlog, 0);
 }
 
 /// inet_sock_set_state for a socket entering or leaving LISTEN. A function of its

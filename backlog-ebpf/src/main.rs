@@ -143,13 +143,13 @@ fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_re
 /// __sys_listen_socket(sock, backlog): no syscall tracepoint in this mode.
 #[fentry(function = "__sys_listen")]
 pub fn bt_fe_listen(ctx: FEntryContext) -> i32 {
-    listeners::remember_backlog(ctx.arg::<u64>(1) as u32 as u64);
+    listeners::remember_backlog(ctx.arg::<u64>(1) as u32);
     0
 }
 
 #[fentry(function = "__sys_listen_socket")]
 pub fn bt_fe_listen_socket(ctx: FEntryContext) -> i32 {
-    listeners::remember_backlog(ctx.arg::<u64>(1) as u32 as u64);
+    listeners::remember_backlog(ctx.arg::<u64>(1) as u32);
     0
 }
 
@@ -192,7 +192,7 @@ pub fn bt_kr_recv(_ctx: RetProbeContext) -> u32 {
 
 #[kprobe]
 pub fn bt_kp_listen(ctx: ProbeContext) -> u32 {
-    listeners::remember_backlog(ctx.arg::<u64>(1).unwrap_or(0) as u32 as u64);
+    listeners::remember_backlog(ctx.arg::<u64>(1).unwrap_or(0) as u32);
     0
 }
 

@@ -17,8 +17,10 @@ use crate::kernel;
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 /// Keyed by the listener's identity (`ListenerKey`). Not LRU: an eviction would throw
-/// a live listener's counts away. Entries are allocated as listeners are first seen;
-/// user space deletes a closed listener's entry once it has read the final values.
+/// a live listener's counts away. Declared allocated-on-use, but the loader
+/// preallocates it within a memory budget (backlog-user/src/kernel/object.rs: inserts
+/// into a map allocated on use failed under bursts of new listeners); user space
+/// deletes a closed listener's entry once it has read the final values.
 #[map(name = "STATS")]
 pub static STATS: PerCpuHashMap<ListenerKey, ListenerStats> =
     PerCpuHashMap::with_max_entries(STATS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
