@@ -13,9 +13,9 @@ mod output;
 mod reconcile;
 mod record;
 mod retired;
-mod sys;
 mod trace;
 
+use backlog_user::sys;
 use clap::Parser;
 
 fn main() {
