@@ -1,50 +1,74 @@
 //! backlog-trace: catch and explain TCP listen-queue drops.
 //!
-//! Three files to read first: backlog-ebpf/src/drops/ (where a drop is detected),
-//! src/attribute/ (where it is attributed to processes), src/output/ (where it is
-//! printed).
-mod attribute;
+//! Three places to read first: backlog-ebpf/src/drops/ (where a drop is detected),
+//! src/sys/procs.rs with src/session/owners.rs (where it is attributed to the
+//! processes holding the listener), src/output/ (where it is printed).
+//!
+//! Layers, each importing only those below it: cli (arguments -> settings) and this
+//! file (dispatch, exit codes) on top; then record, check and export; session (the
+//! live loop); output; model; event (raw kernel events -> types), kernel (load and
+//! attach), time; and sys, the OS readers, in the library.
 mod check;
 mod cli;
+mod event;
 mod export;
 mod kernel;
 mod model;
 mod output;
-mod reconcile;
 mod record;
-mod retired;
-mod trace;
+mod session;
+mod time;
 
+use std::io::Write;
+
+use anyhow::Result;
 use backlog_user::sys;
 use clap::Parser;
+
+use session::observer::Observer;
 
 fn main() {
     let cli = cli::Cli::parse();
     let code = match cli.command {
-        Some(cli::Command::Check(args)) => match check::run(&args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("backlog-trace check: {e:#}");
-                2
-            }
-        },
-        Some(cli::Command::Record(args)) => live(record::record(args)),
-        Some(cli::Command::Report(args)) => match record::report(&args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("backlog-trace report: {e:#}");
-                2
-            }
-        },
-        None => live(trace::run(cli.trace, Vec::new())),
+        Some(cli::Command::Check(args)) => {
+            or_exit("check", 2, check::run(&args.settings(), &mut std::io::stdout().lock()))
+        }
+        Some(cli::Command::Record(args)) => live(&args.trace, Some(args.settings())),
+        Some(cli::Command::Report(args)) => {
+            or_exit("report", 2, record::report(&args.settings(), &mut std::io::stdout().lock()))
+        }
+        None => live(&cli.trace, None),
     };
     std::process::exit(code);
 }
 
-/// Runs a live session (plain or recording) to its exit code.
-fn live(session: impl std::future::Future<Output = anyhow::Result<i32>>) -> i32 {
+/// A command's exit code, or one line naming what failed and `code`.
+fn or_exit(command: &str, code: i32, r: Result<i32>) -> i32 {
+    r.unwrap_or_else(|e| {
+        eprintln!("backlog-trace {command}: {e:#}");
+        code
+    })
+}
+
+/// Runs a live session, recording it when `record` is given, to its exit code:
+/// 3 when the kernel lacks a forced mode, 1 for any other failure.
+fn live(args: &cli::TraceArgs, record: Option<record::RecordSettings>) -> i32 {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(session) {
+    let settings = args.live();
+    let run = async {
+        // Recorder first: a recording is what outlives the terminal.
+        let mut observers: Vec<Box<dyn Observer>> = Vec::new();
+        if let Some(r) = &record {
+            observers.push(Box::new(record::Recorder::create(r, &settings.session.filter)?));
+        }
+        let stdout: Box<dyn Write> = Box::new(std::io::stdout());
+        observers.push(Box::new(output::Printer::new(settings.view, stdout)));
+        if let Some(addr) = settings.prometheus {
+            observers.push(Box::new(export::Prometheus::serve(addr, settings.session.filter.clone()).await?));
+        }
+        session::run(settings.session, observers).await
+    };
+    match rt.block_on(run) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("backlog-trace: {e:#}");

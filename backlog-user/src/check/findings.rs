@@ -1,7 +1,7 @@
 //! Turns the measurements into findings: what is wrong, the evidence, what to change.
 use std::collections::BTreeMap;
 
-use super::model::{Finding, ListenerGroup, NetnsReport, Severity};
+use super::diagnosis::{Finding, ListenerGroup, NetnsReport, Severity};
 
 /// Since Linux 5.4 the kernel default; a lower somaxconn is a deliberate or inherited cap.
 const DEFAULT_SOMAXCONN: u32 = 4096;
@@ -236,7 +236,7 @@ fn saturated(listeners: &[ListenerGroup], out: &mut Vec<Finding>) {
     }
 }
 
-fn owners_text(owners: &[super::model::OwnerUse]) -> String {
+fn owners_text(owners: &[super::diagnosis::OwnerUse]) -> String {
     if owners.is_empty() {
         return "not visible".into();
     }
@@ -246,7 +246,7 @@ fn owners_text(owners: &[super::model::OwnerUse]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::model::{CounterDelta, Member};
+    use crate::check::diagnosis::{CounterDelta, Member};
     use crate::sys::sysctl::Sysctls;
 
     fn ns(somaxconn: u32, abort: u32, counters: &[(&'static str, u64)]) -> NetnsReport {
@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(kinds(&f), ["capped_by_somaxconn"]);
         assert_eq!(f[0].severity, Severity::Warning);
         assert!(f[0].summary.contains("capped by net.core.somaxconn at 128"));
-        assert_eq!(crate::check::model::exit_code(&f), 1);
+        assert_eq!(crate::check::diagnosis::exit_code(&f), 1);
     }
 
     #[test]
@@ -331,8 +331,8 @@ mod tests {
 
     #[test]
     fn a_saturated_owner_is_named_once() {
-        use crate::check::model::OwnerUse;
-        use crate::check::procs::CpuUse;
+        use crate::check::cpu::CpuUse;
+        use crate::check::diagnosis::OwnerUse;
         let cpu = CpuUse { total_percent: 130.0, busiest_thread_percent: 97.0, threads: 4 };
         let mut groups = [group(80, &[511], 0, 0), group(443, &[511], 0, 0)];
         for g in &mut groups {

@@ -4,9 +4,9 @@
 //! sysctls that cap it, how full it gets over a sampling window, whether the namespace's
 //! drop counters move and which listener they belong to, and whether the owning
 //! processes have CPU left. Needs no eBPF: sock_diag, /proc and sysctls only.
+mod cpu;
+mod diagnosis;
 mod findings;
-mod model;
-mod procs;
 mod render;
 mod sample;
 
@@ -14,41 +14,38 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
 
 use crate::sys::netns::{self, Inside, NetnsInfo};
 use crate::sys::netstat::{self, Counters};
-use model::{CounterDelta, NetnsReport, OwnerUse, Report};
+use crate::sys::procs;
+use diagnosis::{CounterDelta, NetnsReport, OwnerUse, Report};
 use sample::Sampler;
 
-#[derive(Args, Debug, Clone)]
-pub struct CheckArgs {
-    /// Only listeners on this local port (repeatable).
-    #[arg(long = "port", short = 'p', value_parser = clap::value_parser!(u16).range(1..=65535))]
-    pub ports: Vec<u16>,
-    /// Only this network namespace: a name from `ip netns`, a path such as
-    /// /proc/PID/ns/net, or an inode number (repeatable). Default: all of them.
-    #[arg(long = "netns", value_parser = crate::sys::netns::parse_netns)]
-    pub netns: Vec<u32>,
-    /// How long to watch queues and counters (e.g. 2s, 500ms). Ten seconds, as with
-    /// two `nstat` runs, catches bursts that a shorter look misses.
-    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+/// What `check` looks at and how it answers.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Which listeners (ports, owners) in which namespaces; all when empty.
+    pub filter: crate::model::Filter,
+    /// How long to watch queues and counters.
     pub sample: Duration,
-    /// Emit one JSON document.
-    #[arg(long)]
+    /// One JSON document instead of text.
     pub json: bool,
 }
 
 /// Returns the exit code: 0 healthy, 1 at least one warning. Errors mean the check
 /// could not run (the caller exits 2).
-pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
+pub fn run(args: &Settings, out: &mut dyn std::io::Write) -> anyhow::Result<i32> {
     let mut not_visible = Vec::new();
-    let mut watched = open_namespaces(args, &mut not_visible)?;
-    let mut sampler = Sampler::new(&args.ports);
+    let mut watched = open_namespaces(&args.filter.netns, &mut not_visible)?;
+    let mut sampler = Sampler::new(&args.filter.ports);
     observe(&mut watched, &mut sampler)?;
-    let mut scan = procs::owners_of(&sampler.inodes());
-    let cpu_before: BTreeMap<i32, procs::CpuSample> =
-        scan.owners.values().flatten().filter_map(|o| procs::cpu_sample(o.pid).map(|s| (o.pid, s))).collect();
+    let mut scan = procs::scan(Some(&sampler.inodes()));
+    let cpu_before: BTreeMap<i32, cpu::CpuSample> = scan
+        .owners
+        .values()
+        .flat_map(|o| o.keys())
+        .filter_map(|&pid| cpu::cpu_sample(pid as i32).map(|s| (pid as i32, s)))
+        .collect();
     let counters_before = read_counters(&mut watched)?;
     let start = Instant::now();
     // On stderr in every mode: it tells a person (or a test) the window is open.
@@ -68,14 +65,14 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     }
     let counters_after = read_counters(&mut watched)?;
     let window = start.elapsed().as_secs_f64();
-    let cpu: HashMap<i32, procs::CpuUse> = cpu_before
+    let cpu: HashMap<i32, cpu::CpuUse> = cpu_before
         .iter()
-        .filter_map(|(&pid, before)| procs::cpu_sample(pid).map(|after| (pid, procs::cpu_use(before, &after))))
+        .filter_map(|(&pid, before)| cpu::cpu_sample(pid).map(|after| (pid, cpu::cpu_use(before, &after))))
         .collect();
 
     // Listeners that appeared during the window were not in the first owner scan.
     let unowned = sampler.inodes().into_iter().filter(|i| !scan.owners.contains_key(i)).collect();
-    let late = procs::owners_of(&unowned);
+    let late = procs::scan(Some(&unowned));
     scan.owners.extend(late.owners);
     scan.unreadable = scan.unreadable.max(late.unreadable);
     if scan.unreadable > 0 {
@@ -87,10 +84,20 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
         ));
     }
 
-    let listeners = sampler.groups(window, |inode| {
-        let owners = scan.owners.get(&inode).map(Vec::as_slice).unwrap_or_default();
-        owners.iter().map(|o| OwnerUse { pid: o.pid, comm: o.comm.clone(), cpu: cpu.get(&o.pid).copied() }).collect()
+    let mut listeners = sampler.groups(window, |inode| {
+        let owners = scan.owners.get(&u64::from(inode)).into_iter().flatten();
+        owners
+            .map(|(&pid, comm)| {
+                let pid = pid as i32;
+                OwnerUse { pid, comm: comm.clone(), cpu: cpu.get(&pid).copied() }
+            })
+            .collect()
     });
+    // --pid keeps the listeners those processes hold (known once owners are).
+    let pids = &args.filter.pids;
+    if !pids.is_empty() {
+        listeners.retain(|g| g.members.iter().flat_map(|m| &m.owners).any(|o| pids.contains(&(o.pid as u32))));
+    }
     let namespaces: Vec<NetnsReport> = watched
         .iter()
         .zip(counters_before.iter().zip(&counters_after))
@@ -102,9 +109,9 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
         })
         .collect();
     let findings = findings::analyze(&namespaces, &listeners);
-    let exit_code = model::exit_code(&findings);
+    let exit_code = diagnosis::exit_code(&findings);
     let report = Report {
-        schema_version: model::SCHEMA_VERSION,
+        schema_version: diagnosis::SCHEMA_VERSION,
         sample_seconds: window,
         namespaces,
         listeners,
@@ -112,50 +119,29 @@ pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
         not_visible,
         exit_code,
     };
-    println!("{}", if args.json { render::json(&report) } else { render::text(&report) });
+    let text = if args.json { render::json(&report) } else { render::text(&report) };
+    writeln!(out, "{text}").and_then(|()| out.flush()).context("writing the report")?;
     Ok(exit_code)
 }
 
 /// Enters every requested namespace; the ones we may not enter are reported, not fatal.
-fn open_namespaces(args: &CheckArgs, not_visible: &mut Vec<String>) -> anyhow::Result<Vec<(NetnsInfo, Inside)>> {
-    let current = netns::current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
-    let all = netns::enumerate().context("cannot list /proc (is /proc mounted?)")?;
-    let chosen: Vec<NetnsInfo> = if args.netns.is_empty() {
-        if all.hidden_pids > 0 {
-            not_visible.push(format!(
-                "the network namespaces of {} process(es) we may not inspect ({})",
-                all.hidden_pids,
-                why_hidden()
-            ));
-        }
-        all.namespaces
-    } else {
-        let mut chosen = Vec::new();
-        for &want in &args.netns {
-            match all.namespaces.iter().find(|n| n.inode == want) {
-                Some(n) => chosen.push(n.clone()),
-                None => bail!(
-                    "network namespace {want} is not used by any process we can see nor named in /run/netns \
-                     (check `ip netns list` and `lsns -t net`; run as root to see other users' processes)"
-                ),
-            }
-        }
-        chosen
-    };
-    let mut watched = Vec::new();
-    for ns in chosen {
-        match netns::enter(&ns, current) {
-            Ok(inside) => watched.push((ns, inside)),
-            Err(e) => {
-                let name = ns.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
-                not_visible.push(format!("netns {}{name}: could not enter it ({e}); needs root", ns.inode));
-            }
-        }
+fn open_namespaces(netns_wanted: &[u32], not_visible: &mut Vec<String>) -> anyhow::Result<Vec<(NetnsInfo, Inside)>> {
+    let opened = netns::open(netns_wanted)?;
+    if opened.hidden_pids > 0 {
+        not_visible.push(format!(
+            "the network namespaces of {} process(es) we may not inspect ({})",
+            opened.hidden_pids,
+            why_hidden()
+        ));
     }
-    if watched.is_empty() {
+    for (ns, e) in &opened.failed {
+        let name = ns.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        not_visible.push(format!("netns {}{name}: could not enter it ({e}); needs root", ns.inode));
+    }
+    if opened.entered.is_empty() {
         bail!("could not look into any network namespace ({}); run as root", not_visible.join("; "));
     }
-    Ok(watched)
+    Ok(opened.entered)
 }
 
 /// Why /proc hid something from us: without root it is other users' processes; as root

@@ -1,7 +1,7 @@
 //! The report as text for a terminal, or as one JSON document.
 use std::fmt::Write;
 
-use super::model::{ListenerGroup, Member, Report};
+use super::diagnosis::{ListenerGroup, Member, Report};
 
 pub fn json(r: &Report) -> String {
     serde_json::to_string_pretty(r).expect("report serializes")

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::model::{ListenerGroup, Member, OwnerUse};
+use super::diagnosis::{ListenerGroup, Member, OwnerUse};
 use crate::sys::diag::SockEntry;
 
 /// One local address and port in one namespace.
@@ -74,8 +74,8 @@ impl Sampler {
     }
 
     /// Inodes of every listener seen so far.
-    pub fn inodes(&self) -> BTreeSet<u32> {
-        self.socks.keys().copied().collect()
+    pub fn inodes(&self) -> BTreeSet<u64> {
+        self.socks.keys().map(|&i| u64::from(i)).collect()
     }
 
     /// The listeners, grouped by address and port; `owners` names a socket's processes.

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use backlog_common::{hist, DropReason, Event, N_REASONS};
+use backlog_common::{hist, DropReason, N_REASONS};
 use bytes::Bytes;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
@@ -25,10 +25,10 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::http::{self, Render};
-use super::Sink;
-use crate::cli::Filters;
-use crate::model::{Listener, Model};
-use crate::retired::{comm_label, PortClass};
+use crate::event::ListenerEvent;
+use crate::model::retired::{comm_label, PortClass};
+use crate::model::{Filter, Listener, Model};
+use crate::session::observer::{Observer, Started};
 
 /// "9464" means 127.0.0.1:9464: metrics stay on the host unless an address is given.
 pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
@@ -61,7 +61,7 @@ struct Series {
 }
 
 #[derive(Debug, Default)]
-struct Snapshot {
+struct Values {
     series: BTreeMap<Labels, Series>,
     lost_events: u64,
     missed_runs: u64,
@@ -96,8 +96,8 @@ fn add(s: &mut Series, l: &Listener) {
     }
 }
 
-impl Snapshot {
-    fn of(model: &Model, filters: &Filters) -> Snapshot {
+impl Values {
+    fn of(model: &Model, filters: &Filter) -> Values {
         let mut series: BTreeMap<Labels, Series> = BTreeMap::new();
         let policy = model.retired.policy();
         for l in model.matching(filters) {
@@ -114,9 +114,9 @@ impl Snapshot {
         if filters.netns.is_empty() && r.folded.namespaces > 0 {
             undetected.push(("gone".into(), r.folded.undetected));
         }
-        Snapshot {
+        Values {
             series,
-            lost_events: model.lost_events,
+            lost_events: model.totals.lost_events,
             missed_runs: model.missed_runs,
             undetected,
             diagnostics: model.diagnostics.clone(),
@@ -126,7 +126,7 @@ impl Snapshot {
 }
 
 #[derive(Debug)]
-struct Metrics(Arc<Mutex<Snapshot>>);
+struct Metrics(Arc<Mutex<Values>>);
 
 fn labels(l: &Labels) -> Vec<(&'static str, String)> {
     vec![("netns", l.netns.to_string()), ("port", l.port.label()), ("comm", l.comm.clone())]
@@ -225,10 +225,10 @@ impl Collector for Metrics {
 }
 
 pub struct Prometheus {
-    snapshot: Arc<Mutex<Snapshot>>,
+    values: Arc<Mutex<Values>>,
     /// The body encoded from the current snapshot, once a scrape asked for it.
     body: Arc<Mutex<Option<Bytes>>>,
-    filters: Filters,
+    filters: Filter,
 }
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -249,7 +249,7 @@ fn cached(body: &Mutex<Option<Bytes>>, registry: &Registry) -> Bytes {
 
 impl Prometheus {
     /// Starts serving http://ADDR/metrics on the current tokio runtime.
-    pub async fn serve(addr: SocketAddr, filters: Filters) -> Result<Prometheus> {
+    pub async fn serve(addr: SocketAddr, filters: Filter) -> Result<Prometheus> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
@@ -260,36 +260,36 @@ impl Prometheus {
         Ok(prom)
     }
 
-    fn new(filters: Filters) -> (Prometheus, Render) {
-        let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+    fn new(filters: Filter) -> (Prometheus, Render) {
+        let values = Arc::new(Mutex::new(Values::default()));
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Metrics(snapshot.clone())));
+        registry.register_collector(Box::new(Metrics(values.clone())));
         let body = Arc::new(Mutex::new(None));
         let shared = body.clone();
         let render: Render = Arc::new(move || (CONTENT_TYPE, cached(&shared, &registry)));
-        (Prometheus { snapshot, body, filters }, render)
+        (Prometheus { values, body, filters }, render)
     }
 
     fn update(&self, model: &Model) {
-        let snap = Snapshot::of(model, &self.filters);
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snap;
+        let snap = Values::of(model, &self.filters);
+        *self.values.lock().unwrap_or_else(|p| p.into_inner()) = snap;
         *self.body.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
-impl Sink for Prometheus {
-    fn started(&mut self, _mode: &str, _kernel: &str, _scope: &str) -> Result<()> {
+impl Observer for Prometheus {
+    fn started(&mut self, _s: &Started) -> Result<()> {
         Ok(())
     }
 
-    fn event(&mut self, _ev: &Event, _l: &Listener) {}
+    fn event(&mut self, _ev: &ListenerEvent, _l: &Listener) {}
 
     fn synced(&mut self, model: &Model) -> Result<()> {
         self.update(model);
         Ok(())
     }
 
-    fn finish(&mut self, model: &Model) -> Result<()> {
+    fn finish(&mut self, model: &Model, _secs: f64) -> Result<()> {
         self.update(model);
         Ok(())
     }
@@ -335,7 +335,7 @@ mod tests {
         model.diagnostics = vec![("windows_replaced", 2)];
         let blue = crate::model::NetnsCounts { undetected: 3, ..Default::default() };
         model.reconciled.namespaces.insert(7, blue);
-        let (prom, render) = Prometheus::new(Filters { ports: vec![8080], ..Default::default() });
+        let (prom, render) = Prometheus::new(Filter { ports: vec![8080], ..Default::default() });
         prom.update(&model);
         let text = String::from_utf8(render().1.to_vec()).unwrap();
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
@@ -363,10 +363,10 @@ mod tests {
         use std::collections::HashSet;
         use std::time::Instant;
 
-        use crate::retired::{Policy, Retired};
+        use crate::model::retired::{Policy, Retired};
         let mut model = Model::default();
         model.retired = Retired::new(Policy { keep_max: 0, ..Policy::default() });
-        let (prom, render) = Prometheus::new(Filters::default());
+        let (prom, render) = Prometheus::new(Filter::default());
         let now = Instant::now();
         // 500 port-0 listeners (ephemeral ports) and 500 on port 8080, each one accept.
         for sk in 0..1000u64 {

@@ -20,8 +20,6 @@ use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestR
 use aya::{Btf, Ebpf, EbpfLoader};
 use backlog_common::{global, names, Config, HistKey, KernelOffsets, ListenerKey, ListenerStats};
 
-use crate::cli::Mode;
-
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backlog"));
 
@@ -29,6 +27,15 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ba
 pub struct KernelInfo {
     pub release: String,
     pub features: features::Features,
+}
+
+/// Where the kernel programs attach: function entry/exit trampolines, kprobes, or
+/// tracepoints (the fallback every kernel has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Fentry,
+    Kprobe,
+    Tracepoint,
 }
 
 /// A forced attach mode that this kernel cannot run, as found by probing it (not by

@@ -1,16 +1,21 @@
 //! NDJSON: the machine contract (`type` = start | drop | interval | summary).
-use std::io::Write;
+use std::io::{self, Write};
 
-use backlog_common::{hist, DropReason, Event, N_REASONS};
+use backlog_common::{hist, DropReason, N_REASONS};
 use serde::ser::{Serialize, Serializer};
 use serde_json::{json, Value};
 
 use super::rows::{aggregate_json, Rows};
-use super::{emit, emit_batched, rates, Output, Previous};
-use crate::attribute::Owners;
-use crate::model::{ip, Listener, Model, SockAddr};
+use super::{rates, Previous};
+use crate::event::Dropped;
+use crate::model::{Listener, Model, Owners, SockAddr};
+use crate::session::observer::Started;
 
-pub struct Json;
+/// One NDJSON record.
+pub fn line(w: &mut impl Write, v: &Value) -> io::Result<()> {
+    serde_json::to_writer(&mut *w, v)?;
+    w.write_all(b"\n")
+}
 
 /// Drops by reason name, as every record prints them.
 pub fn drops_by_reason(drops: &[u64; N_REASONS]) -> Value {
@@ -85,7 +90,7 @@ fn diagnostics_json(model: &Model) -> Value {
     let mut d: serde_json::Map<String, Value> =
         model.diagnostics.iter().map(|(name, n)| (name.to_string(), json!(n))).collect();
     d.insert("missed_runs".into(), json!(model.missed_runs));
-    d.insert("lost_events".into(), json!(model.lost_events));
+    d.insert("lost_events".into(), json!(model.totals.lost_events));
     Value::Object(d)
 }
 
@@ -127,18 +132,18 @@ struct DropLine<'a> {
     kind: &'static str,
 }
 
-pub(super) fn write_drop(w: &mut impl Write, wall_ns: u64, ev: &Event, l: &Listener) -> std::io::Result<()> {
+pub fn drop_line(w: &mut impl Write, wall_ns: u64, d: &Dropped, l: &Listener) -> io::Result<()> {
     let line = DropLine {
         comms: Comms(&l.owners),
         local: SockAddr(l.addr, l.port),
-        netns: ev.netns,
-        peer: SockAddr(Some(ip(ev.family, &ev.raddr)), ev.rport),
+        netns: l.netns,
+        peer: SockAddr(Some(d.peer.ip()), d.peer.port),
         pids: Pids(&l.owners),
-        port: ev.lport,
-        queue_len: ev.queue_len,
-        queue_max: ev.queue_max,
-        reason: DropReason::from_u8(ev.reason).map_or("other", DropReason::name),
-        syn_queue_len: ev.syn_queue_len,
+        port: l.port,
+        queue_len: d.queue_len,
+        queue_max: d.queue_max,
+        reason: d.reason.name(),
+        syn_queue_len: d.syn_queue_len,
         ts_ns: wall_ns,
         kind: "drop",
     };
@@ -169,98 +174,90 @@ impl Serialize for Comms<'_> {
     }
 }
 
-impl Output for Json {
-    fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str) {
-        emit(
-            &json!({"type": "start", "mode": mode, "kernel": kernel, "scope": scope, "fallbacks": fallbacks})
-                .to_string(),
-        );
-    }
+pub fn start(w: &mut impl Write, s: &Started) -> io::Result<()> {
+    let v = json!({"type": "start", "mode": s.mode, "kernel": s.kernel, "scope": s.scope, "fallbacks": s.fallbacks});
+    line(w, &v)
+}
 
-    fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener) {
-        emit_batched(|w| write_drop(w, wall_ns, ev, l));
+pub fn interval(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, prev: &Previous) -> io::Result<()> {
+    let listeners: Vec<Value> = rows
+        .shown
+        .iter()
+        .map(|l| {
+            let mut v = listener_json(l);
+            let (drops, accepts) = rates(l, secs, prev);
+            v["drops_per_sec"] = json!(drops);
+            v["accepts_per_sec"] = json!(accepts);
+            v
+        })
+        .collect();
+    let mut line = json!({
+        "type": "interval",
+        "listeners": listeners,
+        "more": rows.rest.json(),
+        "totals": rows.total.json(),
+        "lost_events": model.totals.lost_events,
+    });
+    for (k, v) in reconciled_json(model) {
+        line[k] = v;
     }
+    self::line(w, &line)
+}
 
-    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous) {
-        let listeners: Vec<Value> = rows
-            .shown
-            .iter()
-            .map(|l| {
-                let mut v = listener_json(l);
-                let (drops, accepts) = rates(l, secs, prev);
-                v["drops_per_sec"] = json!(drops);
-                v["accepts_per_sec"] = json!(accepts);
-                v
-            })
-            .collect();
-        let mut line = json!({
-            "type": "interval",
-            "listeners": listeners,
-            "more": rows.rest.json(),
-            "totals": rows.total.json(),
-            "lost_events": model.lost_events,
-        });
-        for (k, v) in reconciled_json(model) {
-            line[k] = v;
-        }
-        emit(&line.to_string());
+pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: bool) -> io::Result<()> {
+    let listeners: Vec<Value> = rows
+        .shown
+        .iter()
+        .map(|l| {
+            let mut v = listener_json(l);
+            if hist {
+                v["accept_wait_hist_us"] = hist_json(l);
+            }
+            v
+        })
+        .collect();
+    let merged: Vec<Value> = rows.merged.iter().map(|(k, a)| aggregate_json(k, a)).collect();
+    let mut line = json!({
+        "type": "summary",
+        "duration_s": secs,
+        "listeners": listeners,
+        "more": rows.rest.json(),
+        "totals": rows.total.json(),
+        "merged": merged,
+        "lost_events": model.totals.lost_events,
+        "missed_runs": model.missed_runs,
+        "unmatched_accepts": model.totals.unmatched_accepts,
+        "pending_enqueued": model.totals.pending_enqueued,
+        "diagnostics": diagnostics_json(model),
+        "detached": model.detached,
+    });
+    for (k, v) in reconciled_json(model) {
+        line[k] = v;
     }
-
-    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
-        let listeners: Vec<Value> = rows
-            .shown
-            .iter()
-            .map(|l| {
-                let mut v = listener_json(l);
-                if hist {
-                    v["accept_wait_hist_us"] = hist_json(l);
-                }
-                v
-            })
-            .collect();
-        let merged: Vec<Value> = rows.merged.iter().map(|(k, a)| aggregate_json(k, a)).collect();
-        let mut line = json!({
-            "type": "summary",
-            "duration_s": secs,
-            "listeners": listeners,
-            "more": rows.rest.json(),
-            "totals": rows.total.json(),
-            "merged": merged,
-            "lost_events": model.lost_events,
-            "missed_runs": model.missed_runs,
-            "unmatched_accepts": model.unmatched_accepts,
-            "pending_enqueued": model.pending_enqueued,
-            "diagnostics": diagnostics_json(model),
-            "detached": model.detached,
-        });
-        for (k, v) in reconciled_json(model) {
-            line[k] = v;
-        }
-        emit(&line.to_string());
-    }
+    self::line(w, &line)
 }
 
 #[cfg(test)]
 mod tests {
-    use backlog_common::{EventKind, AF_INET, AF_INET6};
+    use backlog_common::{AF_INET, AF_INET6};
 
     use super::*;
+    use crate::event::Endpoint;
     use crate::model::fmt_sockaddr;
 
     /// The drop line as it was built before, through a `serde_json::Value`.
-    fn as_value(wall_ns: u64, ev: &Event, l: &Listener) -> String {
-        let reason = DropReason::from_u8(ev.reason).map_or("other", DropReason::name);
+    fn as_value(wall_ns: u64, d: &Dropped, l: &Listener) -> String {
         json!({
             "type": "drop",
             "ts_ns": wall_ns,
-            "netns": ev.netns,
-            "port": ev.lport,
+            "netns": l.netns,
+            "port": l.port,
             "local": l.local(),
-            "peer": fmt_sockaddr(Some(ip(ev.family, &ev.raddr)), ev.rport),
-            "reason": reason,
-            "queue_len": ev.queue_len,
-            "queue_max": ev.queue_max,
-            "syn_queue_len": ev.syn_queue_len,
+            "peer": fmt_sockaddr(Some(d.peer.ip()), d.peer.port),
+            "reason": d.reason.name(),
+            "queue_len": d.queue_len,
+            "queue_max": d.queue_max,
+            "syn_queue_len": d.syn_queue_len,
             "pids": l.owners.keys().collect::<Vec<_>>(),
             "comms": l.owners.values().collect::<Vec<_>>(),
         })
@@ -269,34 +266,27 @@ mod tests {
 
     #[test]
     fn drop_lines_are_the_bytes_of_the_value_rendering() {
-        let mut ev = Event::zeroed();
-        ev.kind = EventKind::Drop as u8;
-        ev.reason = DropReason::AckOverflow as u8;
-        ev.netns = 4026531840;
-        ev.lport = 8080;
-        ev.rport = 51234;
-        ev.queue_len = 9;
-        ev.queue_max = 8;
-        ev.syn_queue_len = 3;
-        let mut l = Listener { addr: Some("127.0.0.1".parse().unwrap()), port: 8080, ..Default::default() };
+        let mut peer = Endpoint { family: AF_INET, addr: [0; 16], port: 51234 };
+        peer.addr[..4].copy_from_slice(&[10, 0, 0, 7]);
+        let mut d = Dropped { reason: DropReason::AckOverflow, peer, queue_len: 9, queue_max: 8, syn_queue_len: 3 };
+        let mut l =
+            Listener { addr: Some("127.0.0.1".parse().unwrap()), port: 8080, netns: 4026531840, ..Default::default() };
         let mut cases = Vec::new();
-        // IPv4, no owners; IPv6 with owners whose names need escaping; unknown reason.
-        ev.family = AF_INET;
-        ev.raddr[..4].copy_from_slice(&[10, 0, 0, 7]);
-        cases.push((ev, l.clone()));
-        ev.family = AF_INET6;
-        ev.raddr = "fe80::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
-        ev.reason = 200;
+        // IPv4, no owners; IPv6 with owners whose names need escaping.
+        cases.push((d, l.clone()));
+        d.peer =
+            Endpoint { family: AF_INET6, addr: "fe80::1".parse::<std::net::Ipv6Addr>().unwrap().octets(), port: 1 };
+        d.reason = DropReason::Other;
         l.addr = Some("::".parse().unwrap());
         l.owners.insert(7, "nginx".into());
         l.owners.insert(31, "we\"ird\\ \u{1}name".into());
-        cases.push((ev, l.clone()));
+        cases.push((d, l.clone()));
         l.addr = None;
-        cases.push((ev, l));
-        for (ev, l) in &cases {
+        cases.push((d, l));
+        for (d, l) in &cases {
             let mut out = Vec::new();
-            write_drop(&mut out, 1_795_000_000_123_456_789, ev, l).unwrap();
-            let expected = as_value(1_795_000_000_123_456_789, ev, l) + "\n";
+            drop_line(&mut out, 1_795_000_000_123_456_789, d, l).unwrap();
+            let expected = as_value(1_795_000_000_123_456_789, d, l) + "\n";
             assert_eq!(String::from_utf8(out).unwrap(), expected);
         }
     }

@@ -1,25 +1,121 @@
-//! Where drops are *printed*: text for people, NDJSON for programs. Both render the
-//! same model and events.
-mod json;
+//! Where drops are *printed*: text for people (text.rs), NDJSON for programs
+//! (json.rs). Both render the same model and typed events into a writer they are
+//! handed; `Printer` is either one as a session observer.
+pub mod json;
 mod rows;
-mod text;
+pub mod text;
 
-use std::io::Write;
+use std::io::{self, BufWriter, Write};
 
-use backlog_common::Event;
+use anyhow::{Context, Result};
 
-use crate::model::{Listener, Model};
+use crate::event::{ListenerEvent, What};
+use crate::model::{Filter, Listener, Model};
+use crate::session::observer::{Observer, Started};
+use crate::time::Clock;
 
-pub use json::Json;
-pub use rows::{rows, Rows};
-pub use text::Text;
+pub use rows::rows;
 
-/// What a session says at start, per event, per interval and at the end.
-pub trait Output {
-    fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str);
-    fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener);
-    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous);
-    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// What the terminal shows of a session.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub format: Format,
+    pub filter: Filter,
+    /// Listeners a table lists before summing the rest (0: all).
+    pub top: usize,
+    /// Text: one line per drop as it happens (NDJSON always has them).
+    pub events: bool,
+    /// Each listener's accept-wait histogram in the summary.
+    pub hist: bool,
+}
+
+/// A session's terminal output: a writer, what to show, and the previous interval's
+/// totals for rates. Drop lines are written per ring-buffer batch rather than per
+/// line (a write(2) per line was 40% of the tracer's CPU in a SYN flood); every
+/// other record goes out at once so pipes and tests see it as it happens.
+pub struct Printer {
+    w: BufWriter<Box<dyn Write>>,
+    view: View,
+    clock: Clock,
+    prev: Previous,
+    /// The first write error of a drop line, returned by the next `flush`.
+    error: Option<io::Error>,
+}
+
+impl Printer {
+    pub fn new(view: View, w: Box<dyn Write>) -> Printer {
+        Printer {
+            w: BufWriter::with_capacity(64 << 10, w),
+            view,
+            clock: Clock::now(),
+            prev: Previous::new(),
+            error: None,
+        }
+    }
+
+    fn done(&mut self, r: io::Result<()>) -> Result<()> {
+        r.and_then(|()| self.w.flush()).context("writing the output")
+    }
+}
+
+impl Observer for Printer {
+    fn started(&mut self, s: &Started) -> Result<()> {
+        let r = match self.view.format {
+            Format::Text => text::start(&mut self.w, s),
+            Format::Json => json::start(&mut self.w, s),
+        };
+        self.done(r)
+    }
+
+    fn event(&mut self, ev: &ListenerEvent, l: &Listener) {
+        let What::Drop(d) = &ev.what else { return };
+        let shown = match self.view.format {
+            Format::Text => self.view.events,
+            Format::Json => true,
+        };
+        if !shown || self.error.is_some() || !l.matches(&self.view.filter) {
+            return;
+        }
+        let wall = self.clock.wall_ns(ev.ts_ns);
+        let r = match self.view.format {
+            Format::Text => text::drop_line(&mut self.w, wall, d, l),
+            Format::Json => json::drop_line(&mut self.w, wall, d, l),
+        };
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let r = self.error.take().map_or(Ok(()), Err);
+        self.done(r)
+    }
+
+    fn interval(&mut self, model: &Model, secs: f64) -> Result<()> {
+        let rows = rows(model, &self.view.filter, self.view.top);
+        let r = match self.view.format {
+            Format::Text => text::interval(&mut self.w, model, &rows, secs, &self.prev),
+            Format::Json => json::interval(&mut self.w, model, &rows, secs, &self.prev),
+        };
+        self.prev = snapshot(model.matching(&self.view.filter));
+        self.done(r)
+    }
+
+    fn finish(&mut self, model: &Model, secs: f64) -> Result<()> {
+        self.flush()?;
+        let rows = rows(model, &self.view.filter, self.view.top);
+        let r = match self.view.format {
+            Format::Text => text::summary(&mut self.w, model, &rows, secs, self.view.hist),
+            Format::Json => json::summary(&mut self.w, model, &rows, secs, self.view.hist),
+        };
+        self.done(r)
+    }
 }
 
 /// The one-line warning when the kernel counted listen drops the kernel side did not
@@ -86,56 +182,4 @@ pub fn snapshot<'a>(listeners: impl Iterator<Item = &'a Listener>) -> Previous {
 pub fn rates(l: &Listener, secs: f64, prev: &Previous) -> (f64, f64) {
     let (d, a) = prev.get(&l.key()).copied().unwrap_or((0, 0));
     ((l.total_drops().saturating_sub(d)) as f64 / secs, (l.accepts.saturating_sub(a)) as f64 / secs)
-}
-
-/// stdout through one buffer. Drop lines are written per ring-buffer batch rather
-/// than per line (a write(2) per line was 40% of the tracer's CPU in a SYN flood);
-/// every other record flushes at once so pipes and tests see it as it happens. A
-/// closed pipe ends the program quietly, like other Unix tools.
-static STDOUT: std::sync::LazyLock<std::sync::Mutex<std::io::BufWriter<std::io::Stdout>>> =
-    std::sync::LazyLock::new(|| std::sync::Mutex::new(std::io::BufWriter::with_capacity(64 << 10, std::io::stdout())));
-
-/// A record that is seen at once.
-pub(crate) fn emit(line: &str) {
-    let mut out = STDOUT.lock().unwrap_or_else(|e| e.into_inner());
-    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-        std::process::exit(0);
-    }
-}
-
-/// A line of a batch, written by `write` straight into the output buffer; the batch
-/// ends with [`flush`].
-pub(crate) fn emit_batched(write: impl FnOnce(&mut std::io::BufWriter<std::io::Stdout>) -> std::io::Result<()>) {
-    let mut out = STDOUT.lock().unwrap_or_else(|e| e.into_inner());
-    if write(&mut out).is_err() {
-        std::process::exit(0);
-    }
-}
-
-pub(crate) fn flush() {
-    if STDOUT.lock().unwrap_or_else(|e| e.into_inner()).flush().is_err() {
-        std::process::exit(0);
-    }
-}
-
-/// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock nanoseconds.
-#[derive(Clone, Copy)]
-pub struct Clock {
-    offset_ns: i128,
-}
-
-impl Clock {
-    pub fn now() -> Self {
-        let get = |id| {
-            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-            // SAFETY: valid pointer to a timespec.
-            unsafe { libc::clock_gettime(id, &mut ts) };
-            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-        };
-        Clock { offset_ns: get(libc::CLOCK_REALTIME) - get(libc::CLOCK_MONOTONIC) }
-    }
-
-    pub fn wall_ns(&self, mono_ns: u64) -> u64 {
-        (mono_ns as i128 + self.offset_ns).max(0) as u64
-    }
 }

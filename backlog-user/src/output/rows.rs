@@ -5,9 +5,8 @@ use backlog_common::N_REASONS;
 use serde_json::{json, Value};
 
 use super::json::drops_by_reason;
-use crate::cli::Filters;
-use crate::model::{Listener, Model};
-use crate::retired::{AggKey, Aggregate};
+use crate::model::retired::{AggKey, Aggregate};
+use crate::model::{Filter, Listener, Model};
 
 /// Summed counts of a set of listeners.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,7 +73,7 @@ pub struct Rows<'a> {
 
 /// The listeners matching `filters`, the `top` with most drops (then accepts) first,
 /// all of them when `top` is 0.
-pub fn rows<'a>(model: &'a Model, filters: &'a Filters, top: usize) -> Rows<'a> {
+pub fn rows<'a>(model: &'a Model, filters: &'a Filter, top: usize) -> Rows<'a> {
     let mut all: Vec<&Listener> = model.matching(filters).collect();
     all.sort_by(|a, b| (b.total_drops(), b.accepts, a.key()).cmp(&(a.total_drops(), a.accepts, b.key())));
     let cut = if top == 0 { all.len() } else { top.min(all.len()) };
@@ -114,7 +113,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::retired::{Policy, Retired};
+    use crate::model::retired::{Policy, Retired};
 
     #[test]
     fn the_busiest_are_shown_and_the_rest_summed() {
@@ -128,7 +127,7 @@ mod tests {
         }
         m.retired.released(backlog_common::ListenerKey { sk: 1, ino: 0 }, Instant::now());
         m.retired.merge_due(&mut m.listeners, &HashSet::new(), Instant::now());
-        let all = Filters::default();
+        let all = Filter::default();
         let r = rows(&m, &all, 2);
         let shown: Vec<u64> = r.shown.iter().map(|l| l.sk).collect();
         assert_eq!(shown, vec![6, 5]);

@@ -1,14 +1,14 @@
 //! Human output: a start line, optional per-drop lines, an ss/bcc-style table, and
 //! bcc/bpftrace-style histograms.
-use std::io::Write;
+use std::io::{self, Write};
 
-use backlog_common::{hist, DropReason, Event};
+use backlog_common::{hist, DropReason};
 
 use super::rows::{Rows, Totals};
-use super::{completeness_lines, emit, emit_batched, rates, undetected_line, Output, Previous};
-use crate::model::{fmt_sockaddr, ip, Listener, Model};
-
-pub struct Text;
+use super::{completeness_lines, rates, undetected_line, Previous};
+use crate::event::Dropped;
+use crate::model::{Listener, Model, SockAddr};
+use crate::session::observer::Started;
 
 fn owners(l: &Listener) -> String {
     if l.owners.is_empty() {
@@ -126,89 +126,74 @@ fn clock(wall_ns: u64) -> String {
     format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, wall_ns / 1_000_000 % 1000)
 }
 
-impl Output for Text {
-    fn start(&self, mode: &str, kernel: &str, fallbacks: &[String], scope: &str) {
-        for f in fallbacks {
-            eprintln!("backlog-trace: {f}");
-        }
-        emit(&format!("Tracing listen-queue drops on {scope} (kernel {kernel}, {mode} mode). Ctrl-C to stop."));
+pub fn start(w: &mut impl Write, s: &Started) -> io::Result<()> {
+    for f in s.fallbacks {
+        eprintln!("backlog-trace: {f}");
     }
+    writeln!(w, "Tracing listen-queue drops on {} (kernel {}, {} mode). Ctrl-C to stop.", s.scope, s.kernel, s.mode)
+}
 
-    fn drop_event(&self, wall_ns: u64, ev: &Event, l: &Listener) {
-        let reason = DropReason::from_u8(ev.reason).map_or("other", DropReason::name);
-        emit_batched(|w| {
-            writeln!(
-                w,
-                "{} UTC  {:<22} <- {:<24} {:<18} queue {}/{}  syn {}  netns {}  {}",
-                clock(wall_ns),
-                l.local(),
-                fmt_sockaddr(Some(ip(ev.family, &ev.raddr)), ev.rport),
-                reason,
-                ev.queue_len,
-                ev.queue_max,
-                ev.syn_queue_len,
-                ev.netns,
-                owners(l)
-            )
-        });
-    }
+pub fn drop_line(w: &mut impl Write, wall_ns: u64, d: &Dropped, l: &Listener) -> io::Result<()> {
+    writeln!(
+        w,
+        "{} UTC  {:<22} <- {:<24} {:<18} queue {}/{}  syn {}  netns {}  {}",
+        clock(wall_ns),
+        l.local(),
+        SockAddr(Some(d.peer.ip()), d.peer.port).to_string(),
+        d.reason.name(),
+        d.queue_len,
+        d.queue_max,
+        d.syn_queue_len,
+        l.netns,
+        owners(l)
+    )
+}
 
-    fn interval(&self, model: &Model, rows: &Rows, secs: f64, prev: &Previous) {
-        emit("");
-        for line in table(&rows.shown, Some((secs, prev))) {
-            emit(&line);
-        }
-        if let Some(line) = more(&rows.rest) {
-            emit(&line);
-        }
-        if model.lost_events > 0 {
-            emit(&format!("({} events lost: ring buffer full; counts above stay exact)", model.lost_events));
-        }
-        if let Some(line) = undetected_line(model, &rows.shown) {
-            emit(&line);
-        }
-    }
+fn lines(w: &mut impl Write, lines: impl IntoIterator<Item = String>) -> io::Result<()> {
+    lines.into_iter().try_for_each(|l| writeln!(w, "{l}"))
+}
 
-    fn summary(&self, model: &Model, rows: &Rows, secs: f64, hist: bool) {
-        emit("");
-        let total = &rows.total;
-        emit(&format!("Summary after {secs:.1}s: {} drops at {} listeners", total.total_drops(), total.listeners));
-        for line in table(&rows.shown, None) {
-            emit(&line);
-        }
-        if let Some(line) = more(&rows.rest) {
-            emit(&line);
-        }
-        if hist {
-            for l in rows.shown.iter().filter(|l| l.wait.count() > 0) {
-                emit("");
-                for line in histogram(l) {
-                    emit(&line);
-                }
-            }
-        }
-        if total.waits_unrecorded > 0 {
-            emit(&format!(
-                "{} of {} accepts are missing from the wait histograms (the kernel's WAIT_HIST map was full: hist_full): wait percentiles cover the rest",
-                total.waits_unrecorded, total.accepts
-            ));
-        }
-        if model.lost_events > 0 {
-            emit(&format!("{} events lost (ring buffer full); per-listener counts are exact", model.lost_events));
-        }
-        if model.missed_runs > 0 {
-            emit(&format!(
-                "{} program runs skipped by the kernel (a run of the same program was already active on that CPU): counts may be short",
-                model.missed_runs
-            ));
-        }
-        for line in completeness_lines(model) {
-            emit(&line);
-        }
-        if let Some(line) = undetected_line(model, &rows.shown) {
-            emit(&line);
+pub fn interval(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, prev: &Previous) -> io::Result<()> {
+    writeln!(w)?;
+    lines(w, table(&rows.shown, Some((secs, prev))))?;
+    lines(w, more(&rows.rest))?;
+    if model.totals.lost_events > 0 {
+        writeln!(w, "({} events lost: ring buffer full; counts above stay exact)", model.totals.lost_events)?;
+    }
+    lines(w, undetected_line(model, &rows.shown))
+}
+
+pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: bool) -> io::Result<()> {
+    writeln!(w)?;
+    let total = &rows.total;
+    writeln!(w, "Summary after {secs:.1}s: {} drops at {} listeners", total.total_drops(), total.listeners)?;
+    lines(w, table(&rows.shown, None))?;
+    lines(w, more(&rows.rest))?;
+    if hist {
+        for l in rows.shown.iter().filter(|l| l.wait.count() > 0) {
+            writeln!(w)?;
+            lines(w, histogram(l))?;
         }
     }
+    if total.waits_unrecorded > 0 {
+        writeln!(
+            w,
+            "{} of {} accepts are missing from the wait histograms (the kernel's WAIT_HIST map was full: hist_full): wait percentiles cover the rest",
+            total.waits_unrecorded, total.accepts
+        )?;
+    }
+    if model.totals.lost_events > 0 {
+        writeln!(w, "{} events lost (ring buffer full); per-listener counts are exact", model.totals.lost_events)?;
+    }
+    if model.missed_runs > 0 {
+        writeln!(
+            w,
+            "{} program runs skipped by the kernel (a run of the same program was already active on that CPU): counts may be short",
+            model.missed_runs
+        )?;
+    }
+    lines(w, completeness_lines(model))?;
+    lines(w, undetected_line(model, &rows.shown))
 }
 
 /// The line under a table for the listeners it leaves out.

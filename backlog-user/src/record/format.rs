@@ -25,6 +25,7 @@
 //! without it read as "nothing reconciled".
 use backlog_common::{Event, ListenerStats, COMM_LEN};
 
+use crate::event::{self as typed, ListenerEvent};
 use crate::model::{Folded, NetnsCounts};
 use crate::sys::counters::Origin;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -37,8 +38,8 @@ pub const RECORD_OVERHEAD: usize = 1 + 4 + 4;
 /// Bounds what a corrupt length field can make the reader allocate. The largest
 /// real record, a sync of every listener, is ~300 bytes per listener.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
-/// `Event` as laid out in backlog-common, written field by field.
-pub const EVENT_LEN: usize = 112;
+/// `Event` as laid out in backlog-common, written field by field (no padding in it).
+pub const EVENT_LEN: usize = std::mem::size_of::<Event>();
 
 mod kind {
     pub const SESSION: u8 = 1;
@@ -54,7 +55,7 @@ mod kind {
 /// Opens every file of a recording: who recorded what, and where this file sits
 /// among the rotated ones.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Session {
+pub struct Recording {
     /// Wall-clock ns when recording started; the same in every file of one recording.
     pub id: u64,
     /// 0 for the first file, +1 per rotation.
@@ -90,7 +91,7 @@ pub struct ListenerState {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Sync {
+pub struct CounterSync {
     pub ts_ns: u64,
     pub lost_events: u64,
     pub unmatched_accepts: u64,
@@ -157,10 +158,10 @@ pub struct Reconcile {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
-    Session(Session),
-    Event(Event),
+    Recording(Recording),
+    Event(ListenerEvent),
     Owners(Owners),
-    Sync(Sync),
+    CounterSync(CounterSync),
     Snapshot(Snapshot),
     Queues(Queues),
     /// The recorder stopped cleanly at this CLOCK_MONOTONIC time.
@@ -283,7 +284,7 @@ fn put_state(b: &mut BytesMut, l: &ListenerState) {
 
 fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
     match rec {
-        Record::Session(s) => {
+        Record::Recording(s) => {
             b.put_u64_le(s.id);
             b.put_u32_le(s.part);
             b.put_u64_le(s.mono_to_wall_ns);
@@ -296,7 +297,7 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
             kind::SESSION
         }
         Record::Event(e) => {
-            put_event(b, e);
+            put_event(b, &typed::encode(e));
             kind::EVENT
         }
         Record::Owners(o) => {
@@ -308,7 +309,7 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
             });
             kind::OWNERS
         }
-        Record::Sync(s) => {
+        Record::CounterSync(s) => {
             b.put_u64_le(s.ts_ns);
             b.put_u64_le(s.lost_events);
             b.put_u64_le(s.unmatched_accepts);
@@ -407,13 +408,18 @@ fn get_str(b: &mut &[u8]) -> R<String> {
     Ok(s)
 }
 
-fn get_list<T>(b: &mut &[u8], min_item: usize, mut get: impl FnMut(&mut &[u8]) -> R<T>) -> R<Vec<T>> {
+fn get_list<T>(b: &mut &[u8], mut get: impl FnMut(&mut &[u8]) -> R<T>) -> R<Vec<T>> {
     let n = b.try_get_u32_le()? as usize;
-    // A count larger than the payload could hold is corruption, not a reason to allocate.
-    if n.saturating_mul(min_item) > b.remaining() {
+    // Every item takes a byte at least: a larger count is corruption. The list grows
+    // as items decode, never by the count, so memory follows the bytes really there.
+    if n > b.remaining() {
         return Err(Malformed);
     }
-    (0..n).map(|_| get(b)).collect()
+    let mut items = Vec::new();
+    for _ in 0..n {
+        items.push(get(b)?);
+    }
+    Ok(items)
 }
 
 fn get_array<const N: usize>(b: &mut &[u8]) -> R<[u8; N]> {
@@ -464,7 +470,7 @@ fn get_state(b: &mut &[u8]) -> R<ListenerState> {
     s.queue_peak = b.try_get_u32_le()?;
     s.queue_max = b.try_get_u32_le()?;
     let pending = b.try_get_u64_le()?;
-    let wait = get_list(b, 10, |b| Ok((b.try_get_u16_le()?, b.try_get_u64_le()?)))?;
+    let wait = get_list(b, |b| Ok((b.try_get_u16_le()?, b.try_get_u64_le()?)))?;
     if wait.iter().any(|(i, _)| usize::from(*i) >= backlog_common::hist::BUCKETS) {
         return Err(Malformed);
     }
@@ -474,12 +480,12 @@ fn get_state(b: &mut &[u8]) -> R<ListenerState> {
 fn get_snapshot_ns(b: &mut &[u8]) -> R<NetnsSnapshot> {
     let inode = b.try_get_u32_le()?;
     let name = Some(get_str(b)?).filter(|n| !n.is_empty());
-    let sysctls = get_list(b, 10, |b| {
+    let sysctls = get_list(b, |b| {
         let name = get_str(b)?;
         let v = b.try_get_u64_le()?;
         Ok((name, u32::try_from(v).ok()))
     })?;
-    let counters = get_list(b, 10, |b| Ok((get_str(b)?, b.try_get_u64_le()?)))?;
+    let counters = get_list(b, |b| Ok((get_str(b)?, b.try_get_u64_le()?)))?;
     Ok(NetnsSnapshot { inode, name, sysctls, counters })
 }
 
@@ -487,29 +493,33 @@ fn get_snapshot_ns(b: &mut &[u8]) -> R<NetnsSnapshot> {
 pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
     let b = &mut b;
     let rec = match kind {
-        kind::SESSION => Record::Session(Session {
+        kind::SESSION => Record::Recording(Recording {
             id: b.try_get_u64_le()?,
             part: b.try_get_u32_le()?,
             mono_to_wall_ns: b.try_get_u64_le()?,
             mode: get_str(b)?,
             kernel: get_str(b)?,
             scope: get_str(b)?,
-            ports: get_list(b, 2, |b| Ok(b.try_get_u16_le()?))?,
-            pids: get_list(b, 4, |b| Ok(b.try_get_u32_le()?))?,
-            netns: get_list(b, 4, |b| Ok(b.try_get_u32_le()?))?,
+            ports: get_list(b, |b| Ok(b.try_get_u16_le()?))?,
+            pids: get_list(b, |b| Ok(b.try_get_u32_le()?))?,
+            netns: get_list(b, |b| Ok(b.try_get_u32_le()?))?,
         }),
-        kind::EVENT => Record::Event(get_event(b)?),
+        // An event of a kind this version does not know is skipped like such a record.
+        kind::EVENT => match typed::decode(&get_event(b)?) {
+            Ok(e) => Record::Event(e),
+            Err(_) => return Ok(None),
+        },
         kind::OWNERS => Record::Owners(Owners {
             sk: b.try_get_u64_le()?,
             ino: b.try_get_u64_le()?,
-            owners: get_list(b, 6, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
+            owners: get_list(b, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
         }),
-        kind::SYNC => Record::Sync(Sync {
+        kind::SYNC => Record::CounterSync(CounterSync {
             ts_ns: b.try_get_u64_le()?,
             lost_events: b.try_get_u64_le()?,
             unmatched_accepts: b.try_get_u64_le()?,
             pending_enqueued: Some(b.try_get_u64_le()?).filter(|n| *n != u64::MAX),
-            listeners: get_list(b, 116, get_state)?,
+            listeners: get_list(b, get_state)?,
         }),
         kind::SNAPSHOT => Record::Snapshot(Snapshot {
             ts_ns: b.try_get_u64_le()?,
@@ -518,11 +528,11 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
                 1 => Phase::End,
                 _ => return Err(Malformed),
             },
-            namespaces: get_list(b, 14, get_snapshot_ns)?,
+            namespaces: get_list(b, get_snapshot_ns)?,
         }),
         kind::QUEUES => Record::Queues(Queues {
             ts_ns: b.try_get_u64_le()?,
-            rows: get_list(b, 18, |b| {
+            rows: get_list(b, |b| {
                 Ok(QueueRow {
                     netns: b.try_get_u32_le()?,
                     sock_ino: b.try_get_u32_le()?,
@@ -536,8 +546,8 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
         kind::RECONCILE => Record::Reconcile(Reconcile {
             ts_ns: b.try_get_u64_le()?,
             missed_runs: b.try_get_u64_le()?,
-            diagnostics: get_list(b, 10, |b| Ok((get_str(b)?, b.try_get_u64_le()?)))?,
-            namespaces: get_list(b, 57, |b| {
+            diagnostics: get_list(b, |b| Ok((get_str(b)?, b.try_get_u64_le()?)))?,
+            namespaces: get_list(b, |b| {
                 let inode = b.try_get_u32_le()?;
                 let name = Some(get_str(b)?).filter(|n| !n.is_empty());
                 let baseline = Origin::from_name(&get_str(b)?).ok_or(Malformed)?.name();
@@ -570,9 +580,9 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
                 detected: b.try_get_u64_le()?,
                 undetected: b.try_get_u64_le()?,
             },
-            placed: get_list(b, 24, |b| Ok((b.try_get_u64_le()?, b.try_get_u64_le()?, b.try_get_u64_le()?)))?,
-            unreconciled: get_list(b, 6, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
-            detached: get_list(b, 2, get_str)?,
+            placed: get_list(b, |b| Ok((b.try_get_u64_le()?, b.try_get_u64_le()?, b.try_get_u64_le()?)))?,
+            unreconciled: get_list(b, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
+            detached: get_list(b, get_str)?,
         }),
         _ => return Ok(None),
     };
@@ -601,11 +611,10 @@ pub(crate) mod tests {
         ev.raddr[..4].copy_from_slice(&[10, 0, 0, 9]);
         ev.queue_len = 9;
         ev.queue_max = 8;
-        ev.comm[..5].copy_from_slice(b"nginx");
         let stats =
             ListenerStats { drops: [1, 2, 3, 4], lport: 8080, accepts: 7, wait_max_ns: 9, ..Default::default() };
         vec![
-            Record::Session(Session {
+            Record::Recording(Recording {
                 id: 17,
                 part: 2,
                 mono_to_wall_ns: 1 << 60,
@@ -616,13 +625,13 @@ pub(crate) mod tests {
                 pids: vec![],
                 netns: vec![4026531840],
             }),
-            Record::Event(ev),
+            Record::Event(typed::decode(&ev).expect("a drop")),
             Record::Owners(Owners {
                 sk: ev.sk,
                 ino: ev.sock_ino,
                 owners: vec![(42, "nginx".into()), (43, "nginx: worker".into())],
             }),
-            Record::Sync(Sync {
+            Record::CounterSync(CounterSync {
                 ts_ns: 5,
                 lost_events: 1,
                 unmatched_accepts: 2,

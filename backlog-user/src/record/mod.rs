@@ -2,68 +2,51 @@
 //! what the live session printed, plus a timeline, the top peers and the sysctls.
 //!
 //! format.rs is the bytes on disk; writer.rs appends and rotates; recorder.rs is
-//! the live-loop sink deciding what to write, with watch.rs reading the recorded
-//! namespaces' counters and queues; reader.rs reads back up to the first damage;
-//! report.rs replays into the model; time.rs parses and prints times.
+//! the session observer deciding what to write, with watch.rs reading the recorded
+//! namespaces' counters and queues and mapping.rs turning the model into records and
+//! back; reader.rs reads back up to the first damage; replay.rs folds records into
+//! the model; report.rs prints it.
 mod format;
+mod mapping;
 mod reader;
 mod recorder;
+mod replay;
 mod report;
-mod time;
 mod watch;
 mod writer;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use clap::Args;
+use crate::model::Filter;
+use crate::time::TimeSpec;
 
-use crate::cli::TraceArgs;
-use crate::export::Sink;
-
+pub use recorder::Recorder;
 pub use report::run as report;
 
-#[derive(Args, Debug, Clone)]
-pub struct RecordArgs {
-    /// The recording file, created readable by its owner only (an existing file
-    /// is replaced).
-    #[arg(long, short = 'o', value_name = "FILE")]
+/// Where and how a recording is written.
+#[derive(Clone, Debug)]
+pub struct RecordSettings {
+    /// The recording file (an existing one is replaced).
     pub output: PathBuf,
-    /// Start a new file when FILE would grow past this size (e.g. 500K, 64M, 1G);
-    /// the old one becomes FILE.1. Default: no limit.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    /// Start a new file when this one would grow past this many bytes.
     pub max_size: Option<u64>,
-    /// How many rotated files (FILE.1 … FILE.N) to keep.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    /// Rotated files (FILE.1 … FILE.N) kept.
     pub rotate: u32,
-    /// The live session's own options; its output is printed as usual.
-    #[command(flatten)]
-    pub trace: TraceArgs,
 }
 
-#[derive(Args, Debug, Clone)]
-pub struct ReportArgs {
-    /// Recording files: one file, or a rotated set (FILE FILE.1 …) in any order.
-    #[arg(required = true, value_name = "FILE")]
+/// What `report` reads and prints.
+#[derive(Clone, Debug)]
+pub struct ReportSettings {
+    /// One file, or a rotated set in any order.
     pub files: Vec<PathBuf>,
-    /// Only listeners on this local port (repeatable); default: what was recorded.
-    #[arg(long = "port", short = 'p', value_parser = clap::value_parser!(u16).range(1..=65535))]
-    pub ports: Vec<u16>,
-    /// Only events from this time on: an offset from the recording's start (90s,
-    /// 5m), a UTC time (2026-11-22T01:02:03Z) or a Unix time (@1763773323).
-    #[arg(long, value_parser = time::parse_time)]
-    pub since: Option<time::TimeSpec>,
-    /// Only events before this time (same forms as --since).
-    #[arg(long, value_parser = time::parse_time)]
-    pub until: Option<time::TimeSpec>,
-    /// NDJSON, as the live session prints it, plus timeline, peers and namespaces lines.
-    #[arg(long)]
+    /// Which listeners; each list given replaces the recording's own.
+    pub filter: Filter,
+    pub since: Option<TimeSpec>,
+    pub until: Option<TimeSpec>,
     pub json: bool,
-    /// Each listener's accept-queue wait histogram.
-    #[arg(long)]
     pub hist: bool,
-    #[command(flatten)]
-    pub top: crate::cli::Top,
+    /// Listeners a table lists before summing the rest (0: all).
+    pub top: usize,
 }
 
 /// Accepts 4096, 500K, 64M, 1G (powers of 1024, optional trailing B or iB).
@@ -83,13 +66,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("size '{s}' is too small: at least 4096 bytes"));
     }
     Ok(bytes)
-}
-
-/// `backlog-trace record`: a live session with a recorder attached.
-pub async fn record(args: RecordArgs) -> Result<i32> {
-    let recorder = recorder::Recorder::create(&args)?;
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(recorder)];
-    crate::trace::run(args.trace, sinks).await
 }
 
 #[cfg(test)]

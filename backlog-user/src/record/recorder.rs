@@ -1,114 +1,33 @@
 //! The `record` sink: everything the live session learns, appended to the file.
 use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
 
 use anyhow::{Context, Result};
-use backlog_common::{Event, ListenerKey, ListenerStats, AF_INET, AF_INET6};
+use backlog_common::ListenerKey;
 
-use super::format::{self, ListenerState, Owners, Phase, Reconcile, Record, Session, Sync};
+use super::format::{self, CounterSync, ListenerState, Owners, Phase, Reconcile, Record, Recording};
+use super::mapping::{reconcile_of, state_key, state_of};
 use super::watch::Watched;
 use super::writer::Writer;
-use super::RecordArgs;
-use crate::export::Sink;
-use crate::model::{Listener, Model};
-use crate::output::Clock;
-
-/// CLOCK_MONOTONIC in ns, the clock of the kernel's event timestamps.
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+use super::RecordSettings;
+use crate::event::ListenerEvent;
+use crate::model::{Filter, Listener, Model};
+use crate::session::observer::{Observer, Started};
+use crate::time::{mono_ns, Clock};
 
 pub struct Recorder {
     writer: Writer,
-    session: Session,
+    session: Recording,
     watched: Watched,
     /// What a new file after rotation must repeat to stand on its own.
     start: Option<Record>,
     owners: HashMap<ListenerKey, Owners>,
     states: HashMap<ListenerKey, ListenerState>,
-    last_sync: Sync,
+    last_sync: CounterSync,
     /// The reconciliation last written (its time aside), repeated after rotation.
     last_reconcile: Option<Reconcile>,
     /// The first write error, returned at the next sync.
     error: Option<io::Error>,
-}
-
-/// A listener as the kernel's counters describe it, from the model (which holds
-/// the exact counters after a sync).
-fn state_of(l: &Listener) -> ListenerState {
-    let (family, laddr) = match l.addr {
-        Some(IpAddr::V6(a)) => (AF_INET6, a.octets()),
-        Some(IpAddr::V4(a)) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            (AF_INET, b)
-        }
-        None => (0, [0u8; 16]),
-    };
-    let stats = ListenerStats {
-        drops: l.drops,
-        sock_ino: l.sock_ino,
-        netns: l.netns,
-        family,
-        lport: l.port,
-        laddr,
-        accepts: l.accepts,
-        wait_max_ns: l.wait.max_ns,
-        abandoned: l.abandoned,
-        queue_peak: l.queue_peak,
-        queue_max: l.queue_max,
-        ..Default::default()
-    };
-    let wait = l.wait.buckets.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| (i as u16, *n)).collect();
-    ListenerState { sk: l.sk, stats, pending: l.pending, wait }
-}
-
-/// The listener a recorded state belongs to (its stats carry the socket inode).
-pub fn state_key(s: &ListenerState) -> ListenerKey {
-    ListenerKey { sk: s.sk, ino: s.stats.sock_ino }
-}
-
-/// The model's reconciliation as a record.
-fn reconcile_of(model: &Model, ts_ns: u64) -> Reconcile {
-    let r = &model.reconciled;
-    Reconcile {
-        ts_ns,
-        missed_runs: model.missed_runs,
-        diagnostics: model.diagnostics.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
-        namespaces: r.namespaces.iter().map(|(i, n)| (*i, n.clone())).collect(),
-        folded: r.folded,
-        placed: model
-            .listeners
-            .values()
-            .filter(|l| l.undetected > 0)
-            .map(|l| (l.sk, l.sock_ino, l.undetected))
-            .collect(),
-        unreconciled: r.unreconciled.iter().map(|(i, w)| (*i, w.clone())).collect(),
-        detached: model.detached.clone(),
-    }
-}
-
-/// Puts a recorded reconciliation back into a model (`report`). Diagnostics this
-/// build does not know by name are left out.
-pub fn apply_reconcile(model: &mut Model, r: &Reconcile) {
-    model.missed_runs = r.missed_runs;
-    model.diagnostics = crate::kernel::diagnostic_names()
-        .filter_map(|name| r.diagnostics.iter().find(|(n, _)| n == name).map(|(_, v)| (name, *v)))
-        .collect();
-    model.detached = r.detached.clone();
-    let rec = &mut model.reconciled;
-    rec.namespaces = r.namespaces.iter().cloned().collect();
-    rec.folded = r.folded;
-    rec.unreconciled = r.unreconciled.iter().cloned().collect();
-    for &(sk, ino, n) in &r.placed {
-        if let Some(l) = model.listeners.get_mut(&ListenerKey { sk, ino }) {
-            l.undetected = n;
-        }
-    }
 }
 
 fn owners_of(l: &Listener) -> Owners {
@@ -116,14 +35,14 @@ fn owners_of(l: &Listener) -> Owners {
 }
 
 impl Recorder {
-    pub fn create(args: &RecordArgs) -> Result<Recorder> {
+    /// Creates the file; `filter` is the session's, recorded for `report`.
+    pub fn create(args: &RecordSettings, f: &Filter) -> Result<Recorder> {
         let path = &args.output;
         let writer = Writer::create(path, args.max_size, args.rotate)
             .with_context(|| format!("cannot create {} (choose a writable path with -o)", path.display()))?;
-        let watched = Watched::open(&args.trace.filters.netns)?;
-        let f = &args.trace.filters;
+        let watched = Watched::open(&f.netns)?;
         let clock = Clock::now();
-        let session = Session {
+        let session = Recording {
             // Wall-clock ns now: unique enough to tell recordings apart.
             id: clock.wall_ns(mono_ns()),
             part: 0,
@@ -137,7 +56,7 @@ impl Recorder {
             netns: f.netns.clone(),
         };
         let last_sync =
-            Sync { ts_ns: 0, lost_events: 0, unmatched_accepts: 0, pending_enqueued: None, listeners: vec![] };
+            CounterSync { ts_ns: 0, lost_events: 0, unmatched_accepts: 0, pending_enqueued: None, listeners: vec![] };
         Ok(Recorder {
             writer,
             session,
@@ -157,12 +76,12 @@ impl Recorder {
         if self.writer.is_full(framed.len()) {
             self.writer.rotate()?;
             self.session.part += 1;
-            let mut preamble = vec![Record::Session(self.session.clone())];
+            let mut preamble = vec![Record::Recording(self.session.clone())];
             preamble.extend(self.start.clone());
             preamble.extend(self.owners.values().cloned().map(Record::Owners));
             let mut sync = self.last_sync.clone();
             sync.listeners = self.states.values().cloned().collect();
-            preamble.push(Record::Sync(sync));
+            preamble.push(Record::CounterSync(sync));
             preamble.extend(self.last_reconcile.clone().map(Record::Reconcile));
             for p in &preamble {
                 self.writer.write(&format::frame(p))?;
@@ -199,14 +118,14 @@ impl Recorder {
             self.put_owners(l)?;
         }
         let ts_ns = mono_ns();
-        self.last_sync = Sync {
+        self.last_sync = CounterSync {
             ts_ns,
-            lost_events: model.lost_events,
-            unmatched_accepts: model.unmatched_accepts,
-            pending_enqueued: model.pending_enqueued.map(|n| n as u64),
+            lost_events: model.totals.lost_events,
+            unmatched_accepts: model.totals.unmatched_accepts,
+            pending_enqueued: model.totals.pending_enqueued,
             listeners: changed,
         };
-        let rec = Record::Sync(self.last_sync.clone());
+        let rec = Record::CounterSync(self.last_sync.clone());
         self.put(&rec)?;
         for s in std::mem::take(&mut self.last_sync.listeners) {
             self.states.insert(state_key(&s), s);
@@ -223,12 +142,12 @@ impl Recorder {
     }
 }
 
-impl Sink for Recorder {
-    fn started(&mut self, mode: &str, kernel: &str, scope: &str) -> Result<()> {
-        self.session.mode = mode.to_string();
-        self.session.kernel = kernel.to_string();
-        self.session.scope = scope.to_string();
-        self.put(&Record::Session(self.session.clone()))?;
+impl Observer for Recorder {
+    fn started(&mut self, s: &Started) -> Result<()> {
+        self.session.mode = s.mode.to_string();
+        self.session.kernel = s.kernel.to_string();
+        self.session.scope = s.scope.to_string();
+        self.put(&Record::Recording(self.session.clone()))?;
         // Counters are read once the programs are attached, so that the kernel's
         // deltas and the recorded events cover the same window.
         let start = Record::Snapshot(self.watched.snapshot(mono_ns(), Phase::Start));
@@ -239,7 +158,7 @@ impl Sink for Recorder {
         Ok(())
     }
 
-    fn event(&mut self, ev: &Event, l: &Listener) {
+    fn event(&mut self, ev: &ListenerEvent, l: &Listener) {
         if self.error.is_some() {
             return;
         }
@@ -253,7 +172,7 @@ impl Sink for Recorder {
         self.sync(model).context("writing the recording")
     }
 
-    fn finish(&mut self, model: &Model) -> Result<()> {
+    fn finish(&mut self, model: &Model, _secs: f64) -> Result<()> {
         let end = self.watched.snapshot(mono_ns(), Phase::End);
         (|| {
             self.sync(model)?;

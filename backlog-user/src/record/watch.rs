@@ -1,7 +1,7 @@
 //! The recorded namespaces seen from inside: their sysctls and TcpExt counters at
 //! start and end, and their listeners' accept-queue depth at every sync. Built on
 //! `check`'s per-namespace readers.
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
 use super::format::{NetnsSnapshot, Phase, QueueRow, Queues, Snapshot};
 use crate::sys::netns::{self, Inside, NetnsInfo};
@@ -16,28 +16,14 @@ impl Watched {
     /// namespace that cannot be entered is skipped with a warning: the recording
     /// of events does not depend on it.
     pub fn open(wanted: &[u32]) -> Result<Watched> {
-        let current = netns::current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
-        let all = netns::enumerate().context("cannot list /proc (is /proc mounted?)")?;
-        let mut chosen = Vec::new();
-        for ns in all.namespaces {
-            if wanted.is_empty() || wanted.contains(&ns.inode) {
-                chosen.push(ns);
-            }
+        let opened = netns::open(wanted)?;
+        for (ns, e) in &opened.failed {
+            eprintln!(
+                "backlog-trace record: netns {}: not recording its counters and queues ({e}); needs root",
+                ns.inode
+            );
         }
-        if let Some(missing) = wanted.iter().find(|w| !chosen.iter().any(|n| n.inode == **w)) {
-            bail!("network namespace {missing} is not in use by any process nor named in /run/netns (check `ip netns list`)");
-        }
-        let mut watched = Vec::new();
-        for ns in chosen {
-            match netns::enter(&ns, current) {
-                Ok(inside) => watched.push((ns, inside)),
-                Err(e) => eprintln!(
-                    "backlog-trace record: netns {}: not recording its counters and queues ({e}); needs root",
-                    ns.inode
-                ),
-            }
-        }
-        Ok(Watched { namespaces: watched, current })
+        Ok(Watched { namespaces: opened.entered, current: opened.current })
     }
 
     /// Sysctls and counters now. At the end the sysctls are read afresh (entering

@@ -1,10 +1,11 @@
 //! Reading the operating system beside the eBPF programs: network namespaces,
-//! sock_diag, TcpExt counters and sysctls. Shared by `check`, `record` and the live
-//! session's reconciliation with the kernel's own counters.
+//! sock_diag, TcpExt counters, sysctls and socket owners. Shared by the live session,
+//! `check`, `record`, the integration tests and xtask.
 pub mod counters;
 pub mod diag;
 pub mod netns;
 pub mod netstat;
+pub mod procs;
 pub mod sysctl;
 
 /// The inode of the socket behind `fd`, as /proc/PID/fd and sock_diag name it.

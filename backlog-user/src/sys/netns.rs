@@ -133,6 +133,41 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| io::Error::other("namespace helper thread panicked"))?
 }
 
+/// Network namespaces chosen and entered, as `check` and `record` look into them.
+pub struct Opened {
+    /// Our own namespace's inode.
+    pub current: u32,
+    pub entered: Vec<(NetnsInfo, Inside)>,
+    /// Chosen but not entered (no privilege, or gone), and why.
+    pub failed: Vec<(NetnsInfo, io::Error)>,
+    /// With nothing `wanted`: processes whose namespace we may not look at.
+    pub hidden_pids: usize,
+}
+
+/// The namespaces `wanted` names, else every namespace in use or named now, each
+/// entered (`enter`). A wanted namespace that cannot be found is an error: it names
+/// the namespace and where to look.
+pub fn open(wanted: &[u32]) -> anyhow::Result<Opened> {
+    use anyhow::Context;
+    let current = current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
+    let all = enumerate().context("cannot list /proc (is /proc mounted?)")?;
+    if let Some(missing) = wanted.iter().find(|w| !all.namespaces.iter().any(|n| n.inode == **w)) {
+        anyhow::bail!(
+            "network namespace {missing} is not used by any process we can see nor named in /run/netns \
+             (check `ip netns list` and `lsns -t net`; run as root to see other users' processes)"
+        );
+    }
+    let hidden_pids = if wanted.is_empty() { all.hidden_pids } else { 0 };
+    let mut opened = Opened { current, entered: Vec::new(), failed: Vec::new(), hidden_pids };
+    for ns in all.namespaces.into_iter().filter(|n| wanted.is_empty() || wanted.contains(&n.inode)) {
+        match enter(&ns, current) {
+            Ok(inside) => opened.entered.push((ns, inside)),
+            Err(e) => opened.failed.push((ns, e)),
+        }
+    }
+    Ok(opened)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,25 +1,42 @@
-//! The live session: attach, stream events into the model, print, detach.
+//! The live session: attach, stream events into the model, tell the observers,
+//! reconcile with the kernel's own counters, detach.
+pub mod observer;
+mod owners;
+mod reconcile;
+
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use backlog_common::{global, Event, EventKind, ListenerKey, EVENTS_RING_BYTES};
+use backlog_common::{global, Event, ListenerKey, EVENTS_RING_BYTES};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::attribute::Resolver;
-use crate::cli::TraceArgs;
-use crate::export::Sink;
-use crate::kernel::{Session, StartOptions};
-use crate::model::Model;
-use crate::output::{rows, snapshot, Clock, Json, Output, Previous, Rows, Text};
-use crate::reconcile::Reconciler;
-use crate::retired::{Policy, Retired};
+use crate::event::{self, What};
+use crate::kernel::{Mode, Session, StartOptions};
+use crate::model::retired::{Policy, Retired};
+use crate::model::{Filter, KernelTotals, Model};
 use crate::sys::counters::{Counters, Scope};
+use observer::{Observer, Started};
+use owners::Resolver;
+use reconcile::Reconciler;
 
-fn scope(args: &TraceArgs) -> String {
-    let f = &args.filters;
+/// How a live session runs (what it shows is up to its observers).
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// The listeners shown: named in the start line, and kept apart when closed
+    /// listeners are merged. The kernel side counts at every listener regardless.
+    pub filter: Filter,
+    /// Force an attach mode instead of the best one the kernel allows.
+    pub mode: Option<Mode>,
+    /// Observers' `interval` every this long.
+    pub interval: Option<Duration>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+}
+
+fn scope(f: &Filter) -> String {
     let join = |v: Vec<String>| v.join(",");
     let ports = if f.ports.is_empty() {
         "all ports".to_string()
@@ -54,11 +71,9 @@ const SETTLE: Duration = Duration::from_millis(100);
 struct Live {
     model: Model,
     owners: Resolver,
-    out: Box<dyn Output>,
-    clock: Clock,
-    args: TraceArgs,
-    /// Recorder and exporter: see `export::Sink` for what they are told when.
-    sinks: Vec<Box<dyn Sink>>,
+    observers: Vec<Box<dyn Observer>>,
+    /// Events this build could not decode (never from its own kernel side).
+    undecodable: u64,
     /// Closed listeners whose kernel entry goes at the next sync.
     closing: BTreeSet<ListenerKey>,
     merged_since_trim: usize,
@@ -78,31 +93,37 @@ const SYNC_AFTER_CLOSES: usize = 2048;
 const TRIM_AFTER_MERGES: usize = 4096;
 
 impl Live {
-    fn handle(&mut self, ev: &Event) {
+    fn handle(&mut self, raw: &Event) {
+        let Ok(ev) = event::decode(raw) else {
+            self.undecodable += 1;
+            return;
+        };
         // Churn hook: a straggler about a merged listener must not bring it back as
         // a listener of its own that never closes; its counts reach the aggregate
         // through the kernel entry (`sync_kernel`).
-        if self.model.retired.was_merged(&ListenerKey { sk: ev.sk, ino: ev.sock_ino }) {
+        if self.model.retired.was_merged(&ev.listener.key) {
             return;
         }
-        if ev.kind == EventKind::Unlisten as u8 {
+        if ev.what == What::Unlisten {
             self.closed_since_sync += 1;
         }
-        let Some(l) = self.model.apply(ev) else { return };
-        // The listen() caller is known from the event; forked workers and sockets
-        // that predate the tracer are found through /proc.
-        if l.owners.is_empty() || ev.kind == EventKind::Listen as u8 {
-            if let Some(o) = self.owners.owners(l.sock_ino) {
-                l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
+        let l = self.model.apply(&ev);
+        self.owners.attribute(l, matches!(ev.what, What::Listen { .. }));
+        for o in &mut self.observers {
+            o.event(&ev, l);
+        }
+    }
+
+    /// Calls `f` on every observer, even after one fails; returns the first error.
+    fn each(&mut self, mut f: impl FnMut(&mut dyn Observer, &Model) -> Result<()>) -> Result<()> {
+        let mut first = Ok(());
+        for o in &mut self.observers {
+            let r = f(o.as_mut(), &self.model);
+            if first.is_ok() {
+                first = r;
             }
         }
-        for s in &mut self.sinks {
-            s.event(ev, l);
-        }
-        if ev.kind == EventKind::Drop as u8 && (self.args.events || self.args.json) && l.matches(&self.args.filters) {
-            let wall = self.clock.wall_ns(ev.ts_ns);
-            self.out.drop_event(wall, ev, l);
-        }
+        first
     }
 
     /// Handles at most `limit` events; returns how many, and whether the ring is now
@@ -125,13 +146,14 @@ impl Live {
             drop(item);
             self.handle(&ev);
         }
-        crate::output::flush();
         (handled, emptied)
     }
 
-    /// Everything in the ring now (a bounded amount: the ring's size).
-    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+    /// Everything in the ring now (a bounded amount: the ring's size), and the
+    /// observers' buffered output after it.
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) -> Result<()> {
         self.drain_some(rb, RING_EVENTS_MAX);
+        self.each(|o, _| o.flush())
     }
 
     /// Pulls the exact per-listener counts from the kernel and releases the map
@@ -144,20 +166,23 @@ impl Live {
         // Every CPU's open window settled first: a drop whose segment's end no
         // program saw is recorded now (event and count), before the reads below.
         session.flush()?;
-        self.drain(rb);
+        self.drain(rb)?;
         for line in session.newly_detached() {
             eprintln!("backlog-trace: {line}");
             self.model.detached.push(line);
         }
         self.model.diagnostics = session.diagnostics()?;
         self.closed_since_sync = 0;
-        self.model.lost_events = session.global(global::LOST_EVENTS)?;
         self.model.missed_runs = session.missed_runs()?;
-        self.model.unmatched_accepts = session.global(global::UNMATCHED_ACCEPT)?;
         let pending = session.enqueued_by_listener()?;
-        self.model.pending_enqueued = Some(pending.values().sum::<u64>() as usize);
-        for (key, l) in self.model.listeners.iter_mut() {
-            l.pending = pending.get(key).copied().unwrap_or(0);
+        self.model.totals = KernelTotals {
+            lost_events: session.global(global::LOST_EVENTS)?,
+            unmatched_accepts: session.global(global::UNMATCHED_ACCEPT)?,
+            pending_enqueued: Some(pending.values().sum()),
+        };
+        let keys: Vec<ListenerKey> = self.model.listeners.keys().copied().collect();
+        for key in keys {
+            self.model.set_pending(key, pending.get(&key).copied().unwrap_or(0));
         }
         // Counts before histograms: an accept between the two reads then shows in
         // both, never as a wait missing from the histogram.
@@ -243,78 +268,68 @@ impl Live {
         self.reconciler.apply(reading, &mut self.model);
         Ok(())
     }
-
-    fn rows(&self) -> Rows<'_> {
-        rows(&self.model, &self.args.filters, self.args.top.n)
-    }
 }
 
-/// Runs the tracer until Ctrl-C, SIGTERM or --duration; returns the exit code.
-pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> {
+/// Runs the tracer until Ctrl-C, SIGTERM or `duration`; returns the exit code. An
+/// observer's error ends the session too, after every observer has been finished
+/// (a recording gets its end mark even when the terminal went away).
+pub async fn run(settings: Settings, observers: Vec<Box<dyn Observer>>) -> Result<i32> {
     // Handlers first: whoever reads the start line may signal us at once, and the
     // default action would end the process without detaching or summarising.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    if let Some(addr) = args.prometheus {
-        sinks.push(Box::new(crate::export::Prometheus::serve(addr, args.filters.clone()).await?));
-    }
-    let emit_accepts = sinks.iter().any(|s| s.wants_accept_events());
+    let emit_accepts = observers.iter().any(|o| o.wants_accept_events());
     // The baseline of every namespace in scope, before anything attaches: a drop
     // between now and then is counted as undetected, not hidden.
-    let which = if args.filters.netns.is_empty() { Scope::All } else { Scope::Only(args.filters.netns.clone()) };
+    let netns = &settings.filter.netns;
+    let which = if netns.is_empty() { Scope::All } else { Scope::Only(netns.clone()) };
     let (counters, baseline) = Counters::start(which)?;
-    let mut model = Model { retired: Retired::new(Policy::for_session(&args.filters)), ..Model::default() };
-    let reconciler = Reconciler::new(&args.filters.netns, baseline, &mut model);
+    let mut model = Model { retired: Retired::new(Policy::for_session(&settings.filter)), ..Model::default() };
+    let reconciler = Reconciler::new(netns, baseline, &mut model);
     // The kernel side counts at every listener (reconciliation compares whole
-    // namespaces); --port, --pid and --netns only choose what is printed.
-    let mut session = Session::start(&StartOptions { mode: args.mode, emit_accepts })?;
+    // namespaces); the filter only chooses what is shown.
+    let mut session = Session::start(&StartOptions { mode: settings.mode, emit_accepts })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
     // the AsyncFd (and with it the RingBuf) is dropped below.
     let mut rb = unsafe { AsyncFd::register(session.take_events()?) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let out: Box<dyn Output> = if args.json { Box::new(Json) } else { Box::new(Text) };
     let mut live = Live {
         model,
-        owners: Resolver::new(Duration::from_millis(500)),
-        out,
-        clock: Clock::now(),
-        args,
-        sinks,
+        owners: Resolver::start(),
+        observers,
+        undecodable: 0,
         closing: BTreeSet::new(),
         merged_since_trim: 0,
         closed_since_sync: 0,
         counters,
         reconciler,
     };
-    let scope = scope(&live.args);
-    live.out.start(session.mode, &session.kernel, &session.fallbacks, &scope);
-    for s in &mut live.sinks {
-        s.started(session.mode, &session.kernel, &scope)?;
-    }
-    // The first /proc pass (~150 ms on a busy host) after the start line, not before:
-    // everything is attached already, and events wait in the ring meanwhile.
-    live.owners.refresh();
+    let scope = scope(&settings.filter);
+    let started = Started { mode: session.mode, kernel: &session.kernel, fallbacks: &session.fallbacks, scope: &scope };
+    live.each(|o, _| o.started(&started))?;
+    // The first /proc pass (~150 ms on a busy host), on its own thread.
+    live.owners.request();
 
-    let started = Instant::now();
-    let deadline = live.args.duration.map(|d| tokio::time::Instant::now() + d);
-    let period = live.args.interval.unwrap_or(Duration::from_secs(3600));
+    let began = Instant::now();
+    let deadline = settings.duration.map(|d| tokio::time::Instant::now() + d);
+    let period = settings.interval.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut prev = Previous::new();
     let mut last_tick = Instant::now();
-    // Every second, whatever --interval says: the exact counters for the sinks,
+    // Every second, whatever the interval: the exact counters for the observers,
     // closed listeners' map entries released, the namespaces' counters reconciled.
     let second = Duration::from_secs(1);
-    let mut sink_ticker = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+    let mut sync_ticker = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
 
     // Set after a busy drain: the ring is left to fill until then.
     let mut resume: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            guard = rb.readable_mut(), if resume.is_none() => {
+    let outcome: Result<()> = loop {
+        let step: Result<()> = tokio::select! {
+            guard = rb.readable_mut(), if resume.is_none() => (|| {
                 let mut guard = guard?;
                 // Readiness stays set while events remain, so the loop comes back
                 // here after giving signals and timers their turn.
                 let (handled, emptied) = live.drain_some(guard.get_inner_mut(), 4096);
+                live.each(|o, _| o.flush())?;
                 if live.closed_since_sync >= SYNC_AFTER_CLOSES {
                     live.sync_kernel(&mut session, guard.get_inner_mut(), Duration::ZERO)?;
                     live.reconcile()?;
@@ -325,48 +340,49 @@ pub async fn run(args: TraceArgs, mut sinks: Vec<Box<dyn Sink>>) -> Result<i32> 
                         resume = Some(tokio::time::Instant::now() + COALESCE);
                     }
                 }
-            }
+                Ok(())
+            })(),
             _ = async { tokio::time::sleep_until(resume.expect("guarded")).await }, if resume.is_some() => {
                 resume = None;
+                Ok(())
             }
-            _ = ticker.tick(), if live.args.interval.is_some() => {
+            Some(scan) = live.owners.next() => {
+                live.owners.apply(scan, &mut live.model);
+                Ok(())
+            }
+            _ = ticker.tick(), if settings.interval.is_some() => (|| {
                 live.sync_kernel(&mut session, rb.get_mut(), Duration::ZERO)?;
                 live.reconcile()?;
                 let secs = last_tick.elapsed().as_secs_f64();
                 last_tick = Instant::now();
-                let rows = live.rows();
-                live.out.interval(&live.model, &rows, secs, &prev);
-                prev = snapshot(live.model.matching(&live.args.filters));
-            }
-            _ = sink_ticker.tick() => {
+                live.each(|o, m| o.interval(m, secs))
+            })(),
+            _ = sync_ticker.tick() => (|| {
                 live.sync_kernel(&mut session, rb.get_mut(), Duration::ZERO)?;
                 live.reconcile()?;
-                for s in &mut live.sinks {
-                    s.synced(&live.model)?;
-                }
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => break,
+                live.owners.tick();
+                live.each(|o, m| o.synced(m))
+            })(),
+            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => break Ok(()),
+        };
+        if step.is_err() {
+            break step;
         }
-    }
+    };
 
     // Final accounting: whatever is still in the ring, the exact counters, and the
-    // kernel's own counters against them.
-    live.sync_final(&mut session, rb.get_mut())?;
-    live.owners.refresh();
-    let Live { model, owners, .. } = &mut live;
-    for l in model.listeners.values_mut() {
-        if let Some(o) = owners.owners(l.sock_ino) {
-            l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
-        }
+    // kernel's own counters against them; every observer finishes, whatever failed.
+    let last = live.sync_final(&mut session, rb.get_mut());
+    live.owners.finish(&mut live.model);
+    if live.undecodable > 0 {
+        eprintln!("backlog-trace: {} events of unknown kind were skipped", live.undecodable);
     }
-    let rows = live.rows();
-    live.out.summary(&live.model, &rows, started.elapsed().as_secs_f64(), live.args.hist);
-    for s in &mut live.sinks {
-        s.finish(&live.model)?;
-    }
+    let secs = began.elapsed().as_secs_f64();
+    let finished = live.each(|o, m| o.finish(m, secs));
     drop(rb);
     drop(session);
+    outcome.and(last).and(finished)?;
     Ok(0)
 }

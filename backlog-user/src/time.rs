@@ -1,5 +1,57 @@
-//! Times on `report`'s command line, and wall-clock formatting, without a date crate.
+//! Clocks and times: the kernel's CLOCK_MONOTONIC stamps as wall time, durations and
+//! times as the command line spells them, and UTC formatting without a date crate.
 use std::time::Duration;
+
+/// Accepts "30", "30s", "250ms", "5m", "1h".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (try 10s, 500ms, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit '{unit}' in '{s}' (use ms, s, m or h)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("duration '{s}' must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock nanoseconds.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let get = |id| {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: valid pointer to a timespec.
+            unsafe { libc::clock_gettime(id, &mut ts) };
+            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+        };
+        Clock { offset_ns: get(libc::CLOCK_REALTIME) - get(libc::CLOCK_MONOTONIC) }
+    }
+
+    pub fn wall_ns(&self, mono_ns: u64) -> u64 {
+        (mono_ns as i128 + self.offset_ns).max(0) as u64
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of the kernel's event timestamps.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimeSpec {
@@ -81,7 +133,7 @@ pub fn parse_time(s: &str) -> Result<TimeSpec, String> {
             .map(TimeSpec::Wall)
             .ok_or_else(|| format!("'{s}' is not a UTC time of the form 2026-11-22T01:02:03Z"));
     }
-    crate::cli::parse_duration(s)
+    parse_duration(s)
         .map(TimeSpec::Offset)
         .map_err(|e| format!("{e}; or give a UTC time (2026-11-22T01:02:03Z) or a Unix time (@1763773323)"))
 }
@@ -108,6 +160,16 @@ mod tests {
         assert!(parse_time("2025-13-22T01:02:03Z").is_err());
         assert!(parse_time("yesterday").unwrap_err().contains("UTC time"));
         assert_eq!(TimeSpec::Offset(Duration::from_secs(2)).resolve(1_000), 2_000_001_000);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
     }
 
     #[test]

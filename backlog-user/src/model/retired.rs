@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use backlog_common::{ListenerKey, ListenerStats};
 
-use crate::cli::Filters;
-use crate::model::Listener;
+use super::listener::{Filter, Listener};
 
 /// Where a listener's counts are kept once it is merged, and the `port` label of its
 /// Prometheus series for its whole life (so a merge never moves counts between series).
@@ -51,7 +50,7 @@ pub struct Policy {
     pub ephemeral: RangeInclusive<u16>,
     /// The session's filters: an aggregate records whether its listeners matched them,
     /// since owners (for --pid) are gone once listeners are merged.
-    pub filters: Filters,
+    pub filters: Filter,
 }
 
 /// The kernel's default ip_local_port_range, used when it cannot be read.
@@ -66,7 +65,7 @@ impl Default for Policy {
             keep_max: 1024,
             aggregates_max: 2048,
             ephemeral: DEFAULT_EPHEMERAL,
-            filters: Filters::default(),
+            filters: Filter::default(),
         }
     }
 }
@@ -75,7 +74,7 @@ impl Policy {
     /// The defaults with this host's ephemeral port range and the session's filters.
     /// The range is the tracer's own namespace's; other namespaces usually share the
     /// default, and a listener outside the range just keeps a per-port aggregate.
-    pub fn for_session(filters: &Filters) -> Policy {
+    pub fn for_session(filters: &Filter) -> Policy {
         let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| {
             let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
             Some(it.next()??..=it.next()??)
@@ -364,7 +363,7 @@ mod tests {
 
     #[test]
     fn aggregates_are_bounded_and_pinned_ports_keep_theirs() {
-        let filters = Filters { ports: vec![40001], ..Default::default() };
+        let filters = Filter { ports: vec![40001], ..Default::default() };
         let mut r = Retired::new(Policy { aggregates_max: 2, keep_max: 0, filters, ..policy() });
         let mut listeners = BTreeMap::new();
         let t0 = Instant::now();

@@ -3,7 +3,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use super::procs::CpuUse;
+use super::cpu::CpuUse;
 use crate::sys::sysctl::Sysctls;
 
 /// Bumped when a field changes meaning or disappears.

@@ -1,0 +1,172 @@
+//! A listener as every output shows it: identity, owners, limits and the exact
+//! counts, plus the filter that selects listeners for display.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use backlog_common::{hist, DropReason, ListenerKey, N_REASONS};
+
+/// pid -> comm of every process holding a socket.
+pub type Owners = BTreeMap<u32, String>;
+
+/// Which listeners are shown: empty lists select everything. The kernel side counts
+/// at every listener whatever this says (reconciliation compares whole namespaces).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub ports: Vec<u16>,
+    pub pids: Vec<u32>,
+    pub netns: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Listener {
+    pub sk: u64,
+    pub netns: u32,
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+    pub sock_ino: u64,
+    pub owners: Owners,
+    /// What the application passed to listen(), when the tracer saw it.
+    pub requested_backlog: Option<u32>,
+    pub queue_max: u32,
+    pub queue_len: u32,
+    pub queue_peak: u32,
+    /// Drops by reason: exact kernel counts where known, else counted from events.
+    pub drops: [u64; N_REASONS],
+    pub accepts: u64,
+    pub abandoned: u64,
+    /// Children on the accept queue that the kernel side is still timing.
+    pub pending: u64,
+    pub wait: Wait,
+    pub closed: bool,
+    /// Exact counts of kernel entries already released (`Model::retire`). Children
+    /// a closing listener empties from its queue count into a new entry after its
+    /// old one may have gone; those add to these counts, never replace them.
+    pub retired: Counts,
+    /// Listen drops the kernel counted at this socket that the kernel side did not
+    /// detect, placed here by the socket's own drop counter (`crate::reconcile`).
+    pub undetected: u64,
+}
+
+/// The exact per-listener counts the kernel keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub drops: [u64; N_REASONS],
+    pub accepts: u64,
+    pub abandoned: u64,
+}
+
+/// Accept-queue waits in the kernel's bucket layout (see `backlog_common::hist`).
+#[derive(Clone, Debug, Default)]
+pub struct Wait {
+    /// Empty until the first wait: most listeners of a churning host never accept
+    /// anything while they are in the model, and 232 buckets are 1.8 KB each.
+    pub buckets: Vec<u64>,
+    pub max_ns: u64,
+}
+
+/// Percentiles of accept-queue wait, in microseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Wait {
+    pub fn record(&mut self, ns: u64) {
+        self.buckets_mut()[hist::bucket(ns / 1000)] += 1;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Every bucket, allocated on first use.
+    pub fn buckets_mut(&mut self) -> &mut [u64] {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; hist::BUCKETS];
+        }
+        &mut self.buckets
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Percentiles through hdrhistogram, each bucket entered at its midpoint (a
+    /// bucket is at most 1/8 of its value wide, so the midpoint is within 6.25%).
+    /// The maximum is exact: the kernel tracks it apart from the buckets.
+    pub fn latency(&self) -> Option<Latency> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        // Values in tenths of a microsecond keep sub-microsecond midpoints distinct.
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1 << 45, 3).ok()?;
+        for (i, n) in self.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let (lo, hi) = hist::bounds(i);
+            h.record_n(((lo + hi) * 5).max(1), *n).ok()?;
+        }
+        let max = self.max_ns as f64 / 1000.0;
+        let q = |p: f64| (h.value_at_quantile(p) as f64 / 10.0).min(max);
+        Some(Latency { count, p50: q(0.50), p90: q(0.90), p99: q(0.99), max })
+    }
+}
+
+impl Listener {
+    pub fn key(&self) -> ListenerKey {
+        ListenerKey { sk: self.sk, ino: self.sock_ino }
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Accepts whose wait is missing from the histogram. The kernel counts an accept
+    /// and its wait bucket together, so any shortfall is waits the kernel's WAIT_HIST
+    /// map had no room for (`hist_full`): percentiles then cover only the rest.
+    pub fn waits_unrecorded(&self) -> u64 {
+        self.accepts.saturating_sub(self.wait.count())
+    }
+
+    pub fn overflows(&self) -> u64 {
+        DropReason::ALL.iter().filter(|r| r.is_overflow()).map(|r| self.drops[*r as usize]).sum()
+    }
+
+    /// How far the detected drops moved the socket's own drop counter
+    /// (SK_MEMINFO_DROPS): a final-ACK overflow counts twice there (the listen
+    /// drop, then the segment's discard), every other listen drop once.
+    pub fn socket_drops_expected(&self) -> u64 {
+        DropReason::ALL
+            .iter()
+            .map(|r| self.drops[*r as usize] * if *r == DropReason::AckOverflow { 2 } else { 1 })
+            .sum()
+    }
+
+    pub fn local(&self) -> String {
+        fmt_sockaddr(self.addr, self.port)
+    }
+
+    pub fn matches(&self, f: &Filter) -> bool {
+        (f.ports.is_empty() || f.ports.contains(&self.port))
+            && (f.netns.is_empty() || f.netns.contains(&self.netns))
+            && (f.pids.is_empty() || self.owners.keys().any(|p| f.pids.contains(p)))
+    }
+}
+
+/// `addr:port` the way ss spells it (`[v6]:port`, `*:port` for any address);
+/// displays without allocating, for the per-drop output.
+pub struct SockAddr(pub Option<IpAddr>, pub u16);
+
+impl std::fmt::Display for SockAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.0 {
+            Some(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.1),
+            Some(IpAddr::V4(a)) => write!(f, "{a}:{}", self.1),
+            None => write!(f, "*:{}", self.1),
+        }
+    }
+}
+
+pub fn fmt_sockaddr(addr: Option<IpAddr>, port: u16) -> String {
+    SockAddr(addr, port).to_string()
+}
