@@ -43,7 +43,7 @@ pub struct Listener {
     /// old one may have gone; those add to these counts, never replace them.
     pub retired: Counts,
     /// Listen drops the kernel counted at this socket that the kernel side did not
-    /// detect, placed here by the socket's own drop counter (`crate::reconcile`).
+    /// detect, placed here by the socket's own drop counter (`session::reconcile`).
     pub undetected: u64,
 }
 

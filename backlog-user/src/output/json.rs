@@ -5,9 +5,9 @@ use backlog_common::{hist, DropReason, N_REASONS};
 use serde::ser::{Serialize, Serializer};
 use serde_json::{json, Value};
 
-use super::rows::{aggregate_json, Rows};
-use super::{rates, Previous};
+use super::rows::{rates, Previous, Rows, Totals};
 use crate::event::Dropped;
+use crate::model::retired::{AggKey, Aggregate};
 use crate::model::{Listener, Model, Owners, SockAddr};
 use crate::session::observer::Started;
 
@@ -20,6 +20,27 @@ pub fn line(w: &mut impl Write, v: &Value) -> io::Result<()> {
 /// Drops by reason name, as every record prints them.
 pub fn drops_by_reason(drops: &[u64; N_REASONS]) -> Value {
     DropReason::ALL.iter().map(|r| (r.name().to_string(), json!(drops[*r as usize]))).collect()
+}
+
+fn totals_json(t: &Totals) -> Value {
+    json!({
+        "listeners": t.listeners,
+        "merged": t.merged,
+        "drops": t.total_drops(),
+        "drops_by_reason": drops_by_reason(&t.drops),
+        "accepts": t.accepts,
+        "abandoned": t.abandoned,
+        "waits_unrecorded": t.waits_unrecorded,
+    })
+}
+
+/// An aggregate as a JSON object: its key, listener count and counts.
+fn aggregate_json(k: &AggKey, a: &Aggregate) -> Value {
+    let mut v = totals_json(&Totals::of_aggregate(a));
+    v["netns"] = json!(k.netns);
+    v["port"] = json!(k.port.label());
+    v["comm"] = json!(k.comm);
+    v
 }
 
 pub fn listener_json(l: &Listener) -> Value {
@@ -194,8 +215,8 @@ pub fn interval(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, prev:
     let mut line = json!({
         "type": "interval",
         "listeners": listeners,
-        "more": rows.rest.json(),
-        "totals": rows.total.json(),
+        "more": totals_json(&rows.rest),
+        "totals": totals_json(&rows.total),
         "lost_events": model.totals.lost_events,
     });
     for (k, v) in reconciled_json(model) {
@@ -221,8 +242,8 @@ pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: 
         "type": "summary",
         "duration_s": secs,
         "listeners": listeners,
-        "more": rows.rest.json(),
-        "totals": rows.total.json(),
+        "more": totals_json(&rows.rest),
+        "totals": totals_json(&rows.total),
         "merged": merged,
         "lost_events": model.totals.lost_events,
         "missed_runs": model.missed_runs,

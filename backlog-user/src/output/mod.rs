@@ -15,6 +15,7 @@ use crate::session::observer::{Observer, Started};
 use crate::time::Clock;
 
 pub use rows::rows;
+use rows::{snapshot, Previous};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -116,70 +117,4 @@ impl Observer for Printer {
         };
         self.done(r)
     }
-}
-
-/// The one-line warning when the kernel counted listen drops the kernel side did not
-/// detect: how many, where (namespaces, and the listeners shown that their own
-/// counters place them at), and what it means. None when there were none.
-pub fn undetected_line(model: &Model, rows: &[&Listener]) -> Option<String> {
-    let r = &model.reconciled;
-    let total = r.undetected(&[]);
-    if total == 0 {
-        return None;
-    }
-    let mut wheres: Vec<String> = r
-        .namespaces
-        .iter()
-        .filter(|(_, n)| n.undetected > 0)
-        .map(|(inode, n)| {
-            let name = n.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
-            let placed: Vec<String> = rows
-                .iter()
-                .filter(|l| l.netns == *inode && l.undetected > 0)
-                .map(|l| format!("{} {}", l.local(), l.undetected))
-                .collect();
-            let mut at = placed;
-            if n.unplaced > 0 {
-                at.push(format!("{} at no one listener", n.unplaced));
-            }
-            format!("netns {inode}{name} {}: {}", n.undetected, at.join(", "))
-        })
-        .collect();
-    if r.folded.undetected > 0 {
-        wheres.push(format!("{} in {} namespaces since gone", r.folded.undetected, r.folded.namespaces));
-    }
-    Some(format!(
-        "WARNING: {total} listen drops counted by the kernel (TcpExt ListenDrops) were not detected ({}):          the counts above are short by that much; detected + undetected equals the kernel's count",
-        wheres.join("; ")
-    ))
-}
-
-/// Other things that make counts incomplete, a line each: programs detached from
-/// outside, namespaces whose counters could not be read, kernel-side diagnostics.
-pub fn completeness_lines(model: &Model) -> Vec<String> {
-    let mut out: Vec<String> = model.detached.clone();
-    for (inode, why) in &model.reconciled.unreconciled {
-        out.push(format!("netns {inode}: not reconciled with the kernel's counters: {why}"));
-    }
-    let diag: Vec<String> =
-        model.diagnostics.iter().filter(|(_, n)| *n > 0).map(|(name, n)| format!("{name} {n}")).collect();
-    if !diag.is_empty() {
-        out.push(format!("kernel-side diagnostics (see README): {}", diag.join(", ")));
-    }
-    out
-}
-
-/// Each listener's (drops, accepts) at the previous interval, for rates.
-pub type Previous = std::collections::HashMap<backlog_common::ListenerKey, (u64, u64)>;
-
-/// Every listener's, not only the shown ones': a listener entering the top rows
-/// has its rate measured from its own previous totals.
-pub fn snapshot<'a>(listeners: impl Iterator<Item = &'a Listener>) -> Previous {
-    listeners.map(|l| (l.key(), (l.total_drops(), l.accepts))).collect()
-}
-
-/// Per-second rates of drops and accepts since `prev`.
-pub fn rates(l: &Listener, secs: f64, prev: &Previous) -> (f64, f64) {
-    let (d, a) = prev.get(&l.key()).copied().unwrap_or((0, 0));
-    ((l.total_drops().saturating_sub(d)) as f64 / secs, (l.accepts.saturating_sub(a)) as f64 / secs)
 }

@@ -2,9 +2,7 @@
 //! past `--top` and merged closed ones), so that 150,000 listeners print as a screenful
 //! and the totals still add up.
 use backlog_common::N_REASONS;
-use serde_json::{json, Value};
 
-use super::json::drops_by_reason;
 use crate::model::retired::{AggKey, Aggregate};
 use crate::model::{Filter, Listener, Model};
 
@@ -46,18 +44,6 @@ impl Totals {
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
     }
-
-    pub fn json(&self) -> Value {
-        json!({
-            "listeners": self.listeners,
-            "merged": self.merged,
-            "drops": self.total_drops(),
-            "drops_by_reason": drops_by_reason(&self.drops),
-            "accepts": self.accepts,
-            "abandoned": self.abandoned,
-            "waits_unrecorded": self.waits_unrecorded,
-        })
-    }
 }
 
 /// The listeners a table shows, and what it leaves out.
@@ -95,16 +81,29 @@ pub fn rows<'a>(model: &'a Model, filters: &'a Filter, top: usize) -> Rows<'a> {
     Rows { shown: all, rest, total, merged }
 }
 
-/// An aggregate as a JSON object: its key, listener count and counts.
-pub fn aggregate_json(k: &AggKey, a: &Aggregate) -> Value {
-    let mut t = Totals::default();
-    t.add(&a.sum, a.listeners);
-    t.merged = a.listeners;
-    let mut v = t.json();
-    v["netns"] = json!(k.netns);
-    v["port"] = json!(k.port.label());
-    v["comm"] = json!(k.comm);
-    v
+impl Totals {
+    /// An aggregate of merged listeners as totals.
+    pub fn of_aggregate(a: &Aggregate) -> Totals {
+        let mut t = Totals::default();
+        t.add(&a.sum, a.listeners);
+        t.merged = a.listeners;
+        t
+    }
+}
+
+/// Each listener's (drops, accepts) at the previous interval, for rates.
+pub type Previous = std::collections::HashMap<backlog_common::ListenerKey, (u64, u64)>;
+
+/// Every listener's, not only the shown ones': a listener entering the top rows
+/// has its rate measured from its own previous totals.
+pub fn snapshot<'a>(listeners: impl Iterator<Item = &'a Listener>) -> Previous {
+    listeners.map(|l| (l.key(), (l.total_drops(), l.accepts))).collect()
+}
+
+/// Per-second rates of drops and accepts since `prev`.
+pub fn rates(l: &Listener, secs: f64, prev: &Previous) -> (f64, f64) {
+    let (d, a) = prev.get(&l.key()).copied().unwrap_or((0, 0));
+    ((l.total_drops().saturating_sub(d)) as f64 / secs, (l.accepts.saturating_sub(a)) as f64 / secs)
 }
 
 #[cfg(test)]
@@ -136,7 +135,8 @@ mod tests {
         // Every accept lacks its wait here: nothing was recorded in the histograms.
         assert_eq!(r.total.waits_unrecorded, 60);
         assert_eq!(r.merged.len(), 1);
-        assert_eq!(aggregate_json(r.merged[0].0, r.merged[0].1)["port"], "8001");
+        assert_eq!(r.merged[0].0.port.label(), "8001");
+        assert_eq!(Totals::of_aggregate(r.merged[0].1).merged, 1);
         assert_eq!(rows(&m, &all, 0).shown.len(), 5);
     }
 }

@@ -4,8 +4,7 @@ use std::io::{self, Write};
 
 use backlog_common::{hist, DropReason};
 
-use super::rows::{Rows, Totals};
-use super::{completeness_lines, rates, undetected_line, Previous};
+use super::rows::{rates, Previous, Rows, Totals};
 use crate::event::Dropped;
 use crate::model::{Listener, Model, SockAddr};
 use crate::session::observer::Started;
@@ -194,6 +193,57 @@ pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: 
     }
     lines(w, completeness_lines(model))?;
     lines(w, undetected_line(model, &rows.shown))
+}
+
+/// The one-line warning when the kernel counted listen drops the kernel side did not
+/// detect: how many, where (namespaces, and the listeners shown that their own
+/// counters place them at), and what it means. None when there were none.
+pub fn undetected_line(model: &Model, rows: &[&Listener]) -> Option<String> {
+    let r = &model.reconciled;
+    let total = r.undetected(&[]);
+    if total == 0 {
+        return None;
+    }
+    let mut wheres: Vec<String> = r
+        .namespaces
+        .iter()
+        .filter(|(_, n)| n.undetected > 0)
+        .map(|(inode, n)| {
+            let name = n.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            let placed: Vec<String> = rows
+                .iter()
+                .filter(|l| l.netns == *inode && l.undetected > 0)
+                .map(|l| format!("{} {}", l.local(), l.undetected))
+                .collect();
+            let mut at = placed;
+            if n.unplaced > 0 {
+                at.push(format!("{} at no one listener", n.unplaced));
+            }
+            format!("netns {inode}{name} {}: {}", n.undetected, at.join(", "))
+        })
+        .collect();
+    if r.folded.undetected > 0 {
+        wheres.push(format!("{} in {} namespaces since gone", r.folded.undetected, r.folded.namespaces));
+    }
+    Some(format!(
+        "WARNING: {total} listen drops counted by the kernel (TcpExt ListenDrops) were not detected ({}):          the counts above are short by that much; detected + undetected equals the kernel's count",
+        wheres.join("; ")
+    ))
+}
+
+/// Other things that make counts incomplete, a line each: programs detached from
+/// outside, namespaces whose counters could not be read, kernel-side diagnostics.
+pub fn completeness_lines(model: &Model) -> Vec<String> {
+    let mut out: Vec<String> = model.detached.clone();
+    for (inode, why) in &model.reconciled.unreconciled {
+        out.push(format!("netns {inode}: not reconciled with the kernel's counters: {why}"));
+    }
+    let diag: Vec<String> =
+        model.diagnostics.iter().filter(|(_, n)| *n > 0).map(|(name, n)| format!("{name} {n}")).collect();
+    if !diag.is_empty() {
+        out.push(format!("kernel-side diagnostics (see README): {}", diag.join(", ")));
+    }
+    out
 }
 
 /// The line under a table for the listeners it leaves out.

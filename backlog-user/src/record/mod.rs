@@ -15,39 +15,8 @@ mod report;
 mod watch;
 mod writer;
 
-use std::path::PathBuf;
-
-use crate::model::Filter;
-use crate::time::TimeSpec;
-
-pub use recorder::Recorder;
-pub use report::run as report;
-
-/// Where and how a recording is written.
-#[derive(Clone, Debug)]
-pub struct RecordSettings {
-    /// The recording file (an existing one is replaced).
-    pub output: PathBuf,
-    /// Start a new file when this one would grow past this many bytes.
-    pub max_size: Option<u64>,
-    /// Rotated files (FILE.1 … FILE.N) kept.
-    pub rotate: u32,
-}
-
-/// What `report` reads and prints.
-#[derive(Clone, Debug)]
-pub struct ReportSettings {
-    /// One file, or a rotated set in any order.
-    pub files: Vec<PathBuf>,
-    /// Which listeners; each list given replaces the recording's own.
-    pub filter: Filter,
-    pub since: Option<TimeSpec>,
-    pub until: Option<TimeSpec>,
-    pub json: bool,
-    pub hist: bool,
-    /// Listeners a table lists before summing the rest (0: all).
-    pub top: usize,
-}
+pub use recorder::{RecordSettings, Recorder};
+pub use report::{run as report, ReportSettings};
 
 /// Accepts 4096, 500K, 64M, 1G (powers of 1024, optional trailing B or iB).
 pub fn parse_size(s: &str) -> Result<u64, String> {

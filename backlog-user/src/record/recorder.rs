@@ -1,6 +1,7 @@
 //! The `record` sink: everything the live session learns, appended to the file.
 use std::collections::HashMap;
 use std::io;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use backlog_common::ListenerKey;
@@ -9,11 +10,21 @@ use super::format::{self, CounterSync, ListenerState, Owners, Phase, Reconcile, 
 use super::mapping::{reconcile_of, state_key, state_of};
 use super::watch::Watched;
 use super::writer::Writer;
-use super::RecordSettings;
 use crate::event::ListenerEvent;
 use crate::model::{Filter, Listener, Model};
 use crate::session::observer::{Observer, Started};
 use crate::time::{mono_ns, Clock};
+
+/// Where and how a recording is written.
+#[derive(Clone, Debug)]
+pub struct RecordSettings {
+    /// The recording file (an existing one is replaced).
+    pub output: PathBuf,
+    /// Start a new file when this one would grow past this many bytes.
+    pub max_size: Option<u64>,
+    /// Rotated files (FILE.1 … FILE.N) kept.
+    pub rotate: u32,
+}
 
 pub struct Recorder {
     writer: Writer,

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use backlog_common::DropReason;
@@ -12,10 +13,24 @@ use serde_json::{json, Value};
 
 use super::format::Recording;
 use super::replay::{replay_files, FileResult, Replay, Second};
-use super::ReportSettings;
 use crate::model::{Filter, Listener};
 use crate::output::{json as json_out, rows, text};
-use crate::time::fmt_utc;
+use crate::time::{fmt_utc, TimeSpec};
+
+/// What `report` reads and prints.
+#[derive(Clone, Debug)]
+pub struct ReportSettings {
+    /// One file, or a rotated set in any order.
+    pub files: Vec<PathBuf>,
+    /// Which listeners; each list given replaces the recording's own.
+    pub filter: Filter,
+    pub since: Option<TimeSpec>,
+    pub until: Option<TimeSpec>,
+    pub json: bool,
+    pub hist: bool,
+    /// Listeners a table lists before summing the rest (0: all).
+    pub top: usize,
+}
 
 pub fn run(args: &ReportSettings, w: &mut dyn Write) -> Result<i32> {
     let (mut replay, results) = replay_files(&args.files, (args.since, args.until))?;

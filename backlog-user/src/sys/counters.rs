@@ -1,7 +1,7 @@
 //! The kernel's own listen-drop counters, per network namespace: TcpExt ListenDrops,
 //! ListenOverflows and TCPReqQFullDrop, and every listening socket's drop counter
 //! (sock_diag SK_MEMINFO_DROPS). The live session reconciles its detections with
-//! them (`crate::reconcile`).
+//! them (`session::reconcile`).
 //!
 //! Entering namespaces and parsing /proc happen on one helper thread, never on the
 //! event loop: the loop asks for a reading after a sync and picks it up at the next.
