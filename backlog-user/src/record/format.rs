@@ -26,7 +26,7 @@
 use backlog_common::{Event, ListenerStats, COMM_LEN};
 
 use crate::event::{self as typed, ListenerEvent};
-use crate::model::{Folded, NetnsCounts};
+use crate::model::{Filter, Folded, NetnsCounts};
 use crate::sys::counters::Origin;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -65,9 +65,8 @@ pub struct Recording {
     pub mode: String,
     pub kernel: String,
     pub scope: String,
-    pub ports: Vec<u16>,
-    pub pids: Vec<u32>,
-    pub netns: Vec<u32>,
+    /// The listeners the session showed.
+    pub filter: Filter,
 }
 
 /// The processes holding a listener's socket, as user space resolved them.
@@ -291,9 +290,9 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
             put_str(b, &s.mode);
             put_str(b, &s.kernel);
             put_str(b, &s.scope);
-            put_list(b, &s.ports, |b, p| b.put_u16_le(*p));
-            put_list(b, &s.pids, |b, p| b.put_u32_le(*p));
-            put_list(b, &s.netns, |b, n| b.put_u32_le(*n));
+            put_list(b, &s.filter.ports, |b, p| b.put_u16_le(*p));
+            put_list(b, &s.filter.pids, |b, p| b.put_u32_le(*p));
+            put_list(b, &s.filter.netns, |b, n| b.put_u32_le(*n));
             kind::SESSION
         }
         Record::Event(e) => {
@@ -500,9 +499,11 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
             mode: get_str(b)?,
             kernel: get_str(b)?,
             scope: get_str(b)?,
-            ports: get_list(b, |b| Ok(b.try_get_u16_le()?))?,
-            pids: get_list(b, |b| Ok(b.try_get_u32_le()?))?,
-            netns: get_list(b, |b| Ok(b.try_get_u32_le()?))?,
+            filter: Filter {
+                ports: get_list(b, |b| Ok(b.try_get_u16_le()?))?,
+                pids: get_list(b, |b| Ok(b.try_get_u32_le()?))?,
+                netns: get_list(b, |b| Ok(b.try_get_u32_le()?))?,
+            },
         }),
         // An event of a kind this version does not know is skipped like such a record.
         kind::EVENT => match typed::decode(&get_event(b)?) {
@@ -621,9 +622,7 @@ pub(crate) mod tests {
                 mode: "fentry".into(),
                 kernel: "6.18.0".into(),
                 scope: "port 8080 in all network namespaces".into(),
-                ports: vec![8080],
-                pids: vec![],
-                netns: vec![4026531840],
+                filter: Filter { ports: vec![8080], pids: vec![], netns: vec![4026531840] },
             }),
             Record::Event(typed::decode(&ev).expect("a drop")),
             Record::Owners(Owners {

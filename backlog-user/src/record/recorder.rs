@@ -62,9 +62,7 @@ impl Recorder {
             mode: String::new(),
             kernel: String::new(),
             scope: String::new(),
-            ports: f.ports.clone(),
-            pids: f.pids.clone(),
-            netns: f.netns.clone(),
+            filter: f.clone(),
         };
         let last_sync =
             CounterSync { ts_ns: 0, lost_events: 0, unmatched_accepts: 0, pending_enqueued: None, listeners: vec![] };

@@ -48,9 +48,9 @@ pub fn run(args: &ReportSettings, w: &mut dyn Write) -> Result<i32> {
     replay.attribute();
     let f = &args.filter;
     let filters = Filter {
-        ports: given_or(&f.ports, &session.ports),
-        pids: given_or(&f.pids, &session.pids),
-        netns: given_or(&f.netns, &session.netns),
+        ports: given_or(&f.ports, &session.filter.ports),
+        pids: given_or(&f.pids, &session.filter.pids),
+        netns: given_or(&f.netns, &session.filter.netns),
     };
     let selected: Vec<&Listener> = replay.model.matching(&filters).collect();
     let secs = replay.duration_s();

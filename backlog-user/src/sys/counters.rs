@@ -287,8 +287,7 @@ mod tests {
 
     #[test]
     fn reads_own_namespace_and_its_listener() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = crate::sys::socket_inode(&l);
+        let (_l, ino) = crate::sys::own_listener();
         let me = netns::current().unwrap();
         let (mut c, base) = Counters::start(Scope::Only(vec![me])).unwrap();
         let own = base.namespaces.iter().find(|n| n.inode == me).expect("own namespace read");

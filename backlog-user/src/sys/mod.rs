@@ -8,9 +8,13 @@ pub mod netstat;
 pub mod procs;
 pub mod sysctl;
 
-/// The inode of the socket behind `fd`, as /proc/PID/fd and sock_diag name it.
+/// A listening socket of this process on loopback, and its inode as /proc/PID/fd
+/// and sock_diag name it: what the readers' tests look for.
 #[cfg(test)]
-pub fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
+pub fn own_listener() -> (std::net::TcpListener, u64) {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("own fd").ino()
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+    let ino = std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd())).expect("own fd").ino();
+    (l, ino)
 }

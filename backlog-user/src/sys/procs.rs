@@ -76,8 +76,7 @@ fn sockets_held(pid: i32, only: Option<&BTreeSet<u64>>) -> io::Result<(BTreeSet<
 mod tests {
     #[test]
     fn finds_our_own_listening_socket() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = crate::sys::socket_inode(&l);
+        let (_l, ino) = crate::sys::own_listener();
         let all = super::scan(None);
         let owners = all.owners.get(&ino).expect("our socket is in the scan");
         assert_eq!(owners.keys().copied().collect::<Vec<_>>(), vec![std::process::id()]);
