@@ -118,3 +118,48 @@ impl Observer for Printer {
         self.done(r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use backlog_common::{DropReason, ListenerKey};
+
+    use super::*;
+    use crate::event::{Dropped, Endpoint, ListenerRef};
+
+    /// A terminal that went away.
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_error_is_returned_not_fatal() {
+        for format in [Format::Text, Format::Json] {
+            let view = View { format, filter: Filter::default(), top: 10, events: true, hist: false };
+            let mut p = Printer::new(view, Box::new(Closed));
+            let d = Dropped {
+                reason: DropReason::AcceptQueueFull,
+                peer: Endpoint::default(),
+                queue_len: 2,
+                queue_max: 1,
+                syn_queue_len: 0,
+            };
+            let ev = ListenerEvent {
+                ts_ns: 1,
+                listener: ListenerRef { key: ListenerKey { sk: 1, ino: 2 }, ..Default::default() },
+                what: What::Drop(d),
+            };
+            // Drop lines are buffered: the error shows at the batch's flush.
+            p.event(&ev, &Listener::default());
+            let e = p.flush().unwrap_err();
+            assert!(format!("{e:#}").to_lowercase().contains("broken pipe"), "{e:#}");
+            assert!(p.finish(&Model::default(), 1.0).is_err());
+        }
+    }
+}

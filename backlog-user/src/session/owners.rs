@@ -118,3 +118,34 @@ impl Resolver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn a_listener_unknown_to_the_last_pass_gets_its_owners_from_the_next() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ino = std::fs::metadata(format!("/proc/self/fd/{}", sock.as_raw_fd())).unwrap().ino();
+        let mut model = Model::default();
+        let l = Listener { sk: 1, sock_ino: ino, ..Default::default() };
+        let key = l.key();
+        model.listeners.insert(key, l);
+
+        let mut r = Resolver::start();
+        // Nothing scanned yet: the listener waits and a pass is asked for.
+        r.attribute(model.listeners.get_mut(&key).unwrap(), false);
+        assert!(model.listeners[&key].owners.is_empty());
+        let scan = rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), r.next()).await });
+        r.apply(scan.expect("a pass within 20 s").expect("the thread answers"), &mut model);
+        let owners = &model.listeners[&key].owners;
+        assert!(owners.contains_key(&std::process::id()), "{owners:?}");
+        // A second pass is not asked for within MIN_GAP, and nothing waits any more.
+        r.request();
+        assert!(!r.in_flight && r.waiting.is_empty());
+    }
+}
