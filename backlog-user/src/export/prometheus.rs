@@ -54,7 +54,7 @@ struct Series {
     accepts: u64,
     abandoned: u64,
     queue_len: u64,
-    queue_limit: u64,
+    queue_max: u64,
     wait: Vec<u64>,
     /// Estimated from bucket midpoints: the kernel keeps counts, not a sum.
     wait_sum_us: f64,
@@ -87,7 +87,7 @@ fn add(s: &mut Series, l: &Listener) {
     s.accepts += l.accepts;
     s.abandoned += l.abandoned;
     s.queue_len += u64::from(l.queue_len);
-    s.queue_limit += u64::from(l.queue_max);
+    s.queue_max += u64::from(l.queue_max);
     s.wait.resize(WAIT_SLOTS, 0);
     for (i, n) in l.wait.buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
         s.wait[wait_slot(i)] += n;
@@ -179,7 +179,7 @@ impl Collector for Metrics {
                 "Accept-queue length when last seen",
                 (|s: &Series| s.queue_len) as fn(&Series) -> u64,
             ),
-            ("backlog_queue_limit", "Accept-queue limit (min(backlog, somaxconn))", |s: &Series| s.queue_limit),
+            ("backlog_queue_limit", "Accept-queue limit (min(backlog, somaxconn))", |s: &Series| s.queue_max),
         ] {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (l, s) in &snap.series {
