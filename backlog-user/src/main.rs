@@ -10,6 +10,7 @@
 //! attach), time; and sys, the OS readers, in the library.
 mod check;
 mod cli;
+mod escape;
 mod event;
 mod export;
 mod kernel;
@@ -30,9 +31,10 @@ use session::observer::Observer;
 fn main() {
     let cli = cli::Cli::parse();
     let code = match cli.command {
-        Some(cli::Command::Check(args)) => {
-            or_exit("check", 2, check::run(&args.settings(), &mut std::io::stdout().lock()))
-        }
+        Some(cli::Command::Check(args)) => match args.settings() {
+            Ok(settings) => or_exit("check", 2, check::run(&settings, &mut std::io::stdout().lock())),
+            Err(e) => usage("backlog-trace check", &e),
+        },
         Some(cli::Command::Record(args)) => live(&args.trace, Some(args.settings())),
         Some(cli::Command::Report(args)) => {
             or_exit("report", 2, record::report(&args.settings(), &mut std::io::stdout().lock()))
@@ -40,6 +42,12 @@ fn main() {
         None => live(&cli.trace, None),
     };
     std::process::exit(code);
+}
+
+/// A flag value that cannot work: one line, exit 2 (clap's code for bad usage).
+fn usage(prefix: &str, e: &str) -> i32 {
+    eprintln!("{prefix}: {e}");
+    2
 }
 
 /// A command's exit code, or one line naming what failed and `code`.
@@ -53,8 +61,11 @@ fn or_exit(command: &str, code: i32, r: Result<i32>) -> i32 {
 /// Runs a live session, recording it when `record` is given, to its exit code:
 /// 3 when the kernel lacks a forced mode, 1 for any other failure.
 fn live(args: &cli::TraceArgs, record: Option<record::RecordSettings>) -> i32 {
+    let settings = match args.live() {
+        Ok(s) => s,
+        Err(e) => return usage(if record.is_some() { "backlog-trace record" } else { "backlog-trace" }, &e),
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    let settings = args.live();
     let run = async {
         // Recorder first: a recording is what outlives the terminal.
         let mut observers: Vec<Box<dyn Observer>> = Vec::new();

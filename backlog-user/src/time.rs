@@ -2,7 +2,11 @@
 //! times as the command line spells them, and UTC formatting without a date crate.
 use std::time::Duration;
 
-/// Accepts "30", "30s", "250ms", "5m", "1h".
+/// The shortest and longest durations any option takes.
+pub const DURATION_MIN: Duration = Duration::from_millis(1);
+pub const DURATION_MAX: Duration = Duration::from_secs(365 * 86_400);
+
+/// Accepts "30", "30s", "250ms", "5m", "1h", from 1 ms to 365 days.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -19,6 +23,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     if !(secs > 0.0 && secs.is_finite()) {
         return Err(format!("duration '{s}' must be positive"));
+    }
+    // Below a millisecond a timer would spin; far past a year a deadline computed
+    // from it overflows the clock (a panic), and a year is a typo already.
+    if !(DURATION_MIN.as_secs_f64()..=DURATION_MAX.as_secs_f64()).contains(&secs) {
+        return Err(format!("duration '{s}' is out of range: from 1ms to 365 days"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -170,6 +179,11 @@ mod tests {
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("3 parsecs").is_err());
+        for bad in ["0.0000000001", "1e19", "1e300", "366d", "NaN", "inf", "-1"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert!(parse_duration("0.001").is_ok());
+        assert!(parse_duration("8760h").is_ok());
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Turns the measurements into findings: what is wrong, the evidence, what to change.
+use crate::escape::escape;
 use std::collections::BTreeMap;
 
 use super::diagnosis::{Finding, ListenerGroup, NetnsReport, Severity};
@@ -228,6 +229,7 @@ fn saturated(listeners: &[ListenerGroup], out: &mut Vec<Finding>) {
     }
     for (pid, (netns, comm, thread, total, endpoints)) in busy {
         let mut f = finding(Severity::Warning, "owner_saturated", netns, None);
+        let comm = escape(&comm);
         f.summary = format!("{comm} (pid {pid}) is CPU-bound: its busiest thread ran at {thread:.0}% of a CPU");
         f.evidence = format!("process total {total:.0}% over the window; it owns {}", endpoints.join(", "));
         f.fix = "add workers or CPU, or find what makes the workers slow; a deeper accept queue would only add latency"
@@ -240,7 +242,7 @@ fn owners_text(owners: &[super::diagnosis::OwnerUse]) -> String {
     if owners.is_empty() {
         return "not visible".into();
     }
-    owners.iter().map(|o| format!("{}[{}]", o.comm, o.pid)).collect::<Vec<_>>().join(", ")
+    owners.iter().map(|o| format!("{}[{}]", escape(&o.comm), o.pid)).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

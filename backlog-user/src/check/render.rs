@@ -1,4 +1,5 @@
 //! The report as text for a terminal, or as one JSON document.
+use crate::escape::escape;
 use std::fmt::Write;
 
 use super::diagnosis::{ListenerGroup, Member, Report};
@@ -17,7 +18,7 @@ pub fn text(r: &Report) -> String {
         r.sample_seconds
     );
     for ns in &r.namespaces {
-        let name = ns.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        let name = ns.name.as_deref().map(|n| format!(" ({})", escape(n))).unwrap_or_default();
         let _ = writeln!(s, "\nnetns {}{name}", ns.inode);
         let sysctls: Vec<String> = ns
             .sysctls
@@ -74,9 +75,12 @@ fn member(m: &Member) -> String {
         .map(|o| match o.cpu {
             Some(c) => format!(
                 "{}[{}] cpu {:.0}% (busiest thread {:.0}%)",
-                o.comm, o.pid, c.total_percent, c.busiest_thread_percent
+                escape(&o.comm),
+                o.pid,
+                c.total_percent,
+                c.busiest_thread_percent
             ),
-            None => format!("{}[{}]", o.comm, o.pid),
+            None => format!("{}[{}]", escape(&o.comm), o.pid),
         })
         .collect();
     let owners = if owners.is_empty() { "owner not visible".to_string() } else { owners.join(", ") };

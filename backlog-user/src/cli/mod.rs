@@ -64,6 +64,13 @@ impl FilterArgs {
     fn filter(&self) -> Filter {
         Filter { ports: self.ports.clone(), pids: self.pids.clone(), netns: self.netns.clone() }
     }
+
+    /// For a command that looks at the system now: every namespace named must be in
+    /// use (`report` reads namespaces that may be long gone).
+    fn live_filter(&self) -> Result<Filter, String> {
+        crate::sys::netns::in_use(&self.netns)?;
+        Ok(self.filter())
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -105,8 +112,9 @@ pub struct Live {
 }
 
 impl TraceArgs {
-    pub fn live(&self) -> Live {
-        let filter = self.filters.filter();
+    /// The session's settings; an error (exit 2) names a flag value that cannot work.
+    pub fn live(&self) -> Result<Live, String> {
+        let filter = self.filters.live_filter()?;
         let session = Settings {
             filter: filter.clone(),
             mode: self.mode.map(Into::into),
@@ -115,7 +123,7 @@ impl TraceArgs {
         };
         let format = if self.json { Format::Json } else { Format::Text };
         let view = View { format, filter, top: self.top, events: self.events, hist: self.hist };
-        Live { session, view, prometheus: self.prometheus }
+        Ok(Live { session, view, prometheus: self.prometheus })
     }
 }
 
@@ -198,8 +206,8 @@ pub struct CheckArgs {
 }
 
 impl CheckArgs {
-    pub fn settings(&self) -> crate::check::Settings {
-        crate::check::Settings { filter: self.filters.filter(), sample: self.sample, json: self.json }
+    pub fn settings(&self) -> Result<crate::check::Settings, String> {
+        Ok(crate::check::Settings { filter: self.filters.live_filter()?, sample: self.sample, json: self.json })
     }
 }
 

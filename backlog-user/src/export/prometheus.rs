@@ -278,6 +278,10 @@ impl Prometheus {
 }
 
 impl Observer for Prometheus {
+    fn name(&self) -> &'static str {
+        "the metrics endpoint"
+    }
+
     fn started(&mut self, _s: &Started) -> Result<()> {
         Ok(())
     }

@@ -43,6 +43,9 @@ pub struct Model {
     pub diagnostics: Vec<(&'static str, u64)>,
     /// The tracer's programs found detached from outside, one line each.
     pub detached: Vec<String>,
+    /// Outputs that failed and were dropped while tracing went on (a recording on a
+    /// full disk, the metrics endpoint), one line each.
+    pub failed_outputs: Vec<String>,
     /// The kernel's own counters against the detected drops.
     pub reconciled: Reconciled,
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::event::{ListenerEvent, What};
 use crate::model::{Filter, Listener, Model};
-use crate::session::observer::{Observer, Started};
+use crate::session::observer::{Observer, OnError, Started};
 use crate::time::Clock;
 
 pub use rows::rows;
@@ -66,6 +66,14 @@ impl Printer {
 }
 
 impl Observer for Printer {
+    fn name(&self) -> &'static str {
+        "the terminal output"
+    }
+
+    fn on_error(&self) -> OnError {
+        OnError::EndSession
+    }
+
     fn started(&mut self, s: &Started) -> Result<()> {
         let r = match self.view.format {
             Format::Text => text::start(&mut self.w, s),

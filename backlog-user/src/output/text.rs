@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use backlog_common::{hist, DropReason};
 
 use super::rows::{rates, Previous, Rows, Totals};
+use crate::escape::escape;
 use crate::event::Dropped;
 use crate::model::{Listener, Model, SockAddr};
 use crate::session::observer::Started;
@@ -13,7 +14,7 @@ fn owners(l: &Listener) -> String {
     if l.owners.is_empty() {
         return "-".into();
     }
-    let mut s: Vec<String> = l.owners.iter().take(3).map(|(p, c)| format!("{p}/{c}")).collect();
+    let mut s: Vec<String> = l.owners.iter().take(3).map(|(p, c)| format!("{p}/{}", escape(c))).collect();
     if l.owners.len() > 3 {
         s.push(format!("+{}", l.owners.len() - 3));
     }
@@ -209,7 +210,7 @@ pub fn undetected_line(model: &Model, rows: &[&Listener]) -> Option<String> {
         .iter()
         .filter(|(_, n)| n.undetected > 0)
         .map(|(inode, n)| {
-            let name = n.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            let name = n.name.as_deref().map(|n| format!(" ({})", escape(n))).unwrap_or_default();
             let placed: Vec<String> = rows
                 .iter()
                 .filter(|l| l.netns == *inode && l.undetected > 0)
@@ -235,6 +236,7 @@ pub fn undetected_line(model: &Model, rows: &[&Listener]) -> Option<String> {
 /// outside, namespaces whose counters could not be read, kernel-side diagnostics.
 pub fn completeness_lines(model: &Model) -> Vec<String> {
     let mut out: Vec<String> = model.detached.clone();
+    out.extend(model.failed_outputs.iter().cloned());
     for (inode, why) in &model.reconciled.unreconciled {
         out.push(format!("netns {inode}: not reconciled with the kernel's counters: {why}"));
     }

@@ -152,6 +152,10 @@ impl Recorder {
 }
 
 impl Observer for Recorder {
+    fn name(&self) -> &'static str {
+        "the recording"
+    }
+
     fn started(&mut self, s: &Started) -> Result<()> {
         self.session.mode = s.mode.to_string();
         self.session.kernel = s.kernel.to_string();

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::format::Recording;
 use super::replay::{replay_files, FileResult, Replay, Second};
+use crate::escape::escape;
 use crate::model::{Filter, Listener};
 use crate::output::{json as json_out, rows, text};
 use crate::time::{fmt_utc, TimeSpec};
@@ -304,7 +305,7 @@ fn text_sections(
     let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
     for ns in namespaces {
         writeln!(w)?;
-        let name = ns.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        let name = ns.name.as_deref().map(|n| format!(" ({})", escape(n))).unwrap_or_default();
         writeln!(w, "Network namespace {}{name}:", ns.inode)?;
         for (k, v) in &ns.sysctls {
             let now = ns.changed.iter().find(|c| &c.0 == k);

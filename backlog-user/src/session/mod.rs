@@ -18,7 +18,7 @@ use crate::kernel::{Mode, Session, StartOptions};
 use crate::model::retired::{Policy, Retired};
 use crate::model::{Filter, KernelTotals, Model};
 use crate::sys::counters::{Counters, Scope};
-use observer::{Observer, Started};
+use observer::{Observer, OnError, Started};
 use owners::Resolver;
 use reconcile::Reconciler;
 
@@ -114,13 +114,29 @@ impl Live {
         }
     }
 
-    /// Calls `f` on every observer, even after one fails; returns the first error.
+    /// Calls `f` on every observer. One that fails is dropped: its failure is shown
+    /// in every output (`OnError::Detach`) or ends the session (`EndSession`, the
+    /// first such error is returned); the others are called all the same.
     fn each(&mut self, mut f: impl FnMut(&mut dyn Observer, &Model) -> Result<()>) -> Result<()> {
         let mut first = Ok(());
-        for o in &mut self.observers {
-            let r = f(o.as_mut(), &self.model);
-            if first.is_ok() {
-                first = r;
+        let mut i = 0;
+        while i < self.observers.len() {
+            let Err(e) = f(self.observers[i].as_mut(), &self.model) else {
+                i += 1;
+                continue;
+            };
+            let o = self.observers.remove(i);
+            match o.on_error() {
+                OnError::EndSession => {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+                OnError::Detach => {
+                    let line = format!("{} stopped: {e:#}; tracing continues", o.name());
+                    eprintln!("backlog-trace: {line}");
+                    self.model.failed_outputs.push(line);
+                }
             }
         }
         first
@@ -383,6 +399,14 @@ pub async fn run(settings: Settings, observers: Vec<Box<dyn Observer>>) -> Resul
     let finished = live.each(|o, m| o.finish(m, secs));
     drop(rb);
     drop(session);
+    // A closed stdout (`| head`) ends the session like Ctrl-C: the other observers
+    // were finished above. Any other failure is the exit status.
+    let outcome = outcome.or_else(|e| if broken_pipe(&e) { Ok(()) } else { Err(e) });
     outcome.and(last).and(finished)?;
-    Ok(0)
+    // Counting went on, but an output the user asked for is incomplete.
+    Ok(if live.model.failed_outputs.is_empty() { 0 } else { 1 })
+}
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }

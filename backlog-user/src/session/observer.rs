@@ -16,7 +16,23 @@ pub struct Started<'a> {
     pub scope: &'a str,
 }
 
+/// What an observer's failure does to the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    /// The session ends (every other observer is still finished): the terminal.
+    EndSession,
+    /// The observer is dropped, the failure shown in every output, and tracing goes
+    /// on: a full disk or a misbehaving scraper must not stop the counting.
+    Detach,
+}
+
 pub trait Observer {
+    /// Names the observer in the line that reports its failure.
+    fn name(&self) -> &'static str;
+    /// What its failure does to the session.
+    fn on_error(&self) -> OnError {
+        OnError::Detach
+    }
     /// The programs are attached.
     fn started(&mut self, s: &Started) -> Result<()>;
     /// Every event the kernel delivered, after the model folded it into `l`.

@@ -16,23 +16,63 @@ use super::diag::Diag;
 use super::netstat::Netstat;
 use super::sysctl::Sysctls;
 
-/// Resolves `ip netns` names, /proc/PID/ns/net style paths, and bare inode numbers
-/// to the namespace inode the kernel reports (`ns.inum`).
+/// ioctl(NS_GET_NSTYPE) = _IO(0xb7, 0x3): the CLONE_NEW* type of a namespace file
+/// (Linux 4.11+); fails with ENOTTY on anything else.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Resolves an `ip netns` name or a path such as /proc/PID/ns/net to the network
+/// namespace's inode (`ns.inum`); a bare number is taken as an inode, to be checked
+/// against the namespaces in use with [`in_use`]. Errors say which: no such name or
+/// file, permission denied, not a namespace, a namespace of another type.
 pub fn parse_netns(s: &str) -> Result<u32, String> {
     if let Ok(ino) = s.parse::<u32>() {
         return Ok(ino);
     }
-    let candidates = if s.contains('/') {
-        vec![s.to_string()]
+    let path = if s.contains('/') {
+        PathBuf::from(s)
     } else {
-        vec![format!("/run/netns/{s}"), format!("/var/run/netns/{s}")]
+        ["/run/netns", "/var/run/netns"]
+            .iter()
+            .map(|d| Path::new(d).join(s))
+            .find(|p| p.exists())
+            .ok_or_else(|| format!("no network namespace named '{s}' in /run/netns (see `ip netns list`)"))?
     };
-    for c in &candidates {
-        if let Ok(md) = std::fs::metadata(Path::new(c)) {
-            return u32::try_from(md.ino()).map_err(|_| format!("{c}: not a namespace file"));
-        }
+    let shown = path.display();
+    let f = File::open(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!("{shown}: no such file"),
+        io::ErrorKind::PermissionDenied => format!("{shown}: permission denied (run as root)"),
+        _ => format!("{shown}: {e}"),
+    })?;
+    // SAFETY: an ioctl without arguments on a file we hold open.
+    let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind < 0 {
+        return Err(format!("{shown}: not a namespace file (try /proc/PID/ns/net or a name from `ip netns list`)"));
     }
-    Err(format!("no network namespace '{s}' (not in `ip netns list`, not a path, not an inode number)"))
+    if kind != libc::CLONE_NEWNET {
+        return Err(format!("{shown}: a namespace, but not a network namespace"));
+    }
+    let ino = f.metadata().map_err(|e| format!("{shown}: {e}"))?.ino();
+    u32::try_from(ino).map_err(|_| format!("{shown}: namespace inode {ino} out of range"))
+}
+
+/// Fails, naming the first, unless every one of `inodes` is a network namespace in
+/// use now (a process lives in it, or `ip netns` pinned it).
+pub fn in_use(inodes: &[u32]) -> Result<(), String> {
+    if inodes.is_empty() {
+        return Ok(());
+    }
+    let all = enumerate().map_err(|e| format!("cannot list network namespaces in /proc: {e}"))?;
+    match inodes.iter().find(|i| !all.namespaces.iter().any(|n| n.inode == **i)) {
+        None => Ok(()),
+        Some(missing) => Err(not_in_use(*missing)),
+    }
+}
+
+fn not_in_use(inode: u32) -> String {
+    format!(
+        "network namespace {inode} is not used by any process we can see nor named in /run/netns \
+         (check `ip netns list` and `lsns -t net`; run as root to see other users' processes)"
+    )
 }
 
 /// The inode of the namespace this process runs in.
@@ -152,10 +192,7 @@ pub fn open(wanted: &[u32]) -> anyhow::Result<Opened> {
     let current = current().context("cannot read /proc/self/ns/net (is /proc mounted?)")?;
     let all = enumerate().context("cannot list /proc (is /proc mounted?)")?;
     if let Some(missing) = wanted.iter().find(|w| !all.namespaces.iter().any(|n| n.inode == **w)) {
-        anyhow::bail!(
-            "network namespace {missing} is not used by any process we can see nor named in /run/netns \
-             (check `ip netns list` and `lsns -t net`; run as root to see other users' processes)"
-        );
+        anyhow::bail!(not_in_use(*missing));
     }
     let hidden_pids = if wanted.is_empty() { all.hidden_pids } else { 0 };
     let mut opened = Opened { current, entered: Vec::new(), failed: Vec::new(), hidden_pids };
@@ -177,7 +214,12 @@ mod tests {
         assert_eq!(parse_netns("4026531840").unwrap(), 4026531840);
         let me = current().unwrap();
         assert_eq!(parse_netns("/proc/self/ns/net").unwrap(), me);
-        assert!(parse_netns("surely-no-such-netns").is_err());
+        assert!(in_use(&[me]).is_ok());
+        assert!(in_use(&[12345]).unwrap_err().contains("12345 is not used"));
+        assert!(parse_netns("surely-no-such-netns").unwrap_err().contains("no network namespace named"));
+        assert!(parse_netns("/etc/passwd").unwrap_err().contains("not a namespace file"));
+        assert!(parse_netns("/proc/self/ns/uts").unwrap_err().contains("not a network namespace"));
+        assert!(parse_netns("/no/such/file").unwrap_err().contains("no such file"));
     }
 
     #[test]
