@@ -1,0 +1,71 @@
+//! Every flag value a careless operator or a hostile user might pass is refused
+//! before anything is attached: exit 2, one line naming the value and what is
+//! expected, never a panic (exit 101) and never "traced nothing, exit 0".
+//!
+//!   cargo test -p backlog-tests --test flags
+use std::process::Output;
+
+use backlog_tests::require_root;
+use backlog_tests::tracer::tracer_command;
+
+fn run(args: &[&str]) -> Output {
+    tracer_command().args(args).output().expect("running backlog-trace")
+}
+
+/// Exit 2, and stderr's first line names `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: exit {:?}, stderr:\n{stderr}", out.status);
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(first.contains(needle), "{args:?}: first stderr line {first:?} lacks {needle:?}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{args:?} printed on stdout before refusing: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn durations_outside_1ms_to_a_year_are_refused() {
+    for flag in ["--interval", "--duration"] {
+        for v in ["0.0000000001", "1e19", "0", "-5", "400d", "8761h", "NaN"] {
+            refused(&[flag, v], v);
+        }
+    }
+    for v in ["10000000000000000000", "0.0001ms", "1e300"] {
+        refused(&["check", "--sample", v], v);
+    }
+    refused(&["record", "-o", "/tmp/never-written", "--max-size", "99999999999G"], "too large");
+    refused(&["record", "-o", "/tmp/never-written", "--max-size", "10"], "too small");
+}
+
+#[test]
+fn netns_arguments_must_name_a_network_namespace_in_use() {
+    require_root();
+    for cmd in [&[][..], &["check"][..], &["record", "-o", "/tmp/never-written"][..]] {
+        let with = |v: &'static str| [cmd, &["--netns", v][..]].concat();
+        refused(&with("/etc/passwd"), "not a namespace file");
+        refused(&with("/proc/self/ns/uts"), "not a network namespace");
+        refused(&with("surely-no-such-netns"), "no network namespace named");
+        refused(&with("12345"), "12345 is not used by any process");
+    }
+    assert!(!std::path::Path::new("/tmp/never-written").exists(), "a refused record created its file");
+}
+
+#[test]
+fn netns_of_another_user_is_permission_denied_not_missing() {
+    require_root();
+    // As nobody, pid 1's namespace file cannot be opened: the line must say so.
+    let bin = backlog_tests::tracer::tracer_bin();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["--netns", "/proc/1/ns/net", "-d", "1"])
+        .output()
+        .expect("running setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("permission denied"), "stderr:\n{stderr}");
+}
