@@ -45,18 +45,21 @@ pub enum Mode {
     Tracepoint,
 }
 
-/// Which listeners to look at: one set for every command.
+/// Which listeners to look at: one set for every command, spelled as bcc's tools
+/// spell them (-p PID, -P PORT), each a comma list or repeated.
 #[derive(Args, Debug, Clone, Default)]
 pub struct FilterArgs {
-    /// Only listeners on this local port (repeatable).
-    #[arg(long = "port", short = 'p', value_parser = clap::value_parser!(u16).range(1..=65535))]
+    /// Only listeners on these local ports (-P 80,443).
+    #[arg(long = "port", short = 'P', value_name = "PORT", value_delimiter = ',',
+          value_parser = clap::value_parser!(u16).range(1..=65535))]
     pub ports: Vec<u16>,
-    /// Only listeners owned by this process (repeatable).
-    #[arg(long = "pid", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Only listeners held by these processes (-p 1234,5678).
+    #[arg(long = "pid", short = 'p', value_name = "PID", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
-    /// Only this network namespace: a name from `ip netns`, a path such as
-    /// /proc/PID/ns/net, or an inode number (repeatable).
-    #[arg(long = "netns", value_parser = crate::sys::netns::parse_netns)]
+    /// Only these network namespaces: names from `ip netns`, paths such as
+    /// /proc/PID/ns/net, or inode numbers.
+    #[arg(long = "netns", value_delimiter = ',', value_parser = crate::sys::netns::parse_netns)]
     pub netns: Vec<u32>,
 }
 
@@ -231,7 +234,30 @@ mod tests {
         assert_eq!(e.exit_code(), 2);
         let e = Cli::try_parse_from(["backlog-trace", "--port", "65536"]).unwrap_err();
         assert_eq!(e.exit_code(), 2);
-        let ok = Cli::try_parse_from(["backlog-trace", "--port", "80", "-p", "443"]).unwrap();
+        let ok = Cli::try_parse_from(["backlog-trace", "--port", "80", "-P", "443"]).unwrap();
         assert_eq!(ok.trace.filters.ports, vec![80, 443]);
+    }
+
+    #[test]
+    fn bcc_spellings_and_comma_lists() {
+        let c = Cli::try_parse_from(["backlog-trace", "-P", "80,443", "-p", "7,8", "-p", "9"]).unwrap();
+        assert_eq!((c.trace.filters.ports, c.trace.filters.pids), (vec![80, 443], vec![7, 8, 9]));
+        for sub in ["check", "report"] {
+            let mut args = vec!["backlog-trace", sub, "--pid", "42", "--port", "22,80"];
+            if sub == "report" {
+                args.push("file");
+            }
+            let c = Cli::try_parse_from(&args).unwrap();
+            let f = match c.command {
+                Some(Command::Check(a)) => a.filters,
+                Some(Command::Report(a)) => a.filters,
+                _ => unreachable!(),
+            };
+            assert_eq!((f.ports, f.pids), (vec![22, 80], vec![42]), "{sub}");
+        }
+        let c = Cli::try_parse_from(["backlog-trace", "record", "-o", "f", "-P", "8080", "-p", "1"]).unwrap();
+        let Some(Command::Record(r)) = c.command else { unreachable!() };
+        assert_eq!((r.trace.filters.ports, r.trace.filters.pids), (vec![8080], vec![1]));
+        assert!(Cli::try_parse_from(["backlog-trace", "-P", "80,x"]).is_err());
     }
 }
