@@ -102,6 +102,9 @@ pub struct TraceArgs {
     /// Force an attach mode instead of the best one the kernel allows.
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
+    /// Say at start why each better attach mode was passed over, a line each.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics: a port (on 127.0.0.1) or address:port.
     #[arg(long, value_name = "ADDR", value_parser = crate::export::parse_listen_addr)]
     pub prometheus: Option<SocketAddr>,
@@ -125,7 +128,7 @@ impl TraceArgs {
             duration: self.duration,
         };
         let format = if self.json { Format::Json } else { Format::Text };
-        let view = View { format, filter, top: self.top, events: self.events, hist: self.hist };
+        let view = View { format, filter, top: self.top, events: self.events, hist: self.hist, verbose: self.verbose };
         Ok(Live { session, view, prometheus: self.prometheus })
     }
 }

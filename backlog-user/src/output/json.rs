@@ -195,8 +195,20 @@ impl Serialize for Comms<'_> {
     }
 }
 
+/// The NDJSON contract's version: a field renamed or removed, or a meaning changed,
+/// raises it; fields are only ever added without.
+pub const SCHEMA_VERSION: u32 = 1;
+
 pub fn start(w: &mut impl Write, s: &Started) -> io::Result<()> {
-    let v = json!({"type": "start", "mode": s.mode, "kernel": s.kernel, "scope": s.scope, "fallbacks": s.fallbacks});
+    let v = json!({
+        "type": "start",
+        "schema_version": SCHEMA_VERSION,
+        "version": env!("CARGO_PKG_VERSION"),
+        "mode": s.mode,
+        "kernel": s.kernel,
+        "scope": s.scope,
+        "fallbacks": s.fallbacks,
+    });
     line(w, &v)
 }
 

@@ -34,6 +34,8 @@ pub struct View {
     pub events: bool,
     /// Each listener's accept-wait histogram in the summary.
     pub hist: bool,
+    /// Text: every mode fallback in full at start (else one short line).
+    pub verbose: bool,
 }
 
 /// A session's terminal output: a writer, what to show, and the previous interval's
@@ -76,7 +78,7 @@ impl Observer for Printer {
 
     fn started(&mut self, s: &Started) -> Result<()> {
         let r = match self.view.format {
-            Format::Text => text::start(&mut self.w, s),
+            Format::Text => text::start(&mut self.w, s, self.view.verbose),
             Format::Json => json::start(&mut self.w, s),
         };
         self.done(r)
@@ -149,7 +151,7 @@ mod tests {
     #[test]
     fn a_write_error_is_returned_not_fatal() {
         for format in [Format::Text, Format::Json] {
-            let view = View { format, filter: Filter::default(), top: 10, events: true, hist: false };
+            let view = View { format, filter: Filter::default(), top: 10, events: true, hist: false, verbose: false };
             let mut p = Printer::new(view, Box::new(Closed));
             let d = Dropped {
                 reason: DropReason::AcceptQueueFull,

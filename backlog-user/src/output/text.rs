@@ -126,9 +126,25 @@ fn clock(wall_ns: u64) -> String {
     format!("{:02}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, wall_ns / 1_000_000 % 1000)
 }
 
-pub fn start(w: &mut impl Write, s: &Started) -> io::Result<()> {
-    for f in s.fallbacks {
-        eprintln!("backlog-trace: {f}");
+/// The start line; before it, on stderr, why better modes were passed over: each in
+/// full with `verbose`, else one short line.
+pub fn start(w: &mut impl Write, s: &Started, verbose: bool) -> io::Result<()> {
+    if verbose {
+        for f in s.fallbacks {
+            eprintln!("backlog-trace: {f}");
+        }
+    } else if !s.fallbacks.is_empty() {
+        let modes: Vec<&str> =
+            s.fallbacks.iter().filter_map(|f| f.split_once(" mode unavailable").map(|m| m.0)).collect();
+        let hooks = s.fallbacks.len() - modes.len();
+        let mut what = Vec::new();
+        if !modes.is_empty() {
+            what.push(format!("{} unavailable on this kernel", modes.join(" and ")));
+        }
+        if hooks > 0 {
+            what.push(format!("{hooks} hook(s) attached another way"));
+        }
+        eprintln!("backlog-trace: {} mode; {} (-v says why)", s.mode, what.join(", "));
     }
     writeln!(w, "Tracing listen-queue drops on {} (kernel {}, {} mode). Ctrl-C to stop.", s.scope, s.kernel, s.mode)
 }
