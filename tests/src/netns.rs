@@ -98,8 +98,17 @@ impl Netns {
     /// TcpExt counters of this namespace (ListenDrops, ListenOverflows,
     /// TCPReqQFullDrop, TCPReqQFullDoCookies, SyncookiesSent, ...).
     pub fn netstat(&self) -> Netstat {
-        let out = self.exec(&["cat", "/proc/net/netstat"]);
-        Netstat::parse(&String::from_utf8_lossy(&out.stdout))
+        Netstat(self.counters("/proc/net/netstat", "TcpExt"))
+    }
+
+    /// Every counter of one section ("TcpExt", "Tcp", …) of `file` (/proc/net/netstat,
+    /// /proc/net/snmp) in this namespace.
+    pub fn counters(&self, file: &str, section: &str) -> BTreeMap<String, u64> {
+        let out = self.exec(&["cat", file]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let map = netstat::section(&text, section).unwrap_or_default();
+        assert!(!map.is_empty(), "no {section} counters in {file} of {}:\n{text}", self.name);
+        map
     }
 
     /// Pids of every process whose network namespace is this one.

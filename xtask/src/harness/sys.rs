@@ -1,6 +1,5 @@
 //! The few libc calls std does not wrap. std already links libc, so declaring them
 //! here spares xtask a dependency for five functions.
-use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -13,7 +12,6 @@ const SIGTERM: i32 = 15;
 const AF_INET: i32 = 2;
 const SOCK_RAW: i32 = 3;
 const IPPROTO_RAW: i32 = 255;
-const CLONE_NEWNET: i32 = 0x4000_0000;
 const SC_CLK_TCK: i32 = 2;
 const SOL_SOCKET: i32 = 1;
 const SO_LINGER: i32 = 13;
@@ -38,7 +36,6 @@ extern "C" {
     fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
     fn socket(domain: i32, ty: i32, protocol: i32) -> i32;
     fn sendto(fd: i32, buf: *const u8, len: usize, flags: i32, addr: *const SockaddrIn, addrlen: u32) -> isize;
-    fn setns(fd: i32, nstype: i32) -> i32;
     fn listen(fd: i32, backlog: i32) -> i32;
     fn sysconf(name: i32) -> i64;
     fn geteuid() -> u32;
@@ -129,15 +126,6 @@ fn clock_ticks_per_sec() -> u64 {
     } else {
         100
     }
-}
-
-/// Moves the calling thread (only it) into the network namespace behind `ns`.
-pub fn enter_netns(ns: &File) -> io::Result<()> {
-    // SAFETY: valid fd; affects only the calling thread.
-    if unsafe { setns(ns.as_raw_fd(), CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Changes a listening socket's backlog (listen() again only updates it).
