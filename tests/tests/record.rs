@@ -313,23 +313,16 @@ fn mutated_recordings_never_panic_the_report() {
     while Instant::now() < deadline {
         let mut d = data.clone();
         for _ in 0..1 + rng.below(3) {
+            // Where, then what: flip a bit, overwrite up to 16 bytes, cut after, insert a byte.
+            let i = rng.below(d.len());
             match rng.below(4) {
-                0 => {
-                    let i = rng.below(d.len());
-                    d[i] ^= 1 << rng.below(8);
-                }
+                0 => d[i] ^= 1 << rng.below(8),
                 1 => {
-                    let i = rng.below(d.len());
                     let n = rng.below(16).min(d.len() - i);
-                    for b in &mut d[i..i + n] {
-                        *b = rng.next() as u8;
-                    }
+                    d[i..i + n].iter_mut().for_each(|b| *b = rng.next() as u8);
                 }
-                2 => d.truncate(rng.below(d.len()) + 1),
-                _ => {
-                    let i = rng.below(d.len());
-                    d.insert(i, rng.next() as u8);
-                }
+                2 => d.truncate(i + 1),
+                _ => d.insert(i, rng.next() as u8),
             }
         }
         std::fs::write(&file, &d).unwrap();
