@@ -7,8 +7,8 @@ pub mod netns;
 pub mod netstat;
 pub mod sysctl;
 
-/// The inode of the socket behind `fd`, as /proc/PID/fd and sock_diag name it.
-#[cfg(test)]
+/// The inode of the socket behind `fd`, as /proc/PID/fd and sock_diag name it. For
+/// tests (the binary's unit tests reach it through the library, built without cfg(test)).
 pub fn socket_inode(fd: &impl std::os::fd::AsRawFd) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("own fd").ino()
