@@ -4,8 +4,12 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use backlog_user::sys::netns::run_at;
+use backlog_user::sys::netstat;
 
 use crate::workload::Spawned;
 
@@ -28,11 +32,16 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
-        crate::require_root();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("bt-{tag}-{}-{n}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
+        Netns::create(&format!("bt-{tag}-{}-{n}", std::process::id()))
+    }
+
+    /// A namespace of a fixed name, first deleting one of that name a killed run left.
+    pub fn create(name: &str) -> Netns {
+        crate::require_root();
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        run(&["ip", "netns", "add", name]);
+        let ns = Netns { name: name.to_string() };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
     }
@@ -41,10 +50,21 @@ impl Netns {
         &self.name
     }
 
+    /// The file that pins the namespace, to enter it by.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs `f` on a helper thread that has entered this namespace; sockets it creates
+    /// stay in the namespace wherever they are used afterwards.
+    pub fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        run_at(&self.path(), || Ok(f())).unwrap_or_else(|e| panic!("inside netns {}: {e}", self.name))
+    }
+
     /// The namespace's inode number, as the kernel (and the tracer) report it.
     pub fn inode(&self) -> u64 {
-        let path = format!("/run/netns/{}", self.name);
-        std::fs::metadata(&path).unwrap_or_else(|e| panic!("stat {path}: {e}")).ino()
+        let path = self.path();
+        std::fs::metadata(&path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
     }
 
     fn command(&self, argv: &[&str]) -> Command {
@@ -78,8 +98,17 @@ impl Netns {
     /// TcpExt counters of this namespace (ListenDrops, ListenOverflows,
     /// TCPReqQFullDrop, TCPReqQFullDoCookies, SyncookiesSent, ...).
     pub fn netstat(&self) -> Netstat {
-        let out = self.exec(&["cat", "/proc/net/netstat"]);
-        Netstat::parse(&String::from_utf8_lossy(&out.stdout))
+        Netstat(self.counters("/proc/net/netstat", "TcpExt"))
+    }
+
+    /// Every counter of one section ("TcpExt", "Tcp", …) of `file` (/proc/net/netstat,
+    /// /proc/net/snmp) in this namespace.
+    pub fn counters(&self, file: &str, section: &str) -> BTreeMap<String, u64> {
+        let out = self.exec(&["cat", file]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let map = netstat::section(&text, section).unwrap_or_default();
+        assert!(!map.is_empty(), "no {section} counters in {file} of {}:\n{text}", self.name);
+        map
     }
 
     /// Pids of every process whose network namespace is this one.
@@ -165,17 +194,7 @@ impl Netstat {
     /// /proc/net/netstat holds pairs of lines: "TcpExt: Name Name ..." then
     /// "TcpExt: value value ...".
     pub fn parse(text: &str) -> Netstat {
-        let lines: Vec<&str> = text.lines().collect();
-        let mut map = BTreeMap::new();
-        for pair in lines.chunks(2) {
-            let [names, values] = pair else { continue };
-            let (Some(names), Some(values)) = (names.strip_prefix("TcpExt:"), values.strip_prefix("TcpExt:")) else {
-                continue;
-            };
-            for (k, v) in names.split_whitespace().zip(values.split_whitespace()) {
-                map.insert(k.to_string(), v.parse().unwrap_or_else(|_| panic!("bad TcpExt value {k}={v}")));
-            }
-        }
+        let map = netstat::section(text, "TcpExt").unwrap_or_default();
         assert!(map.contains_key("ListenDrops"), "no TcpExt counters in:\n{text}");
         Netstat(map)
     }

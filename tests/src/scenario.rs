@@ -34,12 +34,17 @@ pub fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) ->
 /// [`traced`], with the running tracer handed to the workload (to act on it
 /// from outside while it runs).
 pub fn traced_with(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce(&mut Tracer)) -> Run {
+    traced_sub(&[], namespaces, extra, workload)
+}
+
+/// [`traced_with`] with a subcommand (e.g. `record -o FILE`) before the options.
+pub fn traced_sub(sub: &[&str], namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce(&mut Tracer)) -> Run {
     let mut args = Vec::new();
     for ns in namespaces {
         args.extend(["--netns", ns.name()]);
     }
     args.extend_from_slice(extra);
-    let mut tracer = Tracer::start(&args);
+    let mut tracer = Tracer::start_sub(sub, &args);
     let before: Vec<Netstat> = namespaces.iter().map(|ns| ns.netstat()).collect();
     workload(&mut tracer);
     for ns in namespaces {
@@ -108,6 +113,11 @@ impl Run {
     }
 
     /// What the tracer wrote on stderr.
+    /// Everything the tracer printed on stdout, start line first.
+    pub fn stdout(&self) -> Vec<String> {
+        self.tracer.stdout()
+    }
+
     pub fn stderr(&self) -> String {
         self.tracer.stderr()
     }

@@ -130,11 +130,14 @@ pub fn tracer_command() -> Command {
     Command::new(bin)
 }
 
-/// A running `backlog-trace --json`; killed on drop if still running.
+/// A running `backlog-trace`; killed on drop if still running. The one harness
+/// every integration test starts the tracer with.
 pub struct Tracer {
     child: Child,
-    /// The parsed start line.
+    /// The parsed start line (`start`, `start_sub`); Null for `spawn`.
     pub start: serde_json::Value,
+    /// The first line of stdout, printed once every program is attached.
+    first: String,
     lines: Receiver<String>,
     /// Lines after the start line, complete once the tracer has exited.
     rest: Vec<String>,
@@ -147,12 +150,31 @@ impl Tracer {
     /// when set) and returns once it printed its start line, i.e. once every
     /// program is attached.
     pub fn start(args: &[&str]) -> Tracer {
+        Tracer::start_sub(&[], args)
+    }
+
+    /// [`Tracer::start`] with a subcommand (e.g. `record -o FILE`) before the options.
+    pub fn start_sub(sub: &[&str], args: &[&str]) -> Tracer {
+        let argv: Vec<&str> = sub.iter().chain(&["--json"]).chain(args).copied().collect();
+        let mut tracer = Tracer::spawn(&argv);
+        let first = &tracer.first;
+        tracer.start = serde_json::from_str(first).unwrap_or_else(|e| panic!("start line is not JSON ({e}): {first}"));
+        assert_eq!(tracer.start["type"], "start", "first line should be the start line: {first}");
+        if let Ok(mode) = std::env::var("BACKLOG_MODE") {
+            assert_eq!(tracer.start["mode"], mode.as_str(), "a forced --mode must be the mode used: {first}");
+        }
+        tracer
+    }
+
+    /// Starts the tracer with `argv` as given (text or JSON output; plus `--mode
+    /// $BACKLOG_MODE` when set) and returns once it printed its first line: both
+    /// output modes print one once every program is attached.
+    pub fn spawn(argv: &[&str]) -> Tracer {
         crate::require_root();
         let mut cmd = tracer_command();
-        cmd.arg("--json").args(args);
-        let mode = std::env::var("BACKLOG_MODE").ok();
-        if let Some(mode) = &mode {
-            cmd.args(["--mode", mode]);
+        cmd.args(argv);
+        if let Ok(mode) = std::env::var("BACKLOG_MODE") {
+            cmd.args(["--mode", &mode]);
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -182,9 +204,9 @@ impl Tracer {
             }
         }));
 
-        let mut tracer =
-            Tracer { child, start: serde_json::Value::Null, lines, rest: Vec::new(), stderr, stderr_reader };
-        let first = match tracer.lines.recv_timeout(STEP_TIMEOUT) {
+        let start = serde_json::Value::Null;
+        let mut tracer = Tracer { child, start, first: String::new(), lines, rest: Vec::new(), stderr, stderr_reader };
+        tracer.first = match tracer.lines.recv_timeout(STEP_TIMEOUT) {
             Ok(line) => line,
             Err(RecvTimeoutError::Timeout) => panic!(
                 "backlog-trace printed no start line within {STEP_TIMEOUT:?}; stderr so far:\n{}",
@@ -192,15 +214,16 @@ impl Tracer {
             ),
             Err(RecvTimeoutError::Disconnected) => {
                 let status = tracer.wait_exit();
-                panic!("backlog-trace {args:?} exited ({status}) before its start line; stderr:\n{}", tracer.stderr());
+                panic!("backlog-trace {argv:?} exited ({status}) before its start line; stderr:\n{}", tracer.stderr());
             }
         };
-        tracer.start = serde_json::from_str(&first).unwrap_or_else(|e| panic!("start line is not JSON ({e}): {first}"));
-        assert_eq!(tracer.start["type"], "start", "first line should be the start line: {first}");
-        if let Some(mode) = mode {
-            assert_eq!(tracer.start["mode"], mode.as_str(), "a forced --mode must be the mode used: {first}");
-        }
         tracer
+    }
+
+    /// Everything the tracer printed on stdout, start line first (complete once it
+    /// has exited).
+    pub fn stdout(&self) -> Vec<String> {
+        std::iter::once(&self.first).chain(&self.rest).cloned().collect()
     }
 
     /// A `kB` field of /proc/PID/status (VmRSS, VmHWM) of the running tracer.

@@ -7,18 +7,15 @@
 //!
 //! Run as root, serially, once backlog-trace is built in release mode:
 //!   cargo test -p backlog-tests --test accept -- --test-threads=1
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use backlog_common::hist;
 use backlog_tests::netns::Netns;
-use backlog_tests::tracer::tracer_command;
+use backlog_tests::tracer::{tracer_command, Tracer};
 use backlog_tests::workload::{workload_bin, Spawned};
 use backlog_tests::{scratch_path, wait_for};
 
@@ -136,66 +133,30 @@ impl Acceptor {
     }
 }
 
-/// Kills the tracer if a test fails while it runs.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Runs `workload` while `backlog-trace --netns <each of namespaces> --port
 /// <port()> <extra>` (plus `--mode $BACKLOG_MODE` when set) runs, and returns
-/// everything the tracer printed on stdout once it exited on SIGINT. Both output modes print a first line once
-/// every program is attached, so the workload starts after that line. The
-/// harness's Tracer cannot serve here: it always adds --json and its summary
-/// type omits the accept fields.
+/// everything the tracer printed on stdout once it exited on SIGINT. Both output
+/// modes print a first line once every program is attached, so the workload starts
+/// after that line. The scenario's `traced` cannot serve here: its summary type
+/// omits the accept fields.
 fn traced(namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) -> Vec<String> {
     traced_sub(&[], namespaces, extra, workload)
 }
 
 /// `traced` with a subcommand (e.g. `record -o FILE`) before the options.
 fn traced_sub(sub: &[&str], namespaces: &[&Netns], extra: &[&str], workload: impl FnOnce()) -> Vec<String> {
-    let mut cmd = tracer_command();
-    cmd.args(sub);
+    let port = port().to_string();
+    let mut argv = sub.to_vec();
     for ns in namespaces {
-        cmd.args(["--netns", ns.name()]);
+        argv.extend(["--netns", ns.name()]);
     }
-    cmd.args(["--port", &port().to_string()]).args(extra);
-    if let Ok(mode) = std::env::var("BACKLOG_MODE") {
-        cmd.args(["--mode", &mode]);
-    }
-    // A file rather than a pipe: nobody has to drain it while the tracer runs.
-    let stderr_path = scratch_path("tracer-stderr");
-    let stderr_file = std::fs::File::create(&stderr_path).expect("tracer stderr file");
-    let mut child = Running(
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr_file).spawn().expect("start backlog-trace"),
-    );
-    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.0.stdout.take().expect("piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = rx
-        .recv_timeout(STEP)
-        .unwrap_or_else(|e| panic!("backlog-trace {extra:?} printed no first line ({e}); stderr:\n{}", stderr()));
+    argv.extend(["--port", &port]);
+    argv.extend_from_slice(extra);
+    let mut tracer = Tracer::spawn(&argv);
     workload();
-    // SAFETY: plain syscall on our own, not yet reaped, child.
-    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
-    let status = wait_for("backlog-trace to exit after SIGINT", STEP, || child.0.try_wait().expect("wait"));
-    assert!(status.success(), "backlog-trace {extra:?} ended with {status}; stderr:\n{}", stderr());
-    let _ = std::fs::remove_file(&stderr_path);
-    // The reader ends at EOF, which closes the channel.
-    std::iter::once(first).chain(rx.iter()).collect()
+    let status = tracer.stop_sigint();
+    assert!(status.success(), "backlog-trace {extra:?} ended with {status}; stderr:\n{}", tracer.stderr());
+    tracer.stdout()
 }
 
 #[derive(Deserialize, Debug)]
@@ -361,48 +322,39 @@ fn closing_listener_abandons_queued_children() {
     assert_eq!(held, Some(on_queue), "largest pending of the interval lines while {on_queue} children were queued");
 }
 
-/// One accept style and address family: 20 connections accepted 5 ms apart,
-/// each one timed. Many connections close together rather than few far apart:
-/// one stalled connect or accept widens its own bracket, which moves the bounds
-/// of the median by about one spacing.
-fn style_is_timed(tag: &str, addr: &'static str, accept: &'static str) {
-    paced_and_measured(tag, Spec { addr, clients: 20, accept, interval_ms: 5 });
+/// One accept style and address family per test: 20 connections accepted 5 ms
+/// apart, each one timed. Many connections close together rather than few far
+/// apart: one stalled connect or accept widens its own bracket, which moves the
+/// bounds of the median by about one spacing.
+macro_rules! style_is_timed {
+    ($($test:ident: $tag:literal, $addr:literal, $accept:literal;)*) => {$(
+        #[test]
+        fn $test() {
+            paced_and_measured($tag, Spec { addr: $addr, clients: 20, accept: $accept, interval_ms: 5 });
+        }
+    )*};
 }
 
-#[test]
-fn blocking_accept_is_timed() {
-    style_is_timed("blocking", "127.0.0.1", "blocking");
+style_is_timed! {
+    blocking_accept_is_timed: "blocking", "127.0.0.1", "blocking";
+    epoll_nonblocking_accept_is_timed: "epoll", "127.0.0.1", "epoll";
+    accept4_nonblock_is_timed: "accept4", "127.0.0.1", "accept4";
+    ipv6_accept_is_timed: "ipv6", "::1", "blocking";
 }
 
-#[test]
-fn epoll_nonblocking_accept_is_timed() {
-    style_is_timed("epoll", "127.0.0.1", "epoll");
-}
-
-#[test]
-fn accept4_nonblock_is_timed() {
-    style_is_timed("accept4", "127.0.0.1", "accept4");
-}
-
-#[test]
-fn ipv6_accept_is_timed() {
-    style_is_timed("ipv6", "::1", "blocking");
-}
-
-/// The `lines` that the extended regular expression `pattern` does not match
-/// as a whole (grep -Ex: the crate has no regex dependency).
-fn not_matching(pattern: &str, lines: &[&str]) -> Vec<String> {
-    let mut grep = Command::new("grep")
-        .args(["-Exv", pattern])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run grep");
-    grep.stdin.take().expect("piped").write_all((lines.join("\n") + "\n").as_bytes()).expect("write to grep");
-    let out = grep.wait_with_output().expect("wait for grep");
-    // grep -v exits 1 when every line matched, 0 when some did not.
-    assert!(matches!(out.status.code(), Some(0 | 1)), "grep -Ex {pattern:?} failed: {}", out.status);
-    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+/// Whether `row` is, as a whole, a histogram row `[lo, hi)  count |@@@  |`: the
+/// extended regular expression `\[[0-9]+, [0-9]+\) +[0-9]+ \|@* *\|`.
+fn is_hist_row(row: &str) -> bool {
+    /// One or more digits off the front of `s`.
+    fn digits(s: &str) -> Option<&str> {
+        Some(s.trim_start_matches(|c: char| c.is_ascii_digit())).filter(|r| r.len() < s.len())
+    }
+    let rest = (|| {
+        let s = digits(digits(row.strip_prefix('[')?)?.strip_prefix(", ")?)?.strip_prefix(')')?;
+        let count = Some(s.trim_start_matches(' ')).filter(|r| r.len() < s.len())?;
+        Some(digits(count)?.strip_prefix(" |")?.trim_start_matches('@').trim_start_matches(' '))
+    })();
+    rest == Some("|")
 }
 
 #[test]
@@ -436,7 +388,7 @@ fn hist_in_json_and_text() {
     let rows: Vec<&str> = text[start + 1..].iter().map(String::as_str).take_while(|s| !s.is_empty()).collect();
     println!("{header}\n{}", rows.join("\n"));
     assert!(!rows.is_empty(), "empty histogram after {header:?}");
-    let bad = not_matching(r"\[[0-9]+, [0-9]+\) +[0-9]+ \|@* *\|", &rows);
+    let bad: Vec<&&str> = rows.iter().filter(|r| !is_hist_row(r)).collect();
     assert!(bad.is_empty(), "histogram lines not in the `[lo, hi)  count |@@@  |` format: {bad:#?}");
     let mut total = 0;
     for row in &rows {

@@ -3,170 +3,46 @@
 //!
 //! Needs root (ip netns, setns). Run with `--test-threads=1`: the tests are timing
 //! sensitive and each one samples for a couple of seconds.
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use backlog_tests::netns::Netns;
+use backlog_tests::sys::{check, connect_nonblocking, set_sockopt, sockaddr, tcp_socket};
+use backlog_tests::tracer::{tracer_bin, tracer_command};
 use serde_json::Value;
 
-// ---------- namespaces ----------
-
-static NEXT_NS: AtomicUsize = AtomicUsize::new(0);
-
-/// A network namespace made with `ip netns add`, loopback up, deleted on drop.
-struct Netns {
-    name: String,
+/// A TCP listener on 127.0.0.1:port in `ns`, made with listen(backlog): std's
+/// TcpListener always listens with 128 and the tests need exact backlogs.
+fn listen(ns: &Netns, port: u16, backlog: i32, reuseport: bool) -> TcpListener {
+    ns.inside(move || {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let fd = tcp_socket(&addr, 0);
+        set_sockopt(fd, if reuseport { libc::SO_REUSEPORT } else { libc::SO_REUSEADDR }, 1, "setsockopt");
+        let (sa, len) = sockaddr(addr);
+        // SAFETY: `sa` is a valid sockaddr of length `len`; the fd goes to TcpListener.
+        unsafe {
+            check(libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len), "bind");
+            check(libc::listen(fd, backlog), "listen");
+            TcpListener::from_raw_fd(fd)
+        }
+    })
 }
 
-impl Netns {
-    fn new() -> Netns {
-        require_root();
-        let name = format!("bt-chk-{}-{}", std::process::id(), NEXT_NS.fetch_add(1, Ordering::SeqCst));
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn exec(&self, cmd: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(cmd);
-        run(&full)
-    }
-
-    fn sysctl(&self, kv: &str) {
-        self.exec(&["sysctl", "-q", "-w", kv]);
-    }
-
-    /// The namespace's TcpExt counter, read the way an operator would.
-    fn counter(&self, name: &str) -> u64 {
-        let text = self.exec(&["cat", "/proc/net/netstat"]);
-        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
-        let names = lines[0].split_whitespace();
-        let values = lines[1].split_whitespace();
-        names.zip(values).find(|(n, _)| *n == name).map(|(_, v)| v.parse().unwrap()).unwrap_or(0)
-    }
-
-    /// Runs `f` on a thread that has entered this namespace; sockets it creates stay
-    /// in the namespace wherever they are used afterwards.
-    fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: setns on a valid fd, affecting only this thread.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
-            f()
-        })
-        .join()
-        .expect("thread inside the namespace panicked")
-    }
-
-    /// A TCP listener on 127.0.0.1:port made with listen(backlog).
-    fn listen(&self, port: u16, backlog: i32, reuseport: bool) -> TcpListener {
-        self.inside(move || listener(port, backlog, reuseport))
-    }
-
-    /// `n` non-blocking connects to 127.0.0.1:port; the SYNs are on the wire on return.
-    fn connect_many(&self, port: u16, n: usize) -> Vec<OwnedFd> {
-        self.inside(move || (0..n).map(|_| connect_nonblocking(port)).collect())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn require_root() {
-    // SAFETY: no arguments, cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!("these tests create network namespaces and need root: run them with sudo");
-    }
-}
-
-fn run(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-// ---------- sockets ----------
-
-fn check_rc(what: &str, rc: libc::c_int) {
-    assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
-}
-
-fn sockaddr(port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be() },
-        sin_zero: [0; 8],
-    }
-}
-
-/// std's TcpListener always listens with 128; the tests need exact backlogs.
-fn listener(port: u16, backlog: i32, reuseport: bool) -> TcpListener {
-    // SAFETY: plain socket calls on a descriptor we own; the fd goes to TcpListener.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        check_rc("socket", fd);
-        let one: libc::c_int = 1;
-        let opt = if reuseport { libc::SO_REUSEPORT } else { libc::SO_REUSEADDR };
-        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        check_rc("setsockopt", libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&one as *const libc::c_int).cast(), len));
-        let sa = sockaddr(port);
-        let salen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        check_rc("bind", libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), salen));
-        check_rc("listen", libc::listen(fd, backlog));
-        TcpListener::from_raw_fd(fd)
-    }
-}
-
-fn connect_nonblocking(port: u16) -> OwnedFd {
-    // SAFETY: plain socket calls on a descriptor we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
-        check_rc("socket", fd);
-        let sa = sockaddr(port);
-        let salen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let rc = libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), salen);
-        let err = std::io::Error::last_os_error();
-        assert!(rc == 0 || err.raw_os_error() == Some(libc::EINPROGRESS), "connect: {err}");
-        OwnedFd::from_raw_fd(fd)
-    }
+/// `n` non-blocking connects to 127.0.0.1:port in `ns`; the SYNs are on the wire on return.
+fn connect_many(ns: &Netns, port: u16, n: usize) -> Vec<OwnedFd> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // SAFETY: each fd is a fresh socket this closure owns.
+    ns.inside(move || (0..n).map(|_| unsafe { OwnedFd::from_raw_fd(connect_nonblocking(addr)) }).collect())
 }
 
 // ---------- the binary ----------
 
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("BACKLOG_TRACE_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let found =
-        ["debug", "release"].iter().map(|p| root.join("target").join(p).join("backlog-trace")).find(|p| p.exists());
-    found.unwrap_or_else(|| {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "backlog-user"])
-            .env("AYA_BUILD_SKIP", "1")
-            .current_dir(&root)
-            .status()
-            .expect("cargo build");
-        assert!(st.success(), "building backlog-trace failed");
-        root.join("target/debug/backlog-trace")
-    })
-}
-
 fn spawn_check(args: &[&str]) -> Child {
-    Command::new(binary())
+    tracer_command()
         .arg("check")
         .args(args)
         .stdout(Stdio::piped())
@@ -192,7 +68,7 @@ fn wait_window_open(child: &mut Child) -> mpsc::Receiver<String> {
 }
 
 fn check_json(args: &[&str]) -> (i32, Value) {
-    let out = Command::new(binary()).arg("check").args(args).arg("--json").output().expect("running backlog-trace");
+    let out = tracer_command().arg("check").args(args).arg("--json").output().expect("running backlog-trace");
     parse(out)
 }
 
@@ -215,150 +91,67 @@ fn counter(doc: &Value, ns: usize, name: &str) -> u64 {
 
 // ---------- the JSON schema ----------
 
-fn is_opt_u(v: &Value) -> bool {
-    v.is_null() || v.is_u64()
-}
-fn is_opt_s(v: &Value) -> bool {
-    v.is_null() || v.is_string()
-}
-
-/// A field name and the test its value must pass.
-type FieldSpec<'a> = (&'a str, fn(&Value) -> bool);
-
-/// Every object has exactly these fields with these types.
-fn fields(obj: &Value, what: &str, spec: &[FieldSpec]) {
+/// Every object has exactly the fields of `spec` ("name:type …") with those types:
+/// u (u64), n (number), s (string), b (boolean), a (array), o (object); a trailing
+/// `?` also allows null.
+fn fields(obj: &Value, what: &str, spec: &str) {
     let map = obj.as_object().unwrap_or_else(|| panic!("{what} is not an object: {obj}"));
+    let spec: Vec<(&str, &str)> = spec.split_whitespace().map(|f| f.split_once(':').expect("name:type")).collect();
     let mut want: Vec<&str> = spec.iter().map(|(k, _)| *k).collect();
     let mut got: Vec<&str> = map.keys().map(String::as_str).collect();
     want.sort();
     got.sort();
     assert_eq!(got, want, "{what} fields");
-    for (k, ok) in spec {
-        assert!(ok(&map[*k]), "{what}.{k} has the wrong type: {}", map[*k]);
+    for (k, ty) in spec {
+        let v = &map[k];
+        let ok = match ty.trim_end_matches('?') {
+            "u" => v.is_u64(),
+            "n" => v.is_number(),
+            "s" => v.is_string(),
+            "b" => v.is_boolean(),
+            "a" => v.is_array(),
+            "o" => v.is_object(),
+            other => panic!("unknown type {other} in the spec of {what}"),
+        };
+        assert!(ok || (ty.ends_with('?') && v.is_null()), "{what}.{k} has the wrong type: {v}");
     }
 }
 
 fn assert_schema(doc: &Value) {
-    fields(
-        doc,
-        "report",
-        &[
-            ("schema_version", Value::is_u64),
-            ("sample_seconds", Value::is_number),
-            ("namespaces", Value::is_array),
-            ("listeners", Value::is_array),
-            ("findings", Value::is_array),
-            ("not_visible", Value::is_array),
-            ("exit_code", Value::is_u64),
-        ],
-    );
+    let report = "schema_version:u sample_seconds:n namespaces:a listeners:a findings:a not_visible:a exit_code:u";
+    fields(doc, "report", report);
     assert_eq!(doc["schema_version"], 1);
     for ns in doc["namespaces"].as_array().unwrap() {
-        fields(
-            ns,
-            "namespace",
-            &[
-                ("inode", Value::is_u64),
-                ("name", is_opt_s),
-                ("sysctls", Value::is_object),
-                ("counters", Value::is_array),
-            ],
-        );
-        fields(
-            &ns["sysctls"],
-            "sysctls",
-            &[
-                ("somaxconn", is_opt_u),
-                ("tcp_max_syn_backlog", is_opt_u),
-                ("tcp_syncookies", is_opt_u),
-                ("tcp_abort_on_overflow", is_opt_u),
-            ],
-        );
+        fields(ns, "namespace", "inode:u name:s? sysctls:o counters:a");
+        let sysctls = "somaxconn:u? tcp_max_syn_backlog:u? tcp_syncookies:u? tcp_abort_on_overflow:u?";
+        fields(&ns["sysctls"], "sysctls", sysctls);
         let names: Vec<&str> = ns["counters"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(
             names,
             ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies", "SyncookiesSent"]
         );
         for c in ns["counters"].as_array().unwrap() {
-            fields(
-                c,
-                "counter",
-                &[
-                    ("name", Value::is_string),
-                    ("start", Value::is_u64),
-                    ("end", Value::is_u64),
-                    ("delta", Value::is_u64),
-                    ("per_second", Value::is_number),
-                ],
-            );
+            fields(c, "counter", "name:s start:u end:u delta:u per_second:n");
             assert_eq!(c["end"].as_u64().unwrap() - c["start"].as_u64().unwrap(), c["delta"].as_u64().unwrap());
         }
     }
     for l in doc["listeners"].as_array().unwrap() {
-        fields(
-            l,
-            "listener",
-            &[
-                ("netns", Value::is_u64),
-                ("address", Value::is_string),
-                ("port", Value::is_u64),
-                ("reuseport", Value::is_boolean),
-                ("members", Value::is_array),
-                ("syn_queue_now", Value::is_u64),
-                ("syn_queue_peak", Value::is_u64),
-            ],
-        );
+        let listener = "netns:u address:s port:u reuseport:b members:a syn_queue_now:u syn_queue_peak:u";
+        fields(l, "listener", listener);
         for m in l["members"].as_array().unwrap() {
-            fields(
-                m,
-                "member",
-                &[
-                    ("inode", Value::is_u64),
-                    ("limit", Value::is_u64),
-                    ("queue_now", Value::is_u64),
-                    ("queue_peak", Value::is_u64),
-                    ("samples", Value::is_u64),
-                    ("samples_full", Value::is_u64),
-                    ("full_seconds", Value::is_number),
-                    ("drops_total", is_opt_u),
-                    ("drops_window", is_opt_u),
-                    ("owners", Value::is_array),
-                ],
-            );
+            let member = "inode:u limit:u queue_now:u queue_peak:u samples:u samples_full:u full_seconds:n \
+                          drops_total:u? drops_window:u? owners:a";
+            fields(m, "member", member);
             for o in m["owners"].as_array().unwrap() {
-                fields(
-                    o,
-                    "owner",
-                    &[("pid", Value::is_u64), ("comm", Value::is_string), ("cpu", |v| v.is_null() || v.is_object())],
-                );
+                fields(o, "owner", "pid:u comm:s cpu:o?");
                 if o["cpu"].is_object() {
-                    fields(
-                        &o["cpu"],
-                        "cpu",
-                        &[
-                            ("total_percent", Value::is_number),
-                            ("busiest_thread_percent", Value::is_number),
-                            ("threads", Value::is_u64),
-                        ],
-                    );
+                    fields(&o["cpu"], "cpu", "total_percent:n busiest_thread_percent:n threads:u");
                 }
             }
         }
     }
     for f in doc["findings"].as_array().unwrap() {
-        fields(
-            f,
-            "finding",
-            &[
-                ("severity", Value::is_string),
-                ("kind", Value::is_string),
-                ("netns", Value::is_u64),
-                ("listener", is_opt_s),
-                ("summary", Value::is_string),
-                ("evidence", Value::is_string),
-                ("fix", Value::is_string),
-            ],
-        );
+        fields(f, "finding", "severity:s kind:s netns:u listener:s? summary:s evidence:s fix:s");
         assert!(["info", "warning", "critical"].contains(&f["severity"].as_str().unwrap()));
     }
     for n in doc["not_visible"].as_array().unwrap() {
@@ -372,14 +165,14 @@ fn assert_schema(doc: &Value) {
 
 #[test]
 fn somaxconn_caps_listen_511_to_128() {
-    let ns = Netns::new();
-    ns.sysctl("net.core.somaxconn=128");
-    let _l = ns.listen(8511, 511, false);
+    let ns = Netns::new("chk");
+    ns.sysctl("net.core.somaxconn", "128");
+    let _l = listen(&ns, 8511, 511, false);
 
-    let (code, doc) = check_json(&["--netns", &ns.name, "--sample", "1s"]);
+    let (code, doc) = check_json(&["--netns", ns.name(), "--sample", "1s"]);
     assert_eq!(code, 1);
     assert_eq!(doc["namespaces"].as_array().unwrap().len(), 1);
-    assert_eq!(doc["namespaces"][0]["name"], ns.name.as_str());
+    assert_eq!(doc["namespaces"][0]["name"], ns.name());
     assert_eq!(doc["namespaces"][0]["sysctls"]["somaxconn"], 128);
     let l = listeners_on(&doc, 8511);
     assert_eq!(l.len(), 1);
@@ -395,7 +188,7 @@ fn somaxconn_caps_listen_511_to_128() {
     assert!(capped[0]["summary"].as_str().unwrap().contains("capped by net.core.somaxconn at 128"));
 
     // The text report says the same to a person.
-    let out = Command::new(binary()).args(["check", "--netns", &ns.name, "--sample", "200ms"]).output().unwrap();
+    let out = tracer_command().args(["check", "--netns", ns.name(), "--sample", "200ms"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("net.core.somaxconn=128"), "{text}");
@@ -405,21 +198,21 @@ fn somaxconn_caps_listen_511_to_128() {
 
 #[test]
 fn overflowing_listener_is_named_and_its_drops_counted() {
-    let ns = Netns::new();
-    let _full = ns.listen(8404, 4, false); // never accepts
-    let _quiet = ns.listen(8405, 4, false); // no traffic: must not be blamed
-    let overflows_before = ns.counter("ListenOverflows");
+    let ns = Netns::new("chk");
+    let _full = listen(&ns, 8404, 4, false); // never accepts
+    let _quiet = listen(&ns, 8405, 4, false); // no traffic: must not be blamed
+    let overflows_before = ns.netstat().get("ListenOverflows");
 
-    let mut child = spawn_check(&["--netns", &ns.name, "--sample", "3s", "--json"]);
+    let mut child = spawn_check(&["--netns", ns.name(), "--sample", "3s", "--json"]);
     let stderr = wait_window_open(&mut child);
     // 50 handshakes at a queue that holds 5: the rest overflow. Closing the clients a
     // moment later stops SYN retransmits, so every drop falls inside the window.
-    let clients = ns.connect_many(8404, 50);
+    let clients = connect_many(&ns, 8404, 50);
     std::thread::sleep(Duration::from_millis(500));
     drop(clients);
     let out = child.wait_with_output().unwrap();
     let (code, doc) = parse(out);
-    let overflows = ns.counter("ListenOverflows") - overflows_before;
+    let overflows = ns.netstat().get("ListenOverflows") - overflows_before;
     let _ = stderr.recv_timeout(Duration::from_secs(5));
 
     assert!(overflows >= 40, "the kernel saw only {overflows} overflows");
@@ -448,8 +241,8 @@ fn overflowing_listener_is_named_and_its_drops_counted() {
 
 #[test]
 fn healthy_namespace_with_accepting_server_exits_0() {
-    let ns = Netns::new();
-    let server = ns.listen(8080, 128, false);
+    let ns = Netns::new("chk");
+    let server = listen(&ns, 8080, 128, false);
     server.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(8);
     let acceptor = std::thread::spawn(move || {
@@ -463,11 +256,11 @@ fn healthy_namespace_with_accepting_server_exits_0() {
         accepted
     });
 
-    let mut child = spawn_check(&["--netns", &ns.name, "--sample", "2s", "--json"]);
+    let mut child = spawn_check(&["--netns", ns.name(), "--sample", "2s", "--json"]);
     let _stderr = wait_window_open(&mut child);
     let mut clients = Vec::new();
     for _ in 0..20 {
-        clients.extend(ns.connect_many(8080, 1));
+        clients.extend(connect_many(&ns, 8080, 1));
         std::thread::sleep(Duration::from_millis(50));
     }
     let (code, doc) = parse(child.wait_with_output().unwrap());
@@ -486,11 +279,11 @@ fn healthy_namespace_with_accepting_server_exits_0() {
 
 #[test]
 fn reuseport_group_of_four_is_one_listener() {
-    let ns = Netns::new();
+    let ns = Netns::new("chk");
     let backlogs = [16, 32, 64, 100];
-    let _members: Vec<TcpListener> = backlogs.iter().map(|&b| ns.listen(8443, b, true)).collect();
+    let _members: Vec<TcpListener> = backlogs.iter().map(|&b| listen(&ns, 8443, b, true)).collect();
 
-    let (_, doc) = check_json(&["--netns", &ns.name, "--sample", "500ms", "--port", "8443"]);
+    let (_, doc) = check_json(&["--netns", ns.name(), "--sample", "500ms", "--port", "8443"]);
     assert_eq!(doc["listeners"].as_array().unwrap().len(), 1, "--port keeps only the group");
     let g = listeners_on(&doc, 8443);
     assert_eq!(g.len(), 1);
@@ -510,17 +303,17 @@ fn reuseport_group_of_four_is_one_listener() {
 
 #[test]
 fn syn_queue_counts_pending_handshakes() {
-    let ns = Netns::new();
-    let _l = ns.listen(8600, 64, false);
+    let ns = Netns::new("chk");
+    let _l = listen(&ns, 8600, 64, false);
     // Drop the handshakes' last ACK so every request stays in SYN_RECV.
     ns.exec(&[
         "nft",
         "add table inet bt; add chain inet bt in { type filter hook input priority 0; }; \
          add rule inet bt in tcp dport 8600 tcp flags & (syn|ack) == ack drop",
     ]);
-    let _clients = ns.connect_many(8600, 10);
+    let _clients = connect_many(&ns, 8600, 10);
 
-    let (_, doc) = check_json(&["--netns", &ns.name, "--sample", "500ms"]);
+    let (_, doc) = check_json(&["--netns", ns.name(), "--sample", "500ms"]);
     let l = listeners_on(&doc, 8600);
     assert_eq!(l.len(), 1);
     assert_eq!(l[0]["syn_queue_now"], 10);
@@ -532,10 +325,10 @@ fn syn_queue_counts_pending_handshakes() {
 /// namespace's sysctls and counters, and says what it could not see.
 #[test]
 fn without_privileges_reports_what_it_can() {
-    let ns = Netns::new();
+    let ns = Netns::new("chk");
     let setpriv =
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"];
-    let bin = binary();
+    let bin = tracer_bin();
     let bin = bin.to_str().unwrap();
 
     let mut cmd = setpriv.to_vec();
@@ -551,14 +344,14 @@ fn without_privileges_reports_what_it_can() {
     assert_eq!(namespaces[0]["counters"].as_array().unwrap().len(), 5);
     let hidden: Vec<&str> = doc["not_visible"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert!(
-        hidden.iter().any(|h| h.contains(&ns.name) && h.contains("could not enter")),
+        hidden.iter().any(|h| h.contains(ns.name()) && h.contains("could not enter")),
         "names the namespace it could not enter: {hidden:?}"
     );
     assert!(hidden.iter().any(|h| h.contains("open files of")), "says owners were hidden: {hidden:?}");
 
     // Asking for only that namespace leaves nothing to check: exit 2, one clear line.
     let mut cmd = setpriv.to_vec();
-    cmd.extend_from_slice(&[bin, "check", "--netns", &ns.name, "--sample", "100ms"]);
+    cmd.extend_from_slice(&[bin, "check", "--netns", ns.name(), "--sample", "100ms"]);
     let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -569,7 +362,7 @@ fn without_privileges_reports_what_it_can() {
 #[test]
 fn bad_input_exits_2_without_panicking() {
     for args in [&["--netns", "no-such-netns-bt"][..], &["--sample", "soon"], &["--port", "0"], &["--netns", "4"]] {
-        let out = Command::new(binary()).arg("check").args(args).output().unwrap();
+        let out = tracer_command().arg("check").args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use backlog_tests::http::{free_port, http_get};
 use backlog_tests::netns::{Netns, Netstat};
-use backlog_tests::scenario::{fence, settled};
+use backlog_tests::scenario::{fence, settled, traced_sub};
 use backlog_tests::tracer::{tracer_command, Tracer};
 use backlog_tests::workload::{Clients, Server, ServerSpec};
 use backlog_tests::{require_root, scratch_path, wait_for};
@@ -38,72 +38,6 @@ fn line<'a>(lines: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<&Value> = lines.iter().filter(|v| v["type"] == kind).collect();
     let [one] = found.as_slice() else { panic!("expected one {kind} line, got {}: {lines:#?}", found.len()) };
     one
-}
-
-/// A running `backlog-trace record --json`, its output going to files.
-struct Recording {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Recording {
-    /// Starts recording to `file` and returns once the start line is out (attached).
-    fn start(file: &Path, extra: &[&str]) -> Recording {
-        require_root();
-        let (stdout, stderr) = (scratch_path("rec-stdout"), scratch_path("rec-stderr"));
-        let mut cmd = tracer_command();
-        cmd.arg("record").arg("-o").arg(file).arg("--json").args(extra);
-        if let Ok(mode) = std::env::var("BACKLOG_MODE") {
-            cmd.args(["--mode", &mode]);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout).expect("stdout file"))
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start backlog-trace record");
-        let mut rec = Recording { child, stdout, stderr };
-        wait_for("backlog-trace record to print its start line", STEP, || {
-            if let Some(status) = rec.child.try_wait().expect("wait") {
-                panic!("backlog-trace record exited ({status}) before starting: {}", rec.stderr());
-            }
-            let out = std::fs::read_to_string(&rec.stdout).unwrap_or_default();
-            out.contains('\n').then_some(())
-        });
-        rec
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// SIGINT, then the live session's NDJSON lines.
-    fn stop(&mut self) -> Vec<Value> {
-        // SAFETY: plain syscall on our own, not yet reaped, child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        let child = &mut self.child;
-        let status = wait_for("backlog-trace record to exit", STEP, || child.try_wait().expect("wait"));
-        assert!(status.success(), "record ended with {status}: {}", self.stderr());
-        parse_lines(&std::fs::read_to_string(&self.stdout).expect("stdout"))
-    }
-
-    /// SIGKILL: no chance to write an end mark or flush anything.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the recorder");
-        self.child.wait().expect("reap the recorder");
-    }
-}
-
-impl Drop for Recording {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = std::fs::remove_file(&self.stdout);
-        let _ = std::fs::remove_file(&self.stderr);
-    }
 }
 
 struct Report {
@@ -136,16 +70,14 @@ fn record_run(tag: &str, spec: ServerSpec, extra: &[&str], workload: impl FnOnce
     let ns = Netns::new(tag);
     let _server = Server::start(&ns, spec);
     let file = scratch_path(&format!("{tag}.btrec"));
-    let mut args = vec!["--netns", ns.name()];
-    args.extend_from_slice(extra);
-    let mut rec = Recording::start(&file, &args);
-    let before = ns.netstat();
-    workload(&ns);
-    fence(&ns);
-    let delta = settled(&ns).since(&before);
-    println!("kernel deltas: {delta}");
-    let live = rec.stop();
-    Recorded { file, live, delta, netns: ns.inode() }
+    let run = traced_sub(&["record", "-o", file.to_str().expect("UTF-8 path")], &[&ns], extra, |_| workload(&ns));
+    let live = parse_lines(&run.stdout().join("\n"));
+    Recorded { file, live, delta: run.delta(&ns).clone(), netns: ns.inode() }
+}
+
+/// `backlog-trace record -o file --json <args>`, returned once attached.
+fn recording(file: &Path, args: &[&str]) -> Tracer {
+    Tracer::start_sub(&["record", "-o", file.to_str().expect("UTF-8 path")], args)
 }
 
 /// A server that accepts one connection per 20 ms under 300 concurrent clients:
@@ -261,7 +193,7 @@ fn a_killed_recorder_leaves_a_readable_file_with_the_listener_lifecycle() {
     require_root();
     let ns = Netns::new("killed");
     let file = scratch_path("killed.btrec");
-    let mut rec = Recording::start(&file, &["--netns", ns.name()]);
+    let mut rec = recording(&file, &["--netns", ns.name()]);
     let before = ns.netstat();
     // The listener appears and vanishes while the recorder runs.
     let server = Server::start(&ns, ServerSpec { backlog: 5, ..slow_server() });
@@ -271,6 +203,7 @@ fn a_killed_recorder_leaves_a_readable_file_with_the_listener_lifecycle() {
     let delta = settled(&ns).since(&before);
     // Past one sync (every second), which hands the buffered records to the kernel.
     std::thread::sleep(Duration::from_millis(2500));
+    // SIGKILL: no chance to write an end mark or flush anything.
     rec.kill();
 
     let rep = report(&[&file], &["--json"]);
@@ -353,15 +286,15 @@ fn a_cut_file_reports_every_complete_record_and_where_it_stopped() {
     let _ = std::fs::remove_file(&cut_file);
 }
 
-/// xorshift64*: seeded so a failure reproduces from the printed seed.
+/// splitmix64: seeded so a failure reproduces from the printed seed.
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let z = (self.0 ^ (self.0 >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -380,23 +313,16 @@ fn mutated_recordings_never_panic_the_report() {
     while Instant::now() < deadline {
         let mut d = data.clone();
         for _ in 0..1 + rng.below(3) {
+            // Where, then what: flip a bit, overwrite up to 16 bytes, cut after, insert a byte.
+            let i = rng.below(d.len());
             match rng.below(4) {
-                0 => {
-                    let i = rng.below(d.len());
-                    d[i] ^= 1 << rng.below(8);
-                }
+                0 => d[i] ^= 1 << rng.below(8),
                 1 => {
-                    let i = rng.below(d.len());
                     let n = rng.below(16).min(d.len() - i);
-                    for b in &mut d[i..i + n] {
-                        *b = rng.next() as u8;
-                    }
+                    d[i..i + n].iter_mut().for_each(|b| *b = rng.next() as u8);
                 }
-                2 => d.truncate(rng.below(d.len()) + 1),
-                _ => {
-                    let i = rng.below(d.len());
-                    d.insert(i, rng.next() as u8);
-                }
+                2 => d.truncate(i + 1),
+                _ => d.insert(i, rng.next() as u8),
             }
         }
         std::fs::write(&file, &d).unwrap();
@@ -574,8 +500,9 @@ fn scraped<T>(tag: &str, start: impl FnOnce(&Netns, &str) -> T) -> Scraped<T> {
 fn prometheus_on_record_serves_what_the_recording_reports() {
     let file = scratch_path("promrec.btrec");
     let mut run =
-        scraped("promrec", |ns, exporter| Recording::start(&file, &["--netns", ns.name(), "--prometheus", exporter]));
-    run.session.stop();
+        scraped("promrec", |ns, exporter| recording(&file, &["--netns", ns.name(), "--prometheus", exporter]));
+    let status = run.session.stop_sigint();
+    assert!(status.success(), "record ended with {status}: {}", run.session.stderr());
     let rep = report(&[&file], &["--json"]);
     let l = listener_on(line(&rep.lines, "summary"), run.ns.inode(), PORT);
     assert_eq!(l["drops"].as_u64(), Some(run.drops as u64), "report vs Prometheus: {l:#}");

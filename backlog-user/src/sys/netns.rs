@@ -156,17 +156,24 @@ pub fn run_in<T: Send + 'static>(
     if ns.inode == current {
         return look();
     }
-    let (path, inode) = (ns.path.clone(), ns.inode);
+    let f = File::open(&ns.path)?;
+    // The pid behind /proc/PID/ns/net may have exited and been reused since enumeration.
+    if f.metadata()?.ino() as u32 != ns.inode {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "namespace went away"));
+    }
+    run_entered(f, look)
+}
+
+/// Runs `look` on a helper thread that first enters the namespace `path` refers to
+/// (/run/netns/NAME, /proc/PID/ns/net); the thread ends with it. Sockets and proc
+/// files it opens stay bound to that namespace wherever they are used afterwards.
+pub fn run_at<T: Send + 'static>(path: &Path, look: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    run_entered(File::open(path)?, look)
+}
+
+fn run_entered<T: Send + 'static>(ns: File, look: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
     std::thread::spawn(move || {
-        let f = File::open(&path)?;
-        // The pid behind /proc/PID/ns/net may have exited and been reused since enumeration.
-        if f.metadata()?.ino() as u32 != inode {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "namespace went away"));
-        }
-        // SAFETY: plain syscall on a valid fd; it only changes this helper thread.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        join(&ns)?;
         look()
     })
     .join()
@@ -203,6 +210,16 @@ pub fn open(wanted: &[u32]) -> anyhow::Result<Opened> {
         }
     }
     Ok(opened)
+}
+
+/// Moves the calling thread (only it) into the network namespace `ns` refers to
+/// (CAP_SYS_ADMIN needed). For a thread that stays there; see `run_at` otherwise.
+pub fn join(ns: &File) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; it only changes the calling thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

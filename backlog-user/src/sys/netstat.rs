@@ -32,17 +32,24 @@ impl Netstat {
 /// The file is pairs of lines, "TcpExt: Name1 Name2 …" then "TcpExt: 1 2 …".
 /// A counter missing on this kernel reads as 0, as nstat shows it.
 fn parse(text: &str) -> Option<Counters> {
-    let mut lines = text.lines();
-    while let Some(names) = lines.next() {
-        let values = lines.next()?;
-        let (Some(names), Some(values)) = (names.strip_prefix("TcpExt:"), values.strip_prefix("TcpExt:")) else {
-            continue;
-        };
-        let found: BTreeMap<&str, u64> =
-            names.split_whitespace().zip(values.split_whitespace().map(|v| v.parse().unwrap_or(0))).collect();
-        return Some(COUNTERS.iter().map(|&c| (c, found.get(c).copied().unwrap_or(0))).collect());
-    }
-    None
+    let found = section(text, "TcpExt")?;
+    Some(COUNTERS.iter().map(|&c| (c, found.get(c).copied().unwrap_or(0))).collect())
+}
+
+/// Every counter of one section of /proc/net/netstat or /proc/net/snmp ("TcpExt",
+/// "Tcp", "IpExt", …): its pair of lines "Prefix: Name1 Name2 …" then "Prefix: 1 2 …".
+/// None when the section is missing; a value that is not a u64 (snmp's MaxConn -1)
+/// reads as 0.
+pub fn section(text: &str, prefix: &str) -> Option<BTreeMap<String, u64>> {
+    let mut rows = text.lines().filter_map(|l| l.strip_prefix(prefix)?.strip_prefix(':'));
+    let (names, values) = (rows.next()?, rows.next()?);
+    Some(
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .map(|(n, v)| (n.into(), v.parse().unwrap_or(0)))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -62,6 +69,10 @@ mod tests {
         assert_eq!(c.len(), COUNTERS.len());
         assert!(parse("IpExt: A\nIpExt: 1\n").is_none());
         assert!(parse("").is_none());
+        let snmp = "Tcp: RtoAlgorithm MaxConn PassiveOpens\nTcp: 1 -1 42\nUdp: InDatagrams\nUdp: 3\n";
+        let tcp = section(snmp, "Tcp").unwrap();
+        assert_eq!((tcp["PassiveOpens"], tcp["MaxConn"]), (42, 0));
+        assert!(section(text, "Tcp").is_none(), "TcpExt is not Tcp");
     }
 
     #[test]

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::harness::netns::{self, Netns};
+use backlog_user::sys::netns;
+
+use crate::harness::netns::{veth_pair, Netns, VethPair};
 use crate::harness::probe::Probe;
 use crate::harness::sys::{self, RawSocket};
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
-const SERVER: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);
 const PORT: u16 = 9000;
 /// Upper bound on packets per generator thread and second, far above what a core
 /// can send: it only keeps the loop bounded in count as well as in time.
@@ -29,6 +29,8 @@ const DRAIN: Duration = Duration::from_millis(200);
 pub struct Flood {
     client: Netns,
     server: Netns,
+    /// The veth pair's addresses: SYNs go from the client's to the server's.
+    addrs: VethPair,
     /// Kept open for the flood's lifetime: the listener, and the connections that
     /// fill its accept queue.
     _listener: TcpListener,
@@ -65,36 +67,36 @@ impl Outcome {
 
 impl Flood {
     pub fn setup(threads: usize, duration: Duration) -> Result<Flood> {
-        let client = Netns::create("btbench-c")?;
-        let server = Netns::create("btbench-s")?;
-        netns::veth(&client, &format!("{CLIENT}/30"), &server, &format!("{SERVER}/30"))?;
-        let listener = in_netns(&server, || {
-            let l = TcpListener::bind((SERVER, PORT))?;
+        let (client, server) = (Netns::create("btbench-c"), Netns::create("btbench-s"));
+        let addrs = veth_pair(&server, &client);
+        let server_addr = addrs.server_addr;
+        let listener = server.inside(move || -> Result<TcpListener> {
+            let l = TcpListener::bind((server_addr, PORT))?;
             // The smallest queue: two connections fill it.
             sys::set_backlog(l.as_raw_fd(), 1)?;
             Ok(l)
         })?;
-        let held = in_netns(&client, fill)?;
-        Ok(Flood { client, server, _listener: listener, _held: held, threads, duration })
+        let held = client.inside(move || fill(server_addr))?;
+        Ok(Flood { client, server, addrs, _listener: listener, _held: held, threads, duration })
     }
 
     /// The listener's namespace, for `backlog-trace --netns`.
     pub fn server_netns(&self) -> &str {
-        &self.server.name
+        self.server.name()
     }
 
     /// One flood; with `probe` (already attached), also what it cost.
     pub fn run(&self, probe: Option<&Probe>) -> Result<Outcome> {
-        let before = self.server.tcp_ext("ListenDrops")?;
+        let before = self.server.netstat().get("ListenDrops");
         let usage0 = probe.map(Probe::usage).transpose()?;
         let t0 = Instant::now();
         let deadline = t0 + self.duration;
         let limit = MAX_PPS * self.duration.as_secs().max(1);
         let mut workers = Vec::new();
         for i in 0..self.threads {
-            let ns = self.client.file()?;
-            let threads = self.threads as u64;
-            workers.push(thread::spawn(move || generate(ns, i as u64, threads, deadline, limit)));
+            let ns = File::open(self.client.path()).context("opening the flood client netns")?;
+            let (threads, addrs) = (self.threads as u64, (self.addrs.client_addr, self.addrs.server_addr));
+            workers.push(thread::spawn(move || generate(ns, addrs, i as u64, threads, deadline, limit)));
         }
         let mut rss_kb = 0;
         while !workers.iter().all(|w| w.is_finished()) {
@@ -113,7 +115,7 @@ impl Flood {
         let secs = t0.elapsed().as_secs_f64();
         let usage1 = probe.map(Probe::usage).transpose()?;
         thread::sleep(DRAIN);
-        let listen_drops = self.server.tcp_ext("ListenDrops")? - before;
+        let listen_drops = self.server.netstat().get("ListenDrops") - before;
         let cost = usage0.zip(usage1).map(|(u0, u1)| Cost {
             cpu_pct: (u1.cpu.saturating_sub(u0.cpu)).as_secs_f64() / secs * 100.0,
             wakeups_per_sec: u1.wakeups.saturating_sub(u0.wakeups) as f64 / secs,
@@ -124,21 +126,9 @@ impl Flood {
     }
 }
 
-/// Runs `f` on a thread that first enters `ns`; sockets it creates stay in `ns`.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    let file = ns.file()?;
-    let name = ns.name.clone();
-    thread::spawn(move || {
-        sys::enter_netns(&file).with_context(|| format!("entering netns {name}"))?;
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow!("a netns thread panicked"))?
-}
-
 /// Connects until a SYN goes unanswered: the accept queue is then full.
-fn fill() -> Result<Vec<TcpStream>> {
-    let addr = SocketAddr::from((SERVER, PORT));
+fn fill(server: Ipv4Addr) -> Result<Vec<TcpStream>> {
+    let addr = SocketAddr::from((server, PORT));
     let mut held = Vec::new();
     for _ in 0..8 {
         match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
@@ -152,8 +142,15 @@ fn fill() -> Result<Vec<TcpStream>> {
 
 /// One sender thread: returns (sent, refused). `index` of `threads` interleaves
 /// source ports so no two threads send the same segment.
-fn generate(ns: File, index: u64, threads: u64, deadline: Instant, limit: u64) -> Result<(u64, u64)> {
-    sys::enter_netns(&ns).context("entering the flood client netns")?;
+fn generate(
+    ns: File,
+    (client, server): (Ipv4Addr, Ipv4Addr),
+    index: u64,
+    threads: u64,
+    deadline: Instant,
+    limit: u64,
+) -> Result<(u64, u64)> {
+    netns::join(&ns).context("entering the flood client netns")?;
     let sock = RawSocket::new().context("opening a raw socket")?;
     let (mut sent, mut refused) = (0u64, 0u64);
     for n in 0..limit {
@@ -162,8 +159,8 @@ fn generate(ns: File, index: u64, threads: u64, deadline: Instant, limit: u64) -
             break;
         }
         let sport = 1024 + ((n * threads + index) % 64_000) as u16;
-        let pkt = syn(CLIENT, SERVER, sport, PORT, (n as u32).wrapping_mul(2_654_435_761));
-        match sock.send(&pkt, SERVER) {
+        let pkt = syn(client, server, sport, PORT, (n as u32).wrapping_mul(2_654_435_761));
+        match sock.send(&pkt, server) {
             Ok(()) => sent += 1,
             Err(e) if e.raw_os_error() == Some(105) => refused += 1, // ENOBUFS
             Err(e) => return Err(e).context("sending a SYN"),
@@ -211,9 +208,10 @@ mod tests {
 
     #[test]
     fn syn_checksum_verifies() {
-        let p = syn(CLIENT, SERVER, 4242, PORT, 7);
+        let (client, server) = (Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 1));
+        let p = syn(client, server, 4242, PORT, 7);
         // Summing a segment with its checksum in place gives 0xffff, i.e. 0 complemented.
-        assert_eq!(tcp_checksum(CLIENT, SERVER, &p[20..]), 0);
+        assert_eq!(tcp_checksum(client, server, &p[20..]), 0);
         assert_eq!(p[33], 0x02);
     }
 }

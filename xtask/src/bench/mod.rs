@@ -98,7 +98,7 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
         ("backlog-trace --events", &events, judged),
         ("bpftrace peer (7 tracepoints)", &peer, None),
     ] {
-        let (r, c, cpu) = (p.ratio(), p.cost_ratio(), Spread::of(p.cpu_pct.clone()));
+        let (r, c, cpu) = (p.ratio(), p.cost_ratio(), Spread::of(p.with.iter().map(|w| w.cpu_pct).collect()));
         let text =
             if target.is_some() { "≥ 0.98 (median)" } else { "peer: 0.92–0.97 (3 tracepoints, quiet machine)" };
         let met = |s: &Spread| match target {
@@ -115,7 +115,7 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
             Status::Info,
         );
     }
-    let s = Spread::of(default.startups.iter().chain(&events.startups).map(Duration::as_secs_f64).collect());
+    let s = Spread::of(default.with.iter().chain(&events.with).map(|w| w.startup.as_secs_f64()).collect());
     t.add(
         "Start to JSON start line",
         format!("median {:.0} ms, max {:.0} ms ({} starts)", s.median * 1e3, s.max * 1e3, 2 * o.pairs),
@@ -141,9 +141,7 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
     // The rate ratio a dedicated machine would show, from costs that other load
     // barely moves: the programs' own time and the tracer process's CPU, added to
     // the bare CPU per connection.
-    let process_us =
-        Spread::of(default.with.iter().zip(&default.cpu_pct).map(|(m, pct)| pct / 100.0 * 1e6 / m.rate).collect())
-            .median;
+    let process_us = Spread::of(default.with.iter().map(|w| w.cpu_pct / 100.0 * 1e6 / w.run.rate).collect()).median;
     let programs_us = profile.net_per_unit() / 1e3;
     let est = c.median / (c.median + programs_us + process_us);
     t.add(

@@ -27,22 +27,27 @@ pub struct Measured {
 
 pub struct Pairs {
     pub without: Vec<Measured>,
-    pub with: Vec<Measured>,
-    pub startups: Vec<Duration>,
-    /// The probe's own CPU (user + system) during each loaded run, % of one core.
-    pub cpu_pct: Vec<f64>,
+    pub with: Vec<Probed>,
+}
+
+/// A run with the probe attached, and the probe's own figures.
+pub struct Probed {
+    pub run: Measured,
+    pub startup: Duration,
+    /// The probe's own CPU (user + system) during the run, % of one core.
+    pub cpu_pct: f64,
 }
 
 impl Pairs {
     /// Rate with/without, per pair.
     pub fn ratio(&self) -> Spread {
-        Spread::of(self.without.iter().zip(&self.with).map(|(a, b)| b.rate / a.rate).collect())
+        Spread::of(self.without.iter().zip(&self.with).map(|(a, b)| b.run.rate / a.rate).collect())
     }
 
     /// CPU per connection without/with, per pair: the rate ratio a CPU-bound machine
     /// with nothing else to do would show.
     pub fn cost_ratio(&self) -> Spread {
-        Spread::of(self.without.iter().zip(&self.with).map(|(a, b)| a.cpu_us / b.cpu_us).collect())
+        Spread::of(self.without.iter().zip(&self.with).map(|(a, b)| a.cpu_us / b.run.cpu_us).collect())
     }
 }
 
@@ -67,7 +72,7 @@ pub fn alternate(
     pairs: usize,
     start: &dyn Fn() -> Result<Probe>,
 ) -> Result<Pairs> {
-    let mut p = Pairs { without: Vec::new(), with: Vec::new(), startups: Vec::new(), cpu_pct: Vec::new() };
+    let mut p = Pairs { without: Vec::new(), with: Vec::new() };
     for i in 1..=pairs {
         let (bare, _) = measure(wrk, nginx, None)?;
         sys::check_interrupt()?;
@@ -89,9 +94,7 @@ pub fn alternate(
             startup.as_millis()
         );
         p.without.push(bare);
-        p.with.push(loaded);
-        p.startups.push(startup);
-        p.cpu_pct.push(cpu);
+        p.with.push(Probed { run: loaded, startup, cpu_pct: cpu });
     }
     Ok(p)
 }

@@ -7,6 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use backlog_user::sys::netns::run_at;
 
 use crate::harness::netns::{self, Netns};
 use crate::harness::sys;
@@ -44,9 +45,8 @@ impl Nginx {
             .spawn()
             .context("starting nginx (install it with scripts/bench-deps.sh)")?;
         let mut nginx = Nginx { child, url: format!("http://127.0.0.1:{port}/") };
-        let ns_file = netns.map(Netns::file).transpose()?;
         let t0 = Instant::now();
-        while !accepts(ns_file.as_ref(), port) {
+        while !accepts(netns, port) {
             if let Some(st) = nginx.child.try_wait()? {
                 bail!("nginx exited ({st}) at start; see {}", dir.join("error.log").display());
             }
@@ -78,13 +78,12 @@ impl Nginx {
     }
 }
 
-/// Whether 127.0.0.1:`port` accepts a connection, in the namespace behind `netns`
-/// (None: ours). A short-lived thread enters it: setns moves only the caller.
-fn accepts(netns: Option<&std::fs::File>, port: u16) -> bool {
-    let connect = || TcpStream::connect(("127.0.0.1", port)).is_ok();
+/// Whether 127.0.0.1:`port` accepts a connection, in `netns` (None: ours).
+fn accepts(netns: Option<&Netns>, port: u16) -> bool {
+    let connect = move || TcpStream::connect(("127.0.0.1", port)).is_ok();
     match netns {
         None => connect(),
-        Some(ns) => thread::scope(|s| s.spawn(|| sys::enter_netns(ns).is_ok() && connect()).join().unwrap_or(false)),
+        Some(ns) => run_at(&ns.path(), move || Ok(connect())).unwrap_or(false),
     }
 }
 

@@ -194,22 +194,13 @@ impl Summary {
                 last_line(&stopped.stderr)
             );
         };
-        Ok(Summary { drops: sum(line, "drops"), lost_events: sum(line, "lost_events") })
+        let v: serde_json::Value = serde_json::from_str(line).context("backlog-trace's summary line")?;
+        let listeners = v["listeners"].as_array().into_iter().flatten();
+        // Every selected listener's, shown or not; the shown listeners' sum otherwise.
+        let drops =
+            v["totals"]["drops"].as_u64().unwrap_or_else(|| listeners.filter_map(|l| l["drops"].as_u64()).sum());
+        Ok(Summary { drops, lost_events: v["lost_events"].as_u64().unwrap_or(0) })
     }
-}
-
-/// The sum of every unsigned integer that follows `"key":` in a JSON line: enough
-/// for the summary's flat counters without a JSON crate (`"drops_by_reason"` does
-/// not match `"drops":`).
-fn sum(line: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\":");
-    line.match_indices(&pat)
-        .filter_map(|(i, _)| {
-            let rest = &line[i + pat.len()..];
-            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-            rest[..end].parse::<u64>().ok()
-        })
-        .sum()
 }
 
 /// The number after `key` in a /proc/PID/status text.
@@ -233,9 +224,12 @@ mod tests {
     #[test]
     fn summary_sums_listener_drops_only() {
         let l = r#"{"type":"summary","listeners":[{"drops":3,"drops_by_reason":{"other":3},"port":1},{"drops":4}],"lost_events":2}"#;
-        let stopped =
-            Stopped { lines: vec![l.to_string()], drop_lines: 0, stderr: String::new(), status: Default::default() };
-        let s = Summary::find(&stopped).unwrap();
-        assert_eq!((s.drops, s.lost_events), (7, 2));
+        let with_totals = l.replace(r#""lost_events""#, r#""totals":{"drops":9},"lost_events""#);
+        for (line, drops) in [(l.to_string(), 7), (with_totals, 9)] {
+            let stopped =
+                Stopped { lines: vec![line], drop_lines: 0, stderr: String::new(), status: Default::default() };
+            let s = Summary::find(&stopped).unwrap();
+            assert_eq!((s.drops, s.lost_events), (drops, 2));
+        }
     }
 }

@@ -1,52 +1,13 @@
-//! The few libc calls std does not wrap. std already links libc, so declaring them
-//! here spares xtask a dependency for five functions.
-use std::fs::File;
+//! The few libc calls std does not wrap.
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use backlog_tests::sys::sockaddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-pub const SIGINT: i32 = 2;
-pub const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
-const AF_INET: i32 = 2;
-const SOCK_RAW: i32 = 3;
-const IPPROTO_RAW: i32 = 255;
-const CLONE_NEWNET: i32 = 0x4000_0000;
-const SC_CLK_TCK: i32 = 2;
-const SOL_SOCKET: i32 = 1;
-const SO_LINGER: i32 = 13;
-
-#[repr(C)]
-struct SockaddrIn {
-    family: u16,
-    port_be: u16,
-    addr: [u8; 4],
-    zero: [u8; 8],
-}
-
-/// struct linger: SO_LINGER's value.
-#[repr(C)]
-struct Linger {
-    onoff: i32,
-    secs: i32,
-}
-
-extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
-    fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
-    fn socket(domain: i32, ty: i32, protocol: i32) -> i32;
-    fn sendto(fd: i32, buf: *const u8, len: usize, flags: i32, addr: *const SockaddrIn, addrlen: u32) -> isize;
-    fn setns(fd: i32, nstype: i32) -> i32;
-    fn listen(fd: i32, backlog: i32) -> i32;
-    fn sysconf(name: i32) -> i64;
-    fn geteuid() -> u32;
-    fn getrusage(who: i32, usage: *mut [i64; 18]) -> i32;
-    fn setsockopt(fd: i32, level: i32, name: i32, val: *const Linger, len: u32) -> i32;
-}
-
-const RUSAGE_CHILDREN: i32 = -1;
+pub use libc::{SIGINT, SIGKILL};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -58,7 +19,7 @@ extern "C" fn on_sigint(_: i32) {
 /// its namespaces on the way out (the children get the same SIGINT and exit).
 pub fn catch_sigint() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe { signal(SIGINT, on_sigint) };
+    unsafe { libc::signal(SIGINT, on_sigint as extern "C" fn(i32) as libc::sighandler_t) };
 }
 
 pub fn interrupted() -> bool {
@@ -78,29 +39,29 @@ pub fn interrupt(pid: u32) {
 }
 
 pub fn terminate(pid: u32) {
-    send(pid, SIGTERM);
+    send(pid, libc::SIGTERM);
 }
 
 pub fn send(pid: u32, sig: i32) {
     // SAFETY: plain syscall; a stale pid only yields ESRCH.
-    unsafe { kill(pid as i32, sig) };
+    unsafe { libc::kill(pid as i32, sig) };
 }
 
 pub fn is_root() -> bool {
     // SAFETY: plain syscall, no arguments.
-    unsafe { geteuid() == 0 }
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// User + system CPU of every child this process has waited for, so far.
 pub fn children_cpu() -> Duration {
-    let mut ru = [0i64; 18];
-    // SAFETY: struct rusage is 144 bytes on 64-bit Linux; ru_utime and ru_stime (two
-    // struct timeval) come first.
-    if unsafe { getrusage(RUSAGE_CHILDREN, &mut ru) } != 0 {
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid out-pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
         return Duration::ZERO;
     }
-    let tv = |s: i64, us: i64| Duration::from_secs(s as u64) + Duration::from_micros(us as u64);
-    tv(ru[0], ru[1]) + tv(ru[2], ru[3])
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// User + system CPU of one process (all its threads), from /proc/PID/stat.
@@ -123,7 +84,7 @@ pub fn parent(pid: u32) -> Option<u32> {
 
 fn clock_ticks_per_sec() -> u64 {
     // SAFETY: plain libc query.
-    let t = unsafe { sysconf(SC_CLK_TCK) };
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {
         t as u64
     } else {
@@ -131,19 +92,10 @@ fn clock_ticks_per_sec() -> u64 {
     }
 }
 
-/// Moves the calling thread (only it) into the network namespace behind `ns`.
-pub fn enter_netns(ns: &File) -> io::Result<()> {
-    // SAFETY: valid fd; affects only the calling thread.
-    if unsafe { setns(ns.as_raw_fd(), CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Changes a listening socket's backlog (listen() again only updates it).
 pub fn set_backlog(fd: RawFd, backlog: i32) -> io::Result<()> {
     // SAFETY: valid fd owned by the caller.
-    if unsafe { listen(fd, backlog) } != 0 {
+    if unsafe { libc::listen(fd, backlog) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -152,9 +104,12 @@ pub fn set_backlog(fd: RawFd, backlog: i32) -> io::Result<()> {
 /// SO_LINGER with a zero timeout: close() then resets the connection instead of
 /// leaving it in TIME_WAIT, so a loop of connections does not run out of ports.
 pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
-    let l = Linger { onoff: 1, secs: 0 };
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
     // SAFETY: valid fd owned by the caller; `l` lives for the call and its size is passed.
-    if unsafe { setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, std::mem::size_of::<Linger>() as u32) } != 0 {
+    if unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l as *const _ as *const libc::c_void, len) }
+        != 0
+    {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -166,7 +121,7 @@ pub struct RawSocket(OwnedFd);
 impl RawSocket {
     pub fn new() -> io::Result<RawSocket> {
         // SAFETY: plain syscall; the fd is owned below.
-        let fd = unsafe { socket(AF_INET, SOCK_RAW, IPPROTO_RAW) };
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -175,10 +130,10 @@ impl RawSocket {
     }
 
     pub fn send(&self, packet: &[u8], dst: Ipv4Addr) -> io::Result<()> {
-        let sa = SockaddrIn { family: AF_INET as u16, port_be: 0, addr: dst.octets(), zero: [0; 8] };
+        let (sa, len) = sockaddr(SocketAddr::from((dst, 0)));
         // SAFETY: buffer and address are valid for the stated lengths.
         let n = unsafe {
-            sendto(self.0.as_raw_fd(), packet.as_ptr(), packet.len(), 0, &sa, std::mem::size_of::<SockaddrIn>() as u32)
+            libc::sendto(self.0.as_raw_fd(), packet.as_ptr().cast(), packet.len(), 0, &sa as *const _ as *const _, len)
         };
         if n < 0 {
             return Err(io::Error::last_os_error());

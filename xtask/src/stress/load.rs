@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 
-use crate::harness::netns::Netns;
+use crate::harness::netns::{self, Netns};
 use crate::harness::nginx::Nginx;
 use crate::harness::probe::{last_line, Probe};
 use crate::harness::wrk::Wrk;
@@ -166,7 +166,7 @@ impl Part {
                 let stopped = p.stop()?;
                 // bpftrace may be ended by the SIGINT that Probe::stop repeats.
                 let by_sigint = stopped.status.signal() == Some(sys::SIGINT);
-                if !stopped.status.success() && !(name == "bpftrace" && by_sigint) {
+                if !(stopped.status.success() || name == "bpftrace" && by_sigint) {
                     bail!("{name} ended with {}: {}", stopped.status, last_line(&stopped.stderr));
                 }
                 // What backlog-trace saw on every namespace (bpftrace prints no drops).
@@ -270,7 +270,7 @@ fn cpu_hogs() -> Background {
         let mut spins: u64 = 0;
         while !stop.load(Ordering::Relaxed) {
             spins = std::hint::black_box(spins.wrapping_add(1));
-            if spins % (1 << 20) == 0 && Instant::now() >= deadline {
+            if spins.is_multiple_of(1 << 20) && Instant::now() >= deadline {
                 break;
             }
         }
@@ -294,7 +294,7 @@ struct Server {
 impl Server {
     fn start() -> Result<Server> {
         let pid = std::process::id();
-        let netns = Netns::create(&format!("btstress-nginx-{pid}"))?;
+        let netns = Netns::create(&format!("btstress-nginx-{pid}"));
         // Under the temp dir, a tmpfs in the kernel matrix's guests (their / is read-only).
         let dir = std::env::temp_dir().join(format!("backlog-stress-nginx-{pid}"));
         let nginx = Nginx::start(&dir, NGINX_PORT, NGINX_BACKLOG, Some(&netns))?;
@@ -306,7 +306,7 @@ impl Server {
             .stdout(std::process::Stdio::null())
             .spawn()
             .context("starting wrk (install it with scripts/bench-deps.sh)")?;
-        let opened = netns.tcp("PassiveOpens")?;
+        let opened = netns::tcp(&netns, "PassiveOpens")?;
         Ok(Server { wrk, nginx: Some(nginx), dir, started: Instant::now(), opened, netns })
     }
 
@@ -318,7 +318,7 @@ impl Server {
         if let Some(st) = self.wrk.try_wait()? {
             bail!("wrk ended ({st}) before the run did");
         }
-        let served = self.netns.tcp("PassiveOpens")? - self.opened;
+        let served = netns::tcp(&self.netns, "PassiveOpens")? - self.opened;
         Ok(format!("nginx+wrk: {served} connections in {} s", self.started.elapsed().as_secs()))
     }
 }

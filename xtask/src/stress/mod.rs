@@ -328,7 +328,7 @@ fn libtest_counts(text: &str) -> Option<(u64, u64)> {
     let line = text.lines().find(|l| l.starts_with("test result:"))?;
     let num = |word: &str| -> Option<u64> {
         let before = line.split(&format!(" {word}")).next()?;
-        before.rsplit(|c: char| c == ' ' || c == '.').next()?.parse().ok()
+        before.rsplit([' ', '.']).next()?.parse().ok()
     };
     Some((num("passed")?, num("failed")?))
 }
