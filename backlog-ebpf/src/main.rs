@@ -1,5 +1,9 @@
 //! Program entry points only: each hook is a few lines that hand over to the module
 //! that owns the logic (drops::*, accept::*, listeners).
+//!
+//! A program's name is its function's name, which the loader knows as a constant
+//! of `backlog_common::programs`: renaming, adding or removing a program here means
+//! changing that list too (backlog-user's tests compare it with the built object).
 #![no_std]
 #![no_main]
 

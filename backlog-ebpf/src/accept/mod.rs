@@ -9,17 +9,10 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuHashMap},
 };
-use backlog_common::{global, hist, EventKind, HistKey, ListenerKey, HIST_MAX_ENTRIES};
+use backlog_common::{global, hist, Enqueued, EventKind, HistKey, ListenerKey, HIST_MAX_ENTRIES};
 
 use crate::kernel;
 use crate::maps;
-
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub struct Enqueued {
-    pub ts_ns: u64,
-    pub listener: ListenerKey,
-}
 
 /// Queued children by socket address. LRU, so a flood of never-accepted children
 /// can only evict the oldest, never fail or grow without bound.
@@ -82,7 +75,6 @@ pub fn accepted(child: u64) {
         // SAFETY: this CPU's copy.
         unsafe {
             (*s).accepts += 1;
-            (*s).wait_sum_ns += wait;
             if wait > (*s).wait_max_ns {
                 (*s).wait_max_ns = wait;
             }

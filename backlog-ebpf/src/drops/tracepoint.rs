@@ -13,9 +13,9 @@
 //! A close we never see costs nothing but time: the next segment on the CPU settles
 //! the window, as does user space's flush.
 use aya_ebpf::{helpers::bpf_skc_to_tcp_sock, programs::SkBuffContext};
-use backlog_common::AF_INET6;
+use backlog_common::{WindowKind, AF_INET6};
 
-use super::window::{self, KIND_ACK, KIND_SYN};
+use super::window;
 use crate::kernel::{self, TCP_LISTEN, TH_ACK, TH_RST, TH_SYN};
 
 const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
@@ -69,8 +69,8 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     }
     let Some((mut peer, th)) = parse(ctx) else { return };
     let kind = match th[13] & (TH_SYN | TH_ACK | TH_RST) {
-        TH_SYN => KIND_SYN,
-        TH_ACK => KIND_ACK,
+        TH_SYN => WindowKind::Syn,
+        TH_ACK => WindowKind::Ack,
         _ => return,
     };
     if family == AF_INET6 as u32 && ctx.skb.protocol() == ETH_P_IP_BE {

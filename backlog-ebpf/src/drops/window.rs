@@ -14,13 +14,14 @@
 //! opens a window, or when user space flushes the CPU; the counters make a late
 //! settlement as exact as a timely one.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use backlog_common::{global, DropReason};
+use backlog_common::{global, DropReason, WindowKind};
 
 use crate::kernel::{self, QueueState};
 use crate::maps;
 
-pub const KIND_SYN: u8 = 1;
-pub const KIND_ACK: u8 = 2;
+/// `WindowKind`s as the window stores them (a zeroed slot is no kind at all).
+const SYN: u8 = WindowKind::Syn as u8;
+const ACK: u8 = WindowKind::Ack as u8;
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -43,7 +44,8 @@ pub struct Window {
     pub sport_be: u16,
     pub dport_be: u16,
     pub open: u8,
-    pub kind: u8,
+    /// A `WindowKind`, once opened.
+    kind: u8,
     /// Set while a program updates the window, so that a flush arriving in an
     /// interrupt leaves it alone.
     busy: u8,
@@ -80,7 +82,7 @@ fn cpu_offset(w: &mut Window) -> u64 {
 /// callers' packet parsing and the settlement's recording each need much of the
 /// 512-byte stack, and a call chain adds its frames up.
 #[inline(never)]
-pub fn open(sk: u64, kind: u8, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
+pub fn open(sk: u64, kind: WindowKind, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
     let Some(w) = slot() else { return };
     w.busy = 1;
     if w.open != 0 {
@@ -93,14 +95,14 @@ pub fn open(sk: u64, kind: u8, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
     w.listen_drops = kernel::read::<u64>(w.mib, o.mib_listen_drops);
     w.overflows = kernel::read::<u64>(w.mib, o.mib_listen_overflows);
     // Only a SYN can be dropped for a full SYN queue.
-    w.reqq_full = if kind == KIND_SYN { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
+    w.reqq_full = if kind == WindowKind::Syn { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
     w.sk = sk;
     w.sk_drops = kernel::sk_drops(sk, o);
     w.ack_backlog = kernel::read::<u32>(sk, o.sk_ack_backlog);
     w.syn_qlen = kernel::read::<u32>(sk, o.icsk_accept_queue_qlen);
     w.sport_be = sport_be;
     w.dport_be = dport_be;
-    w.kind = kind;
+    w.kind = kind as u8;
     w.peer = *peer;
     w.open = 1;
     w.busy = 0;
@@ -110,6 +112,14 @@ pub fn open(sk: u64, kind: u8, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
 #[inline(always)]
 pub fn current() -> Option<&'static mut Window> {
     slot().filter(|w| w.open != 0)
+}
+
+impl Window {
+    /// Whether the window covers a `kind` segment.
+    #[inline(always)]
+    pub fn is(&self, kind: WindowKind) -> bool {
+        self.kind == kind as u8
+    }
 }
 
 /// The segment's handling is over: settle and close.
@@ -149,7 +159,7 @@ fn settle(w: &mut Window, late: bool) {
         return;
     }
     let overflows = kernel::read::<u64>(w.mib, o.mib_listen_overflows);
-    let reqq_full = if w.kind == KIND_SYN { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { w.reqq_full };
+    let reqq_full = if w.kind == SYN { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { w.reqq_full };
     let (overflowed, syn_queue_full) = (overflows != w.overflows, reqq_full != w.reqq_full);
     w.listen_drops = drops;
     w.overflows = overflows;
@@ -169,9 +179,9 @@ fn settle(w: &mut Window, late: bool) {
         maps::add(global::UNATTRIBUTED, made - 1);
     }
     let reason = match (w.kind, overflowed, syn_queue_full) {
-        (KIND_SYN, _, true) => DropReason::SynQueueFull,
-        (KIND_SYN, true, false) => DropReason::AcceptQueueFull,
-        (KIND_ACK, true, _) => DropReason::AckOverflow,
+        (SYN, _, true) => DropReason::SynQueueFull,
+        (SYN, true, false) => DropReason::AcceptQueueFull,
+        (ACK, true, _) => DropReason::AckOverflow,
         _ => DropReason::Other,
     };
     let q = queues_at_drop(w);
@@ -191,7 +201,7 @@ fn owns(w: &Window, child: u64) -> bool {
 #[inline(always)]
 pub fn child_born(child: u64) -> Option<u64> {
     let w = current()?;
-    (w.kind == KIND_ACK && owns(w, child)).then_some(w.sk)
+    (w.kind == ACK && owns(w, child)).then_some(w.sk)
 }
 
 /// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
@@ -199,7 +209,7 @@ pub fn child_born(child: u64) -> Option<u64> {
 #[inline(always)]
 pub fn finish_ack(child: u64) {
     if let Some(w) = current() {
-        if w.kind == KIND_ACK && owns(w, child) {
+        if w.kind == ACK && owns(w, child) {
             close(w);
         }
     }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{global, names, Config, HistKey, KernelOffsets, ListenerKey, ListenerStats};
+use backlog_common::{global, names, programs, Config, Enqueued, HistKey, KernelOffsets, ListenerKey, ListenerStats};
 
 use crate::cli::Mode;
 
@@ -123,7 +123,7 @@ impl Session {
         };
         let info = KernelInfo { release: env::kernel_release(), features };
         let (mut ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
-        let p: &mut RawTracePoint = ebpf.program_mut(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
+        let p: &mut RawTracePoint = ebpf.program_mut(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
         let links = links::Links::of(&ebpf).context("finding the links of the attached programs")?;
         release_freed_heap();
@@ -162,14 +162,13 @@ impl Session {
         Ok(())
     }
 
-    /// Children still timed as queued, counted per listener. Value layout is
-    /// backlog-ebpf's `accept::Enqueued` { ts_ns, listener: ListenerKey }.
+    /// Children still timed as queued, counted per listener.
     pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<ListenerKey, u64>> {
         let m = self.ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
-        let h: HashMap<&MapData, u64, [u64; 3]> = HashMap::try_from(m)?;
+        let h: HashMap<&MapData, u64, Enqueued> = HashMap::try_from(m)?;
         let mut out = std::collections::HashMap::new();
-        for (_, [_, sk, ino]) in h.iter().filter_map(|r| r.ok()) {
-            *out.entry(ListenerKey { sk, ino }).or_insert(0) += 1;
+        for (_, e) in h.iter().filter_map(|r| r.ok()) {
+            *out.entry(e.listener).or_insert(0) += 1;
         }
         Ok(out)
     }
@@ -185,7 +184,7 @@ impl Session {
     /// skipped and counted (`flushes_skipped`).
     pub fn flush(&mut self) -> Result<()> {
         let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let p: &RawTracePoint = self.ebpf.program(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
+        let p: &RawTracePoint = self.ebpf.program(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
         let pinned = affinity::Pinned::save()?;
         for cpu in cpus {
             // Confined to this one CPU (or a single-CPU machine): its window is
@@ -312,15 +311,37 @@ pub fn release_freed_heap() {
 /// The listener registry runs in every mode: socket state changes. Each mode adds
 /// where listen()'s backlog comes from.
 fn attach_listeners(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
-    let p: &mut BtfTracePoint = ebpf.program_mut("bt_set_state").context("bt_set_state")?.try_into()?;
+    let p: &mut BtfTracePoint = ebpf.program_mut(programs::SET_STATE).context(programs::SET_STATE)?.try_into()?;
     p.load("inet_sock_set_state", btf).context("loading tp_btf/inet_sock_set_state")?;
     p.attach().context("attaching tp_btf/inet_sock_set_state").map(drop)
 }
 
 /// listen()'s backlog from the syscall's entry tracepoint.
 fn attach_listen_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
-    let p: &mut TracePoint = ebpf.program_mut("bt_listen").context("bt_listen")?.try_into()?;
+    let p: &mut TracePoint = ebpf.program_mut(programs::LISTEN).context(programs::LISTEN)?.try_into()?;
     p.load().context("loading syscalls:sys_enter_listen")?;
     p.attach("syscalls", "sys_enter_listen").context("attaching syscalls:sys_enter_listen")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract's names against the embedded object: aya-ebpf names each program
+    /// after its function and each map after its `#[map(name)]`, neither of which
+    /// can use backlog-common's constants, so this is where a drift shows.
+    #[test]
+    fn the_object_has_exactly_the_programs_and_maps_common_names() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("parsing the embedded eBPF object");
+        let mut in_object: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        in_object.sort_unstable();
+        let mut named = programs::ALL.to_vec();
+        named.sort_unstable();
+        assert_eq!(in_object, named, "programs in the object vs backlog_common::programs::ALL");
+        // OFFSETS and CONFIG are globals in .rodata, not maps.
+        for map in [names::EVENTS, names::STATS, names::GLOBAL, names::WAIT_HIST, names::ENQUEUED] {
+            assert!(obj.maps.contains_key(map), "the object has no map {map}");
+        }
+    }
 }
