@@ -2,7 +2,8 @@
 //! `report` are subcommands that share its filters and output model.
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,12 +29,11 @@ pub enum Command {
     Report(crate::record::ReportArgs),
 }
 
-/// Attach mode for the kernel programs.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Fentry,
-    Kprobe,
-    Tracepoint,
+pub use crate::kernel::Mode;
+
+/// `--mode`: one of the kernel layer's mode names, listed in --help.
+fn mode_parser() -> impl TypedValueParser<Value = Mode> {
+    PossibleValuesParser::new(Mode::ALL.map(Mode::name)).map(|s| s.parse().expect("a possible value"))
 }
 
 /// Which listeners to look at; shared by the tracer, `record` and `report`.
@@ -82,7 +82,7 @@ pub struct TraceArgs {
     #[arg(long)]
     pub hist: bool,
     /// Force an attach mode instead of the best one the kernel allows.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = mode_parser())]
     pub mode: Option<Mode>,
     /// Serve Prometheus metrics at http://ADDR/metrics: a port (on 127.0.0.1) or address:port.
     #[arg(long, value_name = "ADDR", value_parser = crate::export::parse_listen_addr)]

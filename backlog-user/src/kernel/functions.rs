@@ -10,7 +10,8 @@ use aya::{Btf, Ebpf};
 use aya_obj::btf::BtfKind;
 use backlog_common::programs;
 
-use super::{AttachMode, KernelInfo};
+use super::features::Features;
+use super::AttachMode;
 
 /// What a hooked function is for, and the programs each mode uses for it.
 struct Hook {
@@ -133,14 +134,10 @@ fn hooked_kallsyms() -> HashSet<String> {
 pub struct Fentry;
 
 impl AttachMode for Fentry {
-    fn name(&self) -> &'static str {
-        "fentry"
-    }
-
     /// Whether tracing programs load at all only loading tells (some kernels refuse
     /// them: EPERM); see `probe`.
-    fn unavailable(&self, k: &KernelInfo) -> Option<String> {
-        k.features.fexit_unavailable()
+    fn unavailable(&self, features: &Features) -> Option<String> {
+        features.fexit_unavailable()
     }
 
     /// A two-instruction fentry program on the kernel's own test function, loaded and
@@ -240,11 +237,7 @@ impl Kprobes {
 pub struct Kprobe;
 
 impl AttachMode for Kprobe {
-    fn name(&self) -> &'static str {
-        "kprobe"
-    }
-
-    fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
+    fn unavailable(&self, _: &Features) -> Option<String> {
         let pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
         let events = std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists()
             || std::path::Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();

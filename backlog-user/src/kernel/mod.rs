@@ -9,6 +9,7 @@ pub mod env;
 mod features;
 mod functions;
 mod links;
+mod mode;
 mod object;
 mod objinfo;
 mod progstats;
@@ -20,16 +21,11 @@ use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestR
 use aya::{Btf, Ebpf, EbpfLoader};
 use backlog_common::{global, names, programs, Config, Enqueued, HistKey, KernelOffsets, ListenerKey, ListenerStats};
 
-use crate::cli::Mode;
+use features::Features;
+pub use mode::Mode;
 
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backlog"));
-
-/// What is known about the running kernel before choosing a mode.
-pub struct KernelInfo {
-    pub release: String,
-    pub features: features::Features,
-}
 
 /// A forced attach mode that this kernel cannot run, as found by probing it (not by
 /// trying): the process exits with [`ModeUnavailable::EXIT_CODE`], so scripts can tell
@@ -51,9 +47,8 @@ impl std::error::Error for ModeUnavailable {}
 
 /// One way of detecting drops. Adding a mode is adding a sibling module.
 pub trait AttachMode {
-    fn name(&self) -> &'static str;
     /// Why this mode cannot work on this kernel, if that is known without trying.
-    fn unavailable(&self, k: &KernelInfo) -> Option<String>;
+    fn unavailable(&self, features: &Features) -> Option<String>;
     /// Why this mode would fail, told by a test far cheaper than loading the object
     /// and attaching (which is what a failed attempt costs); run before attaching.
     fn probe(&self) -> Option<String> {
@@ -121,13 +116,12 @@ impl Session {
             emit_accepts: u32::from(opts.emit_accepts),
             accept_nargs: features.accept_args.unwrap_or(0) as u32,
         };
-        let info = KernelInfo { release: env::kernel_release(), features };
-        let (mut ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
+        let (mut ebpf, mode, fallbacks) = attach_best(opts, &features, &offsets, &config)?;
         let p: &mut RawTracePoint = ebpf.program_mut(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
         let links = links::Links::of(&ebpf).context("finding the links of the attached programs")?;
         release_freed_heap();
-        Ok(Session { links, ebpf, mode, kernel: info.release, fallbacks, flushes_skipped: 0 })
+        Ok(Session { links, ebpf, mode, kernel: env::kernel_release(), fallbacks, flushes_skipped: 0 })
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
@@ -230,7 +224,7 @@ impl Session {
 /// returns it with the modes passed over and the hooks done another way.
 fn attach_best(
     opts: &StartOptions,
-    info: &KernelInfo,
+    features: &Features,
     offsets: &KernelOffsets,
     config: &Config,
 ) -> Result<(Ebpf, &'static str, Vec<String>)> {
@@ -244,9 +238,9 @@ fn attach_best(
     let mut verdicts = Vec::new();
     for mode in candidates {
         let imp = implementation(mode);
-        let why = imp.unavailable(info).or_else(|| imp.probe());
+        let why = imp.unavailable(features).or_else(|| imp.probe());
         if let (Some(why), Some(_)) = (&why, opts.mode) {
-            return Err(ModeUnavailable(format!("{} mode is unavailable: {why}", imp.name())).into());
+            return Err(ModeUnavailable(format!("{} mode is unavailable: {why}", mode.name())).into());
         }
         verdicts.push((mode, imp, why));
     }
@@ -260,7 +254,7 @@ fn attach_best(
     loader.override_global(names::OFFSETS, offsets, true);
     loader.override_global(names::CONFIG, config, true);
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    let sizings = object::sizings(info.features.run_time_alloc_safe, cpus);
+    let sizings = object::sizings(features.run_time_alloc_safe, cpus);
     for m in &sizings {
         loader.map_max_entries(m.name, m.max_entries);
     }
@@ -275,7 +269,7 @@ fn attach_best(
     }
     for (mode, imp, unavailable) in verdicts {
         if let Some(why) = unavailable {
-            fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
+            fallbacks.push(format!("{} mode unavailable: {why}", mode.name()));
             continue;
         }
         // A fresh load per attempt: a half-attached mode must leave nothing behind.
@@ -284,12 +278,12 @@ fn attach_best(
         match attached {
             Ok(notes) => {
                 fallbacks.extend(notes);
-                return Ok((ebpf, imp.name(), fallbacks));
+                return Ok((ebpf, mode.name(), fallbacks));
             }
             Err(e) if opts.mode.is_none() && mode != Mode::Tracepoint => {
-                fallbacks.push(format!("{} mode unavailable: {e:#}", imp.name()));
+                fallbacks.push(format!("{} mode unavailable: {e:#}", mode.name()));
             }
-            Err(e) => return Err(e.context(format!("{} mode", imp.name()))),
+            Err(e) => return Err(e.context(format!("{} mode", mode.name()))),
         }
     }
     bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))

@@ -18,12 +18,8 @@ const SYSCALLS: [(&str, &str); 2] =
     [(programs::TP_ACCEPT4, "sys_exit_accept4"), (programs::TP_ACCEPT, "sys_exit_accept")];
 
 impl AttachMode for Tracepoint {
-    fn name(&self) -> &'static str {
-        "tracepoint"
-    }
-
-    fn unavailable(&self, k: &super::KernelInfo) -> Option<String> {
-        k.features.kfree_skb_unavailable()
+    fn unavailable(&self, features: &super::features::Features) -> Option<String> {
+        features.kfree_skb_unavailable()
     }
 
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>> {
