@@ -2,8 +2,8 @@
 //!
 //! This crate plays the role of libbpf-tools' shared header: every struct here is
 //! `#[repr(C)]`, has no pointers, and is laid out identically on both sides. The
-//! recorder writes these same structs to disk, so changing a layout is a file-format
-//! change (bump `record::VERSION` in backlog-user).
+//! recorder writes `Event` and `ListenerStats` to disk field by field, so changing
+//! their fields is a file-format change (bump `record::VERSION` in backlog-user).
 #![no_std]
 
 /// Why the kernel dropped a connection at the listener.
@@ -60,7 +60,8 @@ pub enum EventKind {
     Drop = 1,
     /// A socket entered LISTEN (pid/comm are the task that called listen()).
     Listen = 2,
-    /// A listening socket left LISTEN (closed or shut down).
+    /// A listening socket left LISTEN (closed or shut down; pid/comm are the task
+    /// that did it).
     Unlisten = 3,
     /// An established connection was taken off the accept queue.
     Accept = 4,
@@ -101,11 +102,13 @@ pub struct Event {
     pub sk: u64,
     /// Inode of the listener's `struct socket` (what /proc/PID/fd links name).
     pub sock_ino: u64,
-    /// Kind-specific: the accept-queue wait in ns for `Accept`; 0 otherwise.
+    /// Kind-specific: ns the child spent on the accept queue for `Accept` (its wait)
+    /// and `Abandon` (until it left); 0 otherwise.
     pub value: u64,
     /// Network namespace inode (`ip netns identify`, /proc/PID/ns/net).
     pub netns: u32,
-    /// Task that did the work, where it means something (`Listen`, `Accept`).
+    /// For `Listen` and `Unlisten`, the task whose call moved the socket into or out
+    /// of LISTEN (listen(), close(), shutdown()); 0 otherwise.
     pub pid: u32,
     pub kind: u8,
     pub reason: u8,
@@ -121,6 +124,7 @@ pub struct Event {
     pub syn_queue_len: u32,
     /// Backlog asked of listen() (for `Listen`), 0 when not seen.
     pub requested_backlog: u32,
+    /// That task's command name (`Listen`, `Unlisten`), NUL-padded; zeros otherwise.
     pub comm: [u8; COMM_LEN],
 }
 
