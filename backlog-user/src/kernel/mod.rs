@@ -7,7 +7,7 @@ mod affinity;
 mod btf;
 pub mod env;
 mod features;
-mod functions;
+mod fentry_kprobe;
 mod links;
 mod mode;
 mod object;
@@ -61,8 +61,8 @@ pub trait AttachMode {
 fn implementation(mode: Mode) -> Box<dyn AttachMode> {
     match mode {
         Mode::Tracepoint => Box::new(tracepoint::Tracepoint),
-        Mode::Fentry => Box::new(functions::Fentry),
-        Mode::Kprobe => Box::new(functions::Kprobe),
+        Mode::Fentry => Box::new(fentry_kprobe::Fentry),
+        Mode::Kprobe => Box::new(fentry_kprobe::Kprobe),
     }
 }
 

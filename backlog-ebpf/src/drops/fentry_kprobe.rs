@@ -7,16 +7,16 @@
 use backlog_common::{WindowKind, AF_INET6};
 
 use super::window;
-use crate::kernel;
+use crate::fields;
 
 /// Opens the window from a listener and the skb it is handling.
 #[inline(always)]
 fn open(sk: u64, skb: u64, kind: WindowKind) {
-    let o = kernel::offsets();
-    let (mut peer, v4) = kernel::skb_peer(skb, &o);
-    let Some(th) = kernel::skb_tcp_head(skb, &o) else { return };
-    if v4 && kernel::read::<u16>(sk, o.skc_family) == AF_INET6 {
-        peer = kernel::v4_mapped(&peer);
+    let o = fields::offsets();
+    let (mut peer, v4) = fields::skb_peer(skb, &o);
+    let Some(th) = fields::skb_tcp_head(skb, &o) else { return };
+    if v4 && fields::read::<u16>(sk, o.skc_family) == AF_INET6 {
+        peer = fields::v4_mapped(&peer);
     }
     window::open(sk, kind, &peer, th.sport_be, th.dport_be);
 }

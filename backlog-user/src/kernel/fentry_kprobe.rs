@@ -1,5 +1,5 @@
 //! fentry and kprobe modes: hook the functions around tcp_listendrop()'s call sites
-//! (backlog-ebpf/src/drops/functions.rs) and inet_csk_accept(). Both modes hook the
+//! (backlog-ebpf/src/drops/fentry_kprobe.rs) and inet_csk_accept(). Both modes hook the
 //! same functions; they differ only in the program type, so they share one table.
 use std::collections::HashSet;
 
