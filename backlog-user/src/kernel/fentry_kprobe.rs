@@ -257,3 +257,25 @@ impl AttachMode for Kprobe {
         Ok(listen_backlog_fallback(ebpf, &mut functions)?.into_iter().collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trampoline's refusal reaches us as aya errors wrapping the syscall's
+    /// io::Error (attach: ProgramError::SyscallError, forwarding its source; load:
+    /// LoadError's source), under our context.
+    #[test]
+    fn enotsupp_is_found_through_the_error_sources() {
+        let refused = |errno| {
+            let syscall = aya::sys::SyscallError {
+                call: "bpf_raw_tracepoint_open",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            };
+            anyhow::Error::from(aya::programs::ProgramError::from(syscall))
+                .context("attaching fexit/tcp_v4_syn_recv_sock")
+        };
+        assert!(is_enotsupp(&refused(ENOTSUPP)));
+        assert!(!is_enotsupp(&refused(libc::EPERM)));
+    }
+}
