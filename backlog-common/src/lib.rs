@@ -2,8 +2,8 @@
 //!
 //! This crate plays the role of libbpf-tools' shared header: every struct here is
 //! `#[repr(C)]`, has no pointers, and is laid out identically on both sides. The
-//! recorder writes these same structs to disk, so changing a layout is a file-format
-//! change (bump `record::VERSION` in backlog-user).
+//! recorder writes `Event` and `ListenerStats` to disk field by field, so changing
+//! their fields is a file-format change (bump `record::VERSION` in backlog-user).
 #![no_std]
 
 /// Why the kernel dropped a connection at the listener.
@@ -60,7 +60,8 @@ pub enum EventKind {
     Drop = 1,
     /// A socket entered LISTEN (pid/comm are the task that called listen()).
     Listen = 2,
-    /// A listening socket left LISTEN (closed or shut down).
+    /// A listening socket left LISTEN (closed or shut down; pid/comm are the task
+    /// that did it).
     Unlisten = 3,
     /// An established connection was taken off the accept queue.
     Accept = 4,
@@ -101,11 +102,13 @@ pub struct Event {
     pub sk: u64,
     /// Inode of the listener's `struct socket` (what /proc/PID/fd links name).
     pub sock_ino: u64,
-    /// Kind-specific: the accept-queue wait in ns for `Accept`; 0 otherwise.
+    /// Kind-specific: ns the child spent on the accept queue for `Accept` (its wait)
+    /// and `Abandon` (until it left); 0 otherwise.
     pub value: u64,
     /// Network namespace inode (`ip netns identify`, /proc/PID/ns/net).
     pub netns: u32,
-    /// Task that did the work, where it means something (`Listen`, `Accept`).
+    /// For `Listen` and `Unlisten`, the task whose call moved the socket into or out
+    /// of LISTEN (listen(), close(), shutdown()); 0 otherwise.
     pub pid: u32,
     pub kind: u8,
     pub reason: u8,
@@ -121,6 +124,7 @@ pub struct Event {
     pub syn_queue_len: u32,
     /// Backlog asked of listen() (for `Listen`), 0 when not seen.
     pub requested_backlog: u32,
+    /// That task's command name (`Listen`, `Unlisten`), NUL-padded; zeros otherwise.
     pub comm: [u8; COMM_LEN],
 }
 
@@ -164,9 +168,8 @@ pub struct ListenerStats {
     pub family: u16,
     pub lport: u16,
     pub laddr: [u8; 16],
-    /// Connections taken by accept(), their summed and longest wait.
+    /// Connections taken by accept(), and their longest wait.
     pub accepts: u64,
-    pub wait_sum_ns: u64,
     pub wait_max_ns: u64,
     /// Queued connections that left the queue without being accepted.
     pub abandoned: u64,
@@ -222,6 +225,27 @@ pub mod hist {
         let lo = (SUB + m) * width;
         (lo, lo + width)
     }
+}
+
+/// Value of the ENQUEUED map (keyed by the child socket's address): a child on its
+/// listener's accept queue, timed from when it joined.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// CLOCK_MONOTONIC nanoseconds when the child joined the queue.
+    pub ts_ns: u64,
+    pub listener: ListenerKey,
+}
+
+/// What segment a drop window (backlog-ebpf/src/drops/window.rs) covers; the
+/// segment's kind decides which drop reasons it can have.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowKind {
+    /// A SYN handled by the listener (tcp_conn_request).
+    Syn = 1,
+    /// A final ACK (or SYN-cookie ACK) handled by the listener (syn_recv_sock).
+    Ack = 2,
 }
 
 /// Key of the accept-wait histogram map: one counter per (listener, bucket). A map
@@ -364,6 +388,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::Enqueued {}
 }
 
 /// Listeners the STATS map holds at most (the loader may size it lower to fit its
@@ -381,19 +406,88 @@ pub const HIST_MAX_ENTRIES: u32 = 4 * STATS_MAX_ENTRIES;
 /// drain by what it can hold.
 pub const EVENTS_RING_BYTES: u32 = 4 << 20;
 
-/// Map and program names, shared so the loader cannot drift from the object.
+/// Map names, shared so the loader cannot drift from the object.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const STATS: &str = "STATS";
     pub const GLOBAL: &str = "GLOBAL";
     pub const OFFSETS: &str = "OFFSETS";
     pub const CONFIG: &str = "CONFIG";
-    pub const WINDOW: &str = "WINDOW";
     pub const WAIT_HIST: &str = "WAIT_HIST";
     pub const ENQUEUED: &str = "ENQUEUED";
-    /// The program user space runs on each CPU (BPF_PROG_TEST_RUN) to settle that
-    /// CPU's open window.
-    pub const FLUSH_PROGRAM: &str = "bt_flush";
+}
+
+/// Program names: the loader finds each program by these. aya-ebpf's macros name a
+/// program after its function, so each is the name of a function in
+/// backlog-ebpf/src/main.rs; a test in backlog-user checks the embedded object has
+/// exactly these programs.
+pub mod programs {
+    // ---- every mode ----
+    /// Never attached: user space runs it on each CPU (BPF_PROG_TEST_RUN) to settle
+    /// that CPU's open window.
+    pub const FLUSH: &str = "bt_flush";
+    /// tp_btf/inet_sock_set_state: listeners, accept-queue children.
+    pub const SET_STATE: &str = "bt_set_state";
+    /// syscalls:sys_enter_listen: listen()'s backlog (tracepoint mode, and the other
+    /// modes' fallback).
+    pub const LISTEN: &str = "bt_listen";
+
+    // ---- tracepoint mode ----
+    pub const TP_INGRESS: &str = "bt_tp_ingress";
+    pub const TP_CONSUME: &str = "bt_tp_consume";
+    pub const TP_KFREE: &str = "bt_tp_kfree";
+    pub const TP_ACCEPT4: &str = "bt_tp_accept4";
+    pub const TP_ACCEPT: &str = "bt_tp_accept";
+
+    // ---- fentry mode: one program per kernel function ----
+    pub const FE_CONN4: &str = "bt_fe_conn4";
+    pub const FX_CONN4: &str = "bt_fx_conn4";
+    pub const FE_CONN6: &str = "bt_fe_conn6";
+    pub const FX_CONN6: &str = "bt_fx_conn6";
+    pub const FE_RECV4: &str = "bt_fe_recv4";
+    pub const FX_RECV4: &str = "bt_fx_recv4";
+    pub const FE_RECV6: &str = "bt_fe_recv6";
+    pub const FX_RECV6: &str = "bt_fx_recv6";
+    pub const FE_LISTEN: &str = "bt_fe_listen";
+    pub const FE_LISTEN_SOCKET: &str = "bt_fe_listen_socket";
+    pub const FX_ACCEPT: &str = "bt_fx_accept";
+
+    // ---- kprobe mode: one program attaches to the v4 and v6 functions ----
+    pub const KP_CONN: &str = "bt_kp_conn";
+    pub const KR_CONN: &str = "bt_kr_conn";
+    pub const KP_RECV: &str = "bt_kp_recv";
+    pub const KR_RECV: &str = "bt_kr_recv";
+    pub const KP_LISTEN: &str = "bt_kp_listen";
+    pub const KR_ACCEPT: &str = "bt_kr_accept";
+
+    /// Every program in the object.
+    pub const ALL: [&str; 25] = [
+        FLUSH,
+        SET_STATE,
+        LISTEN,
+        TP_INGRESS,
+        TP_CONSUME,
+        TP_KFREE,
+        TP_ACCEPT4,
+        TP_ACCEPT,
+        FE_CONN4,
+        FX_CONN4,
+        FE_CONN6,
+        FX_CONN6,
+        FE_RECV4,
+        FX_RECV4,
+        FE_RECV6,
+        FX_RECV6,
+        FE_LISTEN,
+        FE_LISTEN_SOCKET,
+        FX_ACCEPT,
+        KP_CONN,
+        KR_CONN,
+        KP_RECV,
+        KR_RECV,
+        KP_LISTEN,
+        KR_ACCEPT,
+    ];
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use backlog_common::EventKind;
 
-use crate::kernel::{self, TCP_CLOSE, TCP_LISTEN};
+use crate::fields::{self, TCP_CLOSE, TCP_LISTEN};
 use crate::maps;
 
 /// listen() backlog argument by thread, from sys_enter_listen until the socket
@@ -20,7 +20,7 @@ static LISTEN_ARGS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0)
 /// syscalls:sys_enter_listen (tracepoint mode): the backlog argument.
 #[inline(always)]
 pub fn on_sys_enter_listen(ctx: &TracePointContext) {
-    let off = kernel::config().listen_backlog_off as usize;
+    let off = fields::config().listen_backlog_off as usize;
     // SAFETY: offset of a u64 field inside the tracepoint record (from its format file).
     if let Ok(backlog) = unsafe { ctx.read_at::<u64>(off) } {
         remember_backlog(backlog as u32);
@@ -46,7 +46,7 @@ pub fn on_state(sk: u64, old: u8, new: u8) {
     } else {
         return;
     };
-    let o = kernel::offsets();
+    let o = fields::offsets();
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut requested = 0;
     if kind == EventKind::Listen {
@@ -56,7 +56,7 @@ pub fn on_state(sk: u64, old: u8, new: u8) {
         }
         let _ = LISTEN_ARGS.remove(&pid_tgid);
     }
-    maps::emit_listener_event(kind, &kernel::listener_key(sk, o), o, |ev| {
+    maps::emit_listener_event(kind, &fields::listener_key(sk, o), o, |ev| {
         ev.pid = (pid_tgid >> 32) as u32;
         ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
         ev.requested_backlog = requested;

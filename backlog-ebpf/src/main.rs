@@ -1,11 +1,15 @@
 //! Program entry points only: each hook is a few lines that hand over to the module
 //! that owns the logic (drops::*, accept::*, listeners).
+//!
+//! A program's name is its function's name, which the loader knows as a constant
+//! of `backlog_common::programs`: renaming, adding or removing a program here means
+//! changing that list too (backlog-user's tests compare it with the built object).
 #![no_std]
 #![no_main]
 
 mod accept;
 mod drops;
-mod kernel;
+mod fields;
 mod listeners;
 mod maps;
 
@@ -18,8 +22,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 
-use crate::drops::{functions, tracepoint as tp, window};
-use crate::kernel::{
+use crate::drops::{fentry_kprobe, tracepoint as tp, window};
+use crate::fields::{
     TCP_CLOSE, TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV,
 };
 
@@ -103,7 +107,7 @@ pub fn bt_tp_accept(ctx: TracePointContext) -> u32 {
     0
 }
 
-// ---- fentry mode (drops/functions.rs): one program per kernel function ----
+// ---- fentry mode (drops/fentry_kprobe.rs): one program per kernel function ----
 
 macro_rules! fentry_pair {
     ($entry:ident, $exit:ident, $func:literal, $on_entry:path, $on_exit:path) => {
@@ -126,18 +130,30 @@ fentry_pair!(
     bt_fe_conn4,
     bt_fx_conn4,
     "tcp_v4_conn_request",
-    functions::conn_request_entry,
-    functions::conn_request_exit
+    fentry_kprobe::conn_request_entry,
+    fentry_kprobe::conn_request_exit
 );
 fentry_pair!(
     bt_fe_conn6,
     bt_fx_conn6,
     "tcp_v6_conn_request",
-    functions::conn_request_entry,
-    functions::conn_request_exit
+    fentry_kprobe::conn_request_entry,
+    fentry_kprobe::conn_request_exit
 );
-fentry_pair!(bt_fe_recv4, bt_fx_recv4, "tcp_v4_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
-fentry_pair!(bt_fe_recv6, bt_fx_recv6, "tcp_v6_syn_recv_sock", functions::syn_recv_entry, functions::syn_recv_exit);
+fentry_pair!(
+    bt_fe_recv4,
+    bt_fx_recv4,
+    "tcp_v4_syn_recv_sock",
+    fentry_kprobe::syn_recv_entry,
+    fentry_kprobe::syn_recv_exit
+);
+fentry_pair!(
+    bt_fe_recv6,
+    bt_fx_recv6,
+    "tcp_v6_syn_recv_sock",
+    fentry_kprobe::syn_recv_entry,
+    fentry_kprobe::syn_recv_exit
+);
 
 /// listen()'s backlog before somaxconn caps it, from __sys_listen(fd, backlog) and
 /// __sys_listen_socket(sock, backlog): no syscall tracepoint in this mode.
@@ -159,8 +175,8 @@ pub fn bt_fe_listen_socket(ctx: FEntryContext) -> i32 {
 /// trampoline's stack), which works on kernels without bpf_get_func_ret (5.10).
 #[fexit(function = "inet_csk_accept")]
 pub fn bt_fx_accept(ctx: FExitContext) -> i32 {
-    let slot = kernel::config().accept_nargs * 8;
-    accept::accepted(kernel::read::<u64>(kernel::address_of(ctx.as_ptr()), slot));
+    let slot = fields::config().accept_nargs * 8;
+    accept::accepted(fields::read::<u64>(fields::address_of(ctx.as_ptr()), slot));
     0
 }
 
@@ -168,25 +184,25 @@ pub fn bt_fx_accept(ctx: FExitContext) -> i32 {
 
 #[kprobe]
 pub fn bt_kp_conn(ctx: ProbeContext) -> u32 {
-    functions::conn_request_entry(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
+    fentry_kprobe::conn_request_entry(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
     0
 }
 
 #[kretprobe]
 pub fn bt_kr_conn(_ctx: RetProbeContext) -> u32 {
-    functions::conn_request_exit();
+    fentry_kprobe::conn_request_exit();
     0
 }
 
 #[kprobe]
 pub fn bt_kp_recv(ctx: ProbeContext) -> u32 {
-    functions::syn_recv_entry(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
+    fentry_kprobe::syn_recv_entry(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
     0
 }
 
 #[kretprobe]
 pub fn bt_kr_recv(_ctx: RetProbeContext) -> u32 {
-    functions::syn_recv_exit();
+    fentry_kprobe::syn_recv_exit();
     0
 }
 

@@ -11,7 +11,7 @@ use backlog_common::{
     global, Event, EventKind, KernelOffsets, ListenerKey, ListenerStats, EVENTS_RING_BYTES, STATS_MAX_ENTRIES,
 };
 
-use crate::kernel;
+use crate::fields;
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
@@ -50,19 +50,19 @@ pub fn add(index: u32, n: u64) {
 /// costs four dependent reads (sock -> socket -> file -> inode).
 #[inline(always)]
 pub fn stats(key: &ListenerKey) -> Option<*mut ListenerStats> {
-    let o = kernel::offsets();
+    let o = fields::offsets();
     let sk = key.sk;
     if let Some(p) = STATS.get_ptr_mut(key) {
         return Some(p);
     }
     // Built in a per-CPU scratch slot, not on the 512-byte stack the callers share.
     let fresh = SCRATCH.get_ptr_mut(0)?;
-    let (family, laddr, lport) = kernel::local_addr(sk, &o);
+    let (family, laddr, lport) = fields::local_addr(sk, &o);
     // SAFETY: this CPU's scratch slot, used only between here and the insert.
     let fresh = unsafe {
         *fresh = ListenerStats {
             sock_ino: key.ino,
-            netns: kernel::netns_inum(kernel::sk_net(sk, &o), &o),
+            netns: fields::netns_inum(fields::sk_net(sk, &o), &o),
             family,
             lport,
             laddr,
@@ -79,7 +79,7 @@ pub fn stats(key: &ListenerKey) -> Option<*mut ListenerStats> {
 
 /// Folds an observation of the listener's accept queue into this CPU's stats.
 #[inline(always)]
-pub fn note_queue(s: *mut ListenerStats, q: &kernel::QueueState) {
+pub fn note_queue(s: *mut ListenerStats, q: &fields::QueueState) {
     // SAFETY: `s` is this CPU's copy of a map value.
     unsafe {
         if q.ack_backlog > (*s).queue_peak {
@@ -104,14 +104,14 @@ pub fn emit_listener_event(kind: EventKind, key: &ListenerKey, o: &KernelOffsets
     // SAFETY: the reservation is sizeof(Event) bytes, exclusively ours until submit;
     // every field is written below before it is read.
     let ev = unsafe { &mut *slot.as_mut_ptr() };
-    let (family, laddr, lport) = kernel::local_addr(sk, o);
-    let q = kernel::queue_state(sk, o);
+    let (family, laddr, lport) = fields::local_addr(sk, o);
+    let q = fields::queue_state(sk, o);
     // SAFETY: zeroing the reservation in place (no Event on the stack).
     unsafe { core::ptr::write_bytes(ev as *mut Event, 0, 1) };
     ev.ts_ns = now_ns();
     ev.sk = sk;
     ev.sock_ino = key.ino;
-    ev.netns = kernel::netns_inum(kernel::sk_net(sk, o), o);
+    ev.netns = fields::netns_inum(fields::sk_net(sk, o), o);
     ev.kind = kind as u8;
     ev.family = family;
     ev.lport = lport;

@@ -9,17 +9,10 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuHashMap},
 };
-use backlog_common::{global, hist, EventKind, HistKey, ListenerKey, HIST_MAX_ENTRIES};
+use backlog_common::{global, hist, Enqueued, EventKind, HistKey, ListenerKey, HIST_MAX_ENTRIES};
 
-use crate::kernel;
+use crate::fields;
 use crate::maps;
-
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub struct Enqueued {
-    pub ts_ns: u64,
-    pub listener: ListenerKey,
-}
 
 /// Queued children by socket address. LRU, so a flood of never-accepted children
 /// can only evict the oldest, never fail or grow without bound.
@@ -38,11 +31,11 @@ static WAIT_HIST: PerCpuHashMap<HistKey, u64> = PerCpuHashMap::with_max_entries(
 /// call of its own, and the two stack frames together must stay within 512 bytes.
 #[inline(never)]
 pub fn enqueued(child: u64, listener: u64) {
-    let o = kernel::offsets();
-    let key = kernel::listener_key(listener, &o);
+    let o = fields::offsets();
+    let key = fields::listener_key(listener, &o);
     let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener: key }, 0);
     if let Some(s) = maps::stats(&key) {
-        maps::note_queue(s, &kernel::queue_state(listener, &o));
+        maps::note_queue(s, &fields::queue_state(listener, &o));
     }
 }
 
@@ -63,7 +56,7 @@ fn count_wait(listener: ListenerKey, wait_ns: u64) {
 
 #[inline(always)]
 fn listener_event(kind: EventKind, listener: &ListenerKey, value: u64) {
-    maps::emit_listener_event(kind, listener, kernel::offsets(), |ev| ev.value = value);
+    maps::emit_listener_event(kind, listener, fields::offsets(), |ev| ev.value = value);
 }
 
 /// accept() returned `child`.
@@ -82,14 +75,13 @@ pub fn accepted(child: u64) {
         // SAFETY: this CPU's copy.
         unsafe {
             (*s).accepts += 1;
-            (*s).wait_sum_ns += wait;
             if wait > (*s).wait_max_ns {
                 (*s).wait_max_ns = wait;
             }
         }
     }
     count_wait(e.listener, wait);
-    if kernel::config().emit_accepts != 0 {
+    if fields::config().emit_accepts != 0 {
         listener_event(EventKind::Accept, &e.listener, wait);
     }
 }
@@ -108,8 +100,8 @@ pub fn closed(child: u64) {
     // SAFETY: plain value copy out of the map.
     let Some(e) = (unsafe { ENQUEUED.get(&child) }).copied() else { return };
     let _ = ENQUEUED.remove(&child);
-    let o = kernel::offsets();
-    if kernel::has_socket(child, &o) {
+    let o = fields::offsets();
+    if fields::has_socket(child, &o) {
         maps::count(global::UNMATCHED_ACCEPT);
         return;
     }

@@ -4,16 +4,16 @@
 //! (those children are counted as unmatched when they close, not as waits).
 use aya_ebpf::programs::TracePointContext;
 
-use crate::kernel;
+use crate::fields;
 
 #[inline(always)]
 pub fn on_sys_exit_accept(ctx: &TracePointContext) {
-    let off = kernel::config().accept_ret_off as usize;
+    let off = fields::config().accept_ret_off as usize;
     // SAFETY: offset of the i64 `ret` field in the record (from its format file).
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(off) }) else { return };
     if ret < 0 {
         return;
     }
-    let o = kernel::offsets();
-    super::accepted(kernel::current_fd_sock(ret as u64, &o));
+    let o = fields::offsets();
+    super::accepted(fields::current_fd_sock(ret as u64, &o));
 }

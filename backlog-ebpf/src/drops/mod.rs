@@ -2,13 +2,13 @@
 //! around a listener's segment in its own module; the window (window.rs) decides from
 //! the CPU's own TcpExt counters that a tcp_listendrop() happened and why, then calls
 //! [`record`].
-pub mod functions;
+pub mod fentry_kprobe;
 pub mod tracepoint;
 pub mod window;
 
 use backlog_common::{DropReason, EventKind, KernelOffsets};
 
-use crate::kernel::{self, QueueState};
+use crate::fields::{self, QueueState};
 use crate::maps;
 
 /// The peer of a dropped connection, as seen in the packet.
@@ -21,7 +21,7 @@ pub struct Peer {
 /// Counts the drop in the listener's per-CPU stats and emits an event.
 #[inline(always)]
 pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
-    let key = kernel::listener_key(sk, o);
+    let key = fields::listener_key(sk, o);
     if let Some(s) = maps::stats(&key) {
         // SAFETY: this CPU's copy of the value; tracing programs do not nest on one CPU
         // for the same hook.

@@ -13,10 +13,10 @@
 //! A close we never see costs nothing but time: the next segment on the CPU settles
 //! the window, as does user space's flush.
 use aya_ebpf::{helpers::bpf_skc_to_tcp_sock, programs::SkBuffContext};
-use backlog_common::AF_INET6;
+use backlog_common::{WindowKind, AF_INET6};
 
-use super::window::{self, KIND_ACK, KIND_SYN};
-use crate::kernel::{self, TCP_LISTEN, TH_ACK, TH_RST, TH_SYN};
+use super::window;
+use crate::fields::{self, TCP_LISTEN, TH_ACK, TH_RST, TH_SYN};
 
 const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
 const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
@@ -69,12 +69,12 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     }
     let Some((mut peer, th)) = parse(ctx) else { return };
     let kind = match th[13] & (TH_SYN | TH_ACK | TH_RST) {
-        TH_SYN => KIND_SYN,
-        TH_ACK => KIND_ACK,
+        TH_SYN => WindowKind::Syn,
+        TH_ACK => WindowKind::Ack,
         _ => return,
     };
     if family == AF_INET6 as u32 && ctx.skb.protocol() == ETH_P_IP_BE {
-        peer = kernel::v4_mapped(&peer);
+        peer = fields::v4_mapped(&peer);
     }
     window::open(tp as u64, kind, &peer, u16::from_ne_bytes([th[0], th[1]]), u16::from_ne_bytes([th[2], th[3]]));
 }
@@ -84,7 +84,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
 #[inline(always)]
 pub fn on_free(skb: u64) {
     let Some(w) = window::current() else { return };
-    let Some(th) = kernel::skb_tcp_head(skb, &kernel::offsets()) else { return };
+    let Some(th) = fields::skb_tcp_head(skb, &fields::offsets()) else { return };
     if th.sport_be == w.sport_be && th.dport_be == w.dport_be {
         window::close(w);
     }

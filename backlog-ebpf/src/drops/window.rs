@@ -14,13 +14,14 @@
 //! opens a window, or when user space flushes the CPU; the counters make a late
 //! settlement as exact as a timely one.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use backlog_common::{global, DropReason};
+use backlog_common::{global, DropReason, WindowKind};
 
-use crate::kernel::{self, QueueState};
+use crate::fields::{self, QueueState};
 use crate::maps;
 
-pub const KIND_SYN: u8 = 1;
-pub const KIND_ACK: u8 = 2;
+/// `WindowKind`s as the window stores them (a zeroed slot is no kind at all).
+const SYN: u8 = WindowKind::Syn as u8;
+const ACK: u8 = WindowKind::Ack as u8;
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -43,7 +44,8 @@ pub struct Window {
     pub sport_be: u16,
     pub dport_be: u16,
     pub open: u8,
-    pub kind: u8,
+    /// A `WindowKind`, once opened.
+    kind: u8,
     /// Set while a program updates the window, so that a flush arriving in an
     /// interrupt leaves it alone.
     busy: u8,
@@ -67,9 +69,9 @@ fn slot() -> Option<&'static mut Window> {
 #[inline(always)]
 fn cpu_offset(w: &mut Window) -> u64 {
     if w.cpu_off_known == 0 {
-        let map = kernel::address_of(&WINDOW as *const _);
-        let base = kernel::read::<u64>(map, kernel::offsets().bpf_array_pptrs);
-        w.cpu_off = kernel::address_of(w as *const Window).wrapping_sub(base);
+        let map = fields::address_of(&WINDOW as *const _);
+        let base = fields::read::<u64>(map, fields::offsets().bpf_array_pptrs);
+        w.cpu_off = fields::address_of(w as *const Window).wrapping_sub(base);
         w.cpu_off_known = 1;
     }
     w.cpu_off
@@ -80,27 +82,27 @@ fn cpu_offset(w: &mut Window) -> u64 {
 /// callers' packet parsing and the settlement's recording each need much of the
 /// 512-byte stack, and a call chain adds its frames up.
 #[inline(never)]
-pub fn open(sk: u64, kind: u8, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
+pub fn open(sk: u64, kind: WindowKind, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
     let Some(w) = slot() else { return };
     w.busy = 1;
     if w.open != 0 {
         maps::count(global::WINDOWS_REPLACED);
         settle(w, true);
     }
-    let o = kernel::offsets();
-    let stats = kernel::read::<u64>(kernel::sk_net(sk, o), o.net_mib_net_statistics);
+    let o = fields::offsets();
+    let stats = fields::read::<u64>(fields::sk_net(sk, o), o.net_mib_net_statistics);
     w.mib = stats.wrapping_add(cpu_offset(w));
-    w.listen_drops = kernel::read::<u64>(w.mib, o.mib_listen_drops);
-    w.overflows = kernel::read::<u64>(w.mib, o.mib_listen_overflows);
+    w.listen_drops = fields::read::<u64>(w.mib, o.mib_listen_drops);
+    w.overflows = fields::read::<u64>(w.mib, o.mib_listen_overflows);
     // Only a SYN can be dropped for a full SYN queue.
-    w.reqq_full = if kind == KIND_SYN { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
+    w.reqq_full = if kind == WindowKind::Syn { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
     w.sk = sk;
-    w.sk_drops = kernel::sk_drops(sk, o);
-    w.ack_backlog = kernel::read::<u32>(sk, o.sk_ack_backlog);
-    w.syn_qlen = kernel::read::<u32>(sk, o.icsk_accept_queue_qlen);
+    w.sk_drops = fields::sk_drops(sk, o);
+    w.ack_backlog = fields::read::<u32>(sk, o.sk_ack_backlog);
+    w.syn_qlen = fields::read::<u32>(sk, o.icsk_accept_queue_qlen);
     w.sport_be = sport_be;
     w.dport_be = dport_be;
-    w.kind = kind;
+    w.kind = kind as u8;
     w.peer = *peer;
     w.open = 1;
     w.busy = 0;
@@ -110,6 +112,14 @@ pub fn open(sk: u64, kind: u8, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
 #[inline(always)]
 pub fn current() -> Option<&'static mut Window> {
     slot().filter(|w| w.open != 0)
+}
+
+impl Window {
+    /// Whether the window covers a `kind` segment.
+    #[inline(always)]
+    pub fn is(&self, kind: WindowKind) -> bool {
+        self.kind == kind as u8
+    }
 }
 
 /// The segment's handling is over: settle and close.
@@ -142,19 +152,19 @@ pub fn flush() {
 /// path into each overflowed the 512-byte stack.
 #[inline(never)]
 fn settle(w: &mut Window, late: bool) {
-    let o = kernel::offsets();
-    let drops = kernel::read::<u64>(w.mib, o.mib_listen_drops);
+    let o = fields::offsets();
+    let drops = fields::read::<u64>(w.mib, o.mib_listen_drops);
     let made = drops.wrapping_sub(w.listen_drops);
     if made == 0 {
         return;
     }
-    let overflows = kernel::read::<u64>(w.mib, o.mib_listen_overflows);
-    let reqq_full = if w.kind == KIND_SYN { kernel::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { w.reqq_full };
+    let overflows = fields::read::<u64>(w.mib, o.mib_listen_overflows);
+    let reqq_full = if w.kind == SYN { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { w.reqq_full };
     let (overflowed, syn_queue_full) = (overflows != w.overflows, reqq_full != w.reqq_full);
     w.listen_drops = drops;
     w.overflows = overflows;
     w.reqq_full = reqq_full;
-    let sk_drops = kernel::sk_drops(w.sk, o);
+    let sk_drops = fields::sk_drops(w.sk, o);
     if sk_drops == w.sk_drops {
         maps::add(global::UNATTRIBUTED, made);
         return;
@@ -169,9 +179,9 @@ fn settle(w: &mut Window, late: bool) {
         maps::add(global::UNATTRIBUTED, made - 1);
     }
     let reason = match (w.kind, overflowed, syn_queue_full) {
-        (KIND_SYN, _, true) => DropReason::SynQueueFull,
-        (KIND_SYN, true, false) => DropReason::AcceptQueueFull,
-        (KIND_ACK, true, _) => DropReason::AckOverflow,
+        (SYN, _, true) => DropReason::SynQueueFull,
+        (SYN, true, false) => DropReason::AcceptQueueFull,
+        (ACK, true, _) => DropReason::AckOverflow,
         _ => DropReason::Other,
     };
     let q = queues_at_drop(w);
@@ -182,8 +192,8 @@ fn settle(w: &mut Window, late: bool) {
 /// Whether `child` belongs to the listener of window `w` (same local port).
 #[inline(always)]
 fn owns(w: &Window, child: u64) -> bool {
-    let o = kernel::offsets();
-    kernel::read::<u16>(child, o.skc_num) == kernel::read::<u16>(w.sk, o.skc_num)
+    let o = fields::offsets();
+    fields::read::<u16>(child, o.skc_num) == fields::read::<u16>(w.sk, o.skc_num)
 }
 
 /// inet_sock_set_state LISTEN -> SYN_RECV: a child was born from the final ACK this
@@ -191,7 +201,7 @@ fn owns(w: &Window, child: u64) -> bool {
 #[inline(always)]
 pub fn child_born(child: u64) -> Option<u64> {
     let w = current()?;
-    (w.kind == KIND_ACK && owns(w, child)).then_some(w.sk)
+    (w.kind == ACK && owns(w, child)).then_some(w.sk)
 }
 
 /// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
@@ -199,7 +209,7 @@ pub fn child_born(child: u64) -> Option<u64> {
 #[inline(always)]
 pub fn finish_ack(child: u64) {
     if let Some(w) = current() {
-        if w.kind == KIND_ACK && owns(w, child) {
+        if w.kind == ACK && owns(w, child) {
             close(w);
         }
     }
@@ -209,7 +219,7 @@ pub fn finish_ack(child: u64) {
 /// two looks, so take the fuller of the two.
 #[inline(always)]
 fn queues_at_drop(w: &Window) -> QueueState {
-    let now = kernel::queue_state(w.sk, &kernel::offsets());
+    let now = fields::queue_state(w.sk, &fields::offsets());
     QueueState {
         ack_backlog: max(w.ack_backlog, now.ack_backlog),
         max_ack_backlog: now.max_ack_backlog,

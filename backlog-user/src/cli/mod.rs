@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
 
+use crate::kernel::Mode;
 use crate::model::Filter;
 use crate::output::{Format, View};
 use crate::record::{RecordSettings, ReportSettings};
@@ -37,12 +39,9 @@ pub enum Command {
     Report(ReportArgs),
 }
 
-/// Attach mode for the kernel programs.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Fentry,
-    Kprobe,
-    Tracepoint,
+/// `--mode`: the names `kernel::Mode` answers to, listed in --help.
+fn mode_parser() -> impl TypedValueParser<Value = Mode> {
+    PossibleValuesParser::new(Mode::ALL.map(Mode::name)).map(|s| s.parse().expect("a possible value"))
 }
 
 /// Which listeners to look at: one set for every command, spelled as bcc's tools
@@ -100,7 +99,7 @@ pub struct TraceArgs {
     #[arg(long)]
     pub hist: bool,
     /// Force an attach mode instead of the best one the kernel allows.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = mode_parser())]
     pub mode: Option<Mode>,
     /// Say at start why each better attach mode was passed over, a line each.
     #[arg(long, short = 'v')]
@@ -121,12 +120,8 @@ impl TraceArgs {
     /// The session's settings; an error (exit 2) names a flag value that cannot work.
     pub fn live(&self) -> Result<Live, String> {
         let filter = self.filters.live_filter()?;
-        let session = Settings {
-            filter: filter.clone(),
-            mode: self.mode.map(Into::into),
-            interval: self.interval,
-            duration: self.duration,
-        };
+        let session =
+            Settings { filter: filter.clone(), mode: self.mode, interval: self.interval, duration: self.duration };
         let format = if self.json { Format::Json } else { Format::Text };
         let view = View { format, filter, top: self.top, events: self.events, hist: self.hist, verbose: self.verbose };
         Ok(Live { session, view, prometheus: self.prometheus })
@@ -214,16 +209,6 @@ pub struct CheckArgs {
 impl CheckArgs {
     pub fn settings(&self) -> Result<crate::check::Settings, String> {
         Ok(crate::check::Settings { filter: self.filters.live_filter()?, sample: self.sample, json: self.json })
-    }
-}
-
-impl From<Mode> for crate::kernel::Mode {
-    fn from(m: Mode) -> Self {
-        match m {
-            Mode::Fentry => crate::kernel::Mode::Fentry,
-            Mode::Kprobe => crate::kernel::Mode::Kprobe,
-            Mode::Tracepoint => crate::kernel::Mode::Tracepoint,
-        }
     }
 }
 

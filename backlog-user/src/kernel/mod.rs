@@ -7,8 +7,9 @@ mod affinity;
 mod btf;
 pub mod env;
 mod features;
-mod functions;
+mod fentry_kprobe;
 mod links;
+mod mode;
 mod object;
 mod objinfo;
 mod progstats;
@@ -18,25 +19,13 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{global, names, Config, HistKey, KernelOffsets, ListenerKey, ListenerStats};
+use backlog_common::{global, names, programs, Config, Enqueued, HistKey, KernelOffsets, ListenerKey, ListenerStats};
+
+use features::Features;
+pub use mode::Mode;
 
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/backlog"));
-
-/// What is known about the running kernel before choosing a mode.
-pub struct KernelInfo {
-    pub release: String,
-    pub features: features::Features,
-}
-
-/// Where the kernel programs attach: function entry/exit trampolines, kprobes, or
-/// tracepoints (the fallback every kernel has).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Fentry,
-    Kprobe,
-    Tracepoint,
-}
 
 /// A forced attach mode that this kernel cannot run, as found by probing it (not by
 /// trying): the process exits with [`ModeUnavailable::EXIT_CODE`], so scripts can tell
@@ -58,9 +47,8 @@ impl std::error::Error for ModeUnavailable {}
 
 /// One way of detecting drops. Adding a mode is adding a sibling module.
 pub trait AttachMode {
-    fn name(&self) -> &'static str;
     /// Why this mode cannot work on this kernel, if that is known without trying.
-    fn unavailable(&self, k: &KernelInfo) -> Option<String>;
+    fn unavailable(&self, features: &Features) -> Option<String>;
     /// Why this mode would fail, told by a test far cheaper than loading the object
     /// and attaching (which is what a failed attempt costs); run before attaching.
     fn probe(&self) -> Option<String> {
@@ -73,8 +61,8 @@ pub trait AttachMode {
 fn implementation(mode: Mode) -> Box<dyn AttachMode> {
     match mode {
         Mode::Tracepoint => Box::new(tracepoint::Tracepoint),
-        Mode::Fentry => Box::new(functions::Fentry),
-        Mode::Kprobe => Box::new(functions::Kprobe),
+        Mode::Fentry => Box::new(fentry_kprobe::Fentry),
+        Mode::Kprobe => Box::new(fentry_kprobe::Kprobe),
     }
 }
 
@@ -128,13 +116,12 @@ impl Session {
             emit_accepts: u32::from(opts.emit_accepts),
             accept_nargs: features.accept_args.unwrap_or(0) as u32,
         };
-        let info = KernelInfo { release: env::kernel_release(), features };
-        let (mut ebpf, mode, fallbacks) = attach_best(opts, &info, &offsets, &config)?;
-        let p: &mut RawTracePoint = ebpf.program_mut(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
+        let (mut ebpf, mode, fallbacks) = attach_best(opts, &features, &offsets, &config)?;
+        let p: &mut RawTracePoint = ebpf.program_mut(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
         let links = links::Links::of(&ebpf).context("finding the links of the attached programs")?;
         release_freed_heap();
-        Ok(Session { links, ebpf, mode, kernel: info.release, fallbacks, flushes_skipped: 0 })
+        Ok(Session { links, ebpf, mode, kernel: env::kernel_release(), fallbacks, flushes_skipped: 0 })
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
@@ -169,14 +156,13 @@ impl Session {
         Ok(())
     }
 
-    /// Children still timed as queued, counted per listener. Value layout is
-    /// backlog-ebpf's `accept::Enqueued` { ts_ns, listener: ListenerKey }.
+    /// Children still timed as queued, counted per listener.
     pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<ListenerKey, u64>> {
         let m = self.ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
-        let h: HashMap<&MapData, u64, [u64; 3]> = HashMap::try_from(m)?;
+        let h: HashMap<&MapData, u64, Enqueued> = HashMap::try_from(m)?;
         let mut out = std::collections::HashMap::new();
-        for (_, [_, sk, ino]) in h.iter().filter_map(|r| r.ok()) {
-            *out.entry(ListenerKey { sk, ino }).or_insert(0) += 1;
+        for (_, e) in h.iter().filter_map(|r| r.ok()) {
+            *out.entry(e.listener).or_insert(0) += 1;
         }
         Ok(out)
     }
@@ -192,7 +178,7 @@ impl Session {
     /// skipped and counted (`flushes_skipped`).
     pub fn flush(&mut self) -> Result<()> {
         let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let p: &RawTracePoint = self.ebpf.program(names::FLUSH_PROGRAM).context(names::FLUSH_PROGRAM)?.try_into()?;
+        let p: &RawTracePoint = self.ebpf.program(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
         let pinned = affinity::Pinned::save()?;
         for cpu in cpus {
             // Confined to this one CPU (or a single-CPU machine): its window is
@@ -238,7 +224,7 @@ impl Session {
 /// returns it with the modes passed over and the hooks done another way.
 fn attach_best(
     opts: &StartOptions,
-    info: &KernelInfo,
+    features: &Features,
     offsets: &KernelOffsets,
     config: &Config,
 ) -> Result<(Ebpf, &'static str, Vec<String>)> {
@@ -252,9 +238,9 @@ fn attach_best(
     let mut verdicts = Vec::new();
     for mode in candidates {
         let imp = implementation(mode);
-        let why = imp.unavailable(info).or_else(|| imp.probe());
+        let why = imp.unavailable(features).or_else(|| imp.probe());
         if let (Some(why), Some(_)) = (&why, opts.mode) {
-            return Err(ModeUnavailable(format!("{} mode is unavailable: {why}", imp.name())).into());
+            return Err(ModeUnavailable(format!("{} mode is unavailable: {why}", mode.name())).into());
         }
         verdicts.push((mode, imp, why));
     }
@@ -268,7 +254,7 @@ fn attach_best(
     loader.override_global(names::OFFSETS, offsets, true);
     loader.override_global(names::CONFIG, config, true);
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    let sizings = object::sizings(info.features.run_time_alloc_safe, cpus);
+    let sizings = object::sizings(features.run_time_alloc_safe, cpus);
     for m in &sizings {
         loader.map_max_entries(m.name, m.max_entries);
     }
@@ -283,7 +269,7 @@ fn attach_best(
     }
     for (mode, imp, unavailable) in verdicts {
         if let Some(why) = unavailable {
-            fallbacks.push(format!("{} mode unavailable: {why}", imp.name()));
+            fallbacks.push(format!("{} mode unavailable: {why}", mode.name()));
             continue;
         }
         // A fresh load per attempt: a half-attached mode must leave nothing behind.
@@ -292,12 +278,12 @@ fn attach_best(
         match attached {
             Ok(notes) => {
                 fallbacks.extend(notes);
-                return Ok((ebpf, imp.name(), fallbacks));
+                return Ok((ebpf, mode.name(), fallbacks));
             }
             Err(e) if opts.mode.is_none() && mode != Mode::Tracepoint => {
-                fallbacks.push(format!("{} mode unavailable: {e:#}", imp.name()));
+                fallbacks.push(format!("{} mode unavailable: {e:#}", mode.name()));
             }
-            Err(e) => return Err(e.context(format!("{} mode", imp.name()))),
+            Err(e) => return Err(e.context(format!("{} mode", mode.name()))),
         }
     }
     bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))
@@ -319,15 +305,37 @@ pub fn release_freed_heap() {
 /// The listener registry runs in every mode: socket state changes. Each mode adds
 /// where listen()'s backlog comes from.
 fn attach_listeners(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
-    let p: &mut BtfTracePoint = ebpf.program_mut("bt_set_state").context("bt_set_state")?.try_into()?;
+    let p: &mut BtfTracePoint = ebpf.program_mut(programs::SET_STATE).context(programs::SET_STATE)?.try_into()?;
     p.load("inet_sock_set_state", btf).context("loading tp_btf/inet_sock_set_state")?;
     p.attach().context("attaching tp_btf/inet_sock_set_state").map(drop)
 }
 
 /// listen()'s backlog from the syscall's entry tracepoint.
 fn attach_listen_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
-    let p: &mut TracePoint = ebpf.program_mut("bt_listen").context("bt_listen")?.try_into()?;
+    let p: &mut TracePoint = ebpf.program_mut(programs::LISTEN).context(programs::LISTEN)?.try_into()?;
     p.load().context("loading syscalls:sys_enter_listen")?;
     p.attach("syscalls", "sys_enter_listen").context("attaching syscalls:sys_enter_listen")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract's names against the embedded object: aya-ebpf names each program
+    /// after its function and each map after its `#[map(name)]`, neither of which
+    /// can use backlog-common's constants, so this is where a drift shows.
+    #[test]
+    fn the_object_has_exactly_the_programs_and_maps_common_names() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("parsing the embedded eBPF object");
+        let mut in_object: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        in_object.sort_unstable();
+        let mut named = programs::ALL.to_vec();
+        named.sort_unstable();
+        assert_eq!(in_object, named, "programs in the object vs backlog_common::programs::ALL");
+        // OFFSETS and CONFIG are globals in .rodata, not maps.
+        for map in [names::EVENTS, names::STATS, names::GLOBAL, names::WAIT_HIST, names::ENQUEUED] {
+            assert!(obj.maps.contains_key(map), "the object has no map {map}");
+        }
+    }
 }

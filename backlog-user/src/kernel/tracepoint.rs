@@ -5,23 +5,21 @@ use std::fs::File;
 use anyhow::{Context, Result};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::{Btf, Ebpf};
+use backlog_common::programs;
 
 use super::{env, AttachMode};
 
 pub struct Tracepoint;
 
-const TP_BTF: [(&str, &str); 2] = [("bt_tp_consume", "consume_skb"), ("bt_tp_kfree", "kfree_skb")];
+const TP_BTF: [(&str, &str); 2] = [(programs::TP_CONSUME, "consume_skb"), (programs::TP_KFREE, "kfree_skb")];
 
 /// accept() has no tracepoint: its syscall exits give the descriptor of the child.
-const SYSCALLS: [(&str, &str); 2] = [("bt_tp_accept4", "sys_exit_accept4"), ("bt_tp_accept", "sys_exit_accept")];
+const SYSCALLS: [(&str, &str); 2] =
+    [(programs::TP_ACCEPT4, "sys_exit_accept4"), (programs::TP_ACCEPT, "sys_exit_accept")];
 
 impl AttachMode for Tracepoint {
-    fn name(&self) -> &'static str {
-        "tracepoint"
-    }
-
-    fn unavailable(&self, k: &super::KernelInfo) -> Option<String> {
-        k.features.kfree_skb_unavailable()
+    fn unavailable(&self, features: &super::features::Features) -> Option<String> {
+        features.kfree_skb_unavailable()
     }
 
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>> {
@@ -40,7 +38,7 @@ impl AttachMode for Tracepoint {
         super::attach_listen_tracepoint(ebpf)?;
         let root = env::cgroup2_root()?;
         let cg = File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
-        let p: &mut CgroupSkb = ebpf.program_mut("bt_tp_ingress").context("bt_tp_ingress")?.try_into()?;
+        let p: &mut CgroupSkb = ebpf.program_mut(programs::TP_INGRESS).context(programs::TP_INGRESS)?.try_into()?;
         p.load().context("loading the cgroup_skb ingress program")?;
         // aya attaches through a bpf_link, which always coexists with other programs
         // on the cgroup (multi semantics) and rejects the ALLOW_MULTI flag itself.

@@ -1,5 +1,5 @@
 //! fentry and kprobe modes: hook the functions around tcp_listendrop()'s call sites
-//! (backlog-ebpf/src/drops/functions.rs) and inet_csk_accept(). Both modes hook the
+//! (backlog-ebpf/src/drops/fentry_kprobe.rs) and inet_csk_accept(). Both modes hook the
 //! same functions; they differ only in the program type, so they share one table.
 use std::collections::HashSet;
 
@@ -8,17 +8,19 @@ use aya::programs::{FEntry, FExit, KProbe, ProgramType};
 use aya::sys::is_program_supported;
 use aya::{Btf, Ebpf};
 use aya_obj::btf::BtfKind;
+use backlog_common::programs;
 
-use super::{AttachMode, KernelInfo};
+use super::features::Features;
+use super::AttachMode;
 
 /// What a hooked function is for, and the programs each mode uses for it.
 struct Hook {
     function: &'static str,
     /// IPv6 functions live in the ipv6 module, which may be absent or not loaded.
     optional: bool,
-    fentry: &'static str,
+    fentry: Option<&'static str>,
     fexit: Option<&'static str>,
-    kprobe: &'static str,
+    kprobe: Option<&'static str>,
     kretprobe: Option<&'static str>,
 }
 
@@ -26,42 +28,42 @@ const HOOKS: [Hook; 7] = [
     Hook {
         function: "tcp_v4_conn_request",
         optional: false,
-        fentry: "bt_fe_conn4",
-        fexit: Some("bt_fx_conn4"),
-        kprobe: "bt_kp_conn",
-        kretprobe: Some("bt_kr_conn"),
+        fentry: Some(programs::FE_CONN4),
+        fexit: Some(programs::FX_CONN4),
+        kprobe: Some(programs::KP_CONN),
+        kretprobe: Some(programs::KR_CONN),
     },
     Hook {
         function: "tcp_v6_conn_request",
         optional: true,
-        fentry: "bt_fe_conn6",
-        fexit: Some("bt_fx_conn6"),
-        kprobe: "bt_kp_conn",
-        kretprobe: Some("bt_kr_conn"),
+        fentry: Some(programs::FE_CONN6),
+        fexit: Some(programs::FX_CONN6),
+        kprobe: Some(programs::KP_CONN),
+        kretprobe: Some(programs::KR_CONN),
     },
     Hook {
         function: "tcp_v4_syn_recv_sock",
         optional: false,
-        fentry: "bt_fe_recv4",
-        fexit: Some("bt_fx_recv4"),
-        kprobe: "bt_kp_recv",
-        kretprobe: Some("bt_kr_recv"),
+        fentry: Some(programs::FE_RECV4),
+        fexit: Some(programs::FX_RECV4),
+        kprobe: Some(programs::KP_RECV),
+        kretprobe: Some(programs::KR_RECV),
     },
     Hook {
         function: "tcp_v6_syn_recv_sock",
         optional: true,
-        fentry: "bt_fe_recv6",
-        fexit: Some("bt_fx_recv6"),
-        kprobe: "bt_kp_recv",
-        kretprobe: Some("bt_kr_recv"),
+        fentry: Some(programs::FE_RECV6),
+        fexit: Some(programs::FX_RECV6),
+        kprobe: Some(programs::KP_RECV),
+        kretprobe: Some(programs::KR_RECV),
     },
     Hook {
         function: "inet_csk_accept",
         optional: false,
-        fentry: "",
-        fexit: Some("bt_fx_accept"),
-        kprobe: "",
-        kretprobe: Some("bt_kr_accept"),
+        fentry: None,
+        fexit: Some(programs::FX_ACCEPT),
+        kprobe: None,
+        kretprobe: Some(programs::KR_ACCEPT),
     },
     // listen()'s backlog before somaxconn caps it: __sys_listen has it on every
     // kernel; __sys_listen_socket (6.11+) for io_uring's listen too, and for
@@ -72,17 +74,17 @@ const HOOKS: [Hook; 7] = [
     Hook {
         function: "__sys_listen",
         optional: true,
-        fentry: "bt_fe_listen",
+        fentry: Some(programs::FE_LISTEN),
         fexit: None,
-        kprobe: "bt_kp_listen",
+        kprobe: Some(programs::KP_LISTEN),
         kretprobe: None,
     },
     Hook {
         function: "__sys_listen_socket",
         optional: true,
-        fentry: "bt_fe_listen_socket",
+        fentry: Some(programs::FE_LISTEN_SOCKET),
         fexit: None,
-        kprobe: "bt_kp_listen",
+        kprobe: Some(programs::KP_LISTEN),
         kretprobe: None,
     },
 ];
@@ -132,14 +134,10 @@ fn hooked_kallsyms() -> HashSet<String> {
 pub struct Fentry;
 
 impl AttachMode for Fentry {
-    fn name(&self) -> &'static str {
-        "fentry"
-    }
-
     /// Whether tracing programs load at all only loading tells (some kernels refuse
     /// them: EPERM); see `probe`.
-    fn unavailable(&self, k: &KernelInfo) -> Option<String> {
-        k.features.fexit_unavailable()
+    fn unavailable(&self, features: &Features) -> Option<String> {
+        features.fexit_unavailable()
     }
 
     /// A two-instruction fentry program on the kernel's own test function, loaded and
@@ -187,8 +185,8 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, h: &Hook, function: &str) -> Result
         p.load(function, btf).with_context(|| format!("loading fexit/{function}"))?;
         p.attach().with_context(|| format!("attaching fexit/{function}"))?;
     }
-    if !h.fentry.is_empty() {
-        let p: &mut FEntry = ebpf.program_mut(h.fentry).context(h.fentry)?.try_into()?;
+    if let Some(name) = h.fentry {
+        let p: &mut FEntry = ebpf.program_mut(name).context(name)?.try_into()?;
         p.load(function, btf).with_context(|| format!("loading fentry/{function}"))?;
         p.attach().with_context(|| format!("attaching fentry/{function}"))?;
     }
@@ -199,7 +197,7 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf, h: &Hook, function: &str) -> Result
 /// tracepoint gives it, at the cost the README describes (every syscall of every
 /// task takes the tracing path); the start line says so.
 fn listen_backlog_fallback(ebpf: &mut Ebpf, functions: &mut Functions) -> Result<Option<String>> {
-    let listen: Vec<&Hook> = HOOKS.iter().filter(|h| h.kprobe == "bt_kp_listen").collect();
+    let listen: Vec<&Hook> = HOOKS.iter().filter(|h| h.kprobe == Some(programs::KP_LISTEN)).collect();
     for h in &listen {
         if functions.pick(h)?.is_some() {
             return Ok(None);
@@ -213,10 +211,7 @@ fn listen_backlog_fallback(ebpf: &mut Ebpf, functions: &mut Functions) -> Result
 const ENOTSUPP: i32 = 524;
 
 fn is_enotsupp(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(ENOTSUPP)
-            || c.to_string().contains("os error 524")
-    })
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(ENOTSUPP))
 }
 
 /// kprobe programs, each loaded once and attached to as many functions as need it.
@@ -227,7 +222,7 @@ struct Kprobes {
 
 impl Kprobes {
     fn attach(&mut self, ebpf: &mut Ebpf, h: &Hook, function: &str) -> Result<()> {
-        let progs = [h.kretprobe, (!h.kprobe.is_empty()).then_some(h.kprobe)];
+        let progs = [h.kretprobe, h.kprobe];
         for name in progs.into_iter().flatten() {
             let p: &mut KProbe = ebpf.program_mut(name).context(name)?.try_into()?;
             if self.loaded.insert(name) {
@@ -242,11 +237,7 @@ impl Kprobes {
 pub struct Kprobe;
 
 impl AttachMode for Kprobe {
-    fn name(&self) -> &'static str {
-        "kprobe"
-    }
-
-    fn unavailable(&self, _k: &KernelInfo) -> Option<String> {
+    fn unavailable(&self, _: &Features) -> Option<String> {
         let pmu = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
         let events = std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists()
             || std::path::Path::new("/sys/kernel/debug/tracing/kprobe_events").exists();
@@ -264,5 +255,27 @@ impl AttachMode for Kprobe {
             }
         }
         Ok(listen_backlog_fallback(ebpf, &mut functions)?.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trampoline's refusal reaches us as aya errors wrapping the syscall's
+    /// io::Error (attach: ProgramError::SyscallError, forwarding its source; load:
+    /// LoadError's source), under our context.
+    #[test]
+    fn enotsupp_is_found_through_the_error_sources() {
+        let refused = |errno| {
+            let syscall = aya::sys::SyscallError {
+                call: "bpf_raw_tracepoint_open",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            };
+            anyhow::Error::from(aya::programs::ProgramError::from(syscall))
+                .context("attaching fexit/tcp_v4_syn_recv_sock")
+        };
+        assert!(is_enotsupp(&refused(ENOTSUPP)));
+        assert!(!is_enotsupp(&refused(libc::EPERM)));
     }
 }

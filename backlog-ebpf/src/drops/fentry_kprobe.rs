@@ -4,19 +4,19 @@
 //! SYN-cookie ACK). A window spans each call; the CPU's own listen counters decide
 //! at its return (window.rs). The fentry and kprobe entry points in main.rs are thin
 //! shims onto these functions.
-use backlog_common::AF_INET6;
+use backlog_common::{WindowKind, AF_INET6};
 
-use super::window::{self, KIND_ACK, KIND_SYN};
-use crate::kernel;
+use super::window;
+use crate::fields;
 
 /// Opens the window from a listener and the skb it is handling.
 #[inline(always)]
-fn open(sk: u64, skb: u64, kind: u8) {
-    let o = kernel::offsets();
-    let (mut peer, v4) = kernel::skb_peer(skb, &o);
-    let Some(th) = kernel::skb_tcp_head(skb, &o) else { return };
-    if v4 && kernel::read::<u16>(sk, o.skc_family) == AF_INET6 {
-        peer = kernel::v4_mapped(&peer);
+fn open(sk: u64, skb: u64, kind: WindowKind) {
+    let o = fields::offsets();
+    let (mut peer, v4) = fields::skb_peer(skb, &o);
+    let Some(th) = fields::skb_tcp_head(skb, &o) else { return };
+    if v4 && fields::read::<u16>(sk, o.skc_family) == AF_INET6 {
+        peer = fields::v4_mapped(&peer);
     }
     window::open(sk, kind, &peer, th.sport_be, th.dport_be);
 }
@@ -25,9 +25,9 @@ fn open(sk: u64, skb: u64, kind: u8) {
 /// The v6 functions hand IPv4 segments to the v4 ones on the same listener: the
 /// inner call keeps the outer call's window.
 #[inline(always)]
-fn enter(sk: u64, skb: u64, kind: u8) {
+fn enter(sk: u64, skb: u64, kind: WindowKind) {
     if let Some(w) = window::current() {
-        if w.sk == sk && w.kind == kind {
+        if w.sk == sk && w.is(kind) {
             return;
         }
     }
@@ -36,9 +36,9 @@ fn enter(sk: u64, skb: u64, kind: u8) {
 
 /// Return of a hooked function: the segment's handling by the listener is over.
 #[inline(always)]
-fn leave(kind: u8) {
+fn leave(kind: WindowKind) {
     if let Some(w) = window::current() {
-        if w.kind == kind {
+        if w.is(kind) {
             window::close(w);
         }
     }
@@ -47,19 +47,19 @@ fn leave(kind: u8) {
 /// Entry of tcp_v{4,6}_conn_request(sk, skb).
 #[inline(always)]
 pub fn conn_request_entry(sk: u64, skb: u64) {
-    enter(sk, skb, KIND_SYN);
+    enter(sk, skb, WindowKind::Syn);
 }
 
 /// Return of tcp_v{4,6}_conn_request.
 #[inline(always)]
 pub fn conn_request_exit() {
-    leave(KIND_SYN);
+    leave(WindowKind::Syn);
 }
 
 /// Entry of tcp_v{4,6}_syn_recv_sock(sk, skb, ...).
 #[inline(always)]
 pub fn syn_recv_entry(sk: u64, skb: u64) {
-    enter(sk, skb, KIND_ACK);
+    enter(sk, skb, WindowKind::Ack);
 }
 
 /// Return of tcp_v{4,6}_syn_recv_sock. The child it made, if any, was born inside
@@ -67,5 +67,5 @@ pub fn syn_recv_entry(sk: u64, skb: u64) {
 /// needs of it.
 #[inline(always)]
 pub fn syn_recv_exit() {
-    leave(KIND_ACK);
+    leave(WindowKind::Ack);
 }
