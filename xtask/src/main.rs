@@ -75,6 +75,15 @@ enum Task {
         #[arg(last = true, default_values = ["bash"])]
         command: Vec<String>,
     },
+    /// Print, one per line, the apt-get options that install from this machine's
+    /// <codename>-backports through a private sources dir (the machine's Debian entries
+    /// plus backports on the same mirror) and private lists under DIR, leaving /etc/apt
+    /// and /var/lib/apt/lists alone (scripts/vm-deps.sh: qemu comes from backports).
+    AptBackports {
+        /// Directory for the private sources and lists.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Measure what backlog-trace costs (nginx + wrk connection rate with/without it and
     /// beside a bpftrace peer; SYN-flood drop throughput, lost events, CPU, RSS, start
     /// time) and print each figure beside its target. Needs root; deps: scripts/bench-deps.sh.
@@ -176,6 +185,12 @@ fn run() -> Result<bool> {
                 anyhow::bail!("vm-shell boots one kernel: name one (5.10, 6.12-rt, ...), not '{kernel}'");
             };
             vmtest::shell(workspace, series, &mode, &command)
+        }
+        Task::AptBackports { dir } => {
+            for opt in apt::backports_options(&dir)? {
+                println!("{opt}");
+            }
+            Ok(true)
         }
         Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record } => bench::run(
             workspace,
