@@ -111,10 +111,12 @@ fn sources(extra: &[&str], extra_security: &[&str]) -> Result<String> {
         .iter()
         .filter(|s| s.suites.iter().any(|x| x == &codename || x.starts_with(&format!("{codename}-"))))
         .collect();
-    let mirror = debian.iter().find(|s| s.suites.iter().any(|x| x == &codename)).map(|s| s.uri.clone()).with_context(
-        || format!("no apt source serves '{codename}': add the Debian mirror to /etc/apt/sources.list.d"),
-    )?;
-    let names = |suites: &[&str]| suites.iter().map(|x| x.replace("{codename}", &codename)).collect::<Vec<_>>().join(" ");
+    let mirror =
+        debian.iter().find(|s| s.suites.iter().any(|x| x == &codename)).map(|s| s.uri.clone()).with_context(|| {
+            format!("no apt source serves '{codename}': add the Debian mirror to /etc/apt/sources.list.d")
+        })?;
+    let names =
+        |suites: &[&str]| suites.iter().map(|x| x.replace("{codename}", &codename)).collect::<Vec<_>>().join(" ");
 
     let mut text = String::new();
     for s in &debian {
@@ -127,7 +129,9 @@ fn sources(extra: &[&str], extra_security: &[&str]) -> Result<String> {
         let security = format!("{codename}-security");
         match debian.iter().find(|s| s.suites.contains(&security)) {
             Some(s) => text += &stanza(&s.uri, &names(extra_security), "main", Some(KEYRING)),
-            None => eprintln!("vm: no apt source serves '{security}': 5.10 comes from bullseye without its LTS updates"),
+            None => {
+                eprintln!("vm: no apt source serves '{security}': 5.10 comes from bullseye without its LTS updates")
+            }
         }
     }
     Ok(text)
