@@ -35,7 +35,8 @@ enum Task {
     /// target/vm/; only the first run (or --refresh) uses the network.
     VmTest {
         /// Kernel: a line (5.10, 6.1, 6.12, 7 = newest 7.x), optionally with a flavour
-        /// (6.12-rt, 6.1-cloud), or all (5.10, 6.1, 6.12, 7, 6.12-rt);
+        /// (6.12-rt, 6.1-cloud: built without 9p, it gets the host over virtiofs, which
+        /// needs virtiofsd), or all (5.10, 6.1, 6.12, 7, 6.12-rt, 6.1-cloud);
         /// comma-separated for several.
         #[arg(long, default_value = "all")]
         kernel: String,
