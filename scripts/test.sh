@@ -57,7 +57,7 @@ run cargo xtask stress --runs 1 --tracer "$BACKLOG_TRACE_BIN"
 # 6.12 in fentry, 6.12-rt in kprobe and tracepoint (fentry's code paths are 6.12's):
 # 11 cells, each mode on at least three kernels, tracepoint also on this host. Plus one
 # 6.1-cloud cell in tracepoint mode, the one mode 6.1's source is not otherwise run in:
-# the same tests as a 6.1 cell, its guest boots as fast (4.7-8.5 s, like the generic
+# the same tests as a 6.1 cell, its guest boots about as fast (4.7-9.7 s loaded, the generic
 # kernels' 3-5 s), so it costs one cell's 2-4 min, and ~1.5 CPU-min once on a fresh
 # machine for vm-deps.sh's virtiofsd build. Measured on a host loaded by other builds
 # (load 10-14 on 2 cores): -cloud kprobe and tracepoint passed (571 s, 523 s). fentry
