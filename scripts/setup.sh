@@ -5,24 +5,13 @@ set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-need_root_pkgs=()
-have() { command -v "$1" >/dev/null 2>&1; }
+. "$(dirname "$0")/lib/apt.sh"
 
 # Debian packages: bpftool (leak checks in tests), nftables (scenario shaping inside
 # test namespaces), iproute2 (netns/veth), procps (sysctl).
-for pair in bpftool:bpftool nft:nftables ip:iproute2 sysctl:procps; do
-    bin=${pair%%:*}; pkg=${pair#*:}
-    have "$bin" || need_root_pkgs+=("$pkg")
-done
-if [ ${#need_root_pkgs[@]} -gt 0 ]; then
-    log "installing Debian packages: ${need_root_pkgs[*]}"
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "setup: installing ${need_root_pkgs[*]} needs root; rerun with sudo" >&2
-        exit 1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_root_pkgs[@]}" >/dev/null
-fi
+missing=()
+need bpftool:bpftool nft:nftables ip:iproute2 sysctl:procps
+apt_install setup -- "${missing[@]}"
 
 # The eBPF crate is built with nightly's -Z build-std=core, which needs rust-src.
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then

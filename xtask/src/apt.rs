@@ -37,30 +37,7 @@ impl Apt {
     /// same mirror: only that mirror is reachable, and no host name is hard-coded here)
     /// and downloads the package lists.
     pub fn update(&self) -> Result<()> {
-        let codename = codename()?;
-        let system = system_sources()?;
-        let debian: Vec<&Source> = system
-            .iter()
-            .filter(|s| s.suites.iter().any(|x| x == &codename || x.starts_with(&format!("{codename}-"))))
-            .collect();
-        let mirror =
-            debian.iter().find(|s| s.suites.iter().any(|x| x == &codename)).map(|s| s.uri.clone()).with_context(
-                || format!("no apt source serves '{codename}': add the Debian mirror to /etc/apt/sources.list.d"),
-            )?;
-
-        let mut text = String::new();
-        for s in &debian {
-            text += &stanza(&s.uri, &s.suites.join(" "), &s.components, s.signed_by.as_deref());
-        }
-        text += &stanza(&mirror, &EXTRA_SUITES.join(" "), "main", Some(KEYRING));
-        let security = format!("{codename}-security");
-        match debian.iter().find(|s| s.suites.contains(&security)) {
-            Some(s) => text += &stanza(&s.uri, &EXTRA_SECURITY_SUITES.join(" "), "main", Some(KEYRING)),
-            None => {
-                eprintln!("vm: no apt source serves '{security}': 5.10 comes from bullseye without its LTS updates")
-            }
-        }
-
+        let text = sources(EXTRA_SUITES, EXTRA_SECURITY_SUITES)?;
         for sub in ["sources.list.d", "lists/partial", "cache", "archives/partial"] {
             fs::create_dir_all(self.dir.join(sub))?;
         }
@@ -122,6 +99,68 @@ impl Apt {
         c.env("DEBIAN_FRONTEND", "noninteractive");
         c
     }
+}
+
+/// Private apt sources in deb822 form: the machine's Debian entries, plus `extra` suites
+/// on the mirror that serves the machine's codename and `extra_security` ones on the
+/// mirror that serves its -security suite (a name may say `{codename}`).
+fn sources(extra: &[&str], extra_security: &[&str]) -> Result<String> {
+    let codename = codename()?;
+    let system = system_sources()?;
+    let debian: Vec<&Source> = system
+        .iter()
+        .filter(|s| s.suites.iter().any(|x| x == &codename || x.starts_with(&format!("{codename}-"))))
+        .collect();
+    let mirror =
+        debian.iter().find(|s| s.suites.iter().any(|x| x == &codename)).map(|s| s.uri.clone()).with_context(|| {
+            format!("no apt source serves '{codename}': add the Debian mirror to /etc/apt/sources.list.d")
+        })?;
+    let names =
+        |suites: &[&str]| suites.iter().map(|x| x.replace("{codename}", &codename)).collect::<Vec<_>>().join(" ");
+
+    let mut text = String::new();
+    for s in &debian {
+        text += &stanza(&s.uri, &s.suites.join(" "), &s.components, s.signed_by.as_deref());
+    }
+    if !extra.is_empty() {
+        text += &stanza(&mirror, &names(extra), "main", Some(KEYRING));
+    }
+    if !extra_security.is_empty() {
+        let security = format!("{codename}-security");
+        match debian.iter().find(|s| s.suites.contains(&security)) {
+            Some(s) => text += &stanza(&s.uri, &names(extra_security), "main", Some(KEYRING)),
+            None => {
+                eprintln!("vm: no apt source serves '{security}': 5.10 comes from bullseye without its LTS updates")
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// For installing from the machine's <codename>-backports, which its sources may lack
+/// (scripts/vm-deps.sh: qemu): writes `dir`/sources.list.d (the machine's Debian
+/// entries plus backports on the same mirror) and returns the apt-get options that use
+/// it, with private lists under `dir` and -t backports; /etc/apt, /var/lib/apt/lists
+/// and the dpkg status stay the machine's.
+pub fn backports_options(dir: &Path) -> Result<Vec<String>> {
+    let text = sources(&["{codename}-backports"], &[])?;
+    // Only this file: what an earlier version left there would be read too.
+    let _ = fs::remove_dir_all(dir.join("sources.list.d"));
+    for sub in ["sources.list.d", "lists/partial"] {
+        fs::create_dir_all(dir.join(sub))?;
+    }
+    fs::write(dir.join("sources.list.d/backports.sources"), text)?;
+    let d = dir.display();
+    Ok(vec![
+        "-o".into(),
+        "Dir::Etc::SourceList=/dev/null".into(),
+        "-o".into(),
+        format!("Dir::Etc::SourceParts={d}/sources.list.d"),
+        "-o".into(),
+        format!("Dir::State::Lists={d}/lists"),
+        "-t".into(),
+        format!("{}-backports", codename()?),
+    ])
 }
 
 fn stanza(uri: &str, suites: &str, components: &str, signed_by: Option<&str>) -> String {

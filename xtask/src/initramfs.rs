@@ -1,5 +1,6 @@
 //! The guest's initramfs: busybox-static, the few modules needed to mount the host's root
-//! over 9p (decompressed: busybox insmod cannot read .ko.xz), and two scripts.
+//! over virtio 9p, or over virtiofs on kernels built without 9p (Debian's -cloud
+//! flavour), decompressed (busybox insmod cannot read .ko.xz), and two scripts.
 //!
 //! /init (in the initramfs) loads those modules, mounts the host root read-only at
 //! /newroot plus a tmpfs /run holding the read-write results share, then execs
@@ -18,8 +19,40 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// Needed to mount the root; virtio_pci is modular on 6.1, built in later.
-const ROOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
+/// How the guest mounts the host's directories (see qemu::Boot for the host side).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    /// virtio 9p, served by qemu itself: every generic and -rt kernel.
+    NineP,
+    /// virtiofs, served by one virtiofsd per directory: kernels without 9p (-cloud
+    /// flavour: CONFIG_NET_9P unset, CONFIG_VIRTIO_FS=m).
+    VirtioFs,
+}
+
+impl Share {
+    /// Modules needed to mount the shares; virtio_pci is modular on 6.1 and -cloud,
+    /// built in on later generic kernels.
+    fn modules(self) -> &'static [&'static str] {
+        match self {
+            Share::NineP => &["virtio_pci", "9pnet_virtio", "9p"],
+            Share::VirtioFs => &["virtio_pci", "virtiofs"],
+        }
+    }
+
+    /// The guest's shell command mounting the share `tag` on `target`.
+    pub fn mount(self, tag: &str, target: &str, read_only: bool) -> String {
+        match (self, read_only) {
+            (Share::NineP, true) => {
+                format!("mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000 {tag} {target}")
+            }
+            (Share::NineP, false) => {
+                format!("mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {tag} {target}")
+            }
+            (Share::VirtioFs, true) => format!("mount -t virtiofs -o ro {tag} {target}"),
+            (Share::VirtioFs, false) => format!("mount -t virtiofs {tag} {target}"),
+        }
+    }
+}
 const BUSYBOX: &str = "/bin/busybox";
 
 /// Where the guest finds things; shared with the host-side run script.
@@ -31,10 +64,10 @@ pub const OUT_TAG: &str = "vmout";
 pub const WORKSPACE_TAG: &str = "workspace";
 
 /// Builds the initramfs (uncompressed newc cpio) for a kernel whose modules live in
-/// `<modules_root>/lib/modules/<release>`.
-pub fn build(release: &str, modules_root: &Path, out: &Path) -> Result<()> {
+/// `<modules_root>/lib/modules/<release>`; returns how it mounts the host's directories.
+pub fn build(release: &str, modules_root: &Path, out: &Path) -> Result<Share> {
     let moddir = modules_root.join("lib/modules").join(release);
-    let order = load_order(&moddir)?;
+    let (share, order) = load_order(&moddir)?;
 
     let busybox = fs::read(BUSYBOX).context("busybox not found: run scripts/vm-deps.sh")?;
     if busybox.get(..4) != Some(b"\x7fELF".as_slice()) || is_dynamic(&busybox) {
@@ -55,12 +88,15 @@ pub fn build(release: &str, modules_root: &Path, out: &Path) -> Result<()> {
         cpio.file(&format!("lib/modules/{name}"), 0o644, &decompress_module(&moddir.join(rel))?);
         insmods += &format!("insmod /lib/modules/{name} || fail 'insmod {name}'\n");
     }
-    cpio.file("init", 0o755, init_script(&insmods).as_bytes());
+    cpio.file("init", 0o755, init_script(share, &insmods).as_bytes());
     cpio.file("stage2", 0o755, stage2_script(modules_root).as_bytes());
-    fs::write(out, cpio.finish()).with_context(|| format!("writing {}", out.display()))
+    fs::write(out, cpio.finish()).with_context(|| format!("writing {}", out.display()))?;
+    Ok(share)
 }
 
-fn init_script(insmods: &str) -> String {
+fn init_script(share: Share, insmods: &str) -> String {
+    let mount_root = share.mount(ROOT_TAG, "/newroot", true);
+    let mount_out = share.mount(OUT_TAG, &format!("/newroot{GUEST_OUT}"), false);
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -69,13 +105,13 @@ fail() {{ echo "backlog-vm: init: $*"; poweroff -f; }}
 {insmods}
 # The virtio device may still be probing: retry briefly.
 i=0
-until mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000 {ROOT_TAG} /newroot 2>/dev/null; do
-    i=$((i + 1)); [ $i -lt 50 ] || fail "cannot mount the host root over 9p"
+until {mount_root} 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 50 ] || fail "cannot mount the host root ({mount_root})"
     sleep 0.1
 done
 mount -t tmpfs -o mode=0755 run /newroot/run || fail "tmpfs on /run"
 mkdir -p /newroot{GUEST_OUT}
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {OUT_TAG} /newroot{GUEST_OUT} || fail "cannot mount the results share"
+{mount_out} || fail "cannot mount the results share"
 cp /bin/busybox /stage2 /newroot{GUEST_DIR}/
 exec chroot /newroot {GUEST_DIR}/busybox sh {GUEST_DIR}/stage2
 "#
@@ -117,9 +153,10 @@ $bb poweroff -f
     )
 }
 
-/// Module files (relative to the modules dir) to insmod, dependencies first, from
+/// How the guest can mount the shares (9p where the kernel has it), and the module files
+/// (relative to the modules dir) to insmod for that, dependencies first, from
 /// modules.dep; modules listed in modules.builtin need nothing.
-fn load_order(moddir: &Path) -> Result<Vec<String>> {
+fn load_order(moddir: &Path) -> Result<(Share, Vec<String>)> {
     let dep = fs::read_to_string(moddir.join("modules.dep")).context("reading modules.dep")?;
     let builtin = fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
     let name_of = |path: &str| path.rsplit('/').next().unwrap().split(".ko").next().unwrap().replace('-', "_");
@@ -148,19 +185,20 @@ fn load_order(moddir: &Path) -> Result<Vec<String>> {
             order.push(path.clone());
         }
     }
+    let has = |m: &&str| deps.contains_key(*m) || builtin.contains(*m);
+    let Some(share) = [Share::NineP, Share::VirtioFs].into_iter().find(|s| s.modules().iter().all(has)) else {
+        bail!(
+            "kernel in {} has neither 9p nor virtiofs (modules or built in): the guest mounts the host's root over \
+             one of them (CONFIG_NET_9P + CONFIG_9P_FS, or CONFIG_VIRTIO_FS)",
+            moddir.display()
+        );
+    };
     let mut seen = HashSet::new();
     let mut order = Vec::new();
-    for m in ROOT_MODULES {
-        if !deps.contains_key(*m) && !builtin.contains(*m) {
-            bail!(
-                "kernel in {} has neither a {m} module nor a built-in one: the guest mounts the host's root over \
-                 virtio 9p (Debian's -cloud flavour is built without CONFIG_NET_9P); use a generic or -rt kernel",
-                moddir.display()
-            );
-        }
+    for m in share.modules() {
         visit(m, &deps, &mut seen, &mut order);
     }
-    Ok(order)
+    Ok((share, order))
 }
 
 fn decompress_module(path: &Path) -> Result<Vec<u8>> {
@@ -226,5 +264,53 @@ impl Cpio {
     fn finish(mut self) -> Vec<u8> {
         self.node("TRAILER!!!", 0, (0, 0), &[]);
         self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moddir(name: &str, dep: &str, builtin: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-initramfs-{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("modules.dep"), dep).unwrap();
+        fs::write(dir.join("modules.builtin"), builtin).unwrap();
+        dir
+    }
+
+    #[test]
+    fn nine_p_where_the_kernel_has_it_else_virtiofs() {
+        let generic = moddir(
+            "generic",
+            "kernel/net/9p/9pnet.ko.xz:\nkernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz\n\
+             kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz\nkernel/fs/fuse/fuse.ko.xz:\n\
+             kernel/fs/fuse/virtiofs.ko.xz: kernel/fs/fuse/fuse.ko.xz\n",
+            "kernel/drivers/virtio/virtio_pci.ko\n",
+        );
+        let (share, order) = load_order(&generic).unwrap();
+        assert_eq!(share, Share::NineP);
+        assert_eq!(order.iter().filter(|m| m.contains("9pnet.ko")).count(), 1, "{order:?}");
+        assert!(order.last().unwrap().ends_with("fs/9p/9p.ko.xz"), "{order:?}");
+
+        // Debian's -cloud: no 9p, modular virtio and virtiofs.
+        let cloud = moddir(
+            "cloud",
+            "kernel/drivers/virtio/virtio.ko:\nkernel/drivers/virtio/virtio_ring.ko:\n\
+             kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/fs/fuse/fuse.ko:\nkernel/fs/fuse/virtiofs.ko: kernel/fs/fuse/fuse.ko kernel/drivers/virtio/virtio.ko\n",
+            "",
+        );
+        let (share, order) = load_order(&cloud).unwrap();
+        assert_eq!(share, Share::VirtioFs);
+        let at = |m: &str| order.iter().position(|p| p.ends_with(m)).unwrap();
+        assert!(at("/virtio.ko") < at("/virtio_pci.ko") && at("/fuse.ko") < at("/virtiofs.ko"), "{order:?}");
+        assert!(share.mount(ROOT_TAG, "/newroot", true).starts_with("mount -t virtiofs -o ro hostroot"));
+
+        let neither = moddir("neither", "kernel/fs/fuse/fuse.ko:\n", "kernel/drivers/virtio/virtio_pci.ko\n");
+        assert!(load_order(&neither).unwrap_err().to_string().contains("neither 9p nor virtiofs"));
+        for d in [generic, cloud, neither] {
+            fs::remove_dir_all(d).unwrap();
+        }
     }
 }

@@ -35,7 +35,8 @@ enum Task {
     /// target/vm/; only the first run (or --refresh) uses the network.
     VmTest {
         /// Kernel: a line (5.10, 6.1, 6.12, 7 = newest 7.x), optionally with a flavour
-        /// (6.12-rt, 6.1-cloud), or all (5.10, 6.1, 6.12, 7, 6.12-rt);
+        /// (6.12-rt, 6.1-cloud: built without 9p, it gets the host over virtiofs, which
+        /// needs virtiofsd), or all (5.10, 6.1, 6.12, 7, 6.12-rt, 6.1-cloud);
         /// comma-separated for several.
         #[arg(long, default_value = "all")]
         kernel: String,
@@ -74,6 +75,15 @@ enum Task {
         /// Program and arguments run in the guest.
         #[arg(last = true, default_values = ["bash"])]
         command: Vec<String>,
+    },
+    /// Print, one per line, the apt-get options that install from this machine's
+    /// <codename>-backports through a private sources dir (the machine's Debian entries
+    /// plus backports on the same mirror) and private lists under DIR, leaving /etc/apt
+    /// and /var/lib/apt/lists alone (scripts/vm-deps.sh: qemu comes from backports).
+    AptBackports {
+        /// Directory for the private sources and lists.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Measure what backlog-trace costs (nginx + wrk connection rate with/without it and
     /// beside a bpftrace peer; SYN-flood drop throughput, lost events, CPU, RSS, start
@@ -176,6 +186,12 @@ fn run() -> Result<bool> {
                 anyhow::bail!("vm-shell boots one kernel: name one (5.10, 6.12-rt, ...), not '{kernel}'");
             };
             vmtest::shell(workspace, series, &mode, &command)
+        }
+        Task::AptBackports { dir } => {
+            for opt in apt::backports_options(&dir)? {
+                println!("{opt}");
+            }
+            Ok(true)
         }
         Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record } => bench::run(
             workspace,

@@ -15,6 +15,8 @@ pub fn extract(bzimage: &Path, out: &Path) -> Result<()> {
         [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => ("xz", &["-dc", "--single-stream"]),
         [0x28, 0xb5, 0x2f, 0xfd, ..] => ("zstd", &["-dcq"]),
         [0x1f, 0x8b, ..] => ("gzip", &["-dc"]),
+        // The legacy LZ4 frame: Debian's -cloud kernels.
+        [0x02, 0x21, 0x4c, 0x18, ..] => ("lz4", &["-dcq"]),
         _ => bail!("{}: unsupported kernel compression (magic {:02x?})", bzimage.display(), &payload[..4]),
     };
     let elf = decompress(tool, args, payload)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::initramfs::{self, GUEST_DIR, GUEST_OUT, WORKSPACE_TAG};
+use crate::initramfs::{self, Share, GUEST_DIR, GUEST_OUT, WORKSPACE_TAG};
 use crate::kernels::{Kernels, Series};
 use crate::qemu::{self, Boot, Outcome};
 
@@ -45,11 +45,12 @@ struct Row {
     time: Duration,
 }
 
-/// A bootable kernel: its vmlinux and this run's initramfs.
+/// A bootable kernel: its vmlinux, this run's initramfs and how that mounts the shares.
 struct Ready {
     release: String,
     vmlinux: PathBuf,
     initramfs: PathBuf,
+    share: Share,
 }
 
 /// The shared state under target/vm, held under a lock: concurrent runs would
@@ -81,8 +82,11 @@ impl<'a> Vm<'a> {
         let kernel = self.kernels.prepare(release)?;
         let initramfs = self.dir.join("kernels").join(release).join("initramfs.cpio");
         // Rebuilt on every run (it takes well under a second) so it never lags the code.
-        initramfs::build(release, &kernel.modules_root, &initramfs)?;
-        Ok(Ready { release: release.to_owned(), vmlinux: kernel.vmlinux, initramfs })
+        let share = initramfs::build(release, &kernel.modules_root, &initramfs)?;
+        if share == Share::VirtioFs {
+            qemu::check_virtiofsd()?;
+        }
+        Ok(Ready { release: release.to_owned(), vmlinux: kernel.vmlinux, initramfs, share })
     }
 
     /// One boot running `command` with BACKLOG_MODE=`mode`; returns the result dir too.
@@ -99,10 +103,11 @@ impl<'a> Vm<'a> {
             fs::remove_dir_all(&out_dir)?;
         }
         fs::create_dir_all(&out_dir)?;
-        fs::write(out_dir.join("run.sh"), run_script(self.workspace, &kernel.release, mode, command))?;
+        fs::write(out_dir.join("run.sh"), run_script(self.workspace, kernel.share, &kernel.release, mode, command))?;
         let boot = Boot {
             vmlinux: &kernel.vmlinux,
             initramfs: &kernel.initramfs,
+            share: kernel.share,
             out_dir: &out_dir,
             workspace: self.workspace,
             timeout,
@@ -242,15 +247,12 @@ fn check_command(workspace: &Path, command: &[String]) -> Result<()> {
 }
 
 /// The per-run script the guest's stage2 executes (with the host's /bin/sh).
-fn run_script(workspace: &Path, release: &str, mode: &str, command: &[String]) -> String {
+fn run_script(workspace: &Path, share: Share, release: &str, mode: &str, command: &[String]) -> String {
     let mut s = String::from("set -u\n");
     let _ = writeln!(s, "cut -d' ' -f1 /proc/uptime > {GUEST_OUT}/boot-seconds");
     let ws = quote(&workspace.to_string_lossy());
     // The workspace may sit under a path the guest mounted a tmpfs over (/tmp).
-    let _ = writeln!(
-        s,
-        "mkdir -p {ws} && mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000 {WORKSPACE_TAG} {ws} || exit 125"
-    );
+    let _ = writeln!(s, "mkdir -p {ws} && {} || exit 125", share.mount(WORKSPACE_TAG, &ws, true));
     let _ = writeln!(s, "cd {ws} || exit 125");
     // Pass through the logging knobs and any BACKLOG_* setting of the caller.
     for (k, v) in std::env::vars() {
