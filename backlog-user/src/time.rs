@@ -20,7 +20,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(secs > 0.0 && secs.is_finite()) {
         return Err(format!("duration '{s}' must be positive"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // try_: a number of seconds beyond what a Duration holds is an error, not a panic.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration '{s}' is too long"))
 }
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock nanoseconds.
@@ -170,6 +171,7 @@ mod tests {
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("18446744073709551616").unwrap_err().contains("too long"));
     }
 
     #[test]
