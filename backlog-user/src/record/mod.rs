@@ -9,6 +9,8 @@
 #[cfg(test)]
 pub(crate) mod alloc_meter;
 mod format;
+#[cfg(test)]
+mod hostile;
 mod mapping;
 mod reader;
 mod recorder;
