@@ -184,6 +184,7 @@ mod tests {
         }
         assert!(parse_duration("0.001").is_ok());
         assert!(parse_duration("8760h").is_ok());
+        assert!(parse_duration("18446744073709551616").unwrap_err().contains("out of range"));
     }
 
     #[test]

@@ -15,6 +15,9 @@ use crate::record::{RecordSettings, ReportSettings};
 use crate::session::Settings;
 use crate::time::{parse_duration, parse_time, TimeSpec};
 
+#[cfg(test)]
+mod fuzz;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "backlog-trace",

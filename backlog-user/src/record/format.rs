@@ -185,7 +185,11 @@ pub fn header() -> [u8; HEADER_LEN] {
 pub enum HeaderError {
     Foreign,
     Corrupt,
+    /// Another format version (found).
     Version(u16),
+    /// This version, but events of another size (found): written by a build whose
+    /// `Event` differs, so no event in it would decode right.
+    EventSize(u16),
 }
 
 /// Checks a complete 16-byte header.
@@ -198,8 +202,11 @@ pub fn check_header(h: &[u8; HEADER_LEN]) -> Result<(), HeaderError> {
     }
     let version = u16::from_le_bytes([h[8], h[9]]);
     let event_len = u16::from_le_bytes([h[10], h[11]]);
-    if version != VERSION || usize::from(event_len) != EVENT_LEN {
+    if version != VERSION {
         return Err(HeaderError::Version(version));
+    }
+    if usize::from(event_len) != EVENT_LEN {
+        return Err(HeaderError::EventSize(event_len));
     }
     Ok(())
 }
@@ -709,6 +716,11 @@ pub(crate) mod tests {
         let crc = crc32fast::hash(&newer[..12]);
         newer[12..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(check_header(&newer), Err(HeaderError::Version(2)));
+        let mut wider = h;
+        wider[10..12].copy_from_slice(&120u16.to_le_bytes());
+        let crc = crc32fast::hash(&wider[..12]);
+        wider[12..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(check_header(&wider), Err(HeaderError::EventSize(120)));
     }
 
     #[test]

@@ -6,7 +6,11 @@
 //! namespaces' counters and queues and mapping.rs turning the model into records and
 //! back; reader.rs reads back up to the first damage; replay.rs folds records into
 //! the model; report.rs prints it.
+#[cfg(test)]
+pub(crate) mod alloc_meter;
 mod format;
+#[cfg(test)]
+mod hostile;
 mod mapping;
 mod reader;
 mod recorder;

@@ -2,7 +2,7 @@
 use std::fmt;
 use std::io::{self, Read};
 
-use super::format::{self, HeaderError, Record, HEADER_LEN, MAX_PAYLOAD, RECORD_OVERHEAD};
+use super::format::{self, HeaderError, Record, HEADER_LEN, MAX_PAYLOAD};
 
 /// Where and why reading stopped early. Everything before `offset` was read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +38,13 @@ impl fmt::Display for OpenError {
                 f,
                 "recording format version {v}, this backlog-trace reads version {}; use the backlog-trace that wrote it",
                 format::VERSION
+            ),
+            OpenError::Header(HeaderError::EventSize(n)) => write!(
+                f,
+                "recording of format version {} with {n}-byte events, this backlog-trace's events are {} bytes; \
+                 use the backlog-trace that wrote it",
+                format::VERSION,
+                format::EVENT_LEN
             ),
         }
     }
@@ -121,12 +128,15 @@ impl<R: Read> Reader<R> {
             }
             let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
             if len > MAX_PAYLOAD {
-                return Err("corrupt record (impossible length)");
+                return Err("corrupt record (length beyond the 64 MiB a record can have)");
             }
-            let mut framed = vec![0u8; len as usize + RECORD_OVERHEAD];
-            framed[..5].copy_from_slice(&head);
-            match fill(&mut self.inner, &mut framed[5..]) {
-                Ok(n) if n == framed.len() - 5 => {}
+            // The buffer grows as bytes arrive, never to what the length field
+            // claims: a corrupt length in a short file costs what the file holds.
+            let want = len as usize + 4;
+            let mut framed = Vec::with_capacity(want.min(64 << 10) + 5);
+            framed.extend_from_slice(&head);
+            match (&mut self.inner).take(want as u64).read_to_end(&mut framed) {
+                Ok(n) if n == want => {}
                 Ok(_) => return Err("truncated record"),
                 Err(_) => return Err("read error"),
             }
@@ -145,6 +155,7 @@ impl<R: Read> Reader<R> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::alloc_meter;
     use super::super::format::tests::samples;
     use super::super::format::{frame, header};
     use super::*;
@@ -234,6 +245,13 @@ mod tests {
         h[12..].copy_from_slice(&crc.to_le_bytes());
         let e = read_all(&h).unwrap_err();
         assert!(e.contains("version 9") && e.contains("reads version 1"), "{e}");
+        // Same version, other event size: both sizes are named.
+        let mut h = header();
+        h[10..12].copy_from_slice(&120u16.to_le_bytes());
+        let crc = crc32fast::hash(&h[..12]);
+        h[12..].copy_from_slice(&crc.to_le_bytes());
+        let e = read_all(&h).unwrap_err();
+        assert!(e.contains("120-byte events") && e.contains("events are 112 bytes"), "{e}");
         // An empty file is a recording cut before its header, not a foreign file.
         assert_eq!(read_all(b"").unwrap().1.unwrap().offset, 0);
     }
@@ -254,16 +272,20 @@ mod tests {
 
     /// Random mutations of a valid file (bit flips, byte overwrites, cuts,
     /// splices, length fields set to extremes, checksums fixed up so the payload
-    /// parser is reached too) never panic the reader.
+    /// parser is reached too) never panic the reader, and what it allocates stays
+    /// within a small multiple of the file's size: a length or count field says
+    /// how much to expect, never how much to allocate.
     #[test]
-    fn mutated_files_never_panic() {
+    fn mutated_files_never_panic_nor_overallocate() {
         let (base, ends) = file(&samples());
         let mut rng = Rng(0x5eed_1234_abcd_0001);
+        let mut damaged = 0;
         // A fixed count, not a time budget: reproducible, and light on a shared CPU.
-        for _ in 0..5000 {
+        const RUNS: usize = 12_000;
+        for run in 0..RUNS {
             let mut d = base.clone();
             for _ in 0..1 + rng.below(4) {
-                match rng.below(5) {
+                match rng.below(7) {
                     0 => {
                         let i = rng.below(d.len());
                         d[i] ^= 1 << rng.below(8);
@@ -277,6 +299,28 @@ mod tests {
                         let i = rng.below(d.len() + 1);
                         let extra: Vec<u8> = (0..rng.below(40)).map(|_| rng.next() as u8).collect();
                         d.splice(i..i, extra);
+                    }
+                    4 => {
+                        // A record's length field set to an extreme (up to the
+                        // largest the reader accepts), its checksum left as is.
+                        let r = rng.below(ends.len());
+                        let start = if r == 0 { HEADER_LEN } else { ends[r - 1] };
+                        if start + 5 <= d.len() {
+                            let len = [MAX_PAYLOAD, MAX_PAYLOAD + 1, u32::MAX, rng.next() as u32][rng.below(4)];
+                            d[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
+                        }
+                    }
+                    5 => {
+                        // A list count inside a payload set large, re-checksummed.
+                        let r = rng.below(ends.len());
+                        let start = if r == 0 { HEADER_LEN } else { ends[r - 1] };
+                        if ends[r] <= d.len() && ends[r] - start >= 13 {
+                            let i = start + 5 + rng.below(ends[r] - start - 12);
+                            let n = [u32::MAX, 1 << 20, rng.next() as u32 >> rng.below(32)][rng.below(3)];
+                            d[i..i + 4].copy_from_slice(&n.to_le_bytes());
+                            let crc = crc32fast::hash(&d[start..ends[r] - 4]);
+                            d[ends[r] - 4..ends[r]].copy_from_slice(&crc.to_le_bytes());
+                        }
                     }
                     _ => {
                         // Rewrite a record's payload bytes and re-checksum it.
@@ -294,7 +338,12 @@ mod tests {
                     break;
                 }
             }
-            let _ = read_all(&d);
+            let (got, peak) = alloc_meter::peak_during(|| read_all(&d));
+            damaged += usize::from(matches!(got, Ok((_, Some(_))) | Err(_)));
+            let bound = 16 * d.len() + (64 << 10);
+            assert!(peak <= bound, "run {run}: {peak} bytes allocated reading {} bytes", d.len());
         }
+        // The mutations reach the damage paths, and leave some files whole.
+        assert!(damaged > RUNS / 2 && damaged < RUNS, "{damaged} of {RUNS} damaged");
     }
 }

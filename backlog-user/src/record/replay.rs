@@ -2,13 +2,19 @@
 //! part first, every record applied the way the live session applied it (typed
 //! events through `Model::apply`, sync records through `set_kernel_stats`), plus what
 //! only a recording keeps: seconds, peers, queue samples, namespace snapshots.
+//!
+//! Everything is kept in flat hash maps keyed by what a record names, so replaying
+//! costs time and memory in proportion to the records, whatever their shape.
+//! Files are refused, before any is replayed, when two are the same file, belong
+//! to different recordings, or hold the same part of one.
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::BufReader;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use backlog_common::{ListenerKey, N_REASONS};
 
 use super::format::{CounterSync, ListenerState, Phase, Reconcile, Record, Recording, Snapshot};
@@ -16,7 +22,7 @@ use super::mapping::{apply_reconcile, state_key};
 use super::reader::{Damage, Reader, Step};
 use crate::event::What;
 use crate::model::{KernelTotals, Model};
-use crate::time::TimeSpec;
+use crate::time::{fmt_utc, TimeSpec};
 
 /// What one second of the recording saw at one listener.
 #[derive(Clone, Copy, Default)]
@@ -51,15 +57,19 @@ pub struct Replay {
     pub window: (Option<u64>, Option<u64>),
     /// Latest exact counters per listener, from Sync records.
     pub states: HashMap<ListenerKey, ListenerState>,
+    /// The latest Sync record's totals (its listeners are moved into `states`).
     pub last_sync: Option<CounterSync>,
     /// The latest reconciliation with the kernel's own counters.
     pub reconcile: Option<Reconcile>,
     pub owners: HashMap<ListenerKey, BTreeMap<u32, String>>,
-    /// Per listener, per second since the start of the recording.
-    pub timeline: HashMap<ListenerKey, BTreeMap<u64, Second>>,
-    /// Accept-queue samples: (netns, socket inode) -> (port, per second peak).
-    pub queues: HashMap<(u32, u64), (u16, BTreeMap<u64, u32>)>,
-    pub peers: HashMap<ListenerKey, HashMap<IpAddr, u64>>,
+    /// (listener, second since the start of the recording) -> what it saw then.
+    pub timeline: HashMap<(ListenerKey, u64), Second>,
+    /// Accept-queue samples: (netns, socket inode) -> port ...
+    pub queue_ports: HashMap<(u32, u64), u16>,
+    /// ... and (netns, socket inode, second) -> the peak sampled in that second.
+    pub queue_peaks: HashMap<(u32, u64, u64), u32>,
+    /// (listener, peer address) -> drops.
+    pub peers: HashMap<(ListenerKey, IpAddr), u64>,
     pub start: Option<Snapshot>,
     pub end: Option<Snapshot>,
     /// CLOCK_MONOTONIC of the first and last timed records, to measure duration.
@@ -70,7 +80,8 @@ pub struct Replay {
 
 impl Replay {
     pub fn wall(&self, mono_ns: u64) -> u64 {
-        mono_ns + self.session.as_ref().map_or(0, |s| s.mono_to_wall_ns)
+        // Saturating: a crafted clock offset must not wrap (or panic in a debug build).
+        mono_ns.saturating_add(self.session.as_ref().map_or(0, |s| s.mono_to_wall_ns))
     }
 
     fn in_window(&self, wall: u64) -> bool {
@@ -110,13 +121,13 @@ impl Replay {
                 let sec = self.second(wall);
                 self.model.apply(&ev);
                 let key = ev.listener.key;
-                let s = self.timeline.entry(key).or_default().entry(sec).or_default();
+                let s = self.timeline.entry((key, sec)).or_default();
                 match ev.what {
                     What::Drop(d) => {
                         s.drops[d.reason as usize] += 1;
                         s.queue_peak = s.queue_peak.max(d.queue_len);
                         // Peers by address only: their ports are ephemeral.
-                        *self.peers.entry(key).or_default().entry(d.peer.ip()).or_default() += 1;
+                        *self.peers.entry((key, d.peer.ip())).or_default() += 1;
                     }
                     What::Accept { queue_len, .. } => {
                         s.accepts += 1;
@@ -126,10 +137,10 @@ impl Replay {
                 }
             }
             Record::Owners(o) => self.owners.entry(ListenerKey { sk: o.sk, ino: o.ino }).or_default().extend(o.owners),
-            Record::CounterSync(s) => {
+            Record::CounterSync(mut s) => {
                 self.seen(s.ts_ns);
-                for l in &s.listeners {
-                    self.states.insert(state_key(l), l.clone());
+                for l in std::mem::take(&mut s.listeners) {
+                    self.states.insert(state_key(&l), l);
                 }
                 self.last_sync = Some(s);
             }
@@ -149,8 +160,9 @@ impl Replay {
                 }
                 let sec = self.second(wall);
                 for r in q.rows {
-                    let e = self.queues.entry((r.netns, u64::from(r.sock_ino))).or_insert((r.port, BTreeMap::new()));
-                    let peak = e.1.entry(sec).or_default();
+                    let sock = (r.netns, u64::from(r.sock_ino));
+                    self.queue_ports.entry(sock).or_insert(r.port);
+                    let peak = self.queue_peaks.entry((sock.0, sock.1, sec)).or_default();
                     *peak = (*peak).max(r.len);
                 }
             }
@@ -168,11 +180,12 @@ impl Replay {
     /// Without a time window, the kernel's exact counters replace what the events
     /// said, exactly as the live session does at each sync.
     pub fn apply_exact_counters(&mut self) {
-        for (key, st) in &self.states {
-            self.model.set_kernel_stats(*key, &[st.stats]);
+        // Taken: each state is freed once it is in the model.
+        for (key, st) in std::mem::take(&mut self.states) {
+            self.model.set_kernel_stats(key, &[st.stats]);
             let buckets: Vec<(usize, u64)> = st.wait.iter().map(|&(b, n)| (usize::from(b), n)).collect();
-            self.model.set_kernel_hist(*key, &buckets);
-            self.model.set_pending(*key, st.pending);
+            self.model.set_kernel_hist(key, &buckets);
+            self.model.set_pending(key, st.pending);
         }
         if let Some(s) = &self.last_sync {
             self.model.totals = KernelTotals {
@@ -186,21 +199,88 @@ impl Replay {
         }
     }
 
+    /// Moves the recorded owners into the model's listeners.
     pub fn attribute(&mut self) {
-        for (key, owners) in &self.owners {
-            if let Some(l) = self.model.listeners.get_mut(key) {
-                l.owners.extend(owners.iter().map(|(p, c)| (*p, c.clone())));
+        for (key, owners) in std::mem::take(&mut self.owners) {
+            if let Some(l) = self.model.listeners.get_mut(&key) {
+                if l.owners.is_empty() {
+                    l.owners = owners;
+                } else {
+                    l.owners.extend(owners);
+                }
             }
         }
     }
 }
 
-/// Opens a file and reads its first record (the session) to order the files.
-fn open(path: &Path) -> Result<(Reader<BufReader<File>>, Step)> {
-    let f = File::open(path).map_err(|e| anyhow::anyhow!("file {}: {e}", path.display()))?;
-    let mut r = Reader::new(BufReader::new(f)).map_err(|e| anyhow::anyhow!("file {}: {e}", path.display()))?;
-    let first = r.next_step();
-    Ok((r, first))
+/// A file given to `report`, opened, with its first step read.
+struct Input {
+    path: PathBuf,
+    reader: Reader<BufReader<File>>,
+    first: Step,
+}
+
+impl Input {
+    fn session(&self) -> Option<&Recording> {
+        match &self.first {
+            Step::Record(Record::Recording(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Opens every file and reads its first record (the session), refusing a file
+/// given twice (by device and inode: two names of one file are the same file),
+/// files of different recordings, and two files holding the same part of one.
+fn open_all(paths: &[PathBuf]) -> Result<Vec<Input>> {
+    let mut inputs = Vec::new();
+    let mut seen: HashMap<(u64, u64), usize> = HashMap::new();
+    for path in paths {
+        let f = File::open(path).map_err(|e| anyhow::anyhow!("file {}: {e}", path.display()))?;
+        let md = f.metadata().map_err(|e| anyhow::anyhow!("file {}: {e}", path.display()))?;
+        if let Some(&i) = seen.get(&(md.dev(), md.ino())) {
+            bail!(
+                "{} and {} are the same file (device {}, inode {}): give each file once",
+                paths[i].display(),
+                path.display(),
+                md.dev(),
+                md.ino()
+            );
+        }
+        seen.insert((md.dev(), md.ino()), inputs.len());
+        let mut reader = Reader::new(BufReader::new(f)).map_err(|e| anyhow::anyhow!("file {}: {e}", path.display()))?;
+        let first = reader.next_step();
+        inputs.push(Input { path: path.clone(), reader, first });
+    }
+    let mut parts: HashMap<u32, usize> = HashMap::new();
+    let mut recording: Option<usize> = None;
+    for (i, input) in inputs.iter().enumerate() {
+        let Some(s) = input.session() else { continue };
+        let first = *recording.get_or_insert(i);
+        let f = inputs[first].session().expect("a session");
+        if s.id != f.id {
+            bail!(
+                "{} is of the recording started {} (id {}), {} of the one started {} (id {}): report each recording on its own",
+                inputs[first].path.display(),
+                fmt_utc(f.id),
+                f.id,
+                input.path.display(),
+                fmt_utc(s.id),
+                s.id
+            );
+        }
+        if let Some(&j) = parts.get(&s.part) {
+            bail!(
+                "{} and {} both hold part {} of the recording started {}: give each part once",
+                inputs[j].path.display(),
+                input.path.display(),
+                s.part,
+                fmt_utc(s.id)
+            );
+        }
+        parts.insert(s.part, i);
+    }
+    Ok(inputs)
 }
 
 /// Replays the files, oldest part first, each up to its first damage; `window`
@@ -209,28 +289,17 @@ pub fn replay_files(
     paths: &[PathBuf],
     window: (Option<TimeSpec>, Option<TimeSpec>),
 ) -> Result<(Replay, Vec<FileResult>)> {
-    let mut files = Vec::new();
-    for p in paths {
-        let (reader, first) = open(p)?;
-        let key = match &first {
-            Step::Record(Record::Recording(s)) => (s.id, s.part),
-            _ => (0, 0),
-        };
-        files.push((key, p.clone(), reader, first));
-    }
+    let mut files = open_all(paths)?;
     // Rotation renames files, so names do not tell the order; the sessions do.
-    files.sort_by_key(|f| f.0);
+    files.sort_by_key(|f| f.session().map(|s| s.part));
 
     let mut replay = Replay::default();
-    if let Some(s) = files.iter().find_map(|f| match &f.3 {
-        Step::Record(Record::Recording(s)) => Some(s),
-        _ => None,
-    }) {
+    if let Some(s) = files.iter().find_map(Input::session) {
         let start = s.id;
         replay.window = (window.0.map(|t| t.resolve(start)), window.1.map(|t| t.resolve(start)));
     }
     let mut results = Vec::new();
-    for (_, path, mut reader, first) in files {
+    for Input { path, mut reader, first } in files {
         let mut res = FileResult { path, records: 0, damage: None };
         let mut step = first;
         loop {

@@ -2,16 +2,21 @@
 //! model and prints it with the live renderers, then what only a recording can tell:
 //! a per-second timeline, the peers that lost most connections, and the sysctls and
 //! namespace counters around the session.
-use std::collections::{BTreeMap, HashMap};
+//!
+//! Linear in what it reads: every lookup goes through a hash map or a sorted list,
+//! and the JSON lines whose size follows the recording (timeline, namespaces) are
+//! written item by item rather than built as one document first.
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use backlog_common::DropReason;
+use backlog_common::{DropReason, ListenerKey};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{json, Value};
 
-use super::format::Recording;
+use super::format::{NetnsSnapshot, Recording};
 use super::replay::{replay_files, FileResult, Replay, Second};
 use crate::escape::escape;
 use crate::model::{Filter, Listener};
@@ -65,11 +70,11 @@ pub fn run(args: &ReportSettings, w: &mut dyn Write) -> Result<i32> {
         if args.json {
             json_out::line(&mut w, &recording_json(&replay, &session, &results, windowed))?;
             json_out::summary(&mut w, &replay.model, &table, secs, args.hist)?;
-            json_out::line(&mut w, &timeline_json(&session, &timeline))?;
+            let seconds = Seconds { start: session.id, seconds: &timeline };
+            stream_line(&mut w, &TimelineLine { seconds, kind: "timeline" })?;
             let peers: Vec<Value> = peers.iter().map(|(p, n)| json!({"peer": p.to_string(), "drops": n})).collect();
             json_out::line(&mut w, &json!({"type": "peers", "top": peers}))?;
-            let ns: Vec<Value> = namespaces.iter().map(NamespaceView::json).collect();
-            json_out::line(&mut w, &json!({"type": "namespaces", "namespaces": ns}))?;
+            stream_line(&mut w, &NamespacesLine { namespaces: &namespaces, kind: "namespaces" })?;
         } else {
             text_header(&mut w, &replay, &session, &results, windowed)?;
             text::summary(&mut w, &replay.model, &table, secs, args.hist)?;
@@ -88,45 +93,54 @@ fn given_or<T: Clone>(given: &[T], recorded: &[T]) -> Vec<T> {
 
 /// Seconds with activity at the selected listeners, merged over listeners.
 fn timeline(r: &Replay, rows: &[&Listener], f: &Filter) -> BTreeMap<u64, Second> {
+    let selected: HashSet<ListenerKey> = rows.iter().map(|l| l.key()).collect();
     let mut out: BTreeMap<u64, Second> = BTreeMap::new();
-    for l in rows {
-        for (sec, s) in r.timeline.get(&l.key()).into_iter().flatten() {
+    for ((key, sec), s) in &r.timeline {
+        if selected.contains(key) {
             out.entry(*sec).or_default().merge(s);
         }
     }
     // Queue samples cover listeners that never dropped or accepted too; those in
     // the model must pass the filters (owners included), others port and netns.
-    for ((netns, ino), (port, secs)) in &r.queues {
-        let known = r.model.listeners.values().find(|l| l.netns == *netns && l.sock_ino == *ino);
-        let wanted = match known {
-            Some(l) => rows.iter().any(|x| x.key() == l.key()),
-            None => {
-                f.pids.is_empty()
-                    && (f.ports.is_empty() || f.ports.contains(port))
-                    && (f.netns.is_empty() || f.netns.contains(netns))
-            }
-        };
-        if wanted {
-            // An empty queue is no activity: it would list every sampled second.
-            for (sec, peak) in secs.iter().filter(|(_, p)| **p > 0) {
-                let s = out.entry(*sec).or_default();
-                s.queue_peak = s.queue_peak.max(*peak);
-            }
+    let mut known: HashMap<(u32, u64), bool> = HashMap::new();
+    for l in r.model.listeners.values() {
+        *known.entry((l.netns, l.sock_ino)).or_default() |= selected.contains(&l.key());
+    }
+    let wanted = |netns: u32, ino: u64| match known.get(&(netns, ino)) {
+        Some(selected) => *selected,
+        None => {
+            let port = r.queue_ports.get(&(netns, ino)).copied().unwrap_or_default();
+            f.pids.is_empty()
+                && (f.ports.is_empty() || f.ports.contains(&port))
+                && (f.netns.is_empty() || f.netns.contains(&netns))
+        }
+    };
+    // An empty queue is no activity: it would list every sampled second.
+    for (&(netns, ino, sec), &peak) in r.queue_peaks.iter().filter(|(_, p)| **p > 0) {
+        if wanted(netns, ino) {
+            let s = out.entry(sec).or_default();
+            s.queue_peak = s.queue_peak.max(peak);
         }
     }
     out
 }
 
 fn top_peers(r: &Replay, rows: &[&Listener], n: usize) -> Vec<(IpAddr, u64)> {
+    let selected: HashSet<ListenerKey> = rows.iter().map(|l| l.key()).collect();
     let mut all: HashMap<IpAddr, u64> = HashMap::new();
-    for l in rows {
-        for (p, c) in r.peers.get(&l.key()).into_iter().flatten() {
+    for ((key, p), c) in &r.peers {
+        if selected.contains(key) {
             *all.entry(*p).or_default() += c;
         }
     }
     let mut v: Vec<(IpAddr, u64)> = all.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Only the first n are printed: select them, then sort those.
+    let order = |a: &(IpAddr, u64), b: &(IpAddr, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+    if v.len() > n && n > 0 {
+        v.select_nth_unstable_by(n - 1, order);
+    }
     v.truncate(n);
+    v.sort_by(order);
     v
 }
 
@@ -157,77 +171,140 @@ fn recording_json(r: &Replay, s: &Recording, files: &[FileResult], windowed: boo
     })
 }
 
-fn timeline_json(s: &Recording, t: &BTreeMap<u64, Second>) -> Value {
-    let rows: Vec<Value> = t
-        .iter()
-        .map(|(sec, x)| {
+/// One NDJSON line serialised straight to the writer.
+fn stream_line(w: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *w, v)?;
+    w.write_all(b"\n")
+}
+
+/// `{"seconds": [...], "type": "timeline"}`, a second at a time. Keys are in
+/// alphabetical order, as serde_json's sorted maps print every other line.
+#[derive(serde::Serialize)]
+struct TimelineLine<'a> {
+    seconds: Seconds<'a>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+struct Seconds<'a> {
+    start: u64,
+    seconds: &'a BTreeMap<u64, Second>,
+}
+
+impl Serialize for Seconds<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.seconds.iter().map(|(sec, x)| {
             let drops: serde_json::Map<String, Value> =
                 DropReason::ALL.iter().map(|d| (d.name().to_string(), json!(x.drops[*d as usize]))).collect();
             json!({
-                "t": fmt_utc(s.id + sec * 1_000_000_000),
+                "t": fmt_utc(wall_of(self.start, *sec)),
                 "offset_s": sec,
                 "drops": drops,
                 "queue_peak": x.queue_peak,
                 "accepts": x.accepts,
             })
-        })
-        .collect();
-    json!({"type": "timeline", "seconds": rows})
-}
-
-/// A recorded namespace: its sysctls at the start (and those changed by the end),
-/// and its TcpExt counters at start and end.
-struct NamespaceView {
-    inode: u32,
-    name: Option<String>,
-    sysctls: Vec<(String, Option<u32>)>,
-    changed: Vec<(String, Option<u32>)>,
-    /// (name, start, end): end is None when the recording has no end snapshot.
-    counters: Vec<(String, u64, Option<u64>)>,
-}
-
-impl NamespaceView {
-    fn json(&self) -> Value {
-        let map = |v: &[(String, Option<u32>)]| -> serde_json::Map<String, Value> {
-            v.iter().map(|(k, v)| (k.clone(), json!(v))).collect()
-        };
-        let counters: serde_json::Map<String, Value> = self
-            .counters
-            .iter()
-            .map(|(k, start, end)| {
-                (k.clone(), json!({"start": start, "end": end, "delta": end.map(|e| e.saturating_sub(*start))}))
-            })
-            .collect();
-        json!({
-            "netns": self.inode,
-            "name": self.name,
-            "sysctls": map(&self.sysctls),
-            "sysctls_changed": map(&self.changed),
-            "counters": counters,
-        })
+        }))
     }
 }
 
-fn namespaces(r: &Replay) -> Vec<NamespaceView> {
+/// Wall-clock ns of a second of the recording (saturating: ids can be crafted).
+fn wall_of(start: u64, sec: u64) -> u64 {
+    start.saturating_add(sec.saturating_mul(1_000_000_000))
+}
+
+#[derive(serde::Serialize)]
+struct NamespacesLine<'a> {
+    namespaces: &'a [NamespaceView<'a>],
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+/// A list sorted by key as a JSON object, the last of equal keys winning, as a
+/// serde_json map built from it would print; values are built one at a time.
+struct Sorted<'a, T>(&'a [T], fn(&T) -> &str, fn(&T) -> Value);
+
+impl<T> Serialize for Sorted<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let Sorted(items, key, value) = self;
+        let mut m = s.serialize_map(None)?;
+        for (i, item) in items.iter().enumerate() {
+            if items.get(i + 1).is_some_and(|next| key(next) == key(item)) {
+                continue;
+            }
+            m.serialize_entry(key(item), &value(item))?;
+        }
+        m.end()
+    }
+}
+
+/// A recorded namespace: its sysctls at the start (and those changed by the end),
+/// and its TcpExt counters at start and end, each list sorted.
+struct NamespaceView<'a> {
+    inode: u32,
+    name: Option<&'a str>,
+    sysctls: Vec<(&'a str, Option<u32>)>,
+    changed: Vec<(&'a str, Option<u32>)>,
+    /// (name, start, end): end is None when the recording has no end snapshot.
+    counters: Vec<(&'a str, u64, Option<u64>)>,
+}
+
+impl NamespaceView<'_> {
+    /// What a sysctl was changed to by the end (the first such entry).
+    fn changed_to(&self, name: &str) -> Option<Option<u32>> {
+        let i = self.changed.partition_point(|c| c.0 < name);
+        self.changed.get(i).filter(|c| c.0 == name).map(|c| c.1)
+    }
+}
+
+impl Serialize for NamespaceView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let sysctl = |c: &(&str, Option<u32>)| json!(c.1);
+        let mut m = s.serialize_map(Some(5))?;
+        m.serialize_entry(
+            "counters",
+            &Sorted(
+                &self.counters,
+                |c| c.0,
+                |c| json!({"start": c.1, "end": c.2, "delta": c.2.map(|e| e.saturating_sub(c.1))}),
+            ),
+        )?;
+        m.serialize_entry("name", &self.name)?;
+        m.serialize_entry("netns", &self.inode)?;
+        m.serialize_entry("sysctls", &Sorted(&self.sysctls, |c| c.0, sysctl))?;
+        m.serialize_entry("sysctls_changed", &Sorted(&self.changed, |c| c.0, sysctl))?;
+        m.end()
+    }
+}
+
+fn namespaces(r: &Replay) -> Vec<NamespaceView<'_>> {
     let Some(start) = &r.start else { return vec![] };
+    // The first end namespace of each inode, and its first value of each counter.
+    let mut ends: HashMap<u32, &NetnsSnapshot> = HashMap::new();
+    for n in r.end.iter().flat_map(|e| &e.namespaces) {
+        ends.entry(n.inode).or_insert(n);
+    }
     start
         .namespaces
         .iter()
         .map(|ns| {
-            let end = r.end.as_ref().and_then(|e| e.namespaces.iter().find(|n| n.inode == ns.inode));
-            let mut sysctls = ns.sysctls.clone();
-            sysctls.sort();
-            let mut changed: Vec<(String, Option<u32>)> = end
-                .map(|e| e.sysctls.iter().filter(|s| !ns.sysctls.contains(s)).cloned().collect())
-                .unwrap_or_default();
-            changed.sort();
-            let mut counters: Vec<(String, u64, Option<u64>)> = ns
-                .counters
+            let end = ends.get(&ns.inode).copied();
+            let mut sysctls: Vec<(&str, Option<u32>)> = ns.sysctls.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            sysctls.sort_unstable();
+            let mut changed: Vec<(&str, Option<u32>)> = end
                 .iter()
-                .map(|(k, v)| (k.clone(), *v, end.and_then(|e| e.counters.iter().find(|c| &c.0 == k)).map(|c| c.1)))
+                .flat_map(|e| &e.sysctls)
+                .map(|(k, v)| (k.as_str(), *v))
+                .filter(|s| sysctls.binary_search(s).is_err())
                 .collect();
-            counters.sort();
-            NamespaceView { inode: ns.inode, name: ns.name.clone(), sysctls, changed, counters }
+            changed.sort();
+            let mut at_end: HashMap<&str, u64> = HashMap::new();
+            for (k, v) in end.iter().flat_map(|e| &e.counters) {
+                at_end.entry(k.as_str()).or_insert(*v);
+            }
+            let mut counters: Vec<(&str, u64, Option<u64>)> =
+                ns.counters.iter().map(|(k, v)| (k.as_str(), *v, at_end.get(k.as_str()).copied())).collect();
+            counters.sort_unstable();
+            NamespaceView { inode: ns.inode, name: ns.name.as_deref(), sysctls, changed, counters }
         })
         .collect()
 }
@@ -279,7 +356,7 @@ fn text_sections(
         "TIME", "+S", "ACCEPTQ", "SYNQ", "ACK_OVF", "OTHER", "QPEAK", "ACCEPTS"
     )?;
     for (sec, x) in t {
-        let wall = fmt_utc(s.id + sec * 1_000_000_000);
+        let wall = fmt_utc(wall_of(s.id, *sec));
         let d = |r: DropReason| x.drops[r as usize];
         writeln!(
             w,
@@ -308,9 +385,10 @@ fn text_sections(
         let name = ns.name.as_deref().map(|n| format!(" ({})", escape(n))).unwrap_or_default();
         writeln!(w, "Network namespace {}{name}:", ns.inode)?;
         for (k, v) in &ns.sysctls {
-            let now = ns.changed.iter().find(|c| &c.0 == k);
-            let changed =
-                now.map(|c| format!(" (changed to {} by the end)", opt(c.1.map(u64::from)))).unwrap_or_default();
+            let changed = ns
+                .changed_to(k)
+                .map(|c| format!(" (changed to {} by the end)", opt(c.map(u64::from))))
+                .unwrap_or_default();
             writeln!(w, "  {k:<32} {}{changed}", opt(v.map(u64::from)))?;
         }
         for (k, start, end) in &ns.counters {
