@@ -10,8 +10,8 @@ use aya::{Btf, Ebpf};
 use aya_obj::btf::BtfKind;
 use backlog_common::programs;
 
+use super::attach::{self, AttachMode};
 use super::features::Features;
-use super::AttachMode;
 
 /// What a hooked function is for, and the programs each mode uses for it.
 struct Hook {
@@ -203,7 +203,7 @@ fn listen_backlog_fallback(ebpf: &mut Ebpf, functions: &mut Functions) -> Result
             return Ok(None);
         }
     }
-    super::attach_listen_tracepoint(ebpf)?;
+    attach::attach_listen_tracepoint(ebpf)?;
     let names: Vec<&str> = listen.iter().map(|h| h.function).collect();
     Ok(Some(format!("listen() backlog from the syscall tracepoint ({} not found)", names.join(", "))))
 }

@@ -4,6 +4,7 @@
 //! [`AttachMode`]; this file owns what every mode shares: checks, BTF offsets, the
 //! listener hooks, maps, and choosing a mode.
 mod affinity;
+mod attach;
 mod btf;
 pub mod env;
 mod features;
@@ -17,10 +18,11 @@ mod tracepoint;
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint};
+use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun};
 use aya::{Btf, Ebpf, EbpfLoader};
 use backlog_common::{global, names, programs, Config, Enqueued, HistKey, KernelOffsets, ListenerKey, ListenerStats};
 
+use attach::AttachMode;
 use features::Features;
 pub use mode::Mode;
 
@@ -44,19 +46,6 @@ impl std::fmt::Display for ModeUnavailable {
 }
 
 impl std::error::Error for ModeUnavailable {}
-
-/// One way of detecting drops. Adding a mode is adding a sibling module.
-pub trait AttachMode {
-    /// Why this mode cannot work on this kernel, if that is known without trying.
-    fn unavailable(&self, features: &Features) -> Option<String>;
-    /// Why this mode would fail, told by a test far cheaper than loading the object
-    /// and attaching (which is what a failed attempt costs); run before attaching.
-    fn probe(&self) -> Option<String> {
-        None
-    }
-    /// Attaches the mode's programs; returns notes on hooks done another way.
-    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>>;
-}
 
 fn implementation(mode: Mode) -> Box<dyn AttachMode> {
     match mode {
@@ -308,14 +297,6 @@ fn attach_listeners(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let p: &mut BtfTracePoint = ebpf.program_mut(programs::SET_STATE).context(programs::SET_STATE)?.try_into()?;
     p.load("inet_sock_set_state", btf).context("loading tp_btf/inet_sock_set_state")?;
     p.attach().context("attaching tp_btf/inet_sock_set_state").map(drop)
-}
-
-/// listen()'s backlog from the syscall's entry tracepoint.
-fn attach_listen_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
-    let p: &mut TracePoint = ebpf.program_mut(programs::LISTEN).context(programs::LISTEN)?.try_into()?;
-    p.load().context("loading syscalls:sys_enter_listen")?;
-    p.attach("syscalls", "sys_enter_listen").context("attaching syscalls:sys_enter_listen")?;
-    Ok(())
 }
 
 #[cfg(test)]

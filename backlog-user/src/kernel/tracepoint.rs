@@ -7,7 +7,8 @@ use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachT
 use aya::{Btf, Ebpf};
 use backlog_common::programs;
 
-use super::{env, AttachMode};
+use super::attach::{self, AttachMode};
+use super::env;
 
 pub struct Tracepoint;
 
@@ -35,7 +36,7 @@ impl AttachMode for Tracepoint {
             p.load().with_context(|| format!("loading {prog}"))?;
             p.attach("syscalls", tp).with_context(|| format!("attaching {prog} to syscalls:{tp}"))?;
         }
-        super::attach_listen_tracepoint(ebpf)?;
+        attach::attach_listen_tracepoint(ebpf)?;
         let root = env::cgroup2_root()?;
         let cg = File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
         let p: &mut CgroupSkb = ebpf.program_mut(programs::TP_INGRESS).context(programs::TP_INGRESS)?.try_into()?;

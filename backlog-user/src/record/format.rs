@@ -137,7 +137,7 @@ pub struct QueueRow {
     pub max: u32,
 }
 
-/// The kernel's own counters against the detected drops (see `crate::reconcile`),
+/// The kernel's own counters against the detected drops (see `session::reconcile`),
 /// as the live session last had them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reconcile {
