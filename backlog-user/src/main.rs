@@ -55,6 +55,11 @@ fn or_exit(command: &str, code: i32, r: Result<i32>) -> i32 {
 fn live(args: &cli::TraceArgs, record: Option<record::RecordSettings>) -> i32 {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let settings = args.live();
+    // Room for what a busy host or a hostile client makes the tracer open (rotations,
+    // /proc scans, metrics connections): soft RLIMIT_NOFILE up to the hard limit.
+    if let Err(e) = sys::limits::raise_nofile() {
+        eprintln!("backlog-trace: cannot raise the open-file limit ({e}); going on with the current one");
+    }
     let run = async {
         // Recorder first: a recording is what outlives the terminal.
         let mut observers: Vec<Box<dyn Observer>> = Vec::new();
