@@ -274,12 +274,23 @@ fn cached(body: &Mutex<Option<Bytes>>, registry: &Registry) -> Bytes {
         .clone()
 }
 
+/// Connections the kernel may queue for the endpoint: a burst of them waits there
+/// while the tracer's thread is busy, rather than having its SYNs dropped (a bare
+/// bind queues 128).
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Prometheus {
     /// Starts serving http://ADDR/metrics on the current tokio runtime.
     pub async fn serve(addr: SocketAddr, filters: Filter) -> Result<Prometheus> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
+        let listener =
+            listen(addr).with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
         let bound = listener.local_addr()?;
         // The fd limit in force (raised to the hard limit at start) sizes the cap.
         let limits = Limits::for_nofile(crate::sys::limits::nofile().map_or(1024, |(soft, _)| soft));
