@@ -287,19 +287,41 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 impl Prometheus {
-    /// Starts serving http://ADDR/metrics on the current tokio runtime.
+    /// Starts serving http://ADDR/metrics on a thread of its own, with its own
+    /// runtime: a session busy in a system call (a BPF map walk, an RCU grace period
+    /// on a loaded host) never leaves scrapes or the accept queue waiting, and
+    /// nothing on the endpoint (a flood of clients, a panic) can stall or end the
+    /// session's loop.
     pub async fn serve(addr: SocketAddr, filters: Filter) -> Result<Prometheus> {
-        let listener =
-            listen(addr).with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
-        let bound = listener.local_addr()?;
         // The fd limit in force (raised to the hard limit at start) sizes the cap.
         let limits = Limits::for_nofile(crate::sys::limits::nofile().map_or(1024, |(soft, _)| soft));
+        let (prom, render, stats) = Prometheus::new(filters);
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => return drop(bound_tx.send(Err(e))),
+                };
+                rt.block_on(async move {
+                    let listener = match listen(addr) {
+                        Ok(l) => l,
+                        Err(e) => return drop(bound_tx.send(Err(e))),
+                    };
+                    let _ = bound_tx.send(listener.local_addr());
+                    http::serve(listener, render, limits, stats).await
+                });
+            })
+            .context("starting the metrics thread")?;
+        let bound = bound_rx
+            .recv()
+            .context("the metrics thread ended before listening")?
+            .with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
         eprintln!(
             "backlog-trace: Prometheus metrics on http://{bound}/metrics (at most {} connections at once)",
             limits.max_connections
         );
-        let (prom, render, stats) = Prometheus::new(filters);
-        tokio::spawn(http::serve(listener, render, limits, stats));
         Ok(prom)
     }
 
