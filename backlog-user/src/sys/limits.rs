@@ -8,7 +8,7 @@ pub fn nofile() -> io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+    Ok((lim.rlim_cur, lim.rlim_max))
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to its hard limit (what any process may do) and
@@ -20,7 +20,7 @@ pub fn raise_nofile() -> io::Result<u64> {
     if soft >= hard {
         return Ok(soft);
     }
-    let lim = libc::rlimit { rlim_cur: hard as libc::rlim_t, rlim_max: hard as libc::rlim_t };
+    let lim = libc::rlimit { rlim_cur: hard, rlim_max: hard };
     // SAFETY: `lim` is valid for reading.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(io::Error::last_os_error());
