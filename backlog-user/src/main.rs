@@ -66,6 +66,11 @@ fn live(args: &cli::TraceArgs, record: Option<record::RecordSettings>) -> i32 {
         Err(e) => return usage(if record.is_some() { "backlog-trace record" } else { "backlog-trace" }, &e),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    // Room for what a busy host or a hostile client makes the tracer open (rotations,
+    // /proc scans, metrics connections): soft RLIMIT_NOFILE up to the hard limit.
+    if let Err(e) = sys::limits::raise_nofile() {
+        eprintln!("backlog-trace: cannot raise the open-file limit ({e}); going on with the current one");
+    }
     let run = async {
         // Recorder first: a recording is what outlives the terminal.
         let mut observers: Vec<Box<dyn Observer>> = Vec::new();

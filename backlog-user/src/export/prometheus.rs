@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -24,7 +25,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::http::{self, Render};
+use super::http::{self, Limits, Render, Stats};
 use crate::event::ListenerEvent;
 use crate::model::retired::{comm_label, PortClass};
 use crate::model::{Filter, Listener, Model};
@@ -126,7 +127,7 @@ impl Values {
 }
 
 #[derive(Debug)]
-struct Metrics(Arc<Mutex<Values>>);
+struct Metrics(Arc<Mutex<Values>>, Arc<Stats>);
 
 fn labels(l: &Labels) -> Vec<(&'static str, String)> {
     vec![("netns", l.netns.to_string()), ("port", l.port.label()), ("comm", l.comm.clone())]
@@ -220,7 +221,33 @@ impl Collector for Metrics {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(snap.detached as i64).encode(m)
+        ConstGauge::new(snap.detached as i64).encode(m)?;
+        let endpoint = &self.1;
+        for (name, help, v) in [
+            (
+                "backlog_metrics_refused",
+                "Metrics connections closed at once: the endpoint's connection cap was reached",
+                &endpoint.refused,
+            ),
+            (
+                "backlog_metrics_timeouts",
+                "Metrics connections cut off at a deadline (request head or whole exchange)",
+                &endpoint.timed_out,
+            ),
+            (
+                "backlog_metrics_accept_errors",
+                "Failed accepts on the metrics port (EMFILE and the like), each followed by a back-off",
+                &endpoint.accept_errors,
+            ),
+        ] {
+            ConstCounter::new(v.load(Ordering::Relaxed)).encode(enc.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
     }
 }
 
@@ -247,27 +274,66 @@ fn cached(body: &Mutex<Option<Bytes>>, registry: &Registry) -> Bytes {
         .clone()
 }
 
+/// Connections the kernel may queue for the endpoint: a burst of them waits there
+/// while the tracer's thread is busy, rather than having its SYNs dropped (a bare
+/// bind queues 128).
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Prometheus {
-    /// Starts serving http://ADDR/metrics on the current tokio runtime.
+    /// Starts serving http://ADDR/metrics on a thread of its own, with its own
+    /// runtime: a session busy in a system call (a BPF map walk, an RCU grace period
+    /// on a loaded host) never leaves scrapes or the accept queue waiting, and
+    /// nothing on the endpoint (a flood of clients, a panic) can stall or end the
+    /// session's loop.
     pub async fn serve(addr: SocketAddr, filters: Filter) -> Result<Prometheus> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        // The fd limit in force (raised to the hard limit at start) sizes the cap.
+        let limits = Limits::for_nofile(crate::sys::limits::nofile().map_or(1024, |(soft, _)| soft));
+        let (prom, render, stats) = Prometheus::new(filters);
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => return drop(bound_tx.send(Err(e))),
+                };
+                rt.block_on(async move {
+                    let listener = match listen(addr) {
+                        Ok(l) => l,
+                        Err(e) => return drop(bound_tx.send(Err(e))),
+                    };
+                    let _ = bound_tx.send(listener.local_addr());
+                    http::serve(listener, render, limits, stats).await
+                });
+            })
+            .context("starting the metrics thread")?;
+        let bound = bound_rx
+            .recv()
+            .context("the metrics thread ended before listening")?
             .with_context(|| format!("cannot listen on {addr} for --prometheus (choose a free port)"))?;
-        let bound = listener.local_addr()?;
-        eprintln!("backlog-trace: Prometheus metrics on http://{bound}/metrics");
-        let (prom, render) = Prometheus::new(filters);
-        tokio::spawn(http::serve(listener, render));
+        eprintln!(
+            "backlog-trace: Prometheus metrics on http://{bound}/metrics (at most {} connections at once)",
+            limits.max_connections
+        );
         Ok(prom)
     }
 
-    fn new(filters: Filter) -> (Prometheus, Render) {
+    fn new(filters: Filter) -> (Prometheus, Render, Arc<Stats>) {
         let values = Arc::new(Mutex::new(Values::default()));
+        let stats = Arc::new(Stats::default());
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Metrics(values.clone())));
+        registry.register_collector(Box::new(Metrics(values.clone(), stats.clone())));
         let body = Arc::new(Mutex::new(None));
         let shared = body.clone();
         let render: Render = Arc::new(move || (CONTENT_TYPE, cached(&shared, &registry)));
-        (Prometheus { values, body, filters }, render)
+        (Prometheus { values, body, filters }, render, stats)
     }
 
     fn update(&self, model: &Model) {
@@ -339,7 +405,7 @@ mod tests {
         model.diagnostics = vec![("windows_replaced", 2)];
         let blue = crate::model::NetnsCounts { undetected: 3, ..Default::default() };
         model.reconciled.namespaces.insert(7, blue);
-        let (prom, render) = Prometheus::new(Filter { ports: vec![8080], ..Default::default() });
+        let (prom, render, _) = Prometheus::new(Filter { ports: vec![8080], ..Default::default() });
         prom.update(&model);
         let text = String::from_utf8(render().1.to_vec()).unwrap();
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
@@ -370,7 +436,7 @@ mod tests {
         use crate::model::retired::{Policy, Retired};
         let mut model = Model::default();
         model.retired = Retired::new(Policy { keep_max: 0, ..Policy::default() });
-        let (prom, render) = Prometheus::new(Filter::default());
+        let (prom, render, _) = Prometheus::new(Filter::default());
         let now = Instant::now();
         // 500 port-0 listeners (ephemeral ports) and 500 on port 8080, each one accept.
         for sk in 0..1000u64 {

@@ -39,6 +39,9 @@ pub struct Recorder {
     last_reconcile: Option<Reconcile>,
     /// The first write error, returned at the next sync.
     error: Option<io::Error>,
+    /// Why the recording ended early (a write or a rotation failed): reported at
+    /// once, the session goes on counting, and `finish` says it again.
+    stopped: Option<String>,
 }
 
 fn owners_of(l: &Listener) -> Owners {
@@ -76,6 +79,7 @@ impl Recorder {
             last_sync,
             last_reconcile: None,
             error: None,
+            stopped: None,
         })
     }
 
@@ -172,7 +176,7 @@ impl Observer for Recorder {
     }
 
     fn event(&mut self, ev: &ListenerEvent, l: &Listener) {
-        if self.error.is_some() {
+        if self.error.is_some() || self.stopped.is_some() {
             return;
         }
         let r = self.put(&Record::Event(*ev)).and_then(|()| self.put_owners(l));
@@ -181,11 +185,23 @@ impl Observer for Recorder {
         }
     }
 
+    /// A failed write (a full disk, EMFILE at a rotation) ends the recording, never
+    /// the session: one stderr line now, the counting goes on, `finish` fails.
     fn synced(&mut self, model: &Model) -> Result<()> {
-        self.sync(model).context("writing the recording")
+        if self.stopped.is_some() {
+            return Ok(());
+        }
+        if let Err(e) = self.sync(model) {
+            eprintln!("backlog-trace: writing the recording failed ({e}): it ends here, tracing goes on");
+            self.stopped = Some(e.to_string());
+        }
+        Ok(())
     }
 
     fn finish(&mut self, model: &Model, _secs: f64) -> Result<()> {
+        if let Some(e) = &self.stopped {
+            anyhow::bail!("the recording ended early: writing it failed ({e})");
+        }
         let end = self.watched.snapshot(mono_ns(), Phase::End);
         (|| {
             self.sync(model)?;
@@ -198,5 +214,38 @@ impl Observer for Recorder {
 
     fn wants_accept_events(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rotation that fails (FILE.1 is a directory that cannot be replaced) ends
+    /// the recording but not the session: `synced` goes on returning Ok.
+    #[test]
+    fn a_failed_rotation_ends_the_recording_not_the_session() {
+        let dir = std::env::temp_dir().join(format!("bt-recorder-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("rec.1/blocker")).unwrap();
+        let settings = RecordSettings { output: dir.join("rec"), max_size: Some(1024), rotate: 1 };
+        let mut rec = Recorder::create(&settings, &Filter::default()).unwrap();
+        let started = Started { mode: "test", kernel: "test", fallbacks: &[], scope: "all" };
+        rec.started(&started).unwrap();
+        let mut model = Model::default();
+        for sk in 0..64u64 {
+            let l = model.listeners.entry(ListenerKey { sk, ino: 0 }).or_default();
+            l.sk = sk;
+            l.port = 8000 + sk as u16;
+        }
+        for n in 0..64u64 {
+            for l in model.listeners.values_mut() {
+                l.accepts = n;
+            }
+            rec.synced(&model).expect("a failed write never ends the session");
+        }
+        assert!(rec.stopped.is_some(), "the rotation should have failed");
+        assert!(rec.finish(&model, 1.0).is_err(), "finish says the recording ended early");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

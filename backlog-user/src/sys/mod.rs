@@ -3,6 +3,7 @@
 //! `check`, `record`, the integration tests and xtask.
 pub mod counters;
 pub mod diag;
+pub mod limits;
 pub mod netns;
 pub mod netstat;
 pub mod procs;
