@@ -151,7 +151,7 @@ impl Recorder {
     }
 
     /// The largest record a list is cut into (syncs, queue samples): half of what a
-    /// file holds beyond its mandatory preamble, the other half for the rest of it.
+    /// file holds beyond its mandatory preamble, so that it fits beside a preamble.
     fn chunk_limit(&self) -> usize {
         match self.writer.max_size() {
             Some(max) => ((max as usize).saturating_sub(self.mandatory_len()) / 2).max(256),
@@ -167,19 +167,24 @@ impl Recorder {
             return self.writer.write(&framed);
         }
         let max = self.writer.max_size().expect("a file without a bound always fits") as usize;
-        if self.mandatory_len() + framed.len() > max {
+        let mandatory = self.mandatory_len();
+        if mandatory + framed.len() > max {
             self.omitted.records += 1;
             self.omitted.bytes += framed.len() as u64;
             return Ok(());
         }
-        self.rotate(max - framed.len())?;
+        // The repeated listeners take at most a quarter of what the file holds
+        // beyond its mandatory part: the rest is left for records, so a file is
+        // never full again right after its preamble (no rotation after rotation).
+        let room = max - mandatory;
+        self.rotate((room - framed.len()).min(room / 4))?;
         self.writer.write(&framed)
     }
 
-    /// Starts a new file whose preamble (header included) takes at most `budget`
-    /// bytes: session, start snapshot, the latest totals, and as many live
-    /// listeners' counters and owners (most drops first) as fit, then the latest
-    /// reconciliation if it fits too. Never rotates again: the caller's record fits.
+    /// Starts a new file with a preamble: header, session, start snapshot, the latest
+    /// totals (`mandatory_len`), then in at most `budget` more bytes the latest
+    /// reconciliation and as many live listeners' counters and owners (most drops
+    /// first) as fit. Never rotates again: the caller's record fits after it.
     fn rotate(&mut self, budget: usize) -> io::Result<()> {
         self.writer.rotate()?;
         self.omitted.rotations += 1;
@@ -187,7 +192,7 @@ impl Recorder {
         let session = format::frame(&Record::Recording(self.session.clone()));
         let start = self.start.as_ref().map(format::frame);
         let reconcile = self.last_reconcile.clone().map(|r| format::frame(&Record::Reconcile(r)));
-        let mut left = budget.saturating_sub(self.mandatory_len());
+        let mut left = budget;
         let reconcile = reconcile.filter(|r| {
             let fits = r.len() <= left;
             if fits {
