@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use backlog_common::ListenerKey;
 
 use super::format::{
-    self, CounterSync, ListenerState, Owners, Phase, Queues, Reconcile, Record, Recording, HEADER_LEN,
+    self, CounterSync, LeftOut, ListenerState, Owners, Phase, Queues, Reconcile, Record, Recording, HEADER_LEN,
 };
 use super::mapping::{reconcile_of, state_key, state_of};
 use super::watch::Watched;
@@ -42,48 +42,26 @@ pub struct Recorder {
     /// The reconciliation last written (its time aside), repeated after rotation.
     last_reconcile: Option<Reconcile>,
     /// What --max-size made the recorder leave out, said at the end.
-    omitted: Omitted,
+    omitted: LeftOut,
+    /// Rotations since the round (sync) began: at most --rotate + 1 per round.
+    round_rotations: u32,
     /// The first write error, returned at the next sync.
     error: Option<io::Error>,
 }
 
-/// What the recorder left out to keep every file within --max-size.
-#[derive(Debug, Default, PartialEq)]
-struct Omitted {
-    /// Records larger than a file can hold next to its session and start snapshot.
-    records: u64,
-    bytes: u64,
-    rotations: u64,
-    /// Rotations whose new file could not repeat every live listener.
-    short_preambles: u64,
-    /// The most live listeners one such preamble left out.
-    listeners_max: usize,
-    /// Preambles without the latest reconciliation (too large).
-    reconciles: u64,
-}
-
-impl Omitted {
-    /// One line for stderr, when anything was left out.
-    fn line(&self, max_size: u64) -> Option<String> {
-        if self.records == 0 && self.short_preambles == 0 && self.reconciles == 0 {
-            return None;
-        }
-        Some(format!(
-            "the recording left out, to keep each file within --max-size {max_size}: {} records too large for a file \
-             ({} bytes); in {} of {} rotations, up to {} live listeners' counters and owners from the new file's \
-             preamble{}",
-            self.records,
-            self.bytes,
-            self.short_preambles,
-            self.rotations,
-            self.listeners_max,
-            if self.reconciles > 0 {
-                format!("; the reconciliation from {} preambles", self.reconciles)
-            } else {
-                String::new()
-            }
-        ))
+/// One line for stderr, when anything was left out.
+fn left_out_line(o: &LeftOut, max_size: u64) -> Option<String> {
+    if o.records == 0 && o.capped_records == 0 && o.short_preambles == 0 && o.reconciles == 0 {
+        return None;
     }
+    let reconciles =
+        if o.reconciles > 0 { format!("; the reconciliation from {} preambles", o.reconciles) } else { String::new() };
+    Some(format!(
+        "the recording left out, to keep each file within --max-size {max_size}: {} records too large for a file \
+         ({} bytes), {} records past --rotate + 1 rotations in one second ({} bytes); in {} of {} rotations, up to {} live listeners' counters and owners from the new file's \
+         preamble{reconciles}",
+        o.records, o.bytes, o.capped_records, o.capped_bytes, o.short_preambles, o.rotations, o.listeners_max,
+    ))
 }
 
 /// A rotated file's preamble repeats at most this many live listeners (those with
@@ -135,7 +113,8 @@ impl Recorder {
             closed: HashSet::new(),
             last_sync,
             last_reconcile: None,
-            omitted: Omitted::default(),
+            omitted: LeftOut::default(),
+            round_rotations: 0,
             error: None,
         })
     }
@@ -148,6 +127,7 @@ impl Recorder {
             + format::frame(&Record::Recording(self.session.clone())).len()
             + self.start.as_ref().map_or(0, |s| format::frame(s).len())
             + format::frame(&Record::CounterSync(sync)).len()
+            + format::frame(&Record::LeftOut(LeftOut::default())).len()
     }
 
     /// The largest record a list is cut into (syncs, queue samples): half of what a
@@ -161,24 +141,34 @@ impl Recorder {
 
     /// Appends a record, first starting a new file if this one is full. A record
     /// that no file could hold is left out and counted.
-    fn put(&mut self, rec: &Record) -> io::Result<()> {
+    fn put(&mut self, rec: &Record) -> io::Result<bool> {
         let framed = format::frame(rec);
         if self.writer.fits(framed.len()) {
-            return self.writer.write(&framed);
+            self.writer.write(&framed)?;
+            return Ok(true);
         }
         let max = self.writer.max_size().expect("a file without a bound always fits") as usize;
         let mandatory = self.mandatory_len();
         if mandatory + framed.len() > max {
             self.omitted.records += 1;
             self.omitted.bytes += framed.len() as u64;
-            return Ok(());
+            return Ok(false);
         }
+        // Rotating more within one round would delete what this round wrote, at a
+        // cost (renames, a preamble) that could keep the loop from a signal.
+        if self.round_rotations > self.writer.keep() {
+            self.omitted.capped_records += 1;
+            self.omitted.capped_bytes += framed.len() as u64;
+            return Ok(false);
+        }
+        self.round_rotations += 1;
         // The repeated listeners take at most a quarter of what the file holds
         // beyond its mandatory part: the rest is left for records, so a file is
         // never full again right after its preamble (no rotation after rotation).
         let room = max - mandatory;
         self.rotate((room - framed.len()).min(room / 4))?;
-        self.writer.write(&framed)
+        self.writer.write(&framed)?;
+        Ok(true)
     }
 
     /// Starts a new file with a preamble: header, session, start snapshot, the latest
@@ -236,7 +226,7 @@ impl Recorder {
         }
         if short {
             self.omitted.short_preambles += 1;
-            self.omitted.listeners_max = self.omitted.listeners_max.max(live.len() - kept.len());
+            self.omitted.listeners_max = self.omitted.listeners_max.max((live.len() - kept.len()) as u64);
         }
         let mut sync = self.last_sync.clone();
         sync.listeners = kept;
@@ -247,9 +237,15 @@ impl Recorder {
         for o in owners {
             self.writer.write(&o)?;
         }
+        let missing = (live.len() - sync.listeners.len()) as u64;
         self.writer.write(&format::frame(&Record::CounterSync(sync)))?;
         if let Some(r) = reconcile {
             self.writer.write(&r)?;
+        }
+        if short || self.omitted != LeftOut::default() {
+            // Sized into the mandatory part (a record of fixed size).
+            let note = LeftOut { ts_ns: self.last_sync.ts_ns, preamble_listeners: missing, ..self.omitted.clone() };
+            self.writer.write(&format::frame(&Record::LeftOut(note)))?;
         }
         Ok(())
     }
@@ -265,6 +261,8 @@ impl Recorder {
             return Ok(());
         }
         let o = owners_of(l);
+        // Left out or not, it is not tried again at every event (a left-out one is
+        // counted once, and rotated files' preambles may still repeat it).
         self.put(&Record::Owners(o.clone()))?;
         self.owners.insert(l.key(), o);
         Ok(())
@@ -275,13 +273,17 @@ impl Recorder {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
+        self.round_rotations = 0;
         // Listeners gone from the model (retired) are forgotten; closed ones stay
         // until then but no rotated file repeats them.
         self.owners.retain(|k, _| model.listeners.contains_key(k));
         self.states.retain(|k, _| model.listeners.contains_key(k));
         self.closed = model.listeners.values().filter(|l| l.closed).map(|l| l.key()).collect();
-        let changed: Vec<ListenerState> =
+        let mut changed: Vec<ListenerState> =
             model.listeners.values().map(state_of).filter(|s| self.states.get(&state_key(s)) != Some(s)).collect();
+        // Most drops first: if a round cannot write them all, the kept files hold
+        // the listeners that matter.
+        changed.sort_by_key(|s| std::cmp::Reverse(total_drops(s)));
         for l in model.listeners.values() {
             self.put_owners(l)?;
         }
@@ -307,10 +309,12 @@ impl Recorder {
                 part.push(changed.next().expect("peeked"));
             }
             let rec = Record::CounterSync(CounterSync { listeners: part, ..self.last_sync.clone() });
-            self.put(&rec)?;
-            let Record::CounterSync(written) = rec else { unreachable!() };
-            for s in written.listeners {
-                self.states.insert(state_key(&s), s);
+            // States left out stay "changed": the next sync tries them again.
+            if self.put(&rec)? {
+                let Record::CounterSync(written) = rec else { unreachable!() };
+                for s in written.listeners {
+                    self.states.insert(state_key(&s), s);
+                }
             }
             if changed.peek().is_none() {
                 break;
@@ -319,8 +323,9 @@ impl Recorder {
         let rec = reconcile_of(model, ts_ns);
         let changed = self.last_reconcile.as_ref().is_none_or(|last| Reconcile { ts_ns, ..last.clone() } != rec);
         if changed {
-            self.put(&Record::Reconcile(rec.clone()))?;
-            self.last_reconcile = Some(rec);
+            if self.put(&Record::Reconcile(rec.clone()))? {
+                self.last_reconcile = Some(rec);
+            }
         }
         let queues = self.watched.queues(ts_ns);
         // A row takes 18 bytes; the record 21 more.
@@ -362,7 +367,7 @@ impl Observer for Recorder {
         if self.error.is_some() {
             return;
         }
-        let r = self.put(&Record::Event(*ev)).and_then(|()| self.put_owners(l));
+        let r = self.put(&Record::Event(*ev)).and_then(|_| self.put_owners(l));
         if let Err(e) = r {
             self.error = Some(e);
         }
@@ -376,12 +381,18 @@ impl Observer for Recorder {
         let end = self.watched.snapshot(mono_ns(), Phase::End);
         let r = (|| {
             self.sync(model)?;
+            // The end snapshot and mark get a round of their own.
+            self.round_rotations = 0;
             self.put(&Record::Snapshot(end))?;
+            if self.omitted != LeftOut::default() {
+                let note = LeftOut { ts_ns: mono_ns(), preamble_listeners: 0, ..self.omitted.clone() };
+                self.put(&Record::LeftOut(note))?;
+            }
             self.put(&Record::End { ts_ns: mono_ns() })?;
             self.writer.flush()
         })()
         .context("writing the recording");
-        if let Some(line) = self.writer.max_size().and_then(|max| self.omitted.line(max)) {
+        if let Some(line) = self.writer.max_size().and_then(|max| left_out_line(&self.omitted, max)) {
             eprintln!("backlog-trace: {line}");
         }
         r
@@ -410,10 +421,17 @@ mod tests {
 
     #[test]
     fn what_is_left_out_is_said_in_one_line() {
-        assert_eq!(Omitted::default().line(4096), None);
-        let o =
-            Omitted { records: 2, bytes: 9000, rotations: 7, short_preambles: 3, listeners_max: 900, reconciles: 1 };
-        let line = o.line(65536).expect("something was left out");
+        assert_eq!(left_out_line(&LeftOut::default(), 4096), None);
+        let o = LeftOut {
+            records: 2,
+            bytes: 9000,
+            rotations: 7,
+            short_preambles: 3,
+            listeners_max: 900,
+            reconciles: 1,
+            ..Default::default()
+        };
+        let line = left_out_line(&o, 65536).expect("something was left out");
         assert!(!line.contains('\n'), "{line}");
         for part in ["2 records", "9000 bytes", "3 of 7 rotations", "900 live listeners", "from 1 preambles"] {
             assert!(line.contains(part), "{part}: {line}");

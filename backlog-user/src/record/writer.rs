@@ -247,6 +247,11 @@ impl Writer {
         self.max_size
     }
 
+    /// Rotated files kept (--rotate).
+    pub fn keep(&self) -> u32 {
+        self.keep
+    }
+
     /// Whether `len` more bytes still fit in the current file.
     pub fn fits(&self, len: usize) -> bool {
         self.max_size.is_none_or(|max| self.size + len as u64 <= max)
