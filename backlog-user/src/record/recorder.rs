@@ -20,7 +20,8 @@ use crate::time::{mono_ns, Clock};
 /// Where and how a recording is written.
 #[derive(Clone, Debug)]
 pub struct RecordSettings {
-    /// The recording file (an existing one is replaced).
+    /// The recording file: an existing recording of ours is replaced once the
+    /// session has started; anything else there is refused (see writer.rs).
     pub output: PathBuf,
     /// Start a new file when this one would grow past this many bytes.
     pub max_size: Option<u64>,
