@@ -323,10 +323,8 @@ impl Recorder {
         }
         let rec = reconcile_of(model, ts_ns);
         let changed = self.last_reconcile.as_ref().is_none_or(|last| Reconcile { ts_ns, ..last.clone() } != rec);
-        if changed {
-            if self.put(&Record::Reconcile(rec.clone()))? {
-                self.last_reconcile = Some(rec);
-            }
+        if changed && self.put(&Record::Reconcile(rec.clone()))? {
+            self.last_reconcile = Some(rec);
         }
         let queues = self.watched.queues(ts_ns);
         // A row takes 18 bytes; the record 21 more.

@@ -425,14 +425,14 @@ mod tests {
             (&sub, "a directory"),
             (&PathBuf::from("/dev/null"), "a character device"),
         ] {
-            let e = Writer::create(p, None, 0).err().unwrap_or_else(|| panic!("{} accepted", p.display()));
+            let Err(e) = Writer::create(p, None, 0) else { panic!("{} accepted", p.display()) };
             let msg = e.to_string();
             assert!(msg.contains(says) && !msg.contains('\n'), "{}: {msg}", p.display());
         }
         // A planted FILE.n is refused too, before anything is written.
         let rec = dir.join("rec");
         std::os::unix::fs::symlink(&target, dir.join("rec.2")).unwrap();
-        let e = Writer::create(&rec, Some(4096), 2).err().expect("a planted rec.2 refused");
+        let e = Writer::create(&rec, Some(4096), 2).map(|_| ()).expect_err("a planted rec.2 refused");
         assert!(e.to_string().contains("rec.2 is a symlink"), "{e}");
         assert!(!rec.exists());
         assert_eq!(std::fs::read(&target).unwrap(), b"precious");
@@ -453,7 +453,7 @@ mod tests {
         std::fs::write(&target, b"precious").unwrap();
         std::os::unix::fs::symlink(&target, dir.join("rec.1")).unwrap();
         w.write(&[7; 30]).unwrap();
-        let e = w.rotate().err().expect("rotation over a planted rec.1 refused");
+        let e = w.rotate().expect_err("rotation over a planted rec.1 refused");
         assert!(e.to_string().contains("rec.1 is a symlink"), "{e}");
         assert!(std::fs::symlink_metadata(dir.join("rec.1")).unwrap().file_type().is_symlink());
         assert_eq!(std::fs::read(&target).unwrap(), b"precious");
