@@ -19,10 +19,15 @@
 //! (accept-queue depth of every listener, every second), 7 end (clean stop), 8
 //! reconcile (the kernel's own counters against the detected drops: undetected per
 //! namespace and listener, diagnostics, detached programs; at a sync when it changed).
-//! After a rotation a file starts with session, start snapshot, every owner, every
-//! listener's counters and the latest reconcile, so each file can be reported on its
+//! After a rotation a file starts with session, start snapshot, the owners and
+//! counters of live listeners and the latest reconcile, so each file can be reported on its
 //! own. Kind 8 came later without a version bump: older readers skip it, and files
-//! without it read as "nothing reconciled".
+//! without it read as "nothing reconciled". Kind 9 (left out: what --max-size made
+//! the recorder leave out, cumulative; in a rotated file's preamble when that
+//! preamble could not repeat every live listener, and before the end mark) came
+//! likewise. A rotated file's preamble repeats live listeners only, at most a
+//! quarter of the file; lists too long for a file (syncs, queues) are cut into
+//! several records of one instant.
 use backlog_common::{Event, ListenerStats, COMM_LEN};
 
 use crate::event::{self as typed, ListenerEvent};
@@ -50,6 +55,7 @@ mod kind {
     pub const QUEUES: u8 = 6;
     pub const END: u8 = 7;
     pub const RECONCILE: u8 = 8;
+    pub const LEFT_OUT: u8 = 9;
 }
 
 /// Opens every file of a recording: who recorded what, and where this file sits
@@ -168,6 +174,31 @@ pub enum Record {
         ts_ns: u64,
     },
     Reconcile(Reconcile),
+    LeftOut(LeftOut),
+}
+
+/// What the recorder left out to keep each file within --max-size, so far (all
+/// counts cumulative but `preamble_listeners`). In a rotated file's preamble when
+/// it left anything out, and before the end mark when anything was.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LeftOut {
+    pub ts_ns: u64,
+    /// Records larger than a file can hold beside its session and start snapshot.
+    pub records: u64,
+    pub bytes: u64,
+    /// Records left out because one sync round (a second) had already rotated
+    /// --rotate + 1 times: more would delete files written in that same round.
+    pub capped_records: u64,
+    pub capped_bytes: u64,
+    pub rotations: u64,
+    /// Rotations whose new file could not repeat every live listener.
+    pub short_preambles: u64,
+    /// The most live listeners one preamble left out.
+    pub listeners_max: u64,
+    /// Preambles without the latest reconciliation (too large).
+    pub reconciles: u64,
+    /// Live listeners this file's preamble left out (0 outside a preamble).
+    pub preamble_listeners: u64,
 }
 
 pub fn header() -> [u8; HEADER_LEN] {
@@ -388,6 +419,23 @@ fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
             put_list(b, &r.detached, |b, line| put_str(b, line));
             kind::RECONCILE
         }
+        Record::LeftOut(l) => {
+            for v in [
+                l.ts_ns,
+                l.records,
+                l.bytes,
+                l.capped_records,
+                l.capped_bytes,
+                l.rotations,
+                l.short_preambles,
+                l.listeners_max,
+                l.reconciles,
+                l.preamble_listeners,
+            ] {
+                b.put_u64_le(v);
+            }
+            kind::LEFT_OUT
+        }
     }
 }
 
@@ -592,6 +640,18 @@ pub fn decode(kind: u8, mut b: &[u8]) -> R<Option<Record>> {
             unreconciled: get_list(b, |b| Ok((b.try_get_u32_le()?, get_str(b)?)))?,
             detached: get_list(b, get_str)?,
         }),
+        kind::LEFT_OUT => Record::LeftOut(LeftOut {
+            ts_ns: b.try_get_u64_le()?,
+            records: b.try_get_u64_le()?,
+            bytes: b.try_get_u64_le()?,
+            capped_records: b.try_get_u64_le()?,
+            capped_bytes: b.try_get_u64_le()?,
+            rotations: b.try_get_u64_le()?,
+            short_preambles: b.try_get_u64_le()?,
+            listeners_max: b.try_get_u64_le()?,
+            reconciles: b.try_get_u64_le()?,
+            preamble_listeners: b.try_get_u64_le()?,
+        }),
         _ => return Ok(None),
     };
     // Trailing bytes mean the payload is not what this kind looks like.
@@ -681,6 +741,18 @@ pub(crate) mod tests {
                 placed: vec![(ev.sk, 77, 4)],
                 unreconciled: vec![(9, "could not enter it".into())],
                 detached: vec!["program bt_tp_ingress (link 3) stopped running".into()],
+            }),
+            Record::LeftOut(LeftOut {
+                ts_ns: 10,
+                records: 1,
+                bytes: 2,
+                capped_records: 11,
+                capped_bytes: 12,
+                rotations: 3,
+                short_preambles: 4,
+                listeners_max: 5,
+                reconciles: 6,
+                preamble_listeners: 7,
             }),
         ]
     }

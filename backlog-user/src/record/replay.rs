@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use backlog_common::{ListenerKey, N_REASONS};
 
-use super::format::{CounterSync, ListenerState, Phase, Reconcile, Record, Recording, Snapshot};
+use super::format::{CounterSync, LeftOut, ListenerState, Phase, Reconcile, Record, Recording, Snapshot};
 use super::mapping::{apply_reconcile, state_key};
 use super::reader::{Damage, Reader, Step};
 use crate::event::What;
@@ -76,6 +76,12 @@ pub struct Replay {
     pub first_ts: Option<u64>,
     pub last_ts: u64,
     pub clean_end: bool,
+    /// Files begun (session records seen), to tell the first file's preamble.
+    pub files_begun: u64,
+    /// What the recorder left out to keep files within --max-size (the latest count).
+    pub left_out: Option<LeftOut>,
+    /// Live listeners the first file's preamble left out: missing from this report.
+    pub preamble_missing: u64,
 }
 
 impl Replay {
@@ -109,6 +115,7 @@ impl Replay {
     fn apply(&mut self, rec: Record) {
         match rec {
             Record::Recording(s) => {
+                self.files_begun += 1;
                 // The first file's session fixes the clock; later parts repeat it.
                 self.session.get_or_insert(s);
             }
@@ -173,6 +180,13 @@ impl Replay {
             Record::Reconcile(r) => {
                 self.seen(r.ts_ns);
                 self.reconcile = Some(r);
+            }
+            Record::LeftOut(l) => {
+                // Later files' preambles repeat what the earlier ones held.
+                if self.files_begun == 1 {
+                    self.preamble_missing = self.preamble_missing.max(l.preamble_listeners);
+                }
+                self.left_out = Some(l);
             }
         }
     }

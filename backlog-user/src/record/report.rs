@@ -168,6 +168,17 @@ fn recording_json(r: &Replay, s: &Recording, files: &[FileResult], windowed: boo
         "until": r.window.1.map(fmt_utc),
         "counts_from": if windowed { "events in the window" } else { "kernel counters" },
         "files": files,
+        "left_out": r.left_out.as_ref().map(|l| json!({
+            "records": l.records,
+            "bytes": l.bytes,
+            "capped_records": l.capped_records,
+            "capped_bytes": l.capped_bytes,
+            "rotations": l.rotations,
+            "short_preambles": l.short_preambles,
+            "preamble_listeners_max": l.listeners_max,
+            "preamble_reconciles": l.reconciles,
+        })),
+        "listeners_missing": r.preamble_missing,
     })
 }
 
@@ -329,6 +340,22 @@ fn text_header(
     for f in files {
         let stop = f.damage.as_ref().map(|d| format!(", {d}")).unwrap_or_default();
         writeln!(w, "  {}: {} records{stop}", f.path.display(), f.records)?;
+    }
+    if let Some(l) = &r.left_out {
+        writeln!(
+            w,
+            "  Left out to keep files within --max-size: {} records too large for a file ({} bytes), {} past \
+             --rotate + 1 rotations in one second ({} bytes); in {} of {} rotations up to {} live listeners from the new file's preamble",
+            l.records, l.bytes, l.capped_records, l.capped_bytes, l.short_preambles, l.rotations, l.listeners_max
+        )?;
+    }
+    if r.preamble_missing > 0 {
+        writeln!(
+            w,
+            "  The oldest file given is a rotated one whose preamble left out {} live listeners: they are missing here \
+             (give the older files too)",
+            r.preamble_missing
+        )?;
     }
     if windowed {
         writeln!(
