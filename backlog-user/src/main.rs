@@ -18,6 +18,8 @@ mod model;
 mod output;
 mod record;
 mod session;
+#[cfg(test)]
+mod testing;
 mod time;
 
 use std::io::Write;

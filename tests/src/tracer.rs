@@ -340,6 +340,33 @@ impl Drop for Tracer {
     }
 }
 
+/// What one `backlog-trace report` run printed.
+pub struct ReportRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// stdout's NDJSON records, when it succeeded with --json.
+    pub lines: Vec<serde_json::Value>,
+}
+
+/// Runs `backlog-trace report FILES ARGS`; fails the test on a panic or a signal.
+pub fn report(files: &[&std::path::Path], args: &[&str]) -> ReportRun {
+    let out = tracer_command().arg("report").args(files).args(args).output().expect("run backlog-trace report");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "report panicked on {files:?}: {stderr}");
+    let code = out.status.code().unwrap_or_else(|| panic!("report killed by a signal: {stderr}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines = if code == 0 && args.contains(&"--json") {
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+            .collect()
+    } else {
+        vec![]
+    };
+    ReportRun { code, stdout, stderr, lines }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{DropEvent, Summary};

@@ -7,11 +7,11 @@
 //! The files are written here byte by byte from the format's description
 //! (backlog-user/src/record/format.rs), so no tracer needs to run: no root, no BPF.
 //!   cargo test -p backlog-tests --test hostile_report -- --test-threads=1
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use backlog_tests::scratch_path;
-use backlog_tests::tracer::tracer_command;
+use backlog_tests::tracer::{report, ReportRun};
 
 const EVENT_LEN: u16 = 112;
 /// 2026-12-01T00:00:00Z in ns.
@@ -108,22 +108,8 @@ fn recording(tag: &str, id: u64, part: u32) -> PathBuf {
     write(tag, &[session(id, part), end(1_000_000_000_000 + u64::from(part + 1) * 1_000_000_000)])
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn report(files: &[&Path], args: &[&str]) -> Out {
-    let out = tracer_command().arg("report").args(files).args(args).output().expect("run backlog-trace report");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "report panicked on {files:?}: {stderr}");
-    let code = out.status.code().unwrap_or_else(|| panic!("report killed by a signal: {stderr}"));
-    Out { code, stdout: String::from_utf8_lossy(&out.stdout).into_owned(), stderr }
-}
-
 /// Exit 2 and exactly one line on stderr, containing every one of `words`.
-fn refused(out: &Out, words: &[&str]) {
+fn refused(out: &ReportRun, words: &[&str]) {
     assert_eq!(out.code, 2, "expected a refusal, got exit {}: {}{}", out.code, out.stdout, out.stderr);
     assert_eq!(out.stderr.lines().count(), 1, "one line expected: {}", out.stderr);
     assert!(out.stdout.is_empty(), "nothing printed on a refusal: {}", out.stdout);

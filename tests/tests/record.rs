@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use backlog_tests::http::{free_port, http_get};
 use backlog_tests::netns::{Netns, Netstat};
 use backlog_tests::scenario::{fence, settled, traced_sub};
-use backlog_tests::tracer::{tracer_command, Tracer};
+use backlog_tests::tracer::{report, tracer_command, Tracer};
 use backlog_tests::workload::{Clients, Server, ServerSpec};
 use backlog_tests::{require_root, scratch_path, wait_for};
 use serde_json::Value;
@@ -38,22 +38,6 @@ fn line<'a>(lines: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<&Value> = lines.iter().filter(|v| v["type"] == kind).collect();
     let [one] = found.as_slice() else { panic!("expected one {kind} line, got {}: {lines:#?}", found.len()) };
     one
-}
-
-struct Report {
-    code: i32,
-    lines: Vec<Value>,
-    stderr: String,
-}
-
-fn report(files: &[&Path], args: &[&str]) -> Report {
-    let out = tracer_command().arg("report").args(files).args(args).output().expect("run backlog-trace report");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "report panicked on {files:?}: {stderr}");
-    let code = out.status.code().unwrap_or_else(|| panic!("report killed by a signal: {stderr}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines = if code == 0 && args.contains(&"--json") { parse_lines(&stdout) } else { vec![] };
-    Report { code, lines, stderr }
 }
 
 /// What a recorded run left: the file, the live NDJSON, the kernel's deltas.

@@ -159,6 +159,7 @@ mod tests {
     use super::super::format::tests::samples;
     use super::super::format::{frame, header};
     use super::*;
+    use crate::testing::Rng;
 
     fn file(records: &[Record]) -> (Vec<u8>, Vec<usize>) {
         let mut out = header().to_vec();
@@ -254,20 +255,6 @@ mod tests {
         assert!(e.contains("120-byte events") && e.contains("events are 112 bytes"), "{e}");
         // An empty file is a recording cut before its header, not a foreign file.
         assert_eq!(read_all(b"").unwrap().1.unwrap().offset, 0);
-    }
-
-    /// xorshift64*: a seeded generator so a failure reproduces.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     /// Random mutations of a valid file (bit flips, byte overwrites, cuts,
