@@ -427,9 +427,13 @@ fn successive_listeners_keep_their_own_accepts() {
         assert_eq!(
             seen,
             vec![(u64::from(spec.clients), 1); ROUNDS],
-            "{ROUNDS} listeners of one process and {} accepts each in {}: {ls:#?}",
+            "{ROUNDS} listeners of one process and {} accepts each in {} (missed_runs {}, unmatched_accepts {}, \
+             diagnostics {}): {ls:#?}",
             spec.clients,
-            ns.name()
+            ns.name(),
+            summary["missed_runs"],
+            summary["unmatched_accepts"],
+            summary["diagnostics"]
         );
     }
 }
