@@ -234,18 +234,27 @@ fn bucket_of(us: f64) -> (f64, f64) {
 /// (percentiles are bucket midpoints; the maximum is exact), plus SLACK_US. The
 /// bounds must be tight enough that a tracer off by half or by double could not
 /// pass: a loose reference would prove nothing.
-fn assert_within(what: &str, tracer_us: f64, (lo, hi): (f64, f64), bucketed: bool) {
+/// The values a tracer's reading may take, given the true value's bounds.
+fn allowed((lo, hi): (f64, f64), bucketed: bool) -> (f64, f64) {
     let (lo_edge, hi_edge) = if bucketed { (bucket_of(lo).0, bucket_of(hi).1) } else { (lo, hi) };
-    let (min, max) = (lo_edge - SLACK_US, hi_edge + SLACK_US);
+    (lo_edge - SLACK_US, hi_edge + SLACK_US)
+}
+
+/// Whether bounds this wide can judge a reading at all: whatever the true value in
+/// [min, max], half of it is below min and double it above max only if max < 2 min.
+fn judgeable((min, max): (f64, f64)) -> bool {
+    min > 0.0 && max < 2.0 * min
+}
+
+fn assert_within(what: &str, tracer_us: f64, (lo, hi): (f64, f64), bucketed: bool) {
+    let (min, max) = allowed((lo, hi), bucketed);
     println!("{what}: tracer {tracer_us:.0} us, true value in [{lo:.0}, {hi:.0}] us, allowed [{min:.0}, {max:.0}] us");
     assert!(
         min <= tracer_us && tracer_us <= max,
         "{what}: tracer {tracer_us:.0} us outside [{min:.0}, {max:.0}] us (true value in [{lo:.0}, {hi:.0}] us)"
     );
-    // Whatever the true value in [min, max], half of it is below min and double
-    // it above max only if max < 2 * min.
     assert!(
-        min > 0.0 && max < 2.0 * min,
+        judgeable((min, max)),
         "{what}: the measured bounds [{lo:.0}, {hi:.0}] us are too loose to judge the tracer"
     );
 }
@@ -262,14 +271,28 @@ fn assert_waits_match(l: &Listener, m: &Measured) {
 
 /// Runs bt-acceptor with `spec` in a fresh namespace under `backlog-trace
 /// --json`: every connection timed, with the waits bt-acceptor measured.
+/// Under an emulated CPU a run's reference bounds can come out too wide to judge
+/// anything (a scheduling stall inside one bracket): such a run is measured again,
+/// up to `ATTEMPTS` times; a tracer reading outside judgeable bounds fails at once.
 fn paced_and_measured(tag: &str, spec: Spec) {
-    let ns = Netns::new(tag);
-    let mut measured = None;
-    let out = traced(&[&ns], &["--json"], || measured = Some(Acceptor::start(&ns, &spec).finish()));
-    let (m, l) = (measured.expect("workload ran"), summary_listener(&out, &ns));
-    assert_all_timed(&l, &m, &spec);
-    assert_waits_match(&l, &m);
-    assert!(l.accept_wait_hist_us.is_none(), "histogram without --hist: {l:#?}");
+    const ATTEMPTS: u32 = 3;
+    for attempt in 1..=ATTEMPTS {
+        let ns = Netns::new(tag);
+        let mut measured = None;
+        let out = traced(&[&ns], &["--json"], || measured = Some(Acceptor::start(&ns, &spec).finish()));
+        let (m, l) = (measured.expect("workload ran"), summary_listener(&out, &ns));
+        assert_all_timed(&l, &m, &spec);
+        assert!(l.accept_wait_hist_us.is_none(), "histogram without --hist: {l:#?}");
+        let loose = [(m.quantile_bounds(0.5), true), (m.quantile_bounds(1.0), false)]
+            .into_iter()
+            .any(|(bounds, bucketed)| !judgeable(allowed(bounds, bucketed)));
+        if loose && attempt < ATTEMPTS {
+            println!("attempt {attempt}: the measured bounds are too loose to judge the tracer; measuring again");
+            continue;
+        }
+        assert_waits_match(&l, &m);
+        return;
+    }
 }
 
 #[test]
@@ -420,6 +443,17 @@ fn successive_listeners_keep_their_own_accepts() {
         }
     });
     let summary = summary_line(&out);
+    // Exact, or short by no more than the program runs the kernel skipped and the
+    // tracer counted (on PREEMPT_RT a kprobe run that finds another BPF program
+    // preempted on its CPU is skipped): never silently short.
+    let missed = summary["missed_runs"].as_u64().expect("missed_runs");
+    let total: u64 = [&a, &b].iter().flat_map(|ns| listeners_in(&summary, ns)).map(|l| l.accepts).sum();
+    let expected = (2 * ROUNDS) as u64 * u64::from(spec.clients);
+    if missed > 0 && total < expected {
+        assert!(expected - total <= missed, "{total} accepts of {expected}, only {missed} runs missed: {summary:#}");
+        println!("{total} accepts of {expected}: short by what {missed} missed runs account for");
+        return;
+    }
     for ns in [&a, &b] {
         let ls = listeners_in(&summary, ns);
         let seen: Vec<(u64, usize)> = ls.iter().map(|l| (l.accepts, l.pids.len())).collect();
