@@ -72,7 +72,7 @@ impl Resolver {
             return;
         }
         match self.table.get(&l.sock_ino) {
-            Some(o) => l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone()))),
+            Some(o) => l.owners.extend(o.clone()),
             None if l.sock_ino != 0 => {
                 self.waiting.insert(l.key());
                 self.request();
@@ -101,7 +101,7 @@ impl Resolver {
         for key in std::mem::take(&mut self.waiting) {
             if let Some(l) = model.listeners.get_mut(&key) {
                 if let Some(o) = self.table.get(&l.sock_ino) {
-                    l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
+                    l.owners.extend(o.clone());
                 }
             }
         }
@@ -113,7 +113,7 @@ impl Resolver {
         self.unreadable = scan.unreadable;
         for l in model.listeners.values_mut() {
             if let Some(o) = scan.owners.get(&l.sock_ino) {
-                l.owners.extend(o.iter().map(|(p, c)| (*p, c.clone())));
+                l.owners.extend(o.clone());
             }
         }
     }
