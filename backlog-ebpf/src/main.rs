@@ -6,6 +6,10 @@
 //! changing that list too (backlog-user's tests compare it with the built object).
 #![no_std]
 #![no_main]
+// atomic_xadd: the BPF target has no compare-and-swap, so core's AtomicU64 offers no
+// fetch_add there, while the instruction itself (BPF_XADD) is what we want.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod accept;
 mod drops;

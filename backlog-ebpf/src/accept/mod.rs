@@ -5,7 +5,7 @@
 pub mod tracepoint;
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
     maps::{LruHashMap, PerCpuHashMap},
 };
@@ -44,11 +44,14 @@ pub fn enqueued(child: u64, listener: u64) {
 fn count_wait(listener: ListenerKey, wait_ns: u64) {
     let key = HistKey { listener, bucket: hist::bucket(wait_ns / 1000) as u32, _pad: 0 };
     match WAIT_HIST.get_ptr_mut(&key) {
-        // SAFETY: this CPU's copy.
-        Some(c) => unsafe { *c += 1 },
+        Some(c) => maps::atomic_add(c, 1),
         None => {
-            if WAIT_HIST.insert(&key, &1, 0).is_err() {
-                maps::count(global::HIST_FULL);
+            // NOEXIST: a program that preempted this one may have created it meanwhile.
+            if WAIT_HIST.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
+                match WAIT_HIST.get_ptr_mut(&key) {
+                    Some(c) => maps::atomic_add(c, 1),
+                    None => maps::count(global::HIST_FULL),
+                }
             }
         }
     }
@@ -69,12 +72,16 @@ pub fn accepted(child: u64) {
         }
         return;
     };
-    let _ = ENQUEUED.remove(&child);
+    // Whoever removes the entry owns the child's outcome (accepted or abandoned), so
+    // a close racing this accept on the same CPU cannot count it twice.
+    if ENQUEUED.remove(&child).is_err() {
+        return;
+    }
     let wait = maps::now_ns().saturating_sub(e.ts_ns);
     if let Some(s) = maps::stats(&e.listener) {
         // SAFETY: this CPU's copy.
         unsafe {
-            (*s).accepts += 1;
+            maps::atomic_add(&raw mut (*s).accepts, 1);
             if wait > (*s).wait_max_ns {
                 (*s).wait_max_ns = wait;
             }
@@ -99,7 +106,9 @@ pub fn forget(child: u64) {
 pub fn closed(child: u64) {
     // SAFETY: plain value copy out of the map.
     let Some(e) = (unsafe { ENQUEUED.get(&child) }).copied() else { return };
-    let _ = ENQUEUED.remove(&child);
+    if ENQUEUED.remove(&child).is_err() {
+        return;
+    }
     let o = fields::offsets();
     if fields::has_socket(child, &o) {
         maps::count(global::UNMATCHED_ACCEPT);
@@ -107,7 +116,7 @@ pub fn closed(child: u64) {
     }
     if let Some(s) = maps::stats(&e.listener) {
         // SAFETY: this CPU's copy.
-        unsafe { (*s).abandoned += 1 };
+        maps::atomic_add(unsafe { &raw mut (*s).abandoned }, 1);
     }
     listener_event(EventKind::Abandon, &e.listener, maps::now_ns().saturating_sub(e.ts_ns));
 }

@@ -23,9 +23,8 @@ pub struct Peer {
 pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
     let key = fields::listener_key(sk, o);
     if let Some(s) = maps::stats(&key) {
-        // SAFETY: this CPU's copy of the value; tracing programs do not nest on one CPU
-        // for the same hook.
-        unsafe { (*s).drops[reason as usize] += 1 };
+        // SAFETY: this CPU's copy of the value.
+        maps::atomic_add(unsafe { &raw mut (*s).drops[reason as usize] }, 1);
         maps::note_queue(s, q);
     }
     maps::emit_listener_event(EventKind::Drop, &key, o, |ev| {
