@@ -50,7 +50,7 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| format!("'{s}' is neither a port nor an address:port (e.g. 9464, 0.0.0.0:9464, [::1]:9464)"))
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Labels {
     netns: u32,
     port: PortClass,
