@@ -19,7 +19,7 @@ use backlog_tests::http::{free_port, http_get_with, Answer};
 use backlog_tests::netns::Netns;
 use backlog_tests::scenario::settled;
 use backlog_tests::tracer::Tracer;
-use backlog_tests::workload::{Clients, Server, ServerSpec};
+use backlog_tests::workload::{many_listeners, Clients, Server, ServerSpec};
 use backlog_tests::{require_root, scratch_path, wait_for, workspace_root};
 use backlog_user::sys::diag::Diag;
 use serde_json::{json, Value};
@@ -144,14 +144,10 @@ fn value(samples: &[Sample], name: &str) -> Option<f64> {
 /// (length, limit) by socket label of the queue series of `port` in `netns`.
 fn queues(samples: &[Sample], netns: u64, port: u16) -> BTreeMap<String, (f64, f64)> {
     let of = |s: &Sample| s.label("netns") == netns.to_string() && s.label("port") == port.to_string();
-    let limit = |len: &Sample| {
-        let found = samples.iter().find(|s| s.name == "backlog_queue_limit" && s.key() == len.key());
-        found.unwrap_or_else(|| panic!("no backlog_queue_limit for {len:?}")).value
-    };
     samples
         .iter()
         .filter(|s| s.name == "backlog_queue_length" && of(s))
-        .map(|s| (s.label("socket").to_string(), (s.value, limit(s))))
+        .map(|s| (s.label("socket").to_string(), (s.value, queues_limit(samples, s))))
         .collect()
 }
 
@@ -159,8 +155,7 @@ fn queues(samples: &[Sample], netns: u64, port: u16) -> BTreeMap<String, (f64, f
 fn assert_no_queue_above_its_limit(samples: &[Sample]) {
     for len in samples.iter().filter(|s| s.name == "backlog_queue_length") {
         assert!(!len.label("socket").is_empty(), "a queue series without its socket: {len:?}");
-        let limit = samples.iter().find(|s| s.name == "backlog_queue_limit" && s.key() == len.key());
-        let limit = limit.unwrap_or_else(|| panic!("no limit for {len:?}")).value;
+        let limit = queues_limit(samples, len);
         assert!(len.value <= limit + 1.0, "queue {} above its limit {limit}: {len:?}", len.value);
     }
 }
@@ -209,6 +204,48 @@ fn reuseport_members_each_get_their_own_queue_series_never_a_sum() {
     let status = tracer.stop_sigint();
     assert!(status.success(), "{}", tracer.stderr());
     println!("{scrapes} scrapes; per socket (len, limit) {kernel:?} as sock_diag; {drops} drops = ListenDrops");
+}
+
+#[test]
+fn queue_series_are_bounded_by_top_each_as_sock_diag_sees_its_socket() {
+    require_root();
+    const LISTENERS: usize = 30;
+    const TOP: usize = 5;
+    let ns = Netns::new("promtop");
+    let exporter = format!("127.0.0.1:{}", free_port());
+    let mut tracer = Tracer::start(&["--netns", ns.name(), "--prometheus", &exporter, "--top", &TOP.to_string()]);
+    // Each listener: one accepted, its queue full, one client's SYNs dropped.
+    let _held = many_listeners(&ns, "127.0.0.1", 9000, LISTENERS);
+    let inode = ns.inode().to_string();
+    let kernel: BTreeMap<String, (f64, f64)> = ns
+        .inside(|| Diag::open().and_then(|mut d| d.listeners()))
+        .expect("sock_diag of the namespace")
+        .iter()
+        .map(|e| (e.inode.to_string(), (f64::from(e.rqueue), f64::from(e.wqueue))))
+        .collect();
+    assert_eq!(kernel.len(), LISTENERS, "{kernel:?}");
+    let samples = wait_for("every listener counted and the fullest sockets' queues", CATCH_UP, || {
+        let samples = parse(&scrape(&exporter, None).body);
+        assert_no_queue_above_its_limit(&samples);
+        let accepts = sum(&samples, "backlog_accepts_total", ns.inode(), None);
+        let queues: BTreeMap<String, (f64, f64)> = samples
+            .iter()
+            .filter(|s| s.name == "backlog_queue_length" && s.label("netns") == inode)
+            .map(|s| (s.label("socket").to_string(), (s.value, queues_limit(&samples, s))))
+            .collect();
+        let as_kernel = queues.iter().all(|(socket, q)| kernel.get(socket) == Some(q));
+        (accepts == LISTENERS as f64 && queues.len() == TOP && as_kernel).then_some(samples)
+    });
+    assert_eq!(value(&samples, "backlog_queue_sockets_omitted"), Some((LISTENERS - TOP) as f64));
+    let status = tracer.stop_sigint();
+    assert!(status.success(), "{}", tracer.stderr());
+    println!("{LISTENERS} listeners, --top {TOP}: {TOP} queue series as sock_diag, {} omitted", LISTENERS - TOP);
+}
+
+/// The limit of the socket whose length is `len`.
+fn queues_limit(samples: &[Sample], len: &Sample) -> f64 {
+    let found = samples.iter().find(|s| s.name == "backlog_queue_limit" && s.key() == len.key());
+    found.unwrap_or_else(|| panic!("no backlog_queue_limit for {len:?}")).value
 }
 
 fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
