@@ -80,9 +80,11 @@ fn live(args: &cli::TraceArgs, record: Option<record::RecordSettings>) -> i32 {
             observers.push(Box::new(record::Recorder::create(r, &settings.session.filter)?));
         }
         let stdout: Box<dyn Write> = Box::new(std::io::stdout());
+        // Queue gauges are bounded like the tables: the --top fullest sockets.
+        let top = settings.view.top;
         observers.push(Box::new(output::Printer::new(settings.view, stdout)));
         if let Some(addr) = settings.prometheus {
-            observers.push(Box::new(export::Prometheus::serve(addr, settings.session.filter.clone()).await?));
+            observers.push(Box::new(export::Prometheus::serve(addr, settings.session.filter.clone(), top).await?));
         }
         session::run(settings.session, observers).await
     };

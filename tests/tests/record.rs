@@ -514,6 +514,14 @@ fn prometheus_scrapes_the_exact_drop_counter() {
     assert_eq!(undetected, 0.0, "undetected drops in Prometheus");
     assert_eq!(run.drops + undetected, run.delta.get("ListenDrops") as f64);
     assert_eq!(run.prom.query("backlog_programs_detached"), Some(0.0));
+    // Prometheus took the OpenMetrics info metric and the per-socket queue gauges:
+    // one socket, its limit listen(8)'s, its length never beyond limit + 1.
+    assert_eq!(run.prom.query("count(backlog_build_info{mode!=\"starting\"})"), Some(1.0));
+    let sel = format!("{{netns=\"{inode}\",port=\"{PORT}\"}}");
+    assert_eq!(run.prom.query(&format!("count(backlog_queue_limit{sel})")), Some(1.0), "one socket");
+    assert_eq!(run.prom.query(&format!("backlog_queue_limit{sel}")), Some(8.0));
+    let over = run.prom.query(&format!("backlog_queue_length{sel} - backlog_queue_limit{sel}")).expect("queue length");
+    assert!(over <= 1.0, "a queue {over} beyond its limit");
     let status = run.session.stop_sigint();
     assert!(status.success(), "{}", run.session.stderr());
     assert!(run.session.stderr().contains("Prometheus metrics on http://127.0.0.1:"), "{}", run.session.stderr());

@@ -1,6 +1,6 @@
 //! Just enough HTTP/1.1 to be scraped: GET /metrics answers with the body `render`
-//! gives (shared, not copied, between concurrent scrapes), anything else gets a
-//! short 404. One request per connection.
+//! gives for the request's Accept header (shared, not copied, between concurrent
+//! scrapes), anything else gets a short 404. One request per connection.
 //!
 //! Nothing a client does can make the endpoint take what the tracer needs: at most
 //! `Limits::max_connections` exchanges at once, derived from the fd limit so that
@@ -86,7 +86,8 @@ impl Notice {
     }
 }
 
-pub type Render = Arc<dyn Fn() -> (&'static str, Bytes) + Send + Sync>;
+/// (content type, body) of /metrics for the request's Accept header, if it sent one.
+pub type Render = Arc<dyn Fn(Option<&str>) -> (&'static str, Bytes) + Send + Sync>;
 
 /// Serves forever on `listener`; `render` gives (content type, body) of /metrics.
 pub async fn serve(listener: TcpListener, render: Render, limits: Limits, stats: Arc<Stats>) {
@@ -165,6 +166,20 @@ async fn read_head(conn: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(head))
 }
 
+/// The values of every `name` header field in a request head (case-insensitive name),
+/// joined by ", " as RFC 9110 5.3 allows for list-valued fields; None if there is none.
+fn header(head: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(head);
+    let values: Vec<&str> = text
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
 async fn respond(conn: &mut TcpStream, head: &[u8], render: Render) -> std::io::Result<()> {
     let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|b| *b == b' ');
@@ -172,14 +187,15 @@ async fn respond(conn: &mut TcpStream, head: &[u8], render: Render) -> std::io::
     let path = target.split(|b| *b == b'?').next().unwrap_or_default();
     let (status, ctype, body) = match (method, path) {
         (b"GET", b"/metrics") => {
-            let (ctype, body) = render();
+            let (ctype, body) = render(header(head, "accept").as_deref());
             ("200 OK", ctype, body)
         }
         (b"GET", _) => ("404 Not Found", "text/plain", Bytes::from_static(b"backlog-trace: metrics are at /metrics\n")),
         _ => ("405 Method Not Allowed", "text/plain", Bytes::from_static(b"backlog-trace: only GET is served\n")),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nVary: Accept\r\nConnection: \
+         close\r\n\r\n",
         body.len()
     );
     conn.write_all(head.as_bytes()).await?;
@@ -205,11 +221,17 @@ mod tests {
     async fn serves_metrics_and_refuses_the_rest() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let render: Render = Arc::new(|| ("text/plain", Bytes::from_static(b"up 1\n")));
+        let render: Render = Arc::new(|accept| {
+            let body = format!("up 1\naccept {}\n", accept.unwrap_or("-"));
+            ("text/plain", Bytes::from(body))
+        });
         tokio::spawn(serve(listener, render, Limits::for_nofile(1024), Arc::default()));
         let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nup 1\n"), "{ok}");
-        assert!(ok.contains("Content-Length: 5\r\n"));
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nup 1\naccept -\n"), "{ok}");
+        assert!(ok.contains("Content-Length: 14\r\n") && ok.contains("Vary: Accept\r\n"), "{ok}");
+        // Every Accept field reaches `render`, whatever the name's case.
+        let asked = get(addr, "GET /metrics HTTP/1.1\r\nACCEPT: a/b\r\nX: y\r\naccept:  c/d;q=0.5 \r\n\r\n").await;
+        assert!(asked.ends_with("\r\n\r\nup 1\naccept a/b, c/d;q=0.5\n"), "{asked}");
         assert!(get(addr, "GET / HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
         assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
         // An oversized head is dropped without an answer, and the server lives on.
@@ -219,7 +241,7 @@ mod tests {
     }
 
     fn up() -> Render {
-        Arc::new(|| ("text/plain", Bytes::from_static(b"up 1\n")))
+        Arc::new(|_| ("text/plain", Bytes::from_static(b"up 1\n")))
     }
 
     async fn until(what: &str, cond: impl Fn() -> bool) {
