@@ -163,12 +163,15 @@ pub struct ReportArgs {
     /// Which listeners; each one given replaces what the recording was made with.
     #[command(flatten)]
     pub filters: FilterArgs,
-    /// Only events from this time on: an offset from the recording's start (90s,
-    /// 5m), a UTC time (2026-11-22T01:02:03Z) or a Unix time (@1763773323).
-    #[arg(long, value_parser = parse_time)]
+    /// Only events from this time on, as journalctl reads it: a duration counts back
+    /// from the recording's end (5m: its last five minutes; 1h30m), +DURATION counts
+    /// from its start (+90s), or a UTC time (2026-11-22T01:02:03Z) or Unix time
+    /// (@1763773323). An empty or inverted window is an error.
+    #[arg(long, value_name = "TIME", value_parser = parse_time, allow_hyphen_values = true)]
     pub since: Option<TimeSpec>,
-    /// Only events before this time (same forms as --since).
-    #[arg(long, value_parser = parse_time)]
+    /// Only events before this time (same forms as --since: 2m is two minutes
+    /// before the end).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, allow_hyphen_values = true)]
     pub until: Option<TimeSpec>,
     /// NDJSON, as the live session prints it, plus timeline, peers and namespaces lines.
     #[arg(long)]
