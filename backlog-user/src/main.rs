@@ -41,6 +41,23 @@ fn main() {
         Some(cli::Command::Report(args)) => {
             or_exit("report", 2, record::report(&args.settings(), &mut std::io::stdout().lock()))
         }
+        Some(cli::Command::Completions { shell }) => match cli::completions(shell, &mut std::io::stdout().lock()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("backlog-trace completions: cannot write the script to stdout: {e}");
+                1
+            }
+        },
+        Some(cli::Command::Man { dir }) => match cli::man(dir.as_deref(), &mut std::io::stdout().lock()) {
+            Ok(pages) => {
+                pages.iter().for_each(|p| println!("{}", p.display()));
+                0
+            }
+            Err(e) => {
+                eprintln!("backlog-trace man: cannot write the man pages: {e}");
+                1
+            }
+        },
         None => live(&cli.trace, None),
     };
     std::process::exit(code);
