@@ -48,16 +48,19 @@ fn main() {
                 1
             }
         },
-        Some(cli::Command::Man { dir }) => match cli::man(dir.as_deref(), &mut std::io::stdout().lock()) {
-            Ok(pages) => {
-                pages.iter().for_each(|p| println!("{}", p.display()));
-                0
+        Some(cli::Command::Man { dir }) => {
+            let mut out = std::io::stdout().lock();
+            // The pages written, a path a line (a closed stdout is an error, not a panic).
+            let listed = cli::man(dir.as_deref(), &mut out)
+                .and_then(|pages| pages.iter().try_for_each(|p| writeln!(out, "{}", p.display())));
+            match listed {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("backlog-trace man: cannot write the man pages: {e}");
+                    1
+                }
             }
-            Err(e) => {
-                eprintln!("backlog-trace man: cannot write the man pages: {e}");
-                1
-            }
-        },
+        }
         None => live(&cli.trace, None),
     };
     std::process::exit(code);
