@@ -41,6 +41,26 @@ fn main() {
         Some(cli::Command::Report(args)) => {
             or_exit("report", 2, record::report(&args.settings(), &mut std::io::stdout().lock()))
         }
+        Some(cli::Command::Completions { shell }) => match cli::completions(shell, &mut std::io::stdout().lock()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("backlog-trace completions: cannot write the script to stdout: {e}");
+                1
+            }
+        },
+        Some(cli::Command::Man { dir }) => {
+            let mut out = std::io::stdout().lock();
+            // The pages written, a path a line (a closed stdout is an error, not a panic).
+            let listed = cli::man(dir.as_deref(), &mut out)
+                .and_then(|pages| pages.iter().try_for_each(|p| writeln!(out, "{}", p.display())));
+            match listed {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("backlog-trace man: cannot write the man pages: {e}");
+                    1
+                }
+            }
+        }
         None => live(&cli.trace, None),
     };
     std::process::exit(code);

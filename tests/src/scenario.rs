@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
-use crate::netns::{nft, Netns, Netstat, LISTEN_COUNTERS};
+use crate::netns::{nft, veth_pair, Netns, Netstat, LISTEN_COUNTERS};
 use serde::{Deserialize, Serialize};
 
 use crate::tracer::{DropEvent, Listener, Summary, Tracer};
-use crate::wait_for;
+use crate::{require_root, wait_for};
 
 /// Result of [`traced`]: counter deltas per namespace and the tracer's output.
 pub struct Run {
@@ -87,6 +87,39 @@ pub fn settled(ns: &Netns) -> Netstat {
         prev = now;
         stable.then(|| prev.clone())
     })
+}
+
+/// A server namespace and a client namespace joined by a veth pair, whose
+/// client drops its own ACK-bearing segments (no SYN flag) to the server port,
+/// so the server sees SYNs but never the final ACKs: handshakes stay half-open
+/// until [`HeldAcks::release`]. How the suite makes final-ACK overflows.
+pub struct HeldAcks {
+    pub server_ns: Netns,
+    pub client_ns: Netns,
+    pub server_addr: String,
+}
+
+impl HeldAcks {
+    pub fn new(syncookies: &str, port: u16) -> HeldAcks {
+        require_root();
+        let server_ns = Netns::new("srv");
+        let client_ns = Netns::new("cli");
+        let link = veth_pair(&server_ns, &client_ns);
+        server_ns.sysctl("net.ipv4.tcp_syncookies", syncookies);
+        nft(
+            &client_ns,
+            &format!(
+                "table inet bt_hold {{\n\tchain output {{ type filter hook output priority 0; policy accept; \
+                 tcp dport {port} tcp flags & (syn | ack) == ack drop; }}\n}}\n"
+            ),
+        );
+        HeldAcks { server_ns, client_ns, server_addr: link.server_addr.to_string() }
+    }
+
+    /// Lets the held-back ACKs through from now on (retransmissions arrive).
+    pub fn release(&self) {
+        nft(&self.client_ns, "delete table inet bt_hold\n");
+    }
 }
 
 impl Run {

@@ -11,8 +11,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use backlog_tests::netns::Netns;
+use backlog_tests::scenario::{fence, settled, HeldAcks};
 use backlog_tests::sys::{check, connect_nonblocking, set_sockopt, sockaddr, tcp_socket};
 use backlog_tests::tracer::{tracer_bin, tracer_command};
+use backlog_tests::workload::{Clients, Server, ServerSpec};
 use serde_json::Value;
 
 /// A TCP listener on 127.0.0.1:port in `ns`, made with listen(backlog): std's
@@ -122,8 +124,10 @@ fn assert_schema(doc: &Value) {
     fields(doc, "report", report);
     assert_eq!(doc["schema_version"], 1);
     for ns in doc["namespaces"].as_array().unwrap() {
-        fields(ns, "namespace", "inode:u name:s? sysctls:o counters:a");
-        let sysctls = "somaxconn:u? tcp_max_syn_backlog:u? tcp_syncookies:u? tcp_abort_on_overflow:u?";
+        fields(ns, "namespace", "inode:u name:s? sysctls:o counters:a drops:o");
+        fields(&ns["drops"], "drops", "listen_drops:u socket_drops:u? socket_excess:u? all_listeners_seen:b");
+        let sysctls =
+            "somaxconn:u? tcp_max_syn_backlog:u? tcp_syncookies:u? tcp_abort_on_overflow:u? tcp_timestamps:u?";
         fields(&ns["sysctls"], "sysctls", sysctls);
         let names: Vec<&str> = ns["counters"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(
@@ -136,8 +140,10 @@ fn assert_schema(doc: &Value) {
         }
     }
     for l in doc["listeners"].as_array().unwrap() {
-        let listener = "netns:u address:s port:u reuseport:b members:a syn_queue_now:u syn_queue_peak:u";
+        let listener = "netns:u address:s port:u reuseport:b members:a syn_queue_now:u syn_queue_peak:u listen_drops:o";
         fields(l, "listener", listener);
+        fields(&l["listen_drops"], "listen_drops", "min:u max:u");
+        assert!(l["listen_drops"]["min"].as_u64() <= l["listen_drops"]["max"].as_u64(), "{l}");
         for m in l["members"].as_array().unwrap() {
             let member = "inode:u limit:u queue_now:u queue_peak:u samples:u samples_full:u full_seconds:n \
                           drops_total:u? drops_window:u? owners:a";
@@ -228,6 +234,10 @@ fn overflowing_listener_is_named_and_its_drops_counted() {
     assert_eq!(m["queue_peak"], 5, "a listen(4) queue holds 5 before it drops");
     assert!(m["samples_full"].as_u64().unwrap() > 0);
     assert_eq!(m["drops_window"].as_u64().unwrap(), overflows, "the socket's own drop counter");
+    // Every drop here is a SYN's, counted once by the socket: the share is exact.
+    let drops_delta = counter(&doc, 0, "ListenDrops");
+    assert_eq!(full[0]["listen_drops"], serde_json::json!({"min": drops_delta, "max": drops_delta}));
+    assert_eq!(listeners_on(&doc, 8405)[0]["listen_drops"], serde_json::json!({"min": 0, "max": 0}));
 
     let drops: Vec<&Value> =
         doc["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "listen_drops").collect();
@@ -367,4 +377,129 @@ fn bad_input_exits_2_without_panicking() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+fn findings_for<'a>(doc: &'a Value, listener: &str, kind: &str) -> Vec<&'a Value> {
+    doc["findings"].as_array().unwrap().iter().filter(|f| f["listener"] == listener && f["kind"] == kind).collect()
+}
+
+/// Final-ACK overflows at pending requests move the listener's own drop counter
+/// twice (the listen drop, then the segment's discard), so check's drop count must
+/// come from ListenDrops, not from that counter: it equals the namespace's
+/// ListenDrops delta exactly, and the counter's excess is shown and explained.
+#[test]
+fn final_ack_overflow_drops_equal_listen_drops() {
+    const PORT: u16 = 8090;
+    let h = HeldAcks::new("1", PORT);
+    // listen(8), never accepting.
+    let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
+    let mut child = spawn_check(&["--netns", h.server_ns.name(), "--sample", "15s", "--json"]);
+    let stderr = wait_window_open(&mut child);
+    let before = h.server_ns.netstat();
+    // 9 handshakes held half-open: pending requests whose final ACK has not arrived.
+    let held = Clients { send: true, hold_secs: 4, ..Clients::new(&h.server_addr, PORT, 9) };
+    let held = held.start(&h.client_ns);
+    assert_eq!(held.sent, Some(9), "harness problem: not every held handshake was answered");
+    // Local clients (their ACKs not held) fill the accept queue past the requests.
+    let local = Clients { hold_secs: 2, ..Clients::new(&h.server_addr, PORT, 20) }.start(&h.server_ns);
+    std::thread::sleep(Duration::from_millis(300));
+    // The held ACKs (and their retransmissions) now meet a full accept queue.
+    h.release();
+    held.finish();
+    local.finish();
+    fence(&h.server_ns);
+    let d = settled(&h.server_ns).since(&before);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "harness problem: check's 15 s window closed before the workload settled (kernel deltas {d})"
+    );
+    let (code, doc) = parse(child.wait_with_output().unwrap());
+    let _ = stderr.recv_timeout(Duration::from_secs(5));
+    let ld = d.get("ListenDrops");
+    assert!(ld > 0 && d.get("ListenOverflows") > 0, "harness problem: nothing overflowed: {d}");
+    assert_eq!(code, 1);
+    assert_eq!(counter(&doc, 0, "ListenDrops"), ld, "check's reading vs the test's: {d}");
+
+    let endpoint = format!("{}:{PORT}", h.server_addr);
+    let g = listeners_on(&doc, PORT);
+    assert_eq!(g.len(), 1, "{doc:#}");
+    let rise: u64 = g[0]["members"].as_array().unwrap().iter().map(|m| m["drops_window"].as_u64().unwrap()).sum();
+    println!("ListenDrops +{ld}, ListenOverflows +{}, socket drop counter +{rise}", d.get("ListenOverflows"));
+    assert!(rise > ld, "the scenario must make the socket count final-ACK overflows twice: +{rise} vs {d}");
+    assert_eq!(g[0]["listen_drops"], serde_json::json!({"min": ld, "max": ld}), "the share is ListenDrops exactly");
+    let drops = &doc["namespaces"][0]["drops"];
+    assert_eq!(
+        drops,
+        &serde_json::json!({"listen_drops": ld, "socket_drops": rise, "socket_excess": rise - ld,
+                            "all_listeners_seen": true})
+    );
+    let found = findings_for(&doc, &endpoint, "listen_drops");
+    assert_eq!(found.len(), 1, "{doc:#}");
+    let summary = found[0]["summary"].as_str().unwrap();
+    assert!(summary.contains(&format!("dropped {ld} connection attempt(s): all of")), "{summary}");
+    assert!(!summary.contains(&rise.to_string()), "{summary}");
+    let evidence = found[0]["evidence"].as_str().unwrap();
+    let explained = format!("rose by {rise}: {ld} listen drops and {} more", rise - ld);
+    assert!(evidence.contains(&explained) && evidence.contains("twice"), "{evidence}");
+}
+
+/// An owner that never accepts, idle, with its queue full in every sample: check
+/// says the application is stuck and that a deeper queue would only add latency.
+#[test]
+fn idle_owner_with_a_queue_always_full_is_a_stuck_application() {
+    const PORT: u16 = 8091;
+    let ns = Netns::new("chk");
+    let _server = Server::start(&ns, ServerSpec::new("127.0.0.1", PORT));
+    // Full before the window opens (listen(8) holds 9); the rest retransmit SYNs.
+    let _clients = connect_many(&ns, PORT, 30);
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, doc) = check_json(&["--netns", ns.name(), "--sample", "2s"]);
+    assert_eq!(code, 1);
+    let m = &listeners_on(&doc, PORT)[0]["members"][0];
+    assert_eq!(m["samples_full"], m["samples"], "full in every sample: {m}");
+    let cpu = m["owners"][0]["cpu"]["total_percent"].as_f64().expect("the owner's CPU was read");
+    assert!(cpu < 1.0, "bt-server sleeps: {m}");
+    let fill = findings_for(&doc, &format!("127.0.0.1:{PORT}"), "accept_queue_filling");
+    assert_eq!(fill.len(), 1, "{doc:#}");
+    assert!(fill[0]["summary"].as_str().unwrap().contains("the application is not accepting"), "{}", fill[0]);
+    let fix = fill[0]["fix"].as_str().unwrap();
+    assert!(fix.contains("stuck, not slow") && fix.contains("only make clients wait longer"), "{fix}");
+    assert!(!fix.contains("Raise the listen backlog"), "{fix}");
+}
+
+/// A SO_REUSEPORT group whose members all overflow is one listener: one filling
+/// finding naming every member, one drops finding with the group's exact share.
+#[test]
+fn a_reuseport_group_gets_one_finding_per_kind() {
+    const PORT: u16 = 8092;
+    let ns = Netns::new("chk");
+    let _members: Vec<TcpListener> = (0..3).map(|_| listen(&ns, PORT, 2, true)).collect();
+    let mut child = spawn_check(&["--netns", ns.name(), "--sample", "3s", "--json"]);
+    let stderr = wait_window_open(&mut child);
+    // 90 handshakes over three queues that hold 3 each: all three overflow.
+    let clients = connect_many(&ns, PORT, 90);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(clients);
+    let (_, doc) = parse(child.wait_with_output().unwrap());
+    let _ = stderr.recv_timeout(Duration::from_secs(5));
+
+    let endpoint = format!("127.0.0.1:{PORT}");
+    let g = listeners_on(&doc, PORT);
+    assert_eq!(g.len(), 1);
+    let members = g[0]["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m["queue_peak"] == 3), "every member filled: {members:#?}");
+    let fill = findings_for(&doc, &endpoint, "accept_queue_filling");
+    assert_eq!(fill.len(), 1, "one finding for the group: {doc:#}");
+    assert!(
+        fill[0]["summary"].as_str().unwrap().contains("SO_REUSEPORT group of 3): 3 member queue(s)"),
+        "{}",
+        fill[0]
+    );
+    assert_eq!(fill[0]["evidence"].as_str().unwrap().matches("socket inode").count(), 3, "{}", fill[0]);
+    let drops = findings_for(&doc, &endpoint, "listen_drops");
+    assert_eq!(drops.len(), 1, "{doc:#}");
+    let ld = counter(&doc, 0, "ListenDrops");
+    assert!(ld > 0);
+    assert_eq!(g[0]["listen_drops"], serde_json::json!({"min": ld, "max": ld}));
 }

@@ -4,11 +4,11 @@
 //!
 //! Run as root, serially, once backlog-trace is built in release mode:
 //!   cargo test -p backlog-tests --test drops -- --test-threads=1
-use backlog_tests::netns::{nft, veth_pair, Netns};
+use backlog_tests::netns::Netns;
 use backlog_tests::require_root;
 use std::time::Duration;
 
-use backlog_tests::scenario::{fence, settled, traced, Run};
+use backlog_tests::scenario::{fence, settled, traced, HeldAcks, Run};
 use backlog_tests::tracer::Tracer;
 use backlog_tests::workload::{Clients, Server, ServerSpec};
 
@@ -68,41 +68,9 @@ fn ipv6_accept_queue_overflow_is_counted_exactly() {
     single_listener("::1", "[::1]:8080");
 }
 
-/// A server namespace and a client namespace joined by a veth pair, whose
-/// client drops its own ACK-bearing segments (no SYN flag) to the server port,
-/// so the server sees SYNs but never the final ACKs: handshakes stay half-open.
-struct HeldAcks {
-    server_ns: Netns,
-    client_ns: Netns,
-    server_addr: String,
-}
-
-impl HeldAcks {
-    fn new(syncookies: &str) -> HeldAcks {
-        require_root();
-        let server_ns = Netns::new("srv");
-        let client_ns = Netns::new("cli");
-        let link = veth_pair(&server_ns, &client_ns);
-        server_ns.sysctl("net.ipv4.tcp_syncookies", syncookies);
-        nft(
-            &client_ns,
-            &format!(
-                "table inet bt_hold {{\n\tchain output {{ type filter hook output priority 0; policy accept; \
-                 tcp dport {PORT} tcp flags & (syn | ack) == ack drop; }}\n}}\n"
-            ),
-        );
-        HeldAcks { server_ns, client_ns, server_addr: link.server_addr.to_string() }
-    }
-
-    /// Lets the held-back ACKs through from now on (retransmissions arrive).
-    fn release(&self) {
-        nft(&self.client_ns, "delete table inet bt_hold\n");
-    }
-}
-
 #[test]
 fn syn_queue_full_without_syncookies_is_counted_exactly() {
-    let h = HeldAcks::new("0");
+    let h = HeldAcks::new("0", PORT);
     let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
     // The SYN queue (as long as the backlog) fills with half-open requests;
     // without syncookies every further SYN is dropped.
@@ -119,7 +87,7 @@ fn final_ack_overflow_is_counted_exactly() {
     // queue, as long as the backlog, is full) and the accept queue stays empty
     // while the ACKs are held. Without them only 9 requests would wait: just
     // what the accept queue takes, so nothing would overflow.
-    let h = HeldAcks::new("1");
+    let h = HeldAcks::new("1", PORT);
     let _server = Server::start(&h.server_ns, ServerSpec::new(&h.server_addr, PORT));
     let clients = Clients { send: true, hold_secs: 10, ..Clients::new(&h.server_addr, PORT, 100) };
     let run = traced(&[&h.server_ns], &[], || {

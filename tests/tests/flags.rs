@@ -69,3 +69,32 @@ fn netns_of_another_user_is_permission_denied_not_missing() {
     assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
     assert!(stderr.contains("permission denied"), "stderr:\n{stderr}");
 }
+
+/// `report --since/--until`: impossible dates and unknown spellings are refused before
+/// any file is read; journalctl's spellings (1h30m, -5m) and RFC 3339 UTC are accepted
+/// (the run then gets as far as the file, which does not exist).
+#[test]
+fn report_times_are_validated_and_take_journalctl_spellings() {
+    let file = "/nonexistent/bt-flags.btr";
+    for v in [
+        "2026-02-30T00:00:00Z",
+        "2025-02-29T12:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "2026-04-31T10:00:00Z",
+        "2026-01-01T00:00:00+02:00",
+        "5 parsecs",
+        "yesterday",
+        "+0s",
+    ] {
+        for flag in ["--since", "--until"] {
+            refused(&["report", file, flag, v], v);
+        }
+    }
+    for v in ["1h30m", "5m", "-5m", "+90s", "1.5h", "2024-02-29T23:59:59Z", "2026-02-28 10:00:00", "@1763773323"] {
+        let out = run(&["report", file, "--since", v]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{v}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{v}: {stderr}");
+        assert!(stderr.contains(file) && stderr.contains("No such file"), "{v} accepted, then the file: {stderr}");
+    }
+}

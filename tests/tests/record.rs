@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use backlog_tests::http::{free_port, http_get};
 use backlog_tests::netns::{Netns, Netstat};
 use backlog_tests::scenario::{fence, settled, traced_sub};
-use backlog_tests::tracer::{report, tracer_command, Tracer};
+use backlog_tests::tracer::{report, tracer_command, ReportRun, Tracer};
 use backlog_tests::workload::{Clients, Server, ServerSpec};
 use backlog_tests::{require_root, scratch_path, wait_for};
 use serde_json::Value;
@@ -166,10 +166,53 @@ fn report_equals_the_live_summary_and_the_kernel() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(&format!("{drops} drops at")) && text.contains("@accept_wait_us"), "{text}");
     // Events start with the workload, well after the first millisecond.
-    let early = report(&[&r.file], &["--json", "--until", "1ms"]);
+    let early = report(&[&r.file], &["--json", "--until", "+1ms"]);
     assert_eq!(early.code, 0, "{}", early.stderr);
     assert_eq!(line(&early.lines, "summary")["listeners"].as_array().map(Vec::len), Some(0));
+    assert_windows_read_as_journalctl(&r.file, drops);
     let _ = std::fs::remove_file(&r.file);
+}
+
+/// `--since`/`--until` DURATION count back from the recording's end: with D the
+/// recording's length, `--since D-2ms` is all but its first 2 ms (every drop), and
+/// `--until D-2ms` its first 2 ms (none). Empty and inverted windows: exit 2, one line.
+fn assert_windows_read_as_journalctl(file: &Path, drops: u64) {
+    let whole = report(&[file], &["--json"]);
+    let rec = line(&whole.lines, "recording");
+    let wall = |k: &str| {
+        let t = humantime::parse_rfc3339(rec[k].as_str().unwrap()).unwrap_or_else(|e| panic!("{k}: {e}: {rec:#}"));
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    };
+    let len_ms = wall("end") - wall("start");
+    assert!(len_ms > 1000, "the recording spans the workload: {rec:#}");
+    let back = format!("{}ms", len_ms - 2);
+    let total = |rep: &ReportRun| -> u64 {
+        assert_eq!(rep.code, 0, "{}", rep.stderr);
+        let s = line(&rep.lines, "summary");
+        s["listeners"].as_array().unwrap().iter().map(|l| l["drops"].as_u64().unwrap()).sum()
+    };
+    let since = report(&[file], &["--json", "--since", &back]);
+    assert_eq!(total(&since), drops, "--since {back} is all but the first 2 ms");
+    let w = line(&since.lines, "recording");
+    assert_eq!(w["counts_from"], "events in the window", "{w:#}");
+    assert_eq!(total(&report(&[file], &["--json", "--until", &back])), 0, "--until {back} is the first 2 ms");
+    // An hour back from the end of a recording of seconds: all of it.
+    assert_eq!(total(&report(&[file], &["--json", "--since", "1h30m"])), drops);
+
+    let refused = |args: &[&str], words: &[&str]| {
+        let rep = report(&[file], args);
+        assert_eq!(rep.code, 2, "{args:?}: {}", rep.stderr);
+        assert_eq!(rep.stderr.lines().count(), 1, "{args:?}: one line: {}", rep.stderr);
+        for w in words {
+            assert!(rep.stderr.contains(w), "{args:?}: {w:?} missing from {}", rep.stderr);
+        }
+        assert!(rep.stdout.is_empty(), "{args:?}: {}", rep.stdout);
+    };
+    // From 2 s before the end to 10 s before it: inverted.
+    refused(&["--since", "2s", "--until", "10s"], &["window is empty", "--since 2s before the end", "runs from"]);
+    refused(&["--since", "+1s", "--until", "+1s"], &["window is empty"]);
+    refused(&["--since", "2100-01-01T00:00:00Z"], &["not before the recording's end"]);
+    refused(&["--until", "2000-01-01T00:00:00Z"], &["not after the recording's start"]);
 }
 
 #[test]

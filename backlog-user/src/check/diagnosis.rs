@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 
 use super::cpu::CpuUse;
+use super::share::{NsDrops, Share};
 use crate::sys::sysctl::Sysctls;
 
 /// Bumped when a field changes meaning or disappears.
@@ -21,12 +22,14 @@ pub struct Report {
     pub exit_code: i32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct NetnsReport {
     pub inode: u32,
     pub name: Option<String>,
     pub sysctls: Sysctls,
     pub counters: Vec<CounterDelta>,
+    /// ListenDrops against the listeners' own drop counters (share.rs).
+    pub drops: NsDrops,
 }
 
 /// A TcpExt counter at the start and end of the window.
@@ -58,6 +61,9 @@ pub struct ListenerGroup {
     /// group because a request is not tied to one member before it is accepted.
     pub syn_queue_now: u32,
     pub syn_queue_peak: u32,
+    /// The group's share of its namespace's ListenDrops over the window (from the
+    /// members' drop counters, which are not listen-drop counts: share.rs).
+    pub listen_drops: Share,
 }
 
 impl ListenerGroup {
@@ -65,8 +71,8 @@ impl ListenerGroup {
         SocketAddr::new(self.address, self.port).to_string()
     }
 
-    /// Drops counted on the group's sockets during the window; None when the kernel
-    /// did not report socket drop counters.
+    /// How far the group's sockets' drop counters rose during the window; None when
+    /// the kernel did not report socket drop counters.
     pub fn drops_window(&self) -> Option<u64> {
         self.members.iter().map(|m| m.drops_window.map(u64::from)).sum()
     }
@@ -83,7 +89,8 @@ pub struct Member {
     /// Samples in which the queue was full (the kernel drops once length > limit).
     pub samples_full: u32,
     pub full_seconds: f64,
-    /// The socket's drop counter since it was created, and its rise over the window.
+    /// The socket's drop counter (`ss -tlnm`'s `d`) since it was created, and its
+    /// rise over the window: a final-ACK overflow counts twice there (share.rs).
     pub drops_total: Option<u32>,
     pub drops_window: Option<u32>,
     pub owners: Vec<OwnerUse>,

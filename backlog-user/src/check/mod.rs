@@ -9,6 +9,7 @@ mod diagnosis;
 mod findings;
 mod render;
 mod sample;
+mod share;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -46,7 +47,7 @@ pub fn run(args: &Settings, out: &mut dyn std::io::Write) -> anyhow::Result<i32>
         .flat_map(|o| o.keys())
         .filter_map(|&pid| cpu::cpu_sample(pid as i32).map(|s| (pid as i32, s)))
         .collect();
-    let counters_before = read_counters(&mut watched)?;
+    let counters_before = counters_and_dump(&mut watched, &mut sampler, Edge::Start)?;
     let start = Instant::now();
     // On stderr in every mode: it tells a person (or a test) the window is open.
     eprintln!(
@@ -55,15 +56,18 @@ pub fn run(args: &Settings, out: &mut dyn std::io::Write) -> anyhow::Result<i32>
         args.sample.as_secs_f64()
     );
 
-    // Bounded: one dump per tick until the window closes, the last one at its end.
+    // Bounded: one dump per tick until the window closes, the last one (with the
+    // counters) at its end.
     let tick = (args.sample / 20).clamp(Duration::from_millis(10), Duration::from_millis(100));
-    let mut next = start;
-    while next < start + args.sample {
-        next = (next + tick).min(start + args.sample);
+    let end = start + args.sample;
+    let mut next = start + tick;
+    while next < end {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         observe(&mut watched, &mut sampler)?;
+        next += tick;
     }
-    let counters_after = read_counters(&mut watched)?;
+    std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    let counters_after = counters_and_dump(&mut watched, &mut sampler, Edge::End)?;
     let window = start.elapsed().as_secs_f64();
     let cpu: HashMap<i32, cpu::CpuUse> = cpu_before
         .iter()
@@ -93,12 +97,7 @@ pub fn run(args: &Settings, out: &mut dyn std::io::Write) -> anyhow::Result<i32>
             })
             .collect()
     });
-    // --pid keeps the listeners those processes hold (known once owners are).
-    let pids = &args.filter.pids;
-    if !pids.is_empty() {
-        listeners.retain(|g| g.members.iter().flat_map(|m| &m.owners).any(|o| pids.contains(&(o.pid as u32))));
-    }
-    let namespaces: Vec<NetnsReport> = watched
+    let mut namespaces: Vec<NetnsReport> = watched
         .iter()
         .zip(counters_before.iter().zip(&counters_after))
         .map(|((info, inside), (before, after))| NetnsReport {
@@ -106,8 +105,25 @@ pub fn run(args: &Settings, out: &mut dyn std::io::Write) -> anyhow::Result<i32>
             name: info.name.clone(),
             sysctls: inside.sysctls.clone(),
             counters: deltas(before, after, window),
+            drops: Default::default(),
         })
         .collect();
+    // Each listener's share of its namespace's ListenDrops, from the socket counters
+    // of every listener seen there (before --pid narrows what is shown).
+    for ns in &mut namespaces {
+        let mine: Vec<usize> = (0..listeners.len()).filter(|&i| listeners[i].netns == ns.inode).collect();
+        let rises: Vec<Option<u64>> = mine.iter().map(|&i| listeners[i].drops_window()).collect();
+        let (shares, drops) = share::apportion(ns.delta("ListenDrops"), &rises, sampler.saw_all(ns.inode));
+        for (&i, s) in mine.iter().zip(shares) {
+            listeners[i].listen_drops = s;
+        }
+        ns.drops = drops;
+    }
+    // --pid keeps the listeners those processes hold (known once owners are).
+    let pids = &args.filter.pids;
+    if !pids.is_empty() {
+        listeners.retain(|g| g.members.iter().flat_map(|m| &m.owners).any(|o| pids.contains(&(o.pid as u32))));
+    }
     let findings = findings::analyze(&namespaces, &listeners);
     let exit_code = diagnosis::exit_code(&findings);
     let report = Report {
@@ -163,11 +179,38 @@ fn observe(watched: &mut [(NetnsInfo, Inside)], sampler: &mut Sampler) -> anyhow
     Ok(())
 }
 
-fn read_counters(watched: &mut [(NetnsInfo, Inside)]) -> anyhow::Result<Vec<Counters>> {
-    watched
-        .iter_mut()
-        .map(|(info, inside)| inside.netstat.read().with_context(|| format!("reading netstat of netns {}", info.inode)))
-        .collect()
+/// Which end of the sampling window a reading is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Edge {
+    Start,
+    End,
+}
+
+/// Per namespace, its TcpExt counters and a sock_diag dump read back to back, the
+/// counters outside: the sockets' drop counters then cover the span of the TcpExt
+/// deltas but for the microseconds between two reads, so that they can be set
+/// against ListenDrops (share.rs).
+fn counters_and_dump(
+    watched: &mut [(NetnsInfo, Inside)],
+    sampler: &mut Sampler,
+    edge: Edge,
+) -> anyhow::Result<Vec<Counters>> {
+    let mut out = Vec::with_capacity(watched.len());
+    for (info, inside) in watched {
+        let read = |inside: &mut Inside| {
+            inside.netstat.read().with_context(|| format!("reading netstat of netns {}", info.inode))
+        };
+        if edge == Edge::Start {
+            out.push(read(inside)?);
+        }
+        let entries = inside.diag.dump().with_context(|| format!("sock_diag dump in netns {}", info.inode))?;
+        sampler.observe(info.inode, &entries);
+        match edge {
+            Edge::Start => sampler.baseline(info.inode),
+            Edge::End => out.push(read(inside)?),
+        }
+    }
+    Ok(out)
 }
 
 fn deltas(before: &Counters, after: &Counters, window: f64) -> Vec<CounterDelta> {

@@ -30,6 +30,18 @@ pub fn text(r: &Report) -> String {
         let counters: Vec<String> =
             ns.counters.iter().map(|c| format!("{} +{} ({:.1}/s)", c.name, c.delta, c.per_second)).collect();
         let _ = writeln!(s, "  counters: {}", counters.join(", "));
+        let d = &ns.drops;
+        if let Some(sock) = d.socket_drops.filter(|&n| n > 0 || d.listen_drops > 0) {
+            let why = match d.socket_excess {
+                Some(0) => " (one per listen drop)".to_string(),
+                Some(e) => format!(
+                    " ({e} beyond ListenDrops: a final-ACK overflow at a pending request counts twice there, other \
+                     discards once)"
+                ),
+                None => " (not every listener was watched throughout: shares are upper bounds)".to_string(),
+            };
+            let _ = writeln!(s, "  listeners' own drop counters: +{sock}{why}");
+        }
         for g in r.listeners.iter().filter(|g| g.netns == ns.inode) {
             listener(&mut s, g);
         }
@@ -57,8 +69,14 @@ pub fn text(r: &Report) -> String {
 
 fn listener(s: &mut String, g: &ListenerGroup) {
     let group = if g.reuseport { format!(" SO_REUSEPORT group of {}", g.members.len()) } else { String::new() };
-    let _ =
-        writeln!(s, "  LISTEN {}{group}  syn-queue now {} peak {}", g.endpoint(), g.syn_queue_now, g.syn_queue_peak);
+    let drops = if g.listen_drops.max > 0 { format!("  listen drops {}", g.listen_drops) } else { String::new() };
+    let _ = writeln!(
+        s,
+        "  LISTEN {}{group}  syn-queue now {} peak {}{drops}",
+        g.endpoint(),
+        g.syn_queue_now,
+        g.syn_queue_peak
+    );
     for m in &g.members {
         let _ = writeln!(s, "    {}", member(m));
     }
@@ -66,7 +84,7 @@ fn listener(s: &mut String, g: &ListenerGroup) {
 
 fn member(m: &Member) -> String {
     let drops = match (m.drops_window, m.drops_total) {
-        (Some(w), Some(t)) => format!("drops +{w} (total {t})"),
+        (Some(w), Some(t)) => format!("drop counter +{w} (total {t})"),
         _ => "drops ?".into(),
     };
     let owners: Vec<String> = m

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::diagnosis::{ListenerGroup, Member, OwnerUse};
+use super::share::Share;
 use crate::sys::diag::SockEntry;
 
 /// One local address and port in one namespace.
@@ -20,6 +21,16 @@ struct Track {
     drops_last: Option<u32>,
 }
 
+/// A namespace's listening sockets as the dumps saw them.
+#[derive(Default)]
+struct NsSeen {
+    /// The window's first dump (`baseline`) was taken.
+    baselined: bool,
+    /// The set of listening sockets changed after it (one opened or closed).
+    changed: bool,
+    last: BTreeSet<u32>,
+}
+
 #[derive(Default)]
 pub struct Sampler {
     /// Only these local ports; all when empty.
@@ -28,6 +39,7 @@ pub struct Sampler {
     socks: BTreeMap<u32, Track>,
     /// SYN-queue depth per group: (latest, peak).
     syn: BTreeMap<GroupKey, (u32, u32)>,
+    namespaces: BTreeMap<u32, NsSeen>,
 }
 
 impl Sampler {
@@ -40,9 +52,11 @@ impl Sampler {
         let ports = &self.ports;
         let wanted = |port| ports.is_empty() || ports.contains(&port);
         let mut keys = BTreeSet::new();
+        let mut inodes = BTreeSet::new();
         for e in entries.iter().filter(|e| e.listening && wanted(e.port)) {
             let key = (netns, e.addr, e.port);
             keys.insert(key);
+            inodes.insert(e.inode);
             let t = self.socks.entry(e.inode).or_insert(Track {
                 key,
                 limit: e.wqueue,
@@ -71,6 +85,27 @@ impl Sampler {
             let s = self.syn.entry(key).or_default();
             *s = (n, s.1.max(n));
         }
+        let seen = self.namespaces.entry(netns).or_default();
+        seen.changed |= seen.baselined && seen.last != inodes;
+        seen.last = inodes;
+    }
+
+    /// Starts the window of namespace `netns` at its latest dump: the sockets' drop
+    /// counters rise from here, and a listener opened or closed from here on means
+    /// the namespace's listeners were not all watched throughout.
+    pub fn baseline(&mut self, netns: u32) {
+        for t in self.socks.values_mut().filter(|t| t.key.0 == netns) {
+            t.drops_first = t.drops_last;
+        }
+        let seen = self.namespaces.entry(netns).or_default();
+        (seen.baselined, seen.changed) = (true, false);
+    }
+
+    /// Whether every listener of `netns` was watched from its baseline to now (all
+    /// ports, none opened or closed): only then do its socket counters account for
+    /// all of its listen drops.
+    pub fn saw_all(&self, netns: u32) -> bool {
+        self.ports.is_empty() && self.namespaces.get(&netns).is_some_and(|s| s.baselined && !s.changed)
     }
 
     /// Inodes of every listener seen so far.
@@ -108,6 +143,8 @@ impl Sampler {
                     members,
                     syn_queue_now,
                     syn_queue_peak,
+                    // Known once the namespace's counters are (check::run).
+                    listen_drops: Share { min: 0, max: 0 },
                 }
             })
             .collect()
@@ -157,6 +194,26 @@ mod tests {
         assert_eq!(g[0].members[1].queue_peak, 3);
         assert_eq!((g[0].syn_queue_now, g[0].syn_queue_peak), (0, 1));
         assert_eq!(g[0].drops_window(), Some(3));
+    }
+
+    #[test]
+    fn baseline_starts_the_counters_and_churn_is_noticed() {
+        let mut s = Sampler::new(&[]);
+        s.observe(7, &[listen("0.0.0.0", 80, 1, 0, 4, 10)]);
+        assert!(!s.saw_all(7), "no baseline yet");
+        s.observe(7, &[listen("0.0.0.0", 80, 1, 0, 4, 12)]);
+        s.baseline(7);
+        s.observe(7, &[listen("0.0.0.0", 80, 1, 0, 4, 15)]);
+        assert!(s.saw_all(7));
+        assert_eq!(s.groups(1.0, |_| Vec::new())[0].members[0].drops_window, Some(3));
+        // A listener opened in the window: the namespace was not watched whole.
+        s.observe(7, &[listen("0.0.0.0", 80, 1, 0, 4, 15), listen("0.0.0.0", 81, 2, 0, 4, 0)]);
+        assert!(!s.saw_all(7));
+        s.baseline(7);
+        assert!(s.saw_all(7));
+        s.observe(7, &[listen("0.0.0.0", 81, 2, 0, 4, 0)]);
+        assert!(!s.saw_all(7), "a listener closed");
+        assert!(!Sampler::new(&[80]).saw_all(7));
     }
 
     #[test]

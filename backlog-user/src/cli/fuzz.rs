@@ -69,6 +69,8 @@ fn parse(args: &[OsString]) -> usize {
                 Some(Command::Report(a)) => {
                     let _ = a.settings();
                 }
+                // Nothing to turn into settings: they print what the definitions are.
+                Some(Command::Completions { .. } | Command::Man { .. }) => {}
                 None => {
                     let _ = cli.trace.live();
                 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::kernel::Mode;
 use crate::model::Filter;
@@ -23,7 +23,10 @@ mod fuzz;
     name = "backlog-trace",
     version,
     about = "Catch and explain TCP listen-queue drops, per listener, as they happen",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = "Exit status: 0 done; 1 the session failed, or an output asked for (recording, metrics \
+                  endpoint) failed while tracing went on; 2 a flag value that cannot work; 3 a forced --mode \
+                  this kernel lacks. `check` exits 0 healthy, 1 on a warning, 2 when it could not run."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -40,6 +43,69 @@ pub enum Command {
     Record(RecordArgs),
     /// Print recordings as the live session did, plus a timeline, top peers and sysctls.
     Report(ReportArgs),
+    /// Print a completion script for SHELL (installed by scripts/install-extras.sh).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages (backlog-trace.1 and one per subcommand) into DIR, or
+    /// print the main page without DIR.
+    #[command(hide = true)]
+    Man { dir: Option<PathBuf> },
+}
+
+/// The shells a completion script is generated for.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Writes the completion script for `shell`, generated from the definitions above.
+pub fn completions(shell: Shell, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut cmd = Cli::command();
+    let name = cmd.get_name().to_string();
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    // Generated into memory: clap_complete panics on a failed write (a closed
+    // stdout), where this returns the error.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name.clone(), &mut script);
+    let mut script = String::from_utf8_lossy(&script).into_owned();
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete 4.6's bash script names a hyphenated binary's subcommand
+        // cases "backlog__subcmd__trace__subcmd__report" but matches
+        // "backlog__trace__subcmd__report", so no subcommand's flags would complete:
+        // put the two names in step.
+        let wrong = name.replace('-', "__subcmd__") + "__subcmd__";
+        script = script.replace(&wrong, &(name.replace('-', "__") + "__subcmd__"));
+    }
+    out.write_all(script.as_bytes())
+}
+
+/// The man pages: every one into `dir` (returns their paths), or the main page to
+/// `out`.
+pub fn man(dir: Option<&std::path::Path>, out: &mut dyn std::io::Write) -> std::io::Result<Vec<PathBuf>> {
+    let cmd = Cli::command();
+    let Some(dir) = dir else {
+        // As generate_to renders it: no `help` subcommand of clap's own.
+        clap_mangen::Man::new(cmd.disable_help_subcommand(true)).render(out)?;
+        return Ok(vec![]);
+    };
+    clap_mangen::generate_to(cmd.clone(), dir)?;
+    // The pages generate_to wrote: the command's, and each visible subcommand's.
+    let mut pages = vec![dir.join("backlog-trace.1")];
+    pages.extend(
+        cmd.get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(|s| dir.join(format!("backlog-trace-{}.1", s.get_name()))),
+    );
+    Ok(pages)
 }
 
 /// `--mode`: the names `kernel::Mode` answers to, listed in --help.
@@ -141,7 +207,7 @@ pub struct RecordArgs {
     /// the old one becomes FILE.1. Default: no limit.
     #[arg(long, value_name = "SIZE", value_parser = crate::record::parse_size)]
     pub max_size: Option<u64>,
-    /// How many rotated files (FILE.1 … FILE.N) to keep.
+    /// How many rotated files (FILE.1 ... FILE.N) to keep.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub rotate: u32,
     /// The live session's own options; its output is printed as usual.
@@ -157,18 +223,21 @@ impl RecordArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ReportArgs {
-    /// Recording files: one file, or a rotated set (FILE FILE.1 …) in any order.
+    /// Recording files: one file, or a rotated set (FILE FILE.1 ...) in any order.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Which listeners; each one given replaces what the recording was made with.
     #[command(flatten)]
     pub filters: FilterArgs,
-    /// Only events from this time on: an offset from the recording's start (90s,
-    /// 5m), a UTC time (2026-11-22T01:02:03Z) or a Unix time (@1763773323).
-    #[arg(long, value_parser = parse_time)]
+    /// Only events from this time on, as journalctl reads it: a duration counts back
+    /// from the recording's end (5m: its last five minutes; 1h30m), +DURATION counts
+    /// from its start (+90s), or a UTC time (2026-11-22T01:02:03Z) or Unix time
+    /// (@1763773323). An empty or inverted window is an error.
+    #[arg(long, value_name = "TIME", value_parser = parse_time, allow_hyphen_values = true)]
     pub since: Option<TimeSpec>,
-    /// Only events before this time (same forms as --since).
-    #[arg(long, value_parser = parse_time)]
+    /// Only events before this time (same forms as --since: 2m is two minutes
+    /// before the end).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, allow_hyphen_values = true)]
     pub until: Option<TimeSpec>,
     /// NDJSON, as the live session prints it, plus timeline, peers and namespaces lines.
     #[arg(long)]
@@ -227,6 +296,83 @@ mod tests {
         assert_eq!(e.exit_code(), 2);
         let ok = Cli::try_parse_from(["backlog-trace", "--port", "80", "-P", "443"]).unwrap();
         assert_eq!(ok.trace.filters.ports, vec![80, 443]);
+    }
+
+    /// Every visible subcommand and every long flag of each: in --help, the bash,
+    /// zsh and fish scripts, and the man pages.
+    fn every_flag() -> Vec<(String, String)> {
+        let cmd = Cli::command();
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut add = |sub: &str, c: &clap::Command| {
+            for a in c.get_arguments().filter(|a| !a.is_hide_set()) {
+                if let Some(l) = a.get_long() {
+                    out.push((sub.to_string(), format!("--{l}")));
+                }
+            }
+        };
+        add("", &cmd);
+        for s in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            add(s.get_name(), s);
+        }
+        out
+    }
+
+    #[test]
+    fn completions_name_every_subcommand_and_flag() {
+        let flags = every_flag();
+        assert!(flags.len() > 30, "{flags:?}");
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut buf = Vec::new();
+            completions(shell, &mut buf).unwrap();
+            let text = String::from_utf8(buf).unwrap();
+            for sub in ["check", "record", "report"] {
+                assert!(text.contains(sub), "{shell:?} lacks {sub}");
+            }
+            assert!(!text.contains("backlog__subcmd__trace"), "{shell:?}: subcommand cases out of step");
+            for (sub, flag) in &flags {
+                // fish lists long flags without their dashes (-l NAME).
+                let bare = flag.trim_start_matches('-');
+                let found = match shell {
+                    Shell::Fish => text.contains(&format!("-l {bare}")),
+                    _ => text.contains(flag.as_str()),
+                };
+                assert!(found, "{shell:?} lacks {sub} {flag}");
+            }
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_subcommand_and_flag() {
+        let dir = std::env::temp_dir().join(format!("bt-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pages = man(Some(&dir), &mut std::io::sink()).unwrap();
+        let names: Vec<String> = pages.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            names,
+            ["backlog-trace.1", "backlog-trace-check.1", "backlog-trace-record.1", "backlog-trace-report.1"]
+        );
+        let page = |sub: &str| {
+            let name = if sub.is_empty() { "backlog-trace.1".into() } else { format!("backlog-trace-{sub}.1") };
+            std::fs::read_to_string(dir.join(name)).unwrap()
+        };
+        for (sub, flag) in every_flag() {
+            // roff escapes each '-' of a flag as '\-'.
+            let roff = flag.replace('-', "\\-");
+            assert!(page(&sub).contains(&roff), "man page of '{sub}' lacks {flag}");
+        }
+        for (sub, text) in ["", "check", "record", "report"].map(|s| (s, page(s))) {
+            // Plain ASCII, so that man renders it in any locale (troff warns otherwise).
+            assert!(text.is_ascii(), "man page of '{sub}' has non-ASCII text");
+        }
+        let main = page("");
+        for sub in ["check", "record", "report"] {
+            assert!(main.contains(&format!("backlog\\-trace\\-{sub}(1)")), "main page lacks {sub}:\n{main}");
+        }
+        assert!(!main.contains("completions"), "hidden commands stay out of the man page");
+        let mut stdout = Vec::new();
+        assert!(man(None, &mut stdout).unwrap().is_empty());
+        assert_eq!(String::from_utf8(stdout).unwrap(), main, "without DIR: the main page");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

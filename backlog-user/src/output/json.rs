@@ -263,6 +263,8 @@ pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: 
         "pending_enqueued": model.totals.pending_enqueued,
         "diagnostics": diagnostics_json(model),
         "detached": model.detached,
+        // Outputs that failed while tracing went on (the text summary says so too).
+        "failed_outputs": model.failed_outputs,
     });
     for (k, v) in reconciled_json(model) {
         line[k] = v;
@@ -295,6 +297,21 @@ mod tests {
             "comms": l.owners.values().collect::<Vec<_>>(),
         })
         .to_string()
+    }
+
+    #[test]
+    fn the_summary_names_failed_outputs() {
+        let mut model = Model::default();
+        let filter = crate::model::Filter::default();
+        let mut out = Vec::new();
+        summary(&mut out, &model, &super::super::rows::rows(&model, &filter, 50), 1.0, false).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["failed_outputs"], json!([]));
+        model.failed_outputs.push("recording incident.btr: No space left on device".into());
+        let mut out = Vec::new();
+        summary(&mut out, &model, &super::super::rows::rows(&model, &filter, 50), 1.0, false).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["failed_outputs"], json!(["recording incident.btr: No space left on device"]));
     }
 
     #[test]

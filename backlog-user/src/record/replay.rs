@@ -298,20 +298,25 @@ fn open_all(paths: &[PathBuf]) -> Result<Vec<Input>> {
 }
 
 /// Replays the files, oldest part first, each up to its first damage; `window`
-/// limits events to a wall-clock span resolved against the recording's start.
+/// limits events to a wall-clock span resolved against the recording's start and
+/// end. A window that is empty, inverted or outside the recording is an error (the
+/// caller exits 2): an empty report would read as "nothing happened".
 pub fn replay_files(
     paths: &[PathBuf],
     window: (Option<TimeSpec>, Option<TimeSpec>),
 ) -> Result<(Replay, Vec<FileResult>)> {
+    let mut replay = Replay::default();
+    if window != (None, None) {
+        // A window is checked against the recording's span and a relative bound
+        // needs its end (its last timed record): both cost a first read of the files,
+        // paid only when a window is given.
+        if let Some((start, end)) = span(paths)? {
+            replay.window = resolve_window(window, start, end)?;
+        }
+    }
     let mut files = open_all(paths)?;
     // Rotation renames files, so names do not tell the order; the sessions do.
     files.sort_by_key(|f| f.session().map(|s| s.part));
-
-    let mut replay = Replay::default();
-    if let Some(s) = files.iter().find_map(Input::session) {
-        let start = s.id;
-        replay.window = (window.0.map(|t| t.resolve(start)), window.1.map(|t| t.resolve(start)));
-    }
     let mut results = Vec::new();
     for Input { path, mut reader, first } in files {
         let mut res = FileResult { path, records: 0, damage: None };
@@ -334,4 +339,124 @@ pub fn replay_files(
         results.push(res);
     }
     Ok((replay, results))
+}
+
+/// When a timed record was written (CLOCK_MONOTONIC ns); None for untimed ones.
+fn timestamp(rec: &Record) -> Option<u64> {
+    match rec {
+        Record::Event(ev) => Some(ev.ts_ns),
+        Record::CounterSync(s) => Some(s.ts_ns),
+        Record::Snapshot(s) => Some(s.ts_ns),
+        Record::Queues(q) => Some(q.ts_ns),
+        Record::End { ts_ns } => Some(*ts_ns),
+        Record::Reconcile(r) => Some(r.ts_ns),
+        Record::Recording(_) | Record::Owners(_) | Record::LeftOut(_) => None,
+    }
+}
+
+/// The recording's start and end in wall ns: its first session's id, and its last
+/// timed record in any file up to that file's damage. None without a session.
+fn span(paths: &[PathBuf]) -> Result<Option<(u64, u64)>> {
+    let files = open_all(paths)?;
+    let Some(session) = files.iter().find_map(Input::session).cloned() else { return Ok(None) };
+    let mut last = None::<u64>;
+    for Input { mut reader, first, .. } in files {
+        let mut step = first;
+        // Bounded by the file: every step consumes a record or ends the loop.
+        while let Step::Record(rec) = step {
+            if let Some(ts) = timestamp(&rec) {
+                last = Some(last.map_or(ts, |l| l.max(ts)));
+            }
+            step = reader.next_step();
+        }
+    }
+    let start = session.id;
+    let end = last.map_or(start, |ts| ts.saturating_add(session.mono_to_wall_ns)).max(start);
+    Ok(Some((start, end)))
+}
+
+/// The window in wall ns, checked against the recording's [start, end].
+fn resolve_window(
+    (since, until): (Option<TimeSpec>, Option<TimeSpec>),
+    start: u64,
+    end: u64,
+) -> Result<(Option<u64>, Option<u64>)> {
+    let from = since.map(|t| t.resolve(start, end));
+    let to = until.map(|t| t.resolve(start, end));
+    let runs = format!("the recording runs from {} to {}", fmt_utc(start), fmt_utc(end));
+    if let (Some(s), Some(u), Some(f), Some(t)) = (since, until, from, to) {
+        if f >= t {
+            bail!(
+                "the window is empty: --since {s} ({}) is not before --until {u} ({}); {runs}",
+                fmt_utc(f),
+                fmt_utc(t)
+            );
+        }
+    }
+    if let (Some(s), Some(f)) = (since, from) {
+        if f >= end {
+            bail!("--since {s} ({}) is not before the recording's end: nothing to report; {runs}", fmt_utc(f));
+        }
+    }
+    if let (Some(u), Some(t)) = (until, to) {
+        if t <= start {
+            bail!("--until {u} ({}) is not after the recording's start: nothing to report; {runs}", fmt_utc(t));
+        }
+    }
+    Ok((from, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::hostile::{listener_records, write_file};
+    use super::*;
+
+    /// Drops replayed from a crafted recording (drop i at second i of 0..9, its end
+    /// at second 11) through the window `since`..`until`.
+    fn drops_in(since: Option<TimeSpec>, until: Option<TimeSpec>) -> Result<u64> {
+        // One file per call: the tests run in parallel in one process.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("bt-window-{}-{n}.btr", std::process::id()));
+        write_file(&path, &listener_records(10));
+        let r = replay_files(std::slice::from_ref(&path), (since, until));
+        let _ = std::fs::remove_file(&path);
+        Ok(r?.0.timeline.values().map(|s| s.drops.iter().sum::<u64>()).sum())
+    }
+
+    fn back(s: u64) -> Option<TimeSpec> {
+        Some(TimeSpec::BeforeEnd(Duration::from_secs(s)))
+    }
+
+    fn after(s: u64) -> Option<TimeSpec> {
+        Some(TimeSpec::AfterStart(Duration::from_secs(s)))
+    }
+
+    #[test]
+    fn relative_bounds_count_back_from_the_end() {
+        assert_eq!(drops_in(None, None).unwrap(), 10);
+        // The last 5 s of an 11 s recording: seconds 6..=9 hold drops.
+        assert_eq!(drops_in(back(5), None).unwrap(), 4);
+        assert_eq!(drops_in(after(5), None).unwrap(), 5);
+        assert_eq!(drops_in(None, back(8)).unwrap(), 3);
+        assert_eq!(drops_in(back(9), back(4)).unwrap(), 5);
+        // Longer than the recording: all of it.
+        assert_eq!(drops_in(back(3600), None).unwrap(), 10);
+    }
+
+    #[test]
+    fn empty_and_inverted_windows_are_errors() {
+        let e = drops_in(back(4), back(9)).unwrap_err().to_string();
+        assert!(e.contains("window is empty") && e.contains("4s before the end"), "{e}");
+        let e = drops_in(after(3), after(3)).unwrap_err().to_string();
+        assert!(e.contains("window is empty"), "{e}");
+        let e = drops_in(after(11), None).unwrap_err().to_string();
+        assert!(e.contains("not before the recording's end") && e.contains("runs from"), "{e}");
+        let start = 1_796_083_200_000_000_000;
+        let e = drops_in(None, Some(TimeSpec::Wall(start))).unwrap_err().to_string();
+        assert!(e.contains("not after the recording's start"), "{e}");
+        assert_eq!(drops_in(Some(TimeSpec::Wall(start + 7_000_000_000)), None).unwrap(), 3);
+    }
 }

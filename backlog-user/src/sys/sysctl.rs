@@ -12,6 +12,9 @@ pub struct Sysctls {
     pub tcp_max_syn_backlog: Option<u32>,
     pub tcp_syncookies: Option<u32>,
     pub tcp_abort_on_overflow: Option<u32>,
+    /// net.ipv4.tcp_timestamps: with it on, a SYN cookie keeps window scaling, SACK
+    /// and ECN (encoded in the timestamp option); off, cookie connections lose them.
+    pub tcp_timestamps: Option<u32>,
 }
 
 impl Sysctls {
@@ -24,16 +27,18 @@ impl Sysctls {
             tcp_max_syn_backlog: get("/proc/sys/net/ipv4/tcp_max_syn_backlog"),
             tcp_syncookies: get("/proc/sys/net/ipv4/tcp_syncookies"),
             tcp_abort_on_overflow: get("/proc/sys/net/ipv4/tcp_abort_on_overflow"),
+            tcp_timestamps: get("/proc/sys/net/ipv4/tcp_timestamps"),
         }
     }
 
     /// (sysctl name, value) in display order.
-    pub fn entries(&self) -> [(&'static str, Option<u32>); 4] {
+    pub fn entries(&self) -> [(&'static str, Option<u32>); 5] {
         [
             ("net.core.somaxconn", self.somaxconn),
             ("net.ipv4.tcp_max_syn_backlog", self.tcp_max_syn_backlog),
             ("net.ipv4.tcp_syncookies", self.tcp_syncookies),
             ("net.ipv4.tcp_abort_on_overflow", self.tcp_abort_on_overflow),
+            ("net.ipv4.tcp_timestamps", self.tcp_timestamps),
         ]
     }
 }
