@@ -6,7 +6,7 @@
 //!   cargo test -p backlog-tests --test drops -- --test-threads=1
 use backlog_tests::netns::{nft, veth_pair, Netns};
 use backlog_tests::require_root;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backlog_tests::scenario::{fence, settled, traced, Run};
 use backlog_tests::tracer::Tracer;
@@ -56,6 +56,45 @@ fn single_listener(addr: &str, local: &str) {
             assert!(d.queue_len > d.queue_max, "{d:#?}");
         }
     }
+}
+
+/// Issue 15: above `--max-drop-lines` (per listener, per CPU, per second) a drop
+/// still counts exactly, and the line held back is counted: the listener's lines +
+/// suppressed == its drops == ListenDrops, with no more lines than the budget allows
+/// over the run.
+#[test]
+fn drop_lines_over_the_budget_are_suppressed_and_counted_exactly() {
+    require_root();
+    const BUDGET: u64 = 3;
+    let ns = Netns::new("budget");
+    let spec = ServerSpec::new("127.0.0.1", PORT);
+    let _server = Server::start(&ns, spec.clone());
+    let t0 = Instant::now();
+    let run = traced(&[&ns], &["--max-drop-lines", &BUDGET.to_string()], || {
+        Clients::new(&spec.addr, spec.port, 300).run(&ns)
+    });
+    // Seconds the budget may have restarted in: the run's, rounded up, plus one
+    // for a second boundary at each end.
+    let seconds = t0.elapsed().as_secs() + 2;
+    run.assert_counts(&ns);
+    let l = run.listener(&ns, PORT);
+    let kernel = run.delta(&ns).get("ListenDrops");
+    let lines = run.drops().iter().filter(|e| e.netns == ns.inode()).count() as u64;
+    let lost = run.summary().lost_events;
+    println!("{kernel} drops: {lines} lines, {} suppressed, {lost} lost (any namespace)", l.suppressed_lines);
+    assert_eq!(l.drops, kernel, "{l:#?}");
+    assert!(l.suppressed_lines > 0, "300 SYNs at once against listen(8), a budget of {BUDGET}: {l:#?}");
+    // Lost events are counted over every namespace; here every line was a line,
+    // a loss or suppressed.
+    assert!(
+        lines + l.suppressed_lines <= kernel && lines + l.suppressed_lines + lost >= kernel,
+        "{lines} lines + {} suppressed (+ {lost} lost) vs {kernel} drops",
+        l.suppressed_lines
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(lines <= BUDGET * cpus * seconds, "{lines} lines over {seconds} s on {cpus} CPUs, budget {BUDGET}");
+    let global = run.summary().diagnostics.get("suppressed_lines").copied().unwrap_or(0);
+    assert!(global >= l.suppressed_lines, "diagnostics' suppressed_lines {global} < the listener's");
 }
 
 #[test]
