@@ -97,6 +97,52 @@ fn drop_lines_over_the_budget_are_suppressed_and_counted_exactly() {
     assert!(global >= l.suppressed_lines, "diagnostics' suppressed_lines {global} < the listener's");
 }
 
+/// The types of the BPF links process `pid` holds (`link_type:` of each link fd's
+/// fdinfo): a syscall tracepoint is attached through a `perf` link.
+fn link_types(pid: u32) -> Vec<String> {
+    let mut types = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("tracer's fds").flatten() {
+        let target = std::fs::read_link(fd.path()).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+        if !target.contains("bpf_link") && !target.contains("bpf-link") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
+            .unwrap_or_default();
+        types.extend(info.lines().filter_map(|l| l.strip_prefix("link_type:")).map(|t| t.trim().to_string()));
+    }
+    types
+}
+
+/// Issue 15: `--no-accept-timing` attaches no syscall tracepoint (whose cost every
+/// syscall of every process pays) in tracepoint mode, and drops stay exact, a line
+/// each.
+#[test]
+fn without_accept_timing_no_syscall_tracepoint_is_attached_and_drops_stay_exact() {
+    require_root();
+    let tracepoint_mode = std::env::var("BACKLOG_MODE").map_or(true, |m| m == "tracepoint");
+    let ns = Netns::new("noaccept");
+    let spec = ServerSpec::new("127.0.0.1", PORT);
+    let _server = Server::start(&ns, spec.clone());
+    let mut links = Vec::new();
+    let run = backlog_tests::scenario::traced_with(&[&ns], &["--no-accept-timing"], |tracer| {
+        links = link_types(tracer.pid());
+        Clients::new(&spec.addr, spec.port, 300).run(&ns)
+    });
+    run.expect_kernel(&ns, "ListenOverflows");
+    run.assert_exact(&ns);
+    assert!(!links.is_empty(), "no BPF links found in the tracer's fds");
+    if tracepoint_mode {
+        assert!(
+            !links.iter().any(|t| t == "perf"),
+            "a perf (syscall tracepoint) link with --no-accept-timing: {links:?}"
+        );
+    }
+    let start = run.stdout().into_iter().find(|l| l.contains(r#""type":"start""#)).expect("start line");
+    if tracepoint_mode {
+        assert!(start.contains("--no-accept-timing"), "the start line does not say accept timing is off: {start}");
+    }
+}
+
 #[test]
 fn ipv4_accept_queue_overflow_is_counted_exactly() {
     single_listener("127.0.0.1", "127.0.0.1:8080");
