@@ -20,7 +20,7 @@ pub struct Tracepoint {
 
 /// The start line's note on the syscall tax, either way.
 pub const SYSCALL_TAX: &str = "accept timing and listen() backlog from syscall tracepoints: every syscall on the host \
-                               takes the tracing path (+25-70 ns a call measured, BENCH.md); --no-accept-timing leaves them out";
+                               takes the tracing path (+60-100 ns on a 250 ns getppid(), BENCH.md); --no-accept-timing leaves them out";
 pub const NO_ACCEPT_TIMING: &str =
     "--no-accept-timing: no syscall tracepoints, so no accept-wait times, accept counts or requested backlog";
 
