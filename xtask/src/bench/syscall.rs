@@ -40,10 +40,13 @@ fn loop_ns() -> f64 {
     (thread_cpu_ns() - t0) as f64 / CALLS as f64
 }
 
+/// A probe to compare: its label, how to start it, and the ratio it must reach.
+type Candidate<'a> = (&'a str, &'a dyn Fn() -> Result<Probe>, Option<f64>);
+
 /// bare/with ratios of the getppid loop, per probe, as table rows. Returns the
 /// default tracer's median ratio.
 pub fn measure(tracer: &Path, t: &mut Table) -> Result<f64> {
-    let probes: [(&str, &dyn Fn() -> Result<Probe>, Option<f64>); 3] = [
+    let probes: [Candidate; 3] = [
         ("backlog-trace (default)", &|| Probe::tracer(tracer, &[]), None),
         ("backlog-trace --no-accept-timing", &|| Probe::tracer(tracer, &["--no-accept-timing"]), Some(TARGET)),
         (
