@@ -176,6 +176,14 @@ pub struct ListenerStats {
     /// Highest accept-queue length seen on this CPU since user space last reset it.
     pub queue_peak: u32,
     pub queue_max: u32,
+    /// Drops whose line was not sent because this CPU had already sent
+    /// `Config::max_drop_lines` lines for the listener this second (exact: every drop
+    /// either gets its line, is a lost event, or is counted here).
+    pub suppressed: u64,
+    /// This CPU's line budget for the listener: the second (ktime / 1e9) it counts,
+    /// and the lines sent in it. Meaningless summed over CPUs; user space ignores them.
+    pub lines_sec: u64,
+    pub lines_in_sec: u64,
 }
 
 /// Accept-queue wait histogram buckets: exact below 8 µs, then 8 linear sub-buckets
@@ -297,17 +305,21 @@ pub mod global {
     pub const FLUSH_BUSY: u32 = 6;
     /// Accept waits not counted in a histogram because WAIT_HIST was full.
     pub const HIST_FULL: u32 = 7;
-    pub const N: u32 = 8;
+    /// Drop lines not sent because their listener was over `--max-drop-lines` on
+    /// that CPU in that second; the drops themselves are counted in STATS as ever.
+    pub const SUPPRESSED_LINES: u32 = 8;
+    pub const N: u32 = 9;
 
     /// JSON names of the diagnostics, by index (`LOST_EVENTS` and
     /// `UNMATCHED_ACCEPT` are reported under their own names).
-    pub const DIAGNOSTICS: [(u32, &str); 6] = [
+    pub const DIAGNOSTICS: [(u32, &str); 7] = [
         (WINDOWS_REPLACED, "windows_replaced"),
         (SETTLED_LATE, "settled_late"),
         (UNATTRIBUTED, "unattributed"),
         (STATS_FULL, "stats_full"),
         (FLUSH_BUSY, "flush_busy"),
         (HIST_FULL, "hist_full"),
+        (SUPPRESSED_LINES, "suppressed_lines"),
     ];
 }
 
@@ -377,6 +389,9 @@ pub struct Config {
     /// Parameters of inet_csk_accept: its fexit program's context holds them, then
     /// the return value (read so, not with bpf_get_func_ret, which 5.10 lacks).
     pub accept_nargs: u32,
+    /// Drop lines (ring-buffer events) per listener, per CPU, per second; 0 = no
+    /// limit. Above it a drop is still counted in STATS, and its line in `suppressed`.
+    pub max_drop_lines: u32,
 }
 
 #[cfg(feature = "user")]

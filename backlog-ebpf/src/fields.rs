@@ -45,7 +45,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 };
 
 #[no_mangle]
-static CONFIG: Config = Config { listen_backlog_off: 24, accept_ret_off: 16, emit_accepts: 0, accept_nargs: 0 };
+static CONFIG: Config =
+    Config { listen_backlog_off: 24, accept_ret_off: 16, emit_accepts: 0, accept_nargs: 0, max_drop_lines: 0 };
 
 /// The offsets, read in place. The pointer is laundered through a volatile stack
 /// slot so the compiler cannot fold the zero initialiser into the loads, while each

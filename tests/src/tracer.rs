@@ -39,6 +39,9 @@ pub struct Listener {
     /// Drops the kernel counted at this socket that the tracer did not detect,
     /// placed here by the socket's own drop counter.
     pub undetected: u64,
+    /// Drops whose line `--max-drop-lines` held back (counted in `drops`).
+    #[serde(default)]
+    pub suppressed_lines: u64,
 }
 
 /// One namespace of the summary's `namespaces`: the kernel's TcpExt deltas since

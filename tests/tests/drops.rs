@@ -6,7 +6,7 @@
 //!   cargo test -p backlog-tests --test drops -- --test-threads=1
 use backlog_tests::netns::Netns;
 use backlog_tests::require_root;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backlog_tests::scenario::{fence, settled, traced, HeldAcks, Run};
 use backlog_tests::tracer::Tracer;
@@ -55,6 +55,91 @@ fn single_listener(addr: &str, local: &str) {
             // The kernel's test: full means more than the backlog queued.
             assert!(d.queue_len > d.queue_max, "{d:#?}");
         }
+    }
+}
+
+/// Issue 15: above `--max-drop-lines` (per listener, per CPU, per second) a drop
+/// still counts exactly, and the line held back is counted: the listener's lines +
+/// suppressed == its drops == ListenDrops, with no more lines than the budget allows
+/// over the run.
+#[test]
+fn drop_lines_over_the_budget_are_suppressed_and_counted_exactly() {
+    require_root();
+    const BUDGET: u64 = 3;
+    let ns = Netns::new("budget");
+    let spec = ServerSpec::new("127.0.0.1", PORT);
+    let _server = Server::start(&ns, spec.clone());
+    let t0 = Instant::now();
+    let run = traced(&[&ns], &["--max-drop-lines", &BUDGET.to_string()], || {
+        Clients::new(&spec.addr, spec.port, 300).run(&ns)
+    });
+    // Seconds the budget may have restarted in: the run's, rounded up, plus one
+    // for a second boundary at each end.
+    let seconds = t0.elapsed().as_secs() + 2;
+    run.assert_counts(&ns);
+    let l = run.listener(&ns, PORT);
+    let kernel = run.delta(&ns).get("ListenDrops");
+    let lines = run.drops().iter().filter(|e| e.netns == ns.inode()).count() as u64;
+    let lost = run.summary().lost_events;
+    println!("{kernel} drops: {lines} lines, {} suppressed, {lost} lost (any namespace)", l.suppressed_lines);
+    assert_eq!(l.drops, kernel, "{l:#?}");
+    assert!(l.suppressed_lines > 0, "300 SYNs at once against listen(8), a budget of {BUDGET}: {l:#?}");
+    // Lost events are counted over every namespace; here every line was a line,
+    // a loss or suppressed.
+    assert!(
+        lines + l.suppressed_lines <= kernel && lines + l.suppressed_lines + lost >= kernel,
+        "{lines} lines + {} suppressed (+ {lost} lost) vs {kernel} drops",
+        l.suppressed_lines
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(lines <= BUDGET * cpus * seconds, "{lines} lines over {seconds} s on {cpus} CPUs, budget {BUDGET}");
+    let global = run.summary().diagnostics.get("suppressed_lines").copied().unwrap_or(0);
+    assert!(global >= l.suppressed_lines, "diagnostics' suppressed_lines {global} < the listener's");
+}
+
+/// The types of the BPF links process `pid` holds (`link_type:` of each link fd's
+/// fdinfo): a syscall tracepoint is attached through a `perf` link.
+fn link_types(pid: u32) -> Vec<String> {
+    let mut types = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("tracer's fds").flatten() {
+        let target = std::fs::read_link(fd.path()).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+        if !target.contains("bpf_link") && !target.contains("bpf-link") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
+            .unwrap_or_default();
+        types.extend(info.lines().filter_map(|l| l.strip_prefix("link_type:")).map(|t| t.trim().to_string()));
+    }
+    types
+}
+
+/// Issue 15: `--no-accept-timing` attaches no syscall tracepoint (whose cost every
+/// syscall of every process pays) in tracepoint mode, and drops stay exact, a line
+/// each.
+#[test]
+fn without_accept_timing_no_syscall_tracepoint_is_attached_and_drops_stay_exact() {
+    require_root();
+    let tracepoint_mode = std::env::var("BACKLOG_MODE").map_or(true, |m| m == "tracepoint");
+    let ns = Netns::new("noaccept");
+    let spec = ServerSpec::new("127.0.0.1", PORT);
+    let _server = Server::start(&ns, spec.clone());
+    let mut links = Vec::new();
+    let run = backlog_tests::scenario::traced_with(&[&ns], &["--no-accept-timing"], |tracer| {
+        links = link_types(tracer.pid());
+        Clients::new(&spec.addr, spec.port, 300).run(&ns)
+    });
+    run.expect_kernel(&ns, "ListenOverflows");
+    run.assert_exact(&ns);
+    assert!(!links.is_empty(), "no BPF links found in the tracer's fds");
+    if tracepoint_mode {
+        assert!(
+            !links.iter().any(|t| t == "perf"),
+            "a perf (syscall tracepoint) link with --no-accept-timing: {links:?}"
+        );
+    }
+    let start = run.stdout().into_iter().find(|l| l.contains(r#""type":"start""#)).expect("start line");
+    if tracepoint_mode {
+        assert!(start.contains("--no-accept-timing"), "the start line does not say accept timing is off: {start}");
     }
 }
 

@@ -42,6 +42,15 @@ fn durations_outside_1ms_to_a_year_are_refused() {
 }
 
 #[test]
+fn drop_line_budgets_that_are_not_a_count_are_refused() {
+    for v in ["-1", "x", "4294967296", "1.5"] {
+        refused(&["--max-drop-lines", v], v);
+        refused(&["record", "-o", "/tmp/never-written", "--max-drop-lines", v], v);
+    }
+    refused(&["--no-accept-timing=yes"], "no-accept-timing");
+}
+
+#[test]
 fn netns_arguments_must_name_a_network_namespace_in_use() {
     require_root();
     for cmd in [&[][..], &["check"][..], &["record", "-o", "/tmp/never-written"][..]] {

@@ -113,6 +113,9 @@ enum Task {
         /// Replace the run recorded in BENCH.md with this one.
         #[arg(long)]
         record: bool,
+        /// Run only these parts: rate (nginx+wrk), flood (SYN flood), syscall (getppid loop).
+        #[arg(long, value_delimiter = ',', value_parser = ["rate", "flood", "syscall"])]
+        only: Vec<String>,
     },
     /// Repeat the exact-count drop scenarios (tests/tests/drops.rs) under concurrent load and
     /// check every run: drop lines == ListenDrops delta == the summary's drops, undetected 0.
@@ -193,20 +196,23 @@ fn run() -> Result<bool> {
             }
             Ok(true)
         }
-        Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record } => bench::run(
-            workspace,
-            &bench::Options {
-                tracer,
-                pairs: pairs as usize,
-                seconds,
-                connections,
-                port,
-                flood_seconds,
-                flood_threads: flood_threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                record,
-            },
-        ),
+        Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record, only } => {
+            bench::run(
+                workspace,
+                &bench::Options {
+                    tracer,
+                    pairs: pairs as usize,
+                    seconds,
+                    connections,
+                    port,
+                    flood_seconds,
+                    flood_threads: flood_threads
+                        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                    record,
+                    only,
+                },
+            )
+        }
         Task::Stress { runs, scenario, load, tracer, drops_test, no_build, out } => stress::run(
             workspace,
             &stress::Options {

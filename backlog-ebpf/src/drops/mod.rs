@@ -6,7 +6,7 @@ pub mod fentry_kprobe;
 pub mod tracepoint;
 pub mod window;
 
-use backlog_common::{DropReason, EventKind, KernelOffsets};
+use backlog_common::{global, DropReason, EventKind, KernelOffsets};
 
 use crate::fields::{self, QueueState};
 use crate::maps;
@@ -18,7 +18,10 @@ pub struct Peer {
     pub port: u16,
 }
 
-/// Counts the drop in the listener's per-CPU stats and emits an event.
+/// Counts the drop in the listener's per-CPU stats and emits an event, unless the
+/// listener is over its line budget on this CPU this second: then the line is
+/// counted as suppressed instead. The counts stay exact either way; what the budget
+/// saves under a flood is the ring-buffer event and its decoding in user space.
 #[inline(always)]
 pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
     let key = fields::listener_key(sk, o);
@@ -26,6 +29,12 @@ pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &Kern
         // SAFETY: this CPU's copy of the value.
         maps::atomic_add(unsafe { &raw mut (*s).drops[reason as usize] }, 1);
         maps::note_queue(s, q);
+        if !maps::take_line(s) {
+            // SAFETY: as above.
+            maps::atomic_add(unsafe { &raw mut (*s).suppressed }, 1);
+            maps::count(global::SUPPRESSED_LINES);
+            return;
+        }
     }
     maps::emit_listener_event(EventKind::Drop, &key, o, |ev| {
         ev.reason = reason as u8;

@@ -176,7 +176,21 @@ pub struct TraceArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics: a port (on 127.0.0.1) or address:port.
     #[arg(long, value_name = "ADDR", value_parser = crate::export::parse_listen_addr)]
     pub prometheus: Option<SocketAddr>,
+    /// At most N drop lines per listener, per CPU, per second; drops above it are
+    /// still counted exactly, their lines as `suppressed_lines` in every output.
+    /// 0: a line for every drop.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_DROP_LINES)]
+    pub max_drop_lines: u32,
+    /// Tracepoint mode: attach no syscall tracepoint (they slow every syscall of
+    /// every process on the host): drops only, no accept waits or requested backlog.
+    #[arg(long)]
+    pub no_accept_timing: bool,
 }
+
+/// The default of `--max-drop-lines`: more lines a second than anyone reads, far
+/// fewer than a SYN flood's drops (hundreds of thousands a second), whose ring
+/// events and decoding would otherwise cost as much as the drops themselves.
+pub const DEFAULT_MAX_DROP_LINES: u32 = 1000;
 
 /// A live session as the settings of its parts.
 pub struct Live {
@@ -189,8 +203,14 @@ impl TraceArgs {
     /// The session's settings; an error (exit 2) names a flag value that cannot work.
     pub fn live(&self) -> Result<Live, String> {
         let filter = self.filters.live_filter()?;
-        let session =
-            Settings { filter: filter.clone(), mode: self.mode, interval: self.interval, duration: self.duration };
+        let session = Settings {
+            filter: filter.clone(),
+            mode: self.mode,
+            interval: self.interval,
+            duration: self.duration,
+            max_drop_lines: self.max_drop_lines,
+            accept_timing: !self.no_accept_timing,
+        };
         let format = if self.json { Format::Json } else { Format::Text };
         let view = View { format, filter, top: self.top, events: self.events, hist: self.hist, verbose: self.verbose };
         Ok(Live { session, view, prometheus: self.prometheus })
@@ -373,6 +393,25 @@ mod tests {
         assert!(man(None, &mut stdout).unwrap().is_empty());
         assert_eq!(String::from_utf8(stdout).unwrap(), main, "without DIR: the main page");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn drop_line_budget_and_accept_timing_flags() {
+        let d = Cli::try_parse_from(["backlog-trace"]).unwrap().trace.live().unwrap();
+        assert_eq!((d.session.max_drop_lines, d.session.accept_timing), (DEFAULT_MAX_DROP_LINES, true));
+        let l = Cli::try_parse_from(["backlog-trace", "--max-drop-lines", "0", "--no-accept-timing"])
+            .unwrap()
+            .trace
+            .live()
+            .unwrap();
+        assert_eq!((l.session.max_drop_lines, l.session.accept_timing), (0, false));
+        let r = Cli::try_parse_from(["backlog-trace", "record", "-o", "f", "--max-drop-lines", "7"]).unwrap();
+        let Some(Command::Record(r)) = r.command else { panic!("record not parsed") };
+        assert_eq!(r.trace.live().unwrap().session.max_drop_lines, 7);
+        for bad in ["-1", "x", "4294967296", ""] {
+            let e = Cli::try_parse_from(["backlog-trace", "--max-drop-lines", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "--max-drop-lines {bad:?}");
+        }
     }
 
     #[test]

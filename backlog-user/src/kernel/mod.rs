@@ -47,9 +47,9 @@ impl std::fmt::Display for ModeUnavailable {
 
 impl std::error::Error for ModeUnavailable {}
 
-fn implementation(mode: Mode) -> Box<dyn AttachMode> {
+fn implementation(mode: Mode, opts: &StartOptions) -> Box<dyn AttachMode> {
     match mode {
-        Mode::Tracepoint => Box::new(tracepoint::Tracepoint),
+        Mode::Tracepoint => Box::new(tracepoint::Tracepoint { syscalls: opts.accept_timing }),
         Mode::Fentry => Box::new(fentry_kprobe::Fentry),
         Mode::Kprobe => Box::new(fentry_kprobe::Kprobe),
     }
@@ -62,6 +62,11 @@ pub struct StartOptions {
     pub mode: Option<Mode>,
     /// Send one event per accept (for the recorder); live views read the maps.
     pub emit_accepts: bool,
+    /// Drop lines per listener, per CPU, per second (0: every drop gets its line).
+    pub max_drop_lines: u32,
+    /// Tracepoint mode: time accepts (and read listen()'s backlog) from syscall
+    /// tracepoints, which every syscall of every task on the host pays for.
+    pub accept_timing: bool,
 }
 
 /// The user-side diagnostic beside the kernel side's `global::DIAGNOSTICS`.
@@ -104,6 +109,7 @@ impl Session {
             accept_ret_off: env::tracepoint_field_offset(&tracefs, "syscalls", "sys_exit_accept4", "ret")?,
             emit_accepts: u32::from(opts.emit_accepts),
             accept_nargs: features.accept_args.unwrap_or(0) as u32,
+            max_drop_lines: opts.max_drop_lines,
         };
         let (mut ebpf, mode, fallbacks) = attach_best(opts, &features, &offsets, &config)?;
         let p: &mut RawTracePoint = ebpf.program_mut(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
@@ -226,7 +232,7 @@ fn attach_best(
     // what it needs is told apart (ModeUnavailable, one line) from a failing attach.
     let mut verdicts = Vec::new();
     for mode in candidates {
-        let imp = implementation(mode);
+        let imp = implementation(mode, opts);
         let why = imp.unavailable(features).or_else(|| imp.probe());
         if let (Some(why), Some(_)) = (&why, opts.mode) {
             return Err(ModeUnavailable(format!("{} mode is unavailable: {why}", mode.name())).into());

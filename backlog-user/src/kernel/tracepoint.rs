@@ -10,7 +10,19 @@ use backlog_common::programs;
 use super::attach::{self, AttachMode};
 use super::env;
 
-pub struct Tracepoint;
+pub struct Tracepoint {
+    /// Attach the accept/accept4 exit and listen entry syscall tracepoints. Any
+    /// program on a syscall tracepoint puts every task of the host on the syscall
+    /// tracing path (BENCH.md: the getppid loop), so `--no-accept-timing` leaves
+    /// them out: drops only, no accept waits, no requested backlog.
+    pub syscalls: bool,
+}
+
+/// The start line's note on the syscall tax, either way.
+pub const SYSCALL_TAX: &str = "accept timing and listen() backlog from syscall tracepoints: every syscall on the host \
+                               takes the tracing path (+60-100 ns on a 250 ns getppid(), BENCH.md); --no-accept-timing leaves them out";
+pub const NO_ACCEPT_TIMING: &str =
+    "--no-accept-timing: no syscall tracepoints, so no accept-wait times, accept counts or requested backlog";
 
 const TP_BTF: [(&str, &str); 2] = [(programs::TP_CONSUME, "consume_skb"), (programs::TP_KFREE, "kfree_skb")];
 
@@ -31,12 +43,17 @@ impl AttachMode for Tracepoint {
             p.load(tp, btf).with_context(|| format!("loading {prog} for tp_btf/{tp}"))?;
             p.attach().with_context(|| format!("attaching {prog} to tp_btf/{tp}"))?;
         }
-        for (prog, tp) in SYSCALLS {
-            let p: &mut TracePoint = ebpf.program_mut(prog).context(prog)?.try_into()?;
-            p.load().with_context(|| format!("loading {prog}"))?;
-            p.attach("syscalls", tp).with_context(|| format!("attaching {prog} to syscalls:{tp}"))?;
-        }
-        attach::attach_listen_tracepoint(ebpf)?;
+        let note = if self.syscalls {
+            for (prog, tp) in SYSCALLS {
+                let p: &mut TracePoint = ebpf.program_mut(prog).context(prog)?.try_into()?;
+                p.load().with_context(|| format!("loading {prog}"))?;
+                p.attach("syscalls", tp).with_context(|| format!("attaching {prog} to syscalls:{tp}"))?;
+            }
+            attach::attach_listen_tracepoint(ebpf)?;
+            SYSCALL_TAX
+        } else {
+            NO_ACCEPT_TIMING
+        };
         let root = env::cgroup2_root()?;
         let cg = File::open(&root).with_context(|| format!("opening cgroup {}", root.display()))?;
         let p: &mut CgroupSkb = ebpf.program_mut(programs::TP_INGRESS).context(programs::TP_INGRESS)?.try_into()?;
@@ -45,6 +62,6 @@ impl AttachMode for Tracepoint {
         // on the cgroup (multi semantics) and rejects the ALLOW_MULTI flag itself.
         p.attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .with_context(|| format!("attaching to cgroup {} (ingress)", root.display()))?;
-        Ok(Vec::new())
+        Ok(vec![note.to_string()])
     }
 }

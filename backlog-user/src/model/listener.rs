@@ -42,6 +42,9 @@ pub struct Listener {
     /// a closing listener empties from its queue count into a new entry after its
     /// old one may have gone; those add to these counts, never replace them.
     pub retired: Counts,
+    /// Drops whose line `--max-drop-lines` held back (exact, from the kernel's
+    /// per-listener counter; the drops themselves are in `drops`).
+    pub suppressed: u64,
     /// Listen drops the kernel counted at this socket that the kernel side did not
     /// detect, placed here by the socket's own drop counter (`session::reconcile`).
     pub undetected: u64,
@@ -53,6 +56,7 @@ pub struct Counts {
     pub drops: [u64; N_REASONS],
     pub accepts: u64,
     pub abandoned: u64,
+    pub suppressed: u64,
 }
 
 /// Accept-queue waits in the kernel's bucket layout (see `backlog_common::hist`).

@@ -101,13 +101,14 @@ impl Model {
         let r =
             ListenerRef { key, netns: id.netns, local: Endpoint { family: id.family, addr: id.laddr, port: id.lport } };
         let l = self.entry(&r);
-        let Counts { mut drops, mut accepts, mut abandoned } = l.retired;
+        let Counts { mut drops, mut accepts, mut abandoned, mut suppressed } = l.retired;
         for s in per_cpu {
             for (d, v) in drops.iter_mut().zip(s.drops) {
                 *d += v;
             }
             accepts += s.accepts;
             abandoned += s.abandoned;
+            suppressed += s.suppressed;
             l.wait.max_ns = l.wait.max_ns.max(s.wait_max_ns);
             l.queue_peak = l.queue_peak.max(s.queue_peak);
             l.queue_max = l.queue_max.max(s.queue_max);
@@ -115,13 +116,14 @@ impl Model {
         l.drops = drops;
         l.accepts = accepts;
         l.abandoned = abandoned;
+        l.suppressed = suppressed;
     }
 
     /// The kernel entry of `key`, just read into the model by `set_kernel_stats`,
     /// is being deleted: what it counted stays as the base of any later entry.
     pub fn retire(&mut self, key: ListenerKey) {
         if let Some(l) = self.listeners.get_mut(&key) {
-            l.retired = Counts { drops: l.drops, accepts: l.accepts, abandoned: l.abandoned };
+            l.retired = Counts { drops: l.drops, accepts: l.accepts, abandoned: l.abandoned, suppressed: l.suppressed };
         }
     }
 

@@ -63,6 +63,7 @@ pub fn listener_json(l: &Listener) -> Value {
         "pending": l.pending,
         "waits_unrecorded": l.waits_unrecorded(),
         "undetected": l.undetected,
+        "suppressed_lines": l.suppressed,
         "accept_latency_us": l.wait.latency().map(|w| json!({
             "count": w.count, "p50": w.p50, "p90": w.p90, "p99": w.p99, "max": w.max,
         })),

@@ -34,6 +34,11 @@ pub struct Settings {
     pub interval: Option<Duration>,
     /// Stop after this long.
     pub duration: Option<Duration>,
+    /// Drop lines per listener, per CPU, per second; above it drops are counted
+    /// (exactly, as ever) and their lines as `suppressed_lines`. 0: no limit.
+    pub max_drop_lines: u32,
+    /// Tracepoint mode: attach the syscall tracepoints accept timing needs.
+    pub accept_timing: bool,
 }
 
 fn scope(f: &Filter) -> String {
@@ -304,7 +309,12 @@ pub async fn run(settings: Settings, observers: Vec<Box<dyn Observer>>) -> Resul
     let reconciler = Reconciler::new(netns, baseline, &mut model);
     // The kernel side counts at every listener (reconciliation compares whole
     // namespaces); the filter only chooses what is shown.
-    let mut session = Session::start(&StartOptions { mode: settings.mode, emit_accepts })?;
+    let mut session = Session::start(&StartOptions {
+        mode: settings.mode,
+        emit_accepts,
+        max_drop_lines: settings.max_drop_lines,
+        accept_timing: settings.accept_timing,
+    })?;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
     // the AsyncFd (and with it the RingBuf) is dropped below.
     let mut rb = unsafe { AsyncFd::register(session.take_events()?) }

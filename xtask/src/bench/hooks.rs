@@ -155,6 +155,26 @@ pub fn markdown(load: &Profile, flood: &Profile) -> String {
     s
 }
 
+/// One profile alone (a run of one bench part): `unit` is what `per_sec` counts.
+pub fn markdown_one(p: &Profile, unit: &str) -> String {
+    let mut s = format!(
+        "bpf_stats adds {:.0} ns to every call (an empty program's ns/call); the net column subtracts it.\n\n\
+         | program | calls/s | ns/call | net ns per {unit} |\n|---|---|---|---|\n",
+        p.floor_ns
+    );
+    for (name, ..) in &p.rows {
+        let (r, n, u) = p.get(name);
+        s += &format!("| {name} | {r:.0} | {n:.0} | {u:.0} |\n");
+    }
+    s += &format!(
+        "| **all** ({:.0} {unit}s/s) | | net {:.1} % of a core | **{:.0}** |\n",
+        p.per_sec,
+        p.net_cpu_pct(),
+        p.net_per_unit()
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

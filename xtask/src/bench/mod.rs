@@ -6,6 +6,7 @@
 mod flood;
 mod hooks;
 mod rate;
+mod syscall;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub struct Options {
     pub flood_seconds: u64,
     pub flood_threads: usize,
     pub record: bool,
+    /// Which parts to run: `rate`, `flood`, `syscall` (all when empty).
+    pub only: Vec<String>,
 }
 
 const RATIO_TARGET: f64 = 0.98;
@@ -38,6 +41,20 @@ const RATIO_TARGET: f64 = 0.98;
 const NOISE: f64 = 0.10;
 const STARTUP_TARGET: Duration = Duration::from_millis(500);
 const RSS_TARGET_MB: f64 = 30.0;
+/// Drops/s under a SYN flood with the tracer against without.
+const FLOOD_TARGET: f64 = 0.85;
+/// A peer on the flood: drops counted per listener port on the tracepoints where
+/// the kernel frees a refused SYN (consume_skb: conn_request refused it) or any
+/// other dropped segment (kfree_skb), read from the segment's TCP header.
+const FLOOD_PEER_SCRIPT: &str = "
+tracepoint:skb:consume_skb, tracepoint:skb:kfree_skb {
+  $skb = (struct sk_buff *)args->skbaddr;
+  if ($skb->protocol == 0x0008) {
+    $th = (struct tcphdr *)($skb->head + $skb->transport_header);
+    @drops[bswap($th->dest)] = count();
+  }
+}
+";
 
 pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
     crate::harness::preflight("bench", &["nginx", "wrk", "bpftrace", "bpftool", "ip"], "scripts/bench-deps.sh")?;
@@ -48,9 +65,23 @@ pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
     eprintln!("bench: {machine}\nbench: {conditions}");
     let mut t = Table::new();
     let t0 = Instant::now();
-    let load = connection_rates(workspace, o, &tracer, &mut t)?;
-    let flood = drop_throughput(o, &tracer, &mut t, load.floor_ns)?;
-    let profile = hooks::markdown(&load, &flood);
+    let part = |p: &str| o.only.is_empty() || o.only.iter().any(|x| x == p);
+    if part("syscall") {
+        syscall::measure(&tracer, &mut t)?;
+    }
+    let load = if part("rate") { Some(connection_rates(workspace, o, &tracer, &mut t)?) } else { None };
+    let flood = if part("flood") {
+        // Without the rate part, the stats floor is measured beside the flood's profile.
+        Some(drop_throughput(o, &tracer, &mut t, load.as_ref().map(|l| l.floor_ns))?)
+    } else {
+        None
+    };
+    let profile = match (&load, &flood) {
+        (Some(l), Some(f)) => hooks::markdown(l, f),
+        (None, Some(f)) => hooks::markdown_one(f, "drop"),
+        (Some(l), None) => hooks::markdown_one(l, "connection"),
+        (None, None) => String::new(),
+    };
     let run = format!(
         "Run of {} UTC ({} s) on {machine}; {conditions}.\n\n{}\nPer-program cost of backlog-trace (default options; bpf_stats, \
          separate runs):\n\n{profile}",
@@ -163,24 +194,38 @@ fn spread_text(r: &Spread) -> String {
 
 /// The SYN flood: bare, under backlog-trace (default, --events), then one profiled
 /// run. Returns the per-program profile under the flood, net of `floor_ns`.
-fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: f64) -> Result<hooks::Profile> {
+fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: Option<f64>) -> Result<hooks::Profile> {
     let f = Flood::setup(o.flood_threads, Duration::from_secs(o.flood_seconds))?;
     let ns = f.server_netns().to_string();
-    eprintln!("bench: SYN flood, {} thread(s) × {} s, no probe", o.flood_threads, o.flood_seconds);
-    let bare = f.run(None)?;
+    // Every probed flood is paired with a bare one just before it: other load on
+    // a shared host moves the bare rate by 2x within minutes, so a ratio is only
+    // taken between neighbours.
+    let mut bare_rates = Vec::new();
+    let mut bare_flood = || -> Result<flood::Outcome> {
+        eprintln!("bench: SYN flood, {} thread(s) × {} s, no probe", o.flood_threads, o.flood_seconds);
+        let b = f.run(None)?;
+        bare_rates.push(b.drops_per_sec());
+        Ok(b)
+    };
+    let first = bare_flood()?;
     t.add(
-        &format!("Drops/s, SYN flood, no probe ({} sender threads)", o.flood_threads),
+        &format!("Drops/s, SYN flood, no probe ({} sender threads; first run)", o.flood_threads),
         format!(
             "{:.0} ({:.0} SYNs/s sent, {} refused)",
-            bare.drops_per_sec(),
-            bare.sent as f64 / bare.secs,
-            bare.refused
+            first.drops_per_sec(),
+            first.sent as f64 / first.secs,
+            first.refused
         ),
         "highest this machine reaches",
         Status::Info,
     );
-    for extra in [&[][..], &["--events"][..]] {
-        let label = if extra.is_empty() { "default" } else { "--events" };
+    let mut bare = first;
+    for (i, extra) in [&[][..], &[][..], &["--events"][..], &["--max-drop-lines", "0"][..]].into_iter().enumerate() {
+        let label = extra.join(" ");
+        let label = if label.is_empty() { format!("default (pair {})", i + 1) } else { label };
+        if i > 0 {
+            bare = bare_flood()?;
+        }
         let mut args = vec!["--netns", ns.as_str()];
         args.extend_from_slice(extra);
         let p = Probe::tracer(tracer, &args)?;
@@ -190,17 +235,32 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: f64) -> 
         let stopped = p.stop()?;
         let s = Summary::find(&stopped)?;
         let cost = out.cost.as_ref().context("no usage sampled for the tracer")?;
+        let ratio = out.drops_per_sec() / bare.drops_per_sec();
         t.add(
-            &format!("Drops/s, SYN flood, backlog-trace {label}"),
-            format!("{:.0}", out.drops_per_sec()),
-            "",
-            Status::Info,
+            &format!("Drops/s, SYN flood, backlog-trace {label}; ratio to the bare run just before"),
+            format!("{:.0} vs {:.0}; {ratio:.3}", out.drops_per_sec(), bare.drops_per_sec()),
+            "≥ 0.85",
+            Status::from(ratio >= FLOOD_TARGET),
         );
         t.add(
             &format!("Lost events, backlog-trace {label}"),
             format!("{} ({} drop lines printed)", s.lost_events, stopped.drop_lines),
             "0",
             Status::from(s.lost_events == 0),
+        );
+        t.add(
+            &format!("Suppressed lines, backlog-trace {label}: lines + lost + suppressed = drops"),
+            format!(
+                "{} suppressed; {} + {} + {} = {} vs {}",
+                s.suppressed_lines,
+                stopped.drop_lines,
+                s.lost_events,
+                s.suppressed_lines,
+                stopped.drop_lines + s.lost_events + s.suppressed_lines,
+                s.drops
+            ),
+            "equal",
+            Status::from(stopped.drop_lines + s.lost_events + s.suppressed_lines == s.drops),
         );
         t.add(
             &format!("Tracer total = ListenDrops, {label}"),
@@ -223,15 +283,56 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: f64) -> 
         );
     }
 
+    let bare = bare_flood()?;
+    eprintln!("bench: SYN flood under the bpftrace peer (drops per listener port)");
+    let p = Probe::bpftrace(FLOOD_PEER_SCRIPT)?;
+    thread::sleep(SETTLE);
+    let out = f.run(Some(&p))?;
+    p.stop()?;
+    let cost = out.cost.as_ref().context("no usage sampled for bpftrace")?;
+    t.add(
+        "Drops/s, SYN flood, bpftrace peer (count per port on consume_skb/kfree_skb); ratio to the bare run just before",
+        format!(
+            "{:.0} vs {:.0}; {:.3}; its process {:.0} % of a core",
+            out.drops_per_sec(),
+            bare.drops_per_sec(),
+            out.drops_per_sec() / bare.drops_per_sec(),
+            cost.cpu_pct
+        ),
+        "",
+        Status::Info,
+    );
+
+    let r = Spread::of(bare_rates);
+    t.add(
+        "Drops/s, SYN flood, no probe: every bare run of the pairs",
+        format!("median {:.0} (range {:.0}–{:.0})", r.median, r.min, r.max),
+        "",
+        Status::Info,
+    );
+
     eprintln!("bench: profiling backlog-trace's programs under the flood");
     let _stats = hooks::StatsOn::enable()?;
     let p = Probe::tracer(tracer, &["--netns", &ns])?;
+    let floor = match floor_ns {
+        Some(_) => None,
+        None => Some(Probe::bpftrace(hooks::FLOOR_SCRIPT)?),
+    };
     thread::sleep(SETTLE);
     let before = hooks::sample(p.pid())?;
+    let floor0 = floor.as_ref().map(|f| hooks::sample(f.pid())).transpose()?;
     let started = Instant::now();
     let out = f.run(Some(&p))?;
-    let profile =
-        hooks::Profile::new(&before, &hooks::sample(p.pid())?, started.elapsed(), out.drops_per_sec(), floor_ns);
+    let after = hooks::sample(p.pid())?;
+    let floor_ns = match (floor_ns, &floor, floor0) {
+        (Some(ns), _, _) => ns,
+        (None, Some(f), Some(f0)) => hooks::floor(&f0, &hooks::sample(f.pid())?),
+        _ => 0.0,
+    };
+    if let Some(f) = floor {
+        f.stop()?;
+    }
+    let profile = hooks::Profile::new(&before, &after, started.elapsed(), out.drops_per_sec(), floor_ns);
     p.stop()?;
     Ok(profile)
 }

@@ -182,6 +182,8 @@ impl Drop for Probe {
 pub struct Summary {
     pub drops: u64,
     pub lost_events: u64,
+    /// Drop lines held back by `--max-drop-lines` (the drops are in `drops`).
+    pub suppressed_lines: u64,
 }
 
 impl Summary {
@@ -199,7 +201,11 @@ impl Summary {
         // Every selected listener's, shown or not; the shown listeners' sum otherwise.
         let drops =
             v["totals"]["drops"].as_u64().unwrap_or_else(|| listeners.filter_map(|l| l["drops"].as_u64()).sum());
-        Ok(Summary { drops, lost_events: v["lost_events"].as_u64().unwrap_or(0) })
+        Ok(Summary {
+            drops,
+            lost_events: v["lost_events"].as_u64().unwrap_or(0),
+            suppressed_lines: v["diagnostics"]["suppressed_lines"].as_u64().unwrap_or(0),
+        })
     }
 }
 

@@ -1,0 +1,96 @@
+//! The syscall tax: any program on a syscall tracepoint puts every task of the host
+//! on the syscall-tracing slow path, so a tracer that watches accept() slows every
+//! other process's system calls. Measured as the time of a tight getppid() loop
+//! (a syscall that does almost nothing) bare and with each probe attached.
+use std::path::Path;
+use std::thread;
+
+use anyhow::Result;
+
+use crate::harness::probe::Probe;
+use crate::harness::sys;
+
+use super::rate::{Spread, SETTLE};
+use super::table::{Status, Table};
+
+/// Calls per measurement (the figure): ~1 s each on this host.
+const CALLS: u64 = 5_000_000;
+/// Alternating bare/with pairs per probe.
+const PAIRS: usize = 5;
+/// Target in modes with no syscall tracepoint (fentry, kprobe, `--no-accept-timing`).
+const TARGET: f64 = 0.98;
+
+/// This thread's CPU time (user + system), ns: unlike wall time, it leaves out the
+/// time other processes on a shared host take the CPU away, while the slow path's
+/// extra work is charged to the thread's system time.
+fn thread_cpu_ns() -> u128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+/// CPU ns per getppid() call over `CALLS` calls.
+fn loop_ns() -> f64 {
+    let t0 = thread_cpu_ns();
+    for _ in 0..CALLS {
+        // SAFETY: getppid has no arguments and cannot fail.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+    (thread_cpu_ns() - t0) as f64 / CALLS as f64
+}
+
+/// A probe to compare: its label, how to start it, and the ratio it must reach.
+type Candidate<'a> = (&'a str, &'a dyn Fn() -> Result<Probe>, Option<f64>);
+
+/// bare/with ratios of the getppid loop, per probe, as table rows. Returns the
+/// default tracer's median ratio.
+pub fn measure(tracer: &Path, t: &mut Table) -> Result<f64> {
+    let probes: [Candidate; 3] = [
+        ("backlog-trace (default)", &|| Probe::tracer(tracer, &[]), None),
+        ("backlog-trace --no-accept-timing", &|| Probe::tracer(tracer, &["--no-accept-timing"]), Some(TARGET)),
+        (
+            "bpftrace on sys_exit_accept4 alone",
+            &|| Probe::bpftrace("tracepoint:syscalls:sys_exit_accept4 { @n = count(); }"),
+            None,
+        ),
+    ];
+    let mut default_ratio = 0.0;
+    for (label, start, target) in probes {
+        eprintln!("bench: getppid loop, {CALLS} calls, bare vs {label}");
+        let (mut bare, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..PAIRS {
+            sys::check_interrupt()?;
+            let b = loop_ns();
+            let p = start()?;
+            thread::sleep(SETTLE);
+            let w = loop_ns();
+            p.stop()?;
+            bare.push(b);
+            with.push(w);
+            ratios.push(b / w);
+        }
+        let (b, w, r) = (Spread::of(bare), Spread::of(with), Spread::of(ratios));
+        if default_ratio == 0.0 {
+            default_ratio = r.median;
+        }
+        t.add(
+            &format!("getppid() loop (thread CPU time), bare/with ratio, {label} ({PAIRS} pairs)"),
+            format!(
+                "{:.3} (range {:.3}–{:.3}); {:.0} → {:.0} ns a call (+{:.0})",
+                r.median,
+                r.min,
+                r.max,
+                b.median,
+                w.median,
+                w.median - b.median
+            ),
+            if target.is_some() { "≥ 0.98 (no syscall tracepoint)" } else { "tax stated in README" },
+            match target {
+                Some(min) => Status::from(r.median >= min),
+                None => Status::Info,
+            },
+        );
+    }
+    Ok(default_ratio)
+}
