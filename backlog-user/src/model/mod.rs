@@ -6,11 +6,12 @@ mod listener;
 mod reconciled;
 pub mod retired;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use backlog_common::{hist, ListenerKey, ListenerStats};
 
 use crate::event::{comm_str, Endpoint, ListenerEvent, ListenerRef, What};
+use crate::sys::diag::SockEntry;
 #[cfg(test)]
 pub use listener::{fmt_sockaddr, Wait};
 pub use listener::{Counts, Filter, Latency, Listener, Owners, SockAddr};
@@ -52,14 +53,83 @@ pub struct Model {
 
 impl Model {
     fn entry(&mut self, r: &ListenerRef) -> &mut Listener {
-        self.listeners.entry(r.key).or_insert_with(|| Listener {
-            sk: r.key.sk,
-            netns: r.netns,
-            addr: Some(r.local.own_ip()),
-            port: r.local.port,
-            sock_ino: r.key.ino,
-            ..Default::default()
-        })
+        if !self.listeners.contains_key(&r.key) {
+            // A listener known so far only from sock_diag (`listening`) becomes this
+            // one: it keeps its owners, limit and queue, under the kernel side's key.
+            let listed = ListenerKey { sk: 0, ino: r.key.ino };
+            let known = (r.key.sk != 0 && r.key.ino != 0).then(|| self.listeners.remove(&listed)).flatten();
+            let l = match known {
+                Some(l) => Listener { sk: r.key.sk, ..l },
+                None => Listener {
+                    sk: r.key.sk,
+                    netns: r.netns,
+                    addr: Some(r.local.own_ip()),
+                    port: r.local.port,
+                    sock_ino: r.key.ino,
+                    ..Default::default()
+                },
+            };
+            self.listeners.insert(r.key, l);
+        }
+        let l = self.listeners.get_mut(&r.key).expect("inserted above");
+        // listen() on an unbound socket enters LISTEN before the kernel picks its
+        // port: its Listen event says port 0, anything later has the real one.
+        if l.port == 0 && r.local.port != 0 {
+            l.port = r.local.port;
+            l.addr = Some(r.local.own_ip());
+        }
+        l
+    }
+
+    /// Every listening socket of each namespace read, as sock_diag lists it now
+    /// (what `ss -lnt` shows), given as (namespace, listed sockets, whether this is
+    /// its last reading). Listeners the kernel side has not reported (older than the
+    /// session, or quiet since) join the model under `ListenerKey { sk: 0, ino }`
+    /// until an event or a kernel entry names their socket; every listed one gets its
+    /// queue length and limit now. Such a listener no longer listed, or whose
+    /// namespace is read for the last time, has closed. Returns the listeners added,
+    /// for owner resolution.
+    pub fn listening<'a>(
+        &mut self,
+        namespaces: impl IntoIterator<Item = (u32, &'a [SockEntry], bool)>,
+    ) -> Vec<ListenerKey> {
+        let by_ino: HashMap<(u32, u64), ListenerKey> =
+            self.listeners.iter().map(|(k, l)| ((l.netns, l.sock_ino), *k)).collect();
+        let mut added = Vec::new();
+        let mut read: HashMap<u32, bool> = HashMap::new();
+        let mut present = HashSet::new();
+        for (netns, listed, last) in namespaces {
+            read.insert(netns, last);
+            for e in listed.iter().filter(|e| e.listening && e.inode != 0) {
+                let ino = u64::from(e.inode);
+                present.insert((netns, ino));
+                let key = match by_ino.get(&(netns, ino)) {
+                    Some(k) => *k,
+                    None => {
+                        let key = ListenerKey { sk: 0, ino };
+                        let l =
+                            Listener { netns, addr: Some(e.addr), port: e.port, sock_ino: ino, ..Default::default() };
+                        self.listeners.insert(key, l);
+                        added.push(key);
+                        key
+                    }
+                };
+                let Some(l) = self.listeners.get_mut(&key) else { continue };
+                if l.port == 0 {
+                    (l.port, l.addr) = (e.port, Some(e.addr));
+                }
+                l.queue_len = e.rqueue;
+                l.queue_max = e.wqueue;
+                l.queue_peak = l.queue_peak.max(e.rqueue);
+            }
+        }
+        for (k, l) in self.listeners.iter_mut() {
+            let Some(last) = read.get(&l.netns) else { continue };
+            if k.sk == 0 && (*last || !present.contains(&(l.netns, k.ino))) {
+                l.closed = true;
+            }
+        }
+        added
     }
 
     /// Folds one event in; returns the listener it concerns.

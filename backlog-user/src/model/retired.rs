@@ -182,6 +182,11 @@ impl Retired {
         self.latest.insert(key, now);
     }
 
+    /// Whether `key` was released and waits to be merged.
+    pub fn is_released(&self, key: &ListenerKey) -> bool {
+        self.latest.contains_key(key)
+    }
+
     /// Closed listeners kept individually right now.
     #[cfg(test)]
     pub fn kept(&self) -> usize {
