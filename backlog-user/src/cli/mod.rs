@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::kernel::Mode;
 use crate::model::Filter;
+use crate::output::text::Width;
 use crate::output::{Format, View};
 use crate::record::{RecordSettings, ReportSettings};
 use crate::session::Settings;
@@ -23,7 +24,8 @@ mod fuzz;
     name = "backlog-trace",
     version,
     about = "Catch and explain TCP listen-queue drops, per listener, as they happen",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = TABLE_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -31,6 +33,24 @@ pub struct Cli {
     #[command(flatten)]
     pub trace: TraceArgs,
 }
+
+/// What the table's columns mean, under --help.
+const TABLE_HELP: &str = "\
+Table columns (every listener in scope, as `ss -lnt` lists them, from the start):
+  QUEUE    the accept queue now, length/limit. The length can exceed the limit by
+           one (`queue 9/8`): the kernel admits a connection while length <= limit
+           and drops only once it is over.
+  PEAK     the longest the accept queue was seen.
+  LIMIT    the effective limit, min(listen() backlog, net.core.somaxconn), with the
+           backlog asked of listen() in brackets when it differs (seen only for
+           listen() calls made while tracing).
+  DROPS    connections dropped at this listener (its share of TcpExt ListenDrops);
+           DROP_ACCQ, DROP_SYNQ, DROP_ACK, DROP_OTHER split them by reason:
+           accept_queue_full, syn_queue_full, ack_overflow, other.
+  ACCEPTS  connections taken by accept(); P50ms/P99ms/MAXms their accept-queue wait.
+  OWNERS   pid/comm of every process holding the socket.
+The default table fits 100 columns (more when the terminal is wider): what a row
+leaves out goes on an indented line under it. --wide prints every column.";
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -110,6 +130,10 @@ pub struct TraceArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics: a port (on 127.0.0.1) or address:port.
     #[arg(long, value_name = "ADDR", value_parser = crate::export::parse_listen_addr)]
     pub prometheus: Option<SocketAddr>,
+    /// Tables with every column on one line, however wide (default: fit 100
+    /// columns, or the terminal's width when wider).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 /// A live session as the settings of its parts.
@@ -126,7 +150,10 @@ impl TraceArgs {
         let session =
             Settings { filter: filter.clone(), mode: self.mode, interval: self.interval, duration: self.duration };
         let format = if self.json { Format::Json } else { Format::Text };
-        let view = View { format, filter, top: self.top, events: self.events, hist: self.hist, verbose: self.verbose };
+        let columns = crate::sys::term::stdout_columns().unwrap_or(0).max(Width::DEFAULT_COLUMNS);
+        let width = Width { columns, wide: self.wide };
+        let view =
+            View { format, filter, top: self.top, events: self.events, hist: self.hist, verbose: self.verbose, width };
         Ok(Live { session, view, prometheus: self.prometheus })
     }
 }
