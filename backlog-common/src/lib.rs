@@ -270,6 +270,29 @@ pub struct ListenerKey {
     pub ino: u64,
 }
 
+/// Key of the ACCEPTORS map: a process (tgid) that took connections from a listener
+/// by accept().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AcceptorKey {
+    pub listener: ListenerKey,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Value of the ACCEPTORS map (per CPU): connections that process took, and its
+/// command name as the accepting task had it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Acceptor {
+    pub accepts: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// (listener, process) pairs ACCEPTORS holds at once: a listener has a few
+/// acceptors (its workers); a failed insert is counted (`global::ACCEPTORS_FULL`).
+pub const ACCEPTORS_MAX_ENTRIES: u32 = 16384;
+
 /// Counters that are not per listener (index into the `GLOBAL` per-CPU array). Each
 /// is a way the kernel side can see less than everything; user space reports every
 /// one that is not zero (the JSON summary's `diagnostics`).
@@ -297,17 +320,21 @@ pub mod global {
     pub const FLUSH_BUSY: u32 = 6;
     /// Accept waits not counted in a histogram because WAIT_HIST was full.
     pub const HIST_FULL: u32 = 7;
-    pub const N: u32 = 8;
+    /// Accepts whose (listener, process) pair found ACCEPTORS full: that process is
+    /// missing from the listener's "accepted by" (its accepts still count).
+    pub const ACCEPTORS_FULL: u32 = 8;
+    pub const N: u32 = 9;
 
     /// JSON names of the diagnostics, by index (`LOST_EVENTS` and
     /// `UNMATCHED_ACCEPT` are reported under their own names).
-    pub const DIAGNOSTICS: [(u32, &str); 6] = [
+    pub const DIAGNOSTICS: [(u32, &str); 7] = [
         (WINDOWS_REPLACED, "windows_replaced"),
         (SETTLED_LATE, "settled_late"),
         (UNATTRIBUTED, "unattributed"),
         (STATS_FULL, "stats_full"),
         (FLUSH_BUSY, "flush_busy"),
         (HIST_FULL, "hist_full"),
+        (ACCEPTORS_FULL, "acceptors_full"),
     ];
 }
 
@@ -389,6 +416,8 @@ mod pod {
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::Enqueued {}
+    unsafe impl aya::Pod for super::AcceptorKey {}
+    unsafe impl aya::Pod for super::Acceptor {}
 }
 
 /// Listeners the STATS map holds at most (the loader may size it lower to fit its
@@ -415,6 +444,7 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const WAIT_HIST: &str = "WAIT_HIST";
     pub const ENQUEUED: &str = "ENQUEUED";
+    pub const ACCEPTORS: &str = "ACCEPTORS";
 }
 
 /// Program names: the loader finds each program by these. aya-ebpf's macros name a

@@ -170,3 +170,45 @@ fn an_unbound_listen_shows_the_port_the_kernel_chose() {
     let drops = run.delta(&ns).get("ListenDrops");
     assert_eq!(l.drops, drops, "drops at the unbound listener vs ListenDrops");
 }
+#[test]
+fn reuseport_sockets_name_the_worker_that_accepts_from_each() {
+    let ns = Netns::new("rup");
+    let spec =
+        ServerSpec { accept: "all".into(), fork: 2, reuseport: 2, pin: true, ..ServerSpec::new("127.0.0.1", 7201) };
+    let mut server = None;
+    let connections = 40;
+    let mut passive = 0;
+    let run = traced(&[&ns], &[], || {
+        let s = Server::start(&ns, spec);
+        let before = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"];
+        Clients::new("127.0.0.1", 7201, connections).run(&ns);
+        wait_for("every connection accepted", Duration::from_secs(30), || {
+            let q = kernel_listeners(&ns);
+            (q.values().all(|(len, _)| *len == 0)).then_some(())
+        });
+        passive = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"] - before;
+        std::thread::sleep(Duration::from_millis(1500));
+        server = Some(s);
+    });
+    let server = server.expect("server started");
+    assert_eq!(server.pinned.len(), 2, "{:?}", server.pinned);
+    assert_eq!(passive, u64::from(connections), "harness: PassiveOpens");
+    let on_port = run.listeners_on(&ns, 7201);
+    assert_eq!(on_port.len(), 2, "{on_port:#?}");
+    let mut total = 0;
+    for l in &on_port {
+        // Both sockets are held by the master and both workers, as `ss -tlnp` shows.
+        let mut pids = l.pids.clone();
+        pids.sort_unstable();
+        let mut all = server.pids.clone();
+        all.sort_unstable();
+        assert_eq!(pids, all, "owners of {l:?}");
+        // Only the worker pinned to this socket accepted from it.
+        let (worker, _) = server.pinned.iter().find(|(_, ino)| *ino == l.inode).expect("a pinned worker per socket");
+        let acceptors: Vec<(u32, u64)> = l.accepted_by.iter().map(|a| (a.pid, a.accepts)).collect();
+        assert_eq!(acceptors, vec![(*worker, l.accepts)], "accepted_by of {l:?}");
+        assert!(l.accepted_by[0].comm.starts_with("bt-server"), "{l:?}");
+        total += l.accepts;
+    }
+    assert_eq!(total, passive, "accepts at both sockets vs PassiveOpens");
+}

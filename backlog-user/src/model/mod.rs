@@ -105,6 +105,8 @@ impl Model {
                 present.insert((netns, ino));
                 let key = match by_ino.get(&(netns, ino)) {
                     Some(k) => *k,
+                    // Closed and merged after this reading was taken.
+                    None if self.retired.merged_lately(ino) => continue,
                     None => {
                         let key = ListenerKey { sk: 0, ino };
                         let l =
@@ -129,6 +131,7 @@ impl Model {
                 l.closed = true;
             }
         }
+        self.retired.forget_lately();
         added
     }
 
@@ -213,6 +216,18 @@ impl Model {
         }
         for (have, kernel) in l.wait.buckets_mut().iter_mut().zip(all) {
             *have = (*have).max(kernel);
+        }
+    }
+
+    /// The kernel's count of who accepted from `key`: (pid, comm, accepts) each.
+    pub fn set_acceptors(&mut self, key: ListenerKey, list: &[(u32, [u8; backlog_common::COMM_LEN], u64)]) {
+        let Some(l) = self.listeners.get_mut(&key) else { return };
+        for (pid, comm, accepts) in list {
+            let a = l.acceptors.entry(*pid).or_default();
+            a.accepts = a.accepts.max(*accepts);
+            if comm[0] != 0 {
+                a.comm = comm_str(comm);
+            }
         }
     }
 
@@ -301,6 +316,72 @@ mod tests {
         m.set_kernel_stats(k, &[late]);
         let l = &m.listeners[&k];
         assert_eq!((l.abandoned, l.accepts, l.drops), (20, 2, [1, 0, 0, 0]));
+    }
+
+    fn listed(ino: u32, port: u16, len: u32, max: u32) -> SockEntry {
+        SockEntry {
+            listening: true,
+            addr: "10.0.0.1".parse().unwrap(),
+            port,
+            rqueue: len,
+            wqueue: max,
+            inode: ino,
+            drops: Some(0),
+        }
+    }
+
+    #[test]
+    fn listed_listeners_join_then_take_the_kernel_key_and_close() {
+        let mut m = Model::default();
+        let added = m.listening([(42, &[listed(5, 80, 5, 4), listed(6, 81, 0, 128)][..], false)]);
+        assert_eq!(added, vec![ListenerKey { sk: 0, ino: 5 }, ListenerKey { sk: 0, ino: 6 }]);
+        let l = &m.listeners[&ListenerKey { sk: 0, ino: 5 }];
+        assert_eq!((l.port, l.queue_len, l.queue_max, l.queue_peak, l.closed), (80, 5, 4, 5, false));
+        m.listeners.get_mut(&ListenerKey { sk: 0, ino: 5 }).unwrap().owners.insert(7, "srv".into());
+        // The kernel side names socket 5: the same listener, under its key, owners kept.
+        let mut ev = drop_ev(1, DropReason::AcceptQueueFull);
+        ev.listener.key.ino = 5;
+        m.apply(&ev);
+        assert!(!m.listeners.contains_key(&ListenerKey { sk: 0, ino: 5 }));
+        let l = &m.listeners[&ListenerKey { sk: 1, ino: 5 }];
+        assert_eq!((l.total_drops(), l.owners.len(), l.queue_max), (1, 1, 8));
+        // Listed again: known, not added; socket 6 is gone, so it closed.
+        assert!(m.listening([(42, &[listed(5, 80, 2, 4)][..], false)]).is_empty());
+        assert_eq!(m.listeners[&ListenerKey { sk: 1, ino: 5 }].queue_len, 2);
+        assert!(m.listeners[&ListenerKey { sk: 0, ino: 6 }].closed);
+        // Another namespace's reading leaves these alone.
+        m.listening([(43, &[][..], false)]);
+        assert!(!m.listeners[&ListenerKey { sk: 1, ino: 5 }].closed);
+    }
+
+    #[test]
+    fn the_kernel_chosen_port_replaces_port_zero() {
+        let mut m = Model::default();
+        // listen() without bind(): LISTEN is entered before the port is chosen.
+        let mut listen = at(9, What::Listen { pid: 7, comm: [0; 16], requested_backlog: Some(1), queue_max: 1 });
+        listen.listener.local.port = 0;
+        m.apply(&listen);
+        assert_eq!(m.listeners[&ListenerKey { sk: 9, ino: 0 }].port, 0);
+        let mut later = ListenerStats { lport: 41234, ..Default::default() };
+        later.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        m.set_kernel_stats(ListenerKey { sk: 9, ino: 0 }, &[later]);
+        assert_eq!(m.listeners[&ListenerKey { sk: 9, ino: 0 }].local(), "127.0.0.1:41234");
+    }
+
+    #[test]
+    fn a_reading_older_than_a_merge_does_not_bring_the_listener_back() {
+        let mut m = Model::default();
+        m.retired = Retired::new(retired::Policy { keep_max: 0, ..Default::default() });
+        m.listening([(42, &[listed(5, 80, 0, 4)][..], false)]);
+        let key = ListenerKey { sk: 0, ino: 5 };
+        m.listeners.get_mut(&key).unwrap().closed = true;
+        let now = std::time::Instant::now();
+        m.retired.released(key, now);
+        m.retired.merge_due(&mut m.listeners, &Default::default(), now);
+        assert!(m.listeners.is_empty());
+        // A reading taken before the close still lists the socket.
+        assert!(m.listening([(42, &[listed(5, 80, 0, 4)][..], false)]).is_empty());
+        assert!(m.listeners.is_empty());
     }
 
     #[test]

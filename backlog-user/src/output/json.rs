@@ -52,6 +52,9 @@ pub fn listener_json(l: &Listener) -> Value {
         "inode": l.sock_ino,
         "pids": l.owners.keys().collect::<Vec<_>>(),
         "comms": l.owners.values().collect::<Vec<_>>(),
+        "accepted_by": l.acceptors_by_accepts().iter().map(|(pid, a)| json!({
+            "pid": pid, "comm": a.comm, "accepts": a.accepts,
+        })).collect::<Vec<_>>(),
         "drops": l.total_drops(),
         "overflows": l.overflows(),
         "drops_by_reason": by_reason,

@@ -47,6 +47,20 @@ fn owners(l: &Listener) -> String {
     procs(l.owners.iter().map(|(p, c)| (*p, c.as_str())), 3)
 }
 
+/// The processes that accepted from it, most first, with how many each took.
+fn accepted_by(l: &Listener) -> Option<String> {
+    let all = l.acceptors_by_accepts();
+    if all.is_empty() {
+        return None;
+    }
+    let mut s: Vec<String> =
+        all.iter().take(3).map(|(p, a)| format!("{p}/{} {}", escape(&a.comm), a.accepts)).collect();
+    if all.len() > 3 {
+        s.push(format!("+{}", all.len() - 3));
+    }
+    Some(s.join(", "))
+}
+
 /// Owners, as many as fit in `room` characters (at least one, and the count of the rest).
 fn owners_within(l: &Listener, room: usize) -> String {
     for max in (1..=l.owners.len().max(1)).rev() {
@@ -203,6 +217,7 @@ fn wide_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Previo
         cols.push(col("ACC/s", 7, true));
     }
     cols.extend([col("P50ms", 7, true), col("P99ms", 7, true), col("MAXms", 7, true), col("OWNERS", 0, false)]);
+    cols.push(col("ACCEPTED_BY", 0, false));
     let rows: Vec<Vec<String>> = listeners
         .iter()
         .map(|l| {
@@ -219,6 +234,7 @@ fn wide_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Previo
             }
             r.extend(latency_cells(l));
             r.push(owners(l));
+            r.push(accepted_by(l).unwrap_or_else(|| "-".into()));
             r
         })
         .collect();
@@ -259,6 +275,7 @@ fn narrow_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Prev
                 r.insert(5, format!("{:.1}", rates(l, secs, prev).0));
             }
             let mut more: Vec<String> = reasons(l).into_iter().collect();
+            more.extend(accepted_by(l).map(|a| format!("accepted by {a}")));
             if let Some(asked) = l.requested_backlog.filter(|r| *r != l.queue_max) {
                 more.push(format!("listen() asked {asked}, limit {}", l.queue_max));
             }

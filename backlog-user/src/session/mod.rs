@@ -258,6 +258,14 @@ impl Live {
             self.model.retire(key);
             released.insert(key);
         }
+        // Who accepted from each listener; a released listener's entries are final.
+        let acceptors = session.acceptors()?;
+        for (key, list) in &acceptors {
+            self.model.set_acceptors(*key, list);
+            if released.contains(key) || self.model.retired.was_merged(key) {
+                session.forget_acceptors(*key, list.iter().map(|a| a.0))?;
+            }
+        }
         let now = Instant::now();
         for key in released {
             in_kernel.remove(&key);
