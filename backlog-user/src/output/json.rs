@@ -58,7 +58,6 @@ pub fn listener_json(l: &Listener) -> Value {
         "drops": l.total_drops(),
         "overflows": l.overflows(),
         "drops_by_reason": by_reason,
-        "queue_len": l.queue_len,
         "queue_max": l.queue_max,
         "queue_peak": l.queue_peak,
         "requested_backlog": l.requested_backlog,
@@ -239,6 +238,9 @@ pub fn interval(
         .map(|l| {
             let mut v = named_listener_json(model, l);
             let (drops, accepts) = rates(l, secs, prev);
+            // The queue now: live only (a recording keeps the last drop's), so not
+            // in the summary, which `report` reproduces.
+            v["queue_len"] = json!(l.queue_len);
             v["drops_per_sec"] = json!(drops);
             v["accepts_per_sec"] = json!(accepts);
             v
