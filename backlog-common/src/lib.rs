@@ -278,6 +278,29 @@ pub struct ListenerKey {
     pub ino: u64,
 }
 
+/// Key of the ACCEPTORS map: a process (tgid) that took connections from a listener
+/// by accept().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AcceptorKey {
+    pub listener: ListenerKey,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Value of the ACCEPTORS map (per CPU): connections that process took, and its
+/// command name as the accepting task had it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Acceptor {
+    pub accepts: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// (listener, process) pairs ACCEPTORS holds at once: a listener has a few
+/// acceptors (its workers); a failed insert is counted (`global::ACCEPTORS_FULL`).
+pub const ACCEPTORS_MAX_ENTRIES: u32 = 16384;
+
 /// Counters that are not per listener (index into the `GLOBAL` per-CPU array). Each
 /// is a way the kernel side can see less than everything; user space reports every
 /// one that is not zero (the JSON summary's `diagnostics`).
@@ -308,11 +331,14 @@ pub mod global {
     /// Drop lines not sent because their listener was over `--max-drop-lines` on
     /// that CPU in that second; the drops themselves are counted in STATS as ever.
     pub const SUPPRESSED_LINES: u32 = 8;
-    pub const N: u32 = 9;
+    /// Accepts whose (listener, process) pair found ACCEPTORS full: that process is
+    /// missing from the listener's "accepted by" (its accepts still count).
+    pub const ACCEPTORS_FULL: u32 = 9;
+    pub const N: u32 = 10;
 
     /// JSON names of the diagnostics, by index (`LOST_EVENTS` and
     /// `UNMATCHED_ACCEPT` are reported under their own names).
-    pub const DIAGNOSTICS: [(u32, &str); 7] = [
+    pub const DIAGNOSTICS: [(u32, &str); 8] = [
         (WINDOWS_REPLACED, "windows_replaced"),
         (SETTLED_LATE, "settled_late"),
         (UNATTRIBUTED, "unattributed"),
@@ -320,6 +346,7 @@ pub mod global {
         (FLUSH_BUSY, "flush_busy"),
         (HIST_FULL, "hist_full"),
         (SUPPRESSED_LINES, "suppressed_lines"),
+        (ACCEPTORS_FULL, "acceptors_full"),
     ];
 }
 
@@ -404,6 +431,8 @@ mod pod {
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::Enqueued {}
+    unsafe impl aya::Pod for super::AcceptorKey {}
+    unsafe impl aya::Pod for super::Acceptor {}
 }
 
 /// Listeners the STATS map holds at most (the loader may size it lower to fit its
@@ -430,6 +459,7 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const WAIT_HIST: &str = "WAIT_HIST";
     pub const ENQUEUED: &str = "ENQUEUED";
+    pub const ACCEPTORS: &str = "ACCEPTORS";
 }
 
 /// Program names: the loader finds each program by these. aya-ebpf's macros name a

@@ -42,6 +42,23 @@ pub struct Listener {
     /// Drops whose line `--max-drop-lines` held back (counted in `drops`).
     #[serde(default)]
     pub suppressed_lines: u64,
+    /// The accept queue's limit (sk_max_ack_backlog).
+    #[serde(default)]
+    pub queue_max: u32,
+    /// The socket's inode (as /proc/PID/fd and `ss -e` name it).
+    #[serde(default)]
+    pub inode: u64,
+    /// The processes that took connections from it by accept(), and how many each.
+    #[serde(default)]
+    pub accepted_by: Vec<Acceptor>,
+}
+
+/// A process that accepted connections from a listener.
+#[derive(Deserialize, Debug, Clone)]
+pub struct Acceptor {
+    pub pid: u32,
+    pub comm: String,
+    pub accepts: u64,
 }
 
 /// One namespace of the summary's `namespaces`: the kernel's TcpExt deltas since

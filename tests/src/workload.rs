@@ -69,12 +69,15 @@ pub struct ServerSpec {
     pub fork: u32,
     /// SO_REUSEPORT sockets on the port (0: one plain socket).
     pub reuseport: u32,
+    /// Forked worker i accepts from socket i only (every process still holds every
+    /// socket, as nginx's workers do).
+    pub pin: bool,
 }
 
 impl ServerSpec {
     /// listen(8), never accepting: the shape that overflows.
     pub fn new(addr: &str, port: u16) -> ServerSpec {
-        ServerSpec { addr: addr.into(), port, backlog: 8, accept: "none".into(), fork: 0, reuseport: 0 }
+        ServerSpec { addr: addr.into(), port, backlog: 8, accept: "none".into(), fork: 0, reuseport: 0, pin: false }
     }
 }
 
@@ -84,13 +87,15 @@ pub struct Server {
     /// Every process holding the listener: the listening process first, then
     /// forked workers.
     pub pids: Vec<u32>,
+    /// With `pin`: each worker's pid and the inode of the one socket it accepts from.
+    pub pinned: Vec<(u32, u64)>,
 }
 
 impl Server {
     /// Starts bt-server in `ns` and returns once it listens (bounded wait on
     /// its ready file).
     pub fn start(ns: &Netns, spec: ServerSpec) -> Server {
-        let flags = vec![
+        let mut flags = vec![
             format!("--addr={}", spec.addr),
             format!("--port={}", spec.port),
             format!("--backlog={}", spec.backlog),
@@ -98,11 +103,22 @@ impl Server {
             format!("--fork={}", spec.fork),
             format!("--reuseport={}", spec.reuseport),
         ];
-        let (proc, pids): (Spawned, Vec<u32>) = launch(ns, "bt-server", flags, |text| {
-            text.lines().map(|l| l.parse().expect("pid in server ready file")).collect()
+        if spec.pin {
+            flags.push("--pin".into());
+        }
+        // A line per process: its pid, then (a pinned worker) its socket's inode.
+        let (proc, lines): (Spawned, Vec<(u32, Option<u64>)>) = launch(ns, "bt-server", flags, |text| {
+            text.lines()
+                .map(|l| {
+                    let mut it = l.split_whitespace().map(|v| v.parse::<u64>().expect("number in server ready file"));
+                    (it.next().expect("pid in server ready file") as u32, it.next())
+                })
+                .collect()
         });
+        let pids: Vec<u32> = lines.iter().map(|l| l.0).collect();
+        let pinned = lines.iter().filter_map(|&(pid, ino)| Some((pid, ino?))).collect();
         assert_eq!(pids[0], proc.pid(), "bt-server should listen in the process we started");
-        Server { proc, pids }
+        Server { proc, pids, pinned }
     }
 
     /// The process that created the listening socket(s).

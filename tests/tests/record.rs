@@ -92,8 +92,25 @@ fn listener_on(summary: &Value, netns: u64, port: u16) -> &Value {
     l
 }
 
+/// A summary's listeners without `accepted_by`, which recordings do not carry yet
+/// (a record kind of their own, a format change): the report's must be empty.
+fn recorded_listeners(summary: &Value, report: bool) -> Value {
+    let mut ls = summary["listeners"].clone();
+    for l in ls.as_array_mut().expect("listeners") {
+        let acceptors = l.as_object_mut().expect("a listener object").remove("accepted_by");
+        if report {
+            assert_eq!(acceptors, Some(Value::Array(vec![])), "a report's accepted_by, now recorded? {l:#}");
+        }
+    }
+    ls
+}
+
 fn assert_same_summary(live: &Value, offline: &Value) {
-    assert_eq!(live["listeners"], offline["listeners"], "listeners differ:\nlive {live:#}\nreport {offline:#}");
+    assert_eq!(
+        recorded_listeners(live, false),
+        recorded_listeners(offline, true),
+        "listeners differ:\nlive {live:#}\nreport {offline:#}"
+    );
     for k in [
         "lost_events",
         "missed_runs",

@@ -2,6 +2,7 @@
 //! accept() took it. The attach modes differ only in how they spot the two moments;
 //! the bookkeeping (a bounded map of queued children, per-listener counters and
 //! histograms) is here.
+pub mod acceptors;
 pub mod tracepoint;
 
 use aya_ebpf::{
@@ -88,6 +89,7 @@ pub fn accepted(child: u64) {
         }
     }
     count_wait(e.listener, wait);
+    acceptors::count(&e.listener);
     if fields::config().emit_accepts != 0 {
         listener_event(EventKind::Accept, &e.listener, wait);
     }

@@ -10,6 +10,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::kernel::Mode;
 use crate::model::Filter;
+use crate::output::text::Width;
 use crate::output::{Format, View};
 use crate::record::{RecordSettings, ReportSettings};
 use crate::session::Settings;
@@ -24,9 +25,7 @@ mod fuzz;
     version,
     about = "Catch and explain TCP listen-queue drops, per listener, as they happen",
     args_conflicts_with_subcommands = true,
-    after_help = "Exit status: 0 done; 1 the session failed, or an output asked for (recording, metrics \
-                  endpoint) failed while tracing went on; 2 a flag value that cannot work; 3 a forced --mode \
-                  this kernel lacks. `check` exits 0 healthy, 1 on a warning, 2 when it could not run."
+    after_help = TABLE_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +33,29 @@ pub struct Cli {
     #[command(flatten)]
     pub trace: TraceArgs,
 }
+
+/// What the table's columns mean, under --help.
+const TABLE_HELP: &str = "\
+Table columns (every listener in scope, as `ss -lnt` lists them, from the start):
+  QUEUE    the accept queue now, length/limit. The length can exceed the limit by
+           one (`queue 9/8`): the kernel admits a connection while length <= limit
+           and drops only once it is over.
+  PEAK     the longest the accept queue was seen.
+  LIMIT    the effective limit, min(listen() backlog, net.core.somaxconn), with the
+           backlog asked of listen() in brackets when it differs (seen only for
+           listen() calls made while tracing).
+  DROPS    connections dropped at this listener (its share of TcpExt ListenDrops);
+           DROP_ACCQ, DROP_SYNQ, DROP_ACK, DROP_OTHER split them by reason:
+           accept_queue_full, syn_queue_full, ack_overflow, other.
+  ACCEPTS  connections taken by accept(); P50ms/P99ms/MAXms their accept-queue wait.
+  OWNERS   pid/comm of every process holding the socket.
+The default table fits 100 columns (more when the terminal is wider): what a row
+leaves out goes on an indented line under it. --wide prints every column.
+
+Exit status: 0 done; 1 the session failed, or an output asked for (recording, metrics
+endpoint) failed while tracing went on; 2 a flag value that cannot work; 3 a forced
+--mode this kernel lacks. `check` exits 0 healthy, 1 on a warning, 2 when it could not
+run.";
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -185,6 +207,10 @@ pub struct TraceArgs {
     /// every process on the host): drops only, no accept waits or requested backlog.
     #[arg(long)]
     pub no_accept_timing: bool,
+    /// Tables with every column on one line, however wide (default: fit 100
+    /// columns, or the terminal's width when wider).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 /// The default of `--max-drop-lines`: more lines a second than anyone reads, far
@@ -212,7 +238,10 @@ impl TraceArgs {
             accept_timing: !self.no_accept_timing,
         };
         let format = if self.json { Format::Json } else { Format::Text };
-        let view = View { format, filter, top: self.top, events: self.events, hist: self.hist, verbose: self.verbose };
+        let columns = crate::sys::term::stdout_columns().unwrap_or(0).max(Width::DEFAULT_COLUMNS);
+        let width = Width { columns, wide: self.wide };
+        let view =
+            View { format, filter, top: self.top, events: self.events, hist: self.hist, verbose: self.verbose, width };
         Ok(Live { session, view, prometheus: self.prometheus })
     }
 }

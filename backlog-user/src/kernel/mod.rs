@@ -20,7 +20,10 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun};
 use aya::{Btf, Ebpf, EbpfLoader};
-use backlog_common::{global, names, programs, Config, Enqueued, HistKey, KernelOffsets, ListenerKey, ListenerStats};
+use backlog_common::{
+    global, names, programs, Acceptor, AcceptorKey, Config, Enqueued, HistKey, KernelOffsets, ListenerKey,
+    ListenerStats, COMM_LEN,
+};
 
 use attach::AttachMode;
 use features::Features;
@@ -147,6 +150,30 @@ impl Session {
         let mut h: PerCpuHashMap<&mut MapData, HistKey, u64> = PerCpuHashMap::try_from(m)?;
         for &(b, _) in buckets {
             let _ = h.remove(&HistKey { listener, bucket: b as u32, _pad: 0 });
+        }
+        Ok(())
+    }
+
+    /// Who took connections from each listener by accept(): (tgid, comm, accepts)
+    /// summed over CPUs, the comm from whichever CPU's copy has one.
+    pub fn acceptors(&self) -> Result<std::collections::HashMap<ListenerKey, Vec<(u32, [u8; COMM_LEN], u64)>>> {
+        let m = self.ebpf.map(names::ACCEPTORS).context("ACCEPTORS map")?;
+        let h: PerCpuHashMap<&MapData, AcceptorKey, Acceptor> = PerCpuHashMap::try_from(m)?;
+        let mut out: std::collections::HashMap<ListenerKey, Vec<(u32, [u8; COMM_LEN], u64)>> =
+            std::collections::HashMap::new();
+        for (k, per_cpu) in h.iter().filter_map(|r| r.ok()) {
+            let comm = per_cpu.iter().map(|a| a.comm).find(|c| c[0] != 0).unwrap_or([0; COMM_LEN]);
+            out.entry(k.listener).or_default().push((k.tgid, comm, per_cpu.iter().map(|a| a.accepts).sum()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a released listener's acceptor entries (tgids as `acceptors` gave them).
+    pub fn forget_acceptors(&mut self, listener: ListenerKey, tgids: impl Iterator<Item = u32>) -> Result<()> {
+        let m = self.ebpf.map_mut(names::ACCEPTORS).context("ACCEPTORS map")?;
+        let mut h: PerCpuHashMap<&mut MapData, AcceptorKey, Acceptor> = PerCpuHashMap::try_from(m)?;
+        for tgid in tgids {
+            let _ = h.remove(&AcceptorKey { listener, tgid, _pad: 0 });
         }
         Ok(())
     }
@@ -321,7 +348,7 @@ mod tests {
         named.sort_unstable();
         assert_eq!(in_object, named, "programs in the object vs backlog_common::programs::ALL");
         // OFFSETS and CONFIG are globals in .rodata, not maps.
-        for map in [names::EVENTS, names::STATS, names::GLOBAL, names::WAIT_HIST, names::ENQUEUED] {
+        for map in [names::EVENTS, names::STATS, names::GLOBAL, names::WAIT_HIST, names::ENQUEUED, names::ACCEPTORS] {
             assert!(obj.maps.contains_key(map), "the object has no map {map}");
         }
     }

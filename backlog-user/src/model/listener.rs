@@ -8,6 +8,13 @@ use backlog_common::{hist, DropReason, ListenerKey, N_REASONS};
 /// pid -> comm of every process holding a socket.
 pub type Owners = BTreeMap<u32, String>;
 
+/// A process that took connections from a listener by accept().
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acceptor {
+    pub comm: String,
+    pub accepts: u64,
+}
+
 /// Which listeners are shown: empty lists select everything. The kernel side counts
 /// at every listener whatever this says (reconciliation compares whole namespaces).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,6 +32,9 @@ pub struct Listener {
     pub port: u16,
     pub sock_ino: u64,
     pub owners: Owners,
+    /// pid -> the processes that took connections from it by accept(), which of
+    /// the owners serve this socket (SO_REUSEPORT workers all hold every socket).
+    pub acceptors: BTreeMap<u32, Acceptor>,
     /// What the application passed to listen(), when the tracer saw it.
     pub requested_backlog: Option<u32>,
     pub queue_max: u32,
@@ -144,6 +154,13 @@ impl Listener {
             .iter()
             .map(|r| self.drops[*r as usize] * if *r == DropReason::AckOverflow { 2 } else { 1 })
             .sum()
+    }
+
+    /// Acceptors, most accepts first.
+    pub fn acceptors_by_accepts(&self) -> Vec<(u32, &Acceptor)> {
+        let mut v: Vec<(u32, &Acceptor)> = self.acceptors.iter().map(|(p, a)| (*p, a)).collect();
+        v.sort_by(|a, b| b.1.accepts.cmp(&a.1.accepts).then(a.0.cmp(&b.0)));
+        v
     }
 
     pub fn local(&self) -> String {

@@ -6,11 +6,12 @@ mod listener;
 mod reconciled;
 pub mod retired;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use backlog_common::{hist, ListenerKey, ListenerStats};
 
 use crate::event::{comm_str, Endpoint, ListenerEvent, ListenerRef, What};
+use crate::sys::diag::SockEntry;
 #[cfg(test)]
 pub use listener::{fmt_sockaddr, Wait};
 pub use listener::{Counts, Filter, Latency, Listener, Owners, SockAddr};
@@ -52,14 +53,86 @@ pub struct Model {
 
 impl Model {
     fn entry(&mut self, r: &ListenerRef) -> &mut Listener {
-        self.listeners.entry(r.key).or_insert_with(|| Listener {
-            sk: r.key.sk,
-            netns: r.netns,
-            addr: Some(r.local.own_ip()),
-            port: r.local.port,
-            sock_ino: r.key.ino,
-            ..Default::default()
-        })
+        if !self.listeners.contains_key(&r.key) {
+            // A listener known so far only from sock_diag (`listening`) becomes this
+            // one: it keeps its owners, limit and queue, under the kernel side's key.
+            let listed = ListenerKey { sk: 0, ino: r.key.ino };
+            let known = (r.key.sk != 0 && r.key.ino != 0).then(|| self.listeners.remove(&listed)).flatten();
+            let l = match known {
+                Some(l) => Listener { sk: r.key.sk, ..l },
+                None => Listener {
+                    sk: r.key.sk,
+                    netns: r.netns,
+                    addr: Some(r.local.own_ip()),
+                    port: r.local.port,
+                    sock_ino: r.key.ino,
+                    ..Default::default()
+                },
+            };
+            self.listeners.insert(r.key, l);
+        }
+        let l = self.listeners.get_mut(&r.key).expect("inserted above");
+        // listen() on an unbound socket enters LISTEN before the kernel picks its
+        // port: its Listen event says port 0, anything later has the real one.
+        if l.port == 0 && r.local.port != 0 {
+            l.port = r.local.port;
+            l.addr = Some(r.local.own_ip());
+        }
+        l
+    }
+
+    /// Every listening socket of each namespace read, as sock_diag lists it now
+    /// (what `ss -lnt` shows), given as (namespace, listed sockets, whether this is
+    /// its last reading). Listeners the kernel side has not reported (older than the
+    /// session, or quiet since) join the model under `ListenerKey { sk: 0, ino }`
+    /// until an event or a kernel entry names their socket; every listed one gets its
+    /// queue length and limit now. Such a listener no longer listed, or whose
+    /// namespace is read for the last time, has closed. Returns the listeners added,
+    /// for owner resolution.
+    pub fn listening<'a>(
+        &mut self,
+        namespaces: impl IntoIterator<Item = (u32, &'a [SockEntry], bool)>,
+    ) -> Vec<ListenerKey> {
+        let by_ino: HashMap<(u32, u64), ListenerKey> =
+            self.listeners.iter().map(|(k, l)| ((l.netns, l.sock_ino), *k)).collect();
+        let mut added = Vec::new();
+        let mut read: HashMap<u32, bool> = HashMap::new();
+        let mut present = HashSet::new();
+        for (netns, listed, last) in namespaces {
+            read.insert(netns, last);
+            for e in listed.iter().filter(|e| e.listening && e.inode != 0) {
+                let ino = u64::from(e.inode);
+                present.insert((netns, ino));
+                let key = match by_ino.get(&(netns, ino)) {
+                    Some(k) => *k,
+                    // Closed and merged after this reading was taken.
+                    None if self.retired.merged_lately(ino) => continue,
+                    None => {
+                        let key = ListenerKey { sk: 0, ino };
+                        let l =
+                            Listener { netns, addr: Some(e.addr), port: e.port, sock_ino: ino, ..Default::default() };
+                        self.listeners.insert(key, l);
+                        added.push(key);
+                        key
+                    }
+                };
+                let Some(l) = self.listeners.get_mut(&key) else { continue };
+                if l.port == 0 {
+                    (l.port, l.addr) = (e.port, Some(e.addr));
+                }
+                l.queue_len = e.rqueue;
+                l.queue_max = e.wqueue;
+                l.queue_peak = l.queue_peak.max(e.rqueue);
+            }
+        }
+        for (k, l) in self.listeners.iter_mut() {
+            let Some(last) = read.get(&l.netns) else { continue };
+            if k.sk == 0 && (*last || !present.contains(&(l.netns, k.ino))) {
+                l.closed = true;
+            }
+        }
+        self.retired.forget_lately();
+        added
     }
 
     /// Folds one event in; returns the listener it concerns.
@@ -148,6 +221,18 @@ impl Model {
         }
     }
 
+    /// The kernel's count of who accepted from `key`: (pid, comm, accepts) each.
+    pub fn set_acceptors(&mut self, key: ListenerKey, list: &[(u32, [u8; backlog_common::COMM_LEN], u64)]) {
+        let Some(l) = self.listeners.get_mut(&key) else { return };
+        for (pid, comm, accepts) in list {
+            let a = l.acceptors.entry(*pid).or_default();
+            a.accepts = a.accepts.max(*accepts);
+            if comm[0] != 0 {
+                a.comm = comm_str(comm);
+            }
+        }
+    }
+
     /// A listener's accept-queue entries the kernel side is still timing.
     pub fn set_pending(&mut self, key: ListenerKey, pending: u64) {
         if let Some(l) = self.listeners.get_mut(&key) {
@@ -233,6 +318,72 @@ mod tests {
         m.set_kernel_stats(k, &[late]);
         let l = &m.listeners[&k];
         assert_eq!((l.abandoned, l.accepts, l.drops), (20, 2, [1, 0, 0, 0]));
+    }
+
+    fn listed(ino: u32, port: u16, len: u32, max: u32) -> SockEntry {
+        SockEntry {
+            listening: true,
+            addr: "10.0.0.1".parse().unwrap(),
+            port,
+            rqueue: len,
+            wqueue: max,
+            inode: ino,
+            drops: Some(0),
+        }
+    }
+
+    #[test]
+    fn listed_listeners_join_then_take_the_kernel_key_and_close() {
+        let mut m = Model::default();
+        let added = m.listening([(42, &[listed(5, 80, 5, 4), listed(6, 81, 0, 128)][..], false)]);
+        assert_eq!(added, vec![ListenerKey { sk: 0, ino: 5 }, ListenerKey { sk: 0, ino: 6 }]);
+        let l = &m.listeners[&ListenerKey { sk: 0, ino: 5 }];
+        assert_eq!((l.port, l.queue_len, l.queue_max, l.queue_peak, l.closed), (80, 5, 4, 5, false));
+        m.listeners.get_mut(&ListenerKey { sk: 0, ino: 5 }).unwrap().owners.insert(7, "srv".into());
+        // The kernel side names socket 5: the same listener, under its key, owners kept.
+        let mut ev = drop_ev(1, DropReason::AcceptQueueFull);
+        ev.listener.key.ino = 5;
+        m.apply(&ev);
+        assert!(!m.listeners.contains_key(&ListenerKey { sk: 0, ino: 5 }));
+        let l = &m.listeners[&ListenerKey { sk: 1, ino: 5 }];
+        assert_eq!((l.total_drops(), l.owners.len(), l.queue_max), (1, 1, 8));
+        // Listed again: known, not added; socket 6 is gone, so it closed.
+        assert!(m.listening([(42, &[listed(5, 80, 2, 4)][..], false)]).is_empty());
+        assert_eq!(m.listeners[&ListenerKey { sk: 1, ino: 5 }].queue_len, 2);
+        assert!(m.listeners[&ListenerKey { sk: 0, ino: 6 }].closed);
+        // Another namespace's reading leaves these alone.
+        m.listening([(43, &[][..], false)]);
+        assert!(!m.listeners[&ListenerKey { sk: 1, ino: 5 }].closed);
+    }
+
+    #[test]
+    fn the_kernel_chosen_port_replaces_port_zero() {
+        let mut m = Model::default();
+        // listen() without bind(): LISTEN is entered before the port is chosen.
+        let mut listen = at(9, What::Listen { pid: 7, comm: [0; 16], requested_backlog: Some(1), queue_max: 1 });
+        listen.listener.local.port = 0;
+        m.apply(&listen);
+        assert_eq!(m.listeners[&ListenerKey { sk: 9, ino: 0 }].port, 0);
+        let mut later = ListenerStats { lport: 41234, ..Default::default() };
+        later.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        m.set_kernel_stats(ListenerKey { sk: 9, ino: 0 }, &[later]);
+        assert_eq!(m.listeners[&ListenerKey { sk: 9, ino: 0 }].local(), "127.0.0.1:41234");
+    }
+
+    #[test]
+    fn a_reading_older_than_a_merge_does_not_bring_the_listener_back() {
+        let mut m = Model::default();
+        m.retired = Retired::new(retired::Policy { keep_max: 0, ..Default::default() });
+        m.listening([(42, &[listed(5, 80, 0, 4)][..], false)]);
+        let key = ListenerKey { sk: 0, ino: 5 };
+        m.listeners.get_mut(&key).unwrap().closed = true;
+        let now = std::time::Instant::now();
+        m.retired.released(key, now);
+        m.retired.merge_due(&mut m.listeners, &Default::default(), now);
+        assert!(m.listeners.is_empty());
+        // A reading taken before the close still lists the socket.
+        assert!(m.listening([(42, &[listed(5, 80, 0, 4)][..], false)]).is_empty());
+        assert!(m.listeners.is_empty());
     }
 
     #[test]

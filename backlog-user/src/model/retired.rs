@@ -165,6 +165,10 @@ pub struct Retired {
     pub aggregates: BTreeMap<AggKey, Aggregate>,
     merged: HashMap<ListenerKey, AggKey>,
     merged_order: VecDeque<ListenerKey>,
+    /// Socket inodes merged since the last sock_diag reading was folded in
+    /// (`Model::listening`): a reading taken before such a listener closed still
+    /// lists it, and must not bring it back.
+    merged_lately: HashSet<u64>,
 }
 
 impl Retired {
@@ -180,6 +184,11 @@ impl Retired {
     pub fn released(&mut self, key: ListenerKey, now: Instant) {
         self.released.push_back((now, key));
         self.latest.insert(key, now);
+    }
+
+    /// Whether `key` was released and waits to be merged.
+    pub fn is_released(&self, key: &ListenerKey) -> bool {
+        self.latest.contains_key(key)
     }
 
     /// Closed listeners kept individually right now.
@@ -217,6 +226,7 @@ impl Retired {
             let Some(l) = listeners.remove(&key) else { continue };
             let agg = self.key_for(&l);
             self.aggregates.entry(agg.clone()).or_default().absorb(&l);
+            self.merged_lately.insert(key.ino);
             self.remember(key, agg);
             merged += 1;
         }
@@ -240,6 +250,15 @@ impl Retired {
         }
         self.merged_order.push_back(key);
         self.merged.insert(key, agg);
+    }
+
+    /// Whether socket `ino` was merged since `forget_lately` (see `merged_lately`).
+    pub fn merged_lately(&self, ino: u64) -> bool {
+        self.merged_lately.contains(&ino)
+    }
+
+    pub fn forget_lately(&mut self) {
+        self.merged_lately = HashSet::new();
     }
 
     pub fn was_merged(&self, key: &ListenerKey) -> bool {

@@ -49,8 +49,12 @@ pub fn listener_json(l: &Listener) -> Value {
         "netns": l.netns,
         "port": l.port,
         "local": l.local(),
+        "inode": l.sock_ino,
         "pids": l.owners.keys().collect::<Vec<_>>(),
         "comms": l.owners.values().collect::<Vec<_>>(),
+        "accepted_by": l.acceptors_by_accepts().iter().map(|(pid, a)| json!({
+            "pid": pid, "comm": a.comm, "accepts": a.accepts,
+        })).collect::<Vec<_>>(),
         "drops": l.total_drops(),
         "overflows": l.overflows(),
         "drops_by_reason": by_reason,
@@ -213,13 +217,31 @@ pub fn start(w: &mut impl Write, s: &Started) -> io::Result<()> {
     line(w, &v)
 }
 
-pub fn interval(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, prev: &Previous) -> io::Result<()> {
+/// `listener_json` with its namespace's `ip netns` name (null when it has none).
+fn named_listener_json(model: &Model, l: &Listener) -> Value {
+    let mut v = listener_json(l);
+    v["netns_name"] = json!(model.reconciled.namespaces.get(&l.netns).and_then(|n| n.name.as_deref()));
+    v
+}
+
+/// An interval's record; `wall_ns` (UTC ns, as drop lines' `ts_ns`) is when it was taken.
+pub fn interval(
+    w: &mut impl Write,
+    model: &Model,
+    rows: &Rows,
+    secs: f64,
+    prev: &Previous,
+    wall_ns: u64,
+) -> io::Result<()> {
     let listeners: Vec<Value> = rows
         .shown
         .iter()
         .map(|l| {
-            let mut v = listener_json(l);
+            let mut v = named_listener_json(model, l);
             let (drops, accepts) = rates(l, secs, prev);
+            // The queue now: live only (a recording keeps the last drop's), so not
+            // in the summary, which `report` reproduces.
+            v["queue_len"] = json!(l.queue_len);
             v["drops_per_sec"] = json!(drops);
             v["accepts_per_sec"] = json!(accepts);
             v
@@ -227,6 +249,8 @@ pub fn interval(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, prev:
         .collect();
     let mut line = json!({
         "type": "interval",
+        "ts_ns": wall_ns,
+        "interval_s": secs,
         "listeners": listeners,
         "more": totals_json(&rows.rest),
         "totals": totals_json(&rows.total),
@@ -243,7 +267,7 @@ pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: 
         .shown
         .iter()
         .map(|l| {
-            let mut v = listener_json(l);
+            let mut v = named_listener_json(model, l);
             if hist {
                 v["accept_wait_hist_us"] = hist_json(l);
             }

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use crate::event::{ListenerEvent, What};
 use crate::model::{Filter, Listener, Model};
 use crate::session::observer::{Observer, OnError, Started};
-use crate::time::Clock;
+use crate::time::{mono_ns, Clock};
 
 pub use rows::rows;
 use rows::{snapshot, Previous};
@@ -36,6 +36,8 @@ pub struct View {
     pub hist: bool,
     /// Text: every mode fallback in full at start (else one short line).
     pub verbose: bool,
+    /// Text: how wide tables may be.
+    pub width: text::Width,
 }
 
 /// A session's terminal output: a writer, what to show, and the previous interval's
@@ -110,9 +112,10 @@ impl Observer for Printer {
 
     fn interval(&mut self, model: &Model, secs: f64) -> Result<()> {
         let rows = rows(model, &self.view.filter, self.view.top);
+        let wall = self.clock.wall_ns(mono_ns());
         let r = match self.view.format {
-            Format::Text => text::interval(&mut self.w, model, &rows, secs, &self.prev),
-            Format::Json => json::interval(&mut self.w, model, &rows, secs, &self.prev),
+            Format::Text => text::interval(&mut self.w, model, &rows, secs, &self.prev, wall, self.view.width),
+            Format::Json => json::interval(&mut self.w, model, &rows, secs, &self.prev, wall),
         };
         self.prev = snapshot(model.matching(&self.view.filter));
         self.done(r)
@@ -122,7 +125,7 @@ impl Observer for Printer {
         self.flush()?;
         let rows = rows(model, &self.view.filter, self.view.top);
         let r = match self.view.format {
-            Format::Text => text::summary(&mut self.w, model, &rows, secs, self.view.hist),
+            Format::Text => text::summary(&mut self.w, model, &rows, secs, self.view.hist, self.view.width),
             Format::Json => json::summary(&mut self.w, model, &rows, secs, self.view.hist),
         };
         self.done(r)
@@ -151,7 +154,15 @@ mod tests {
     #[test]
     fn a_write_error_is_returned_not_fatal() {
         for format in [Format::Text, Format::Json] {
-            let view = View { format, filter: Filter::default(), top: 10, events: true, hist: false, verbose: false };
+            let view = View {
+                format,
+                filter: Filter::default(),
+                top: 10,
+                events: true,
+                hist: false,
+                verbose: false,
+                width: text::Width::default(),
+            };
             let mut p = Printer::new(view, Box::new(Closed));
             let d = Dropped {
                 reason: DropReason::AcceptQueueFull,

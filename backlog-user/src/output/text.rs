@@ -9,16 +9,94 @@ use crate::escape::escape;
 use crate::event::Dropped;
 use crate::model::{Listener, Model, SockAddr};
 use crate::session::observer::Started;
+use crate::time::fmt_utc;
 
-fn owners(l: &Listener) -> String {
-    if l.owners.is_empty() {
+/// How wide a table may be. Tables fit `columns` (100, or the terminal's width
+/// when that is wider); `wide` prints every column on one line whatever it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Width {
+    pub columns: usize,
+    pub wide: bool,
+}
+
+impl Width {
+    /// What an operator's terminal fits without wrapping, IPv6 addresses included.
+    pub const DEFAULT_COLUMNS: usize = 100;
+}
+
+impl Default for Width {
+    fn default() -> Self {
+        Width { columns: Width::DEFAULT_COLUMNS, wide: false }
+    }
+}
+
+/// `pid/comm` of up to `max` processes, then `+N` for the rest.
+fn procs<'a>(all: impl ExactSizeIterator<Item = (u32, &'a str)>, max: usize) -> String {
+    let n = all.len();
+    if n == 0 {
         return "-".into();
     }
-    let mut s: Vec<String> = l.owners.iter().take(3).map(|(p, c)| format!("{p}/{}", escape(c))).collect();
-    if l.owners.len() > 3 {
-        s.push(format!("+{}", l.owners.len() - 3));
+    let mut s: Vec<String> = all.take(max).map(|(p, c)| format!("{p}/{}", escape(c))).collect();
+    if n > max {
+        s.push(format!("+{}", n - max));
     }
     s.join(",")
+}
+
+fn owners(l: &Listener) -> String {
+    procs(l.owners.iter().map(|(p, c)| (*p, c.as_str())), 3)
+}
+
+/// The processes that accepted from it, most first, with how many each took.
+fn accepted_by(l: &Listener) -> Option<String> {
+    let all = l.acceptors_by_accepts();
+    if all.is_empty() {
+        return None;
+    }
+    let mut s: Vec<String> =
+        all.iter().take(3).map(|(p, a)| format!("{p}/{} {}", escape(&a.comm), a.accepts)).collect();
+    if all.len() > 3 {
+        s.push(format!("+{}", all.len() - 3));
+    }
+    Some(s.join(", "))
+}
+
+/// Owners, as many as fit in `room` characters with the count of the rest; when not
+/// even one fits with its name, pids alone (the count of owners is never cut off).
+fn owners_within(l: &Listener, room: usize) -> String {
+    for max in (1..=l.owners.len().max(1)).rev() {
+        let s = procs(l.owners.iter().map(|(p, c)| (*p, c.as_str())), max);
+        if s.chars().count() <= room {
+            return s;
+        }
+    }
+    let pids: Vec<String> = l.owners.keys().map(u32::to_string).collect();
+    fit(&pids.join(","), room)
+}
+
+/// `s` cut to `room` characters, the cut marked with `…`.
+fn fit(s: &str, room: usize) -> String {
+    if s.chars().count() <= room {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(room.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// A local address cut in its middle so that its port stays readable
+/// (`[2001:db8:…:1]:8080`).
+fn fit_addr(s: &str, room: usize) -> String {
+    let n = s.chars().count();
+    if n <= room {
+        return s.to_string();
+    }
+    let tail = s.rfind(':').map_or(5, |i| s[i..].chars().count() + 6).min(room.saturating_sub(2));
+    let head = room.saturating_sub(tail + 1);
+    let mut out: String = s.chars().take(head).collect();
+    out.push('…');
+    out.extend(s.chars().skip(n - tail));
+    out
 }
 
 /// The effective limit, with what the application asked for when that was more.
@@ -29,68 +107,198 @@ fn limit(l: &Listener) -> String {
     }
 }
 
+/// The accept queue now: length/limit (the length can be the limit plus one: the
+/// kernel admits a connection while length <= limit).
+fn queue(l: &Listener) -> String {
+    format!("{}/{}", l.queue_len, l.queue_max)
+}
+
+/// A namespace as `ip netns` names it, else its inode.
+pub fn netns_label(model: &Model, netns: u32) -> String {
+    match model.reconciled.namespaces.get(&netns).and_then(|n| n.name.as_deref()) {
+        Some(name) => escape(name).into_owned(),
+        None => netns.to_string(),
+    }
+}
+
 fn ms(us: f64) -> String {
     format!("{:.1}", us / 1000.0)
 }
 
-const HEAD: [&str; 14] = [
-    "LOCAL", "NETNS", "OWNER", "LIMIT", "PEAK", "ACCEPTQ", "SYNQ", "ACK_OVF", "OTHER", "DROPS", "ACCEPTS", "P50ms",
-    "P99ms", "MAXms",
-];
-
-fn row(cells: &[String], rate: Option<[String; 2]>) -> String {
-    let mut s = format!(
-        "{:<22} {:>10} {:<20} {:>9} {:>5} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7}",
-        cells[0],
-        cells[1],
-        cells[2],
-        cells[3],
-        cells[4],
-        cells[5],
-        cells[6],
-        cells[7],
-        cells[8],
-        cells[9],
-        cells[10],
-        cells[11],
-        cells[12],
-        cells[13]
-    );
-    if let Some([d, a]) = rate {
-        s.push_str(&format!(" {d:>8} {a:>8}"));
-    }
-    s
+/// Drops by reason, the non-zero ones, by their JSON names.
+fn reasons(l: &Listener) -> Option<String> {
+    let parts: Vec<String> = DropReason::ALL
+        .iter()
+        .filter(|r| l.drops[**r as usize] > 0)
+        .map(|r| format!("{} {}", r.name(), l.drops[*r as usize]))
+        .collect();
+    (!parts.is_empty()).then(|| format!("drops: {}", parts.join(", ")))
 }
 
-/// The table; `rate` adds drops/s and accepts/s computed against the previous totals.
-pub fn table(listeners: &[&Listener], rate: Option<(f64, &Previous)>) -> Vec<String> {
-    let head: Vec<String> = HEAD.iter().map(|s| s.to_string()).collect();
-    let mut out = vec![row(&head, rate.map(|_| ["DROPS/s".into(), "ACC/s".into()]))];
-    for l in listeners {
-        let d = |r: DropReason| l.drops[r as usize].to_string();
-        let lat = l.wait.latency();
-        let q = |f: fn(&crate::model::Latency) -> f64| lat.as_ref().map_or("-".to_string(), |w| ms(f(w)));
-        let cells = [
-            l.local(),
-            l.netns.to_string(),
-            owners(l),
-            limit(l),
-            l.queue_peak.to_string(),
-            d(DropReason::AcceptQueueFull),
-            d(DropReason::SynQueueFull),
-            d(DropReason::AckOverflow),
-            d(DropReason::Other),
-            l.total_drops().to_string(),
-            l.accepts.to_string(),
-            q(|w| w.p50),
-            q(|w| w.p99),
-            q(|w| w.max),
-        ];
-        let r = rate.map(|(secs, prev)| {
-            let (dr, ar) = rates(l, secs, prev);
-            [format!("{dr:.1}"), format!("{ar:.1}")]
-        });
-        out.push(row(&cells, r));
+/// One column: header, width (0: as wide as its widest cell) and alignment.
+struct Col {
+    head: &'static str,
+    width: usize,
+    right: bool,
+}
+
+const fn col(head: &'static str, width: usize, right: bool) -> Col {
+    Col { head, width, right }
+}
+
+/// Drop columns by reason in the wide table, in DropReason order: named so that
+/// none reads as a queue length.
+const REASON_HEADS: [&str; 4] = ["DROP_ACCQ", "DROP_SYNQ", "DROP_ACK", "DROP_OTHER"];
+
+/// Each column's width: its own, or its widest cell's when that is wider.
+fn widths(cols: &[Col], rows: &[Vec<String>]) -> Vec<usize> {
+    cols.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let widest = rows.iter().filter_map(|r| r.get(i)).map(|s| s.chars().count()).max().unwrap_or(0);
+            widest.max(c.head.len()).max(c.width)
+        })
+        .collect()
+}
+
+fn render(cols: &[Col], rows: &[Vec<String>]) -> Vec<String> {
+    let widths = widths(cols, rows);
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, cell)) in cols.iter().zip(cells).enumerate() {
+            if i > 0 {
+                s.push(' ');
+            }
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            if c.right {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(&cell);
+            } else {
+                s.push_str(&cell);
+                if i + 1 < cols.len() {
+                    s.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = vec![line(cols.iter().map(|c| c.head.to_string()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out
+}
+
+/// The per-listener table; `rate` adds drops/s (and accepts/s when wide) against the
+/// previous totals. Every line fits `width.columns` unless `width.wide`; when every
+/// column fits on one line within it, that is what is printed, else the narrow
+/// table with a second, indented line per listener for what its row leaves out
+/// (drops by reason, the backlog asked of listen()).
+pub fn table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Previous)>, width: Width) -> Vec<String> {
+    let wide = wide_table(model, listeners, rate);
+    if width.wide || wide.iter().all(|l| l.chars().count() <= width.columns) {
+        return wide;
+    }
+    narrow_table(model, listeners, rate, width.columns)
+}
+
+fn latency_cells(l: &Listener) -> [String; 3] {
+    let lat = l.wait.latency();
+    let q = |f: fn(&crate::model::Latency) -> f64| lat.as_ref().map_or("-".to_string(), |w| ms(f(w)));
+    [q(|w| w.p50), q(|w| w.p99), q(|w| w.max)]
+}
+
+fn wide_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Previous)>) -> Vec<String> {
+    let mut cols = vec![col("LOCAL", 0, false), col("NETNS", 0, false), col("QUEUE", 7, true), col("PEAK", 5, true)];
+    cols.push(col("LIMIT", 9, true));
+    cols.push(col("DROPS", 7, true));
+    if rate.is_some() {
+        cols.push(col("DROPS/s", 7, true));
+    }
+    cols.extend(REASON_HEADS.iter().map(|h| col(h, 0, true)));
+    cols.push(col("ACCEPTS", 8, true));
+    if rate.is_some() {
+        cols.push(col("ACC/s", 7, true));
+    }
+    cols.extend([col("P50ms", 7, true), col("P99ms", 7, true), col("MAXms", 7, true), col("OWNERS", 0, false)]);
+    cols.push(col("ACCEPTED_BY", 0, false));
+    let rows: Vec<Vec<String>> = listeners
+        .iter()
+        .map(|l| {
+            let rates = rate.map(|(secs, prev)| rates(l, secs, prev));
+            let mut r = vec![l.local(), netns_label(model, l.netns), queue(l), l.queue_peak.to_string(), limit(l)];
+            r.push(l.total_drops().to_string());
+            if let Some((d, _)) = rates {
+                r.push(format!("{d:.1}"));
+            }
+            r.extend(DropReason::ALL.iter().map(|x| l.drops[*x as usize].to_string()));
+            r.push(l.accepts.to_string());
+            if let Some((_, a)) = rates {
+                r.push(format!("{a:.1}"));
+            }
+            r.extend(latency_cells(l));
+            r.push(owners(l));
+            r.push(accepted_by(l).unwrap_or_else(|| "-".into()));
+            r
+        })
+        .collect();
+    render(&cols, &rows)
+}
+
+/// Column widths of the narrow table before OWNERS: LOCAL, NETNS, QUEUE, PEAK, DROPS,
+/// (DROPS/s), ACCEPTS, P99ms.
+const NARROW: [(&str, usize, bool); 7] = [
+    ("LOCAL", 23, false),
+    ("NETNS", 10, false),
+    ("QUEUE", 9, true),
+    ("PEAK", 5, true),
+    ("DROPS", 7, true),
+    ("ACCEPTS", 8, true),
+    ("P99ms", 7, true),
+];
+
+fn narrow_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Previous)>, columns: usize) -> Vec<String> {
+    let mut cols: Vec<Col> = NARROW.iter().map(|&(h, w, r)| col(h, w, r)).collect();
+    if rate.is_some() {
+        cols.insert(5, col("DROPS/s", 7, true));
+    }
+    let mut details = Vec::new();
+    let mut rows: Vec<Vec<String>> = listeners
+        .iter()
+        .map(|l| {
+            let mut r = vec![
+                fit_addr(&l.local(), 23),
+                fit(&netns_label(model, l.netns), 10),
+                fit(&queue(l), 9),
+                l.queue_peak.to_string(),
+                l.total_drops().to_string(),
+                l.accepts.to_string(),
+                latency_cells(l)[1].clone(),
+            ];
+            if let Some((secs, prev)) = rate {
+                r.insert(5, format!("{:.1}", rates(l, secs, prev).0));
+            }
+            let mut more: Vec<String> = reasons(l).into_iter().collect();
+            more.extend(accepted_by(l).map(|a| format!("accepted by {a}")));
+            if let Some(asked) = l.requested_backlog.filter(|r| *r != l.queue_max) {
+                more.push(format!("listen() asked {asked}, limit {}", l.queue_max));
+            }
+            details.push((!more.is_empty()).then(|| fit(&format!("  {}", more.join("; ")), columns)));
+            r
+        })
+        .collect();
+    // OWNERS takes what the other columns leave (a count too wide for its column
+    // widens it, and the owners give way).
+    let used: usize = widths(&cols, &rows).iter().map(|w| w + 1).sum();
+    let room = columns.saturating_sub(used).max(8);
+    cols.push(col("OWNERS", 0, false));
+    for (r, l) in rows.iter_mut().zip(listeners) {
+        r.push(owners_within(l, room));
+    }
+    let mut out = Vec::new();
+    let mut lines = render(&cols, &rows).into_iter();
+    out.extend(lines.next());
+    for (line, detail) in lines.zip(details) {
+        out.push(line);
+        out.extend(detail);
     }
     out
 }
@@ -169,9 +377,26 @@ fn lines(w: &mut impl Write, lines: impl IntoIterator<Item = String>) -> io::Res
     lines.into_iter().try_for_each(|l| writeln!(w, "{l}"))
 }
 
-pub fn interval(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, prev: &Previous) -> io::Result<()> {
+/// An interval's table, under a line saying when it was taken (UTC) and over how long.
+pub fn interval(
+    w: &mut impl Write,
+    model: &Model,
+    rows: &Rows,
+    secs: f64,
+    prev: &Previous,
+    wall_ns: u64,
+    width: Width,
+) -> io::Result<()> {
     writeln!(w)?;
-    lines(w, table(&rows.shown, Some((secs, prev))))?;
+    let total = &rows.total;
+    writeln!(
+        w,
+        "{}  last {secs:.1}s: {} drops at {} listeners since start",
+        fmt_utc(wall_ns),
+        total.total_drops(),
+        total.listeners
+    )?;
+    lines(w, table(model, &rows.shown, Some((secs, prev)), width))?;
     lines(w, more(&rows.rest))?;
     if model.totals.lost_events > 0 {
         writeln!(w, "({} events lost: ring buffer full; counts above stay exact)", model.totals.lost_events)?;
@@ -179,11 +404,11 @@ pub fn interval(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, prev:
     lines(w, undetected_line(model, &rows.shown))
 }
 
-pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: bool) -> io::Result<()> {
+pub fn summary(w: &mut impl Write, model: &Model, rows: &Rows, secs: f64, hist: bool, width: Width) -> io::Result<()> {
     writeln!(w)?;
     let total = &rows.total;
     writeln!(w, "Summary after {secs:.1}s: {} drops at {} listeners", total.total_drops(), total.listeners)?;
-    lines(w, table(&rows.shown, None))?;
+    lines(w, table(model, &rows.shown, None, width))?;
     lines(w, more(&rows.rest))?;
     if hist {
         for l in rows.shown.iter().filter(|l| l.wait.count() > 0) {
@@ -270,12 +495,8 @@ fn more(rest: &Totals) -> Option<String> {
         return None;
     }
     let merged = if rest.merged > 0 { format!(" ({} closed, merged by port)", rest.merged) } else { String::new() };
-    // The table's column names, in DropReason order.
-    let by_reason: Vec<String> = DropReason::ALL
-        .iter()
-        .zip(&HEAD[5..9])
-        .map(|(r, name)| format!("{name} {}", rest.drops[*r as usize]))
-        .collect();
+    let by_reason: Vec<String> =
+        DropReason::ALL.iter().map(|r| format!("{} {}", r.name(), rest.drops[*r as usize])).collect();
     Some(format!(
         "... and {} more listeners{merged}: {} drops ({}), {} accepts, {} abandoned",
         rest.listeners,
@@ -290,24 +511,67 @@ fn more(rest: &Totals) -> Option<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn table_rows_line_up_and_show_capped_limits() {
+    fn listener(addr: &str, port: u16) -> Listener {
         let mut l = Listener {
-            port: 8080,
+            port,
             netns: 4026531840,
             queue_max: 128,
-            requested_backlog: Some(511),
+            queue_len: 129,
+            queue_peak: 129,
+            requested_backlog: Some(4096),
+            accepts: 123_456_789,
             ..Default::default()
         };
-        l.addr = Some("0.0.0.0".parse().unwrap());
-        l.drops = [3, 0, 2, 1];
-        l.owners.insert(42, "nginx".into());
-        let rows = table(&[&l], None);
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].len(), rows[1].len(), "{rows:?}");
-        assert!(rows[1].contains("128(511)"), "{}", rows[1]);
-        assert!(rows[1].contains("42/nginx"));
+        l.addr = Some(addr.parse().unwrap());
+        l.drops = [3_000_000, 0, 2, 1];
+        l.owners.insert(4_194_303, "nginx".into());
+        l.owners.insert(4_194_302, "nginx: worker process".into());
+        l.wait.record(1_234_567_890);
+        l
+    }
+
+    #[test]
+    fn rows_fit_100_columns_for_ipv4_and_ipv6_listeners() {
+        let v4 = listener("255.255.255.255", 65535);
+        let v6 = listener("2001:db8:85a3:1234:5678:8a2e:370:7334", 65535);
+        let mapped = listener("::ffff:192.168.100.200", 443);
+        let m = Model::default();
+        let prev = Previous::new();
+        for rate in [None, Some((1.0, &prev))] {
+            let rows = table(&m, &[&v4, &v6, &mapped], rate, Width::default());
+            for r in &rows {
+                assert!(r.chars().count() <= 100, "{} columns: {r}", r.chars().count());
+            }
+            // Header, and each listener's row with its second line.
+            assert_eq!(rows.len(), 7, "{rows:#?}");
+            assert!(rows[1].starts_with("255.255.255.255:65535 "), "{}", rows[1]);
+            assert!(rows[1].contains("129/128"), "queue now/limit: {}", rows[1]);
+            assert!(rows[2].contains("accept_queue_full 3000000") && rows[2].contains("asked 4096"), "{}", rows[2]);
+            // An IPv6 address is cut in its middle: the port stays.
+            assert!(rows[3].contains("…") && rows[3].contains(":7334]:65535"), "{}", rows[3]);
+            assert!(rows[1].contains("4194302"), "an owner, cut to what is left: {}", rows[1]);
+        }
+        // A wider terminal, or --wide: every column on one line.
+        let wide = table(&m, &[&v4, &v6], None, Width { columns: 100, wide: true });
+        assert_eq!(wide.len(), 3);
+        assert!(wide[2].contains("[2001:db8:85a3:1234:5678:8a2e:370:7334]:65535"), "{}", wide[2]);
+        assert!(wide[0].contains("DROP_ACCQ") && !wide[0].contains(" ACCEPTQ"), "{}", wide[0]);
+        assert!(wide[1].contains("128(4096)"), "{}", wide[1]);
+        let roomy = table(&m, &[&v4, &v6], None, Width { columns: 400, wide: false });
+        assert_eq!(roomy, wide);
         assert_eq!(clock(3_723_004_000_000), "01:02:03.004");
+    }
+
+    #[test]
+    fn namespaces_show_their_ip_netns_name() {
+        let mut m = Model::default();
+        let l = listener("10.0.0.1", 80);
+        m.reconciled
+            .namespaces
+            .insert(l.netns, crate::model::NetnsCounts { name: Some("blue".into()), ..Default::default() });
+        let rows = table(&m, &[&l], None, Width::default());
+        assert!(rows[1].contains(" blue "), "{}", rows[1]);
+        assert_eq!(netns_label(&m, 1), "1");
     }
 
     #[test]

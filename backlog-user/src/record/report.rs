@@ -77,7 +77,7 @@ pub fn run(args: &ReportSettings, w: &mut dyn Write) -> Result<i32> {
             stream_line(&mut w, &NamespacesLine { namespaces: &namespaces, kind: "namespaces" })?;
         } else {
             text_header(&mut w, &replay, &session, &results, windowed)?;
-            text::summary(&mut w, &replay.model, &table, secs, args.hist)?;
+            text::summary(&mut w, &replay.model, &table, secs, args.hist, text::Width::default())?;
             text_sections(&mut w, &session, &timeline, &peers, &namespaces)?;
         }
         w.flush()

@@ -17,7 +17,7 @@ use crate::event::{self, What};
 use crate::kernel::{Mode, Session, StartOptions};
 use crate::model::retired::{Policy, Retired};
 use crate::model::{Filter, KernelTotals, Model};
-use crate::sys::counters::{Counters, Scope};
+use crate::sys::counters::{Counters, Reading, Scope};
 use observer::{Observer, OnError, Started};
 use owners::Resolver;
 use reconcile::Reconciler;
@@ -247,6 +247,30 @@ impl Live {
                 session.forget_hist(*key, buckets)?;
             }
         }
+        // Closed listeners the kernel side never counted anything at have no entry
+        // to release: released now, so that they merge like the others and memory
+        // stays bounded however many quiet listeners come and go.
+        let quiet: Vec<ListenerKey> = self
+            .model
+            .listeners
+            .iter()
+            .filter(|(k, l)| {
+                l.closed && !in_kernel.contains(*k) && !self.closing.contains(*k) && !self.model.retired.is_released(k)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in quiet {
+            self.model.retire(key);
+            released.insert(key);
+        }
+        // Who accepted from each listener; a released listener's entries are final.
+        let acceptors = session.acceptors()?;
+        for (key, list) in &acceptors {
+            self.model.set_acceptors(*key, list);
+            if released.contains(key) || self.model.retired.was_merged(key) {
+                session.forget_acceptors(*key, list.iter().map(|a| a.0))?;
+            }
+        }
         let now = Instant::now();
         for key in released {
             in_kernel.remove(&key);
@@ -267,7 +291,9 @@ impl Live {
     /// the maps of the next sync: see `reconcile`).
     fn reconcile(&mut self) -> Result<()> {
         if let Some(reading) = self.counters.take() {
-            self.reconciler.apply(reading?, &mut self.model);
+            let reading = reading?;
+            self.listening(&reading);
+            self.reconciler.apply(reading, &mut self.model);
         }
         if self.counters.ask() {
             self.reconciler.asked(&self.model);
@@ -275,17 +301,32 @@ impl Live {
         Ok(())
     }
 
+    /// Every listener a namespace reading lists joins the model (`Model::listening`),
+    /// so that tables show every listener in scope, as `ss -lnt` does, not only those
+    /// the kernel side has reported; new ones are given to owner resolution.
+    fn listening(&mut self, reading: &Reading) {
+        let added = self.model.listening(reading.namespaces.iter().map(|n| (n.inode, n.listeners.as_slice(), n.last)));
+        for key in added {
+            if let Some(l) = self.model.listeners.get_mut(&key) {
+                self.owners.attribute(l, false);
+            }
+        }
+    }
+
     /// The last sync: the kernel's counters first, then (flush, settle) the maps, so
     /// that every drop the kernel counted has reached them when they are compared.
     fn sync_final(&mut self, session: &mut Session, rb: &mut RingBuf<MapData>) -> Result<()> {
         self.sync_kernel(session, rb, Duration::ZERO)?;
         if let Some(reading) = self.counters.wait() {
-            self.reconciler.apply(reading?, &mut self.model);
+            let reading = reading?;
+            self.listening(&reading);
+            self.reconciler.apply(reading, &mut self.model);
         }
         anyhow::ensure!(self.counters.ask(), "the namespace counter thread did not take the final request");
         self.reconciler.asked(&self.model);
         let reading = self.counters.wait().expect("asked")?;
         self.sync_kernel(session, rb, SETTLE)?;
+        self.listening(&reading);
         self.reconciler.apply(reading, &mut self.model);
         Ok(())
     }
@@ -306,6 +347,8 @@ pub async fn run(settings: Settings, observers: Vec<Box<dyn Observer>>) -> Resul
     let which = if netns.is_empty() { Scope::All } else { Scope::Only(netns.clone()) };
     let (counters, baseline) = Counters::start(which)?;
     let mut model = Model { retired: Retired::new(Policy::for_session(&settings.filter)), ..Model::default() };
+    // Every listener in scope from the start, with its limit and queue now.
+    model.listening(baseline.namespaces.iter().map(|n| (n.inode, n.listeners.as_slice(), n.last)));
     let reconciler = Reconciler::new(netns, baseline, &mut model);
     // The kernel side counts at every listener (reconciliation compares whole
     // namespaces); the filter only chooses what is shown.
@@ -333,7 +376,11 @@ pub async fn run(settings: Settings, observers: Vec<Box<dyn Observer>>) -> Resul
     let scope = scope(&settings.filter);
     let started = Started { mode: session.mode, kernel: &session.kernel, fallbacks: &session.fallbacks, scope: &scope };
     live.each(|o, _| o.started(&started))?;
-    // The first /proc pass (~150 ms on a busy host), on its own thread.
+    // The first /proc pass (~150 ms on a busy host), on its own thread; the
+    // listeners listed at start get their owners from it.
+    for l in live.model.listeners.values_mut() {
+        live.owners.attribute(l, false);
+    }
     live.owners.request();
 
     let began = Instant::now();

@@ -163,9 +163,8 @@ impl Reconciler {
                 let origin = r.first.unwrap_or(Origin::FirstSeen);
                 let base_detected = if origin == Origin::FirstSeen { asked_detected } else { 0 };
                 let sockets = r
-                    .sockets
-                    .iter()
-                    .map(|&(ino, drops)| {
+                    .sockets()
+                    .map(|(ino, drops)| {
                         let base_expected =
                             if origin == Origin::FirstSeen { self.expected_at_ask(r.inode, ino) } else { 0 };
                         (ino, Sock { base: drops, base_expected, latest: drops })
@@ -191,14 +190,14 @@ impl Reconciler {
         ns.latest = r.tcp;
         // A listener known when the reading was asked for and absent from it has
         // closed: drops it missed can no longer be told from the socket's counter.
-        let present: HashSet<u64> = r.sockets.iter().map(|s| s.0).collect();
+        let present: HashSet<u64> = r.sockets().map(|s| s.0).collect();
         let empty = HashMap::new();
         let asked = self.asked_expected.get(&r.inode).unwrap_or(&empty);
         if ns.sockets.keys().any(|i| !present.contains(i)) || asked.keys().any(|i| !present.contains(i)) {
             ns.tracking = false;
         }
         ns.sockets.retain(|i, _| present.contains(i));
-        for &(ino, drops) in &r.sockets {
+        for (ino, drops) in r.sockets() {
             // A socket not listening at the baseline began after it, from 0.
             ns.sockets.entry(ino).or_insert(Sock { base: 0, base_expected: 0, latest: drops }).latest = drops;
         }
@@ -288,6 +287,7 @@ impl Reconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::diag::SockEntry;
 
     const NS: u32 = 4026532000;
 
@@ -301,7 +301,18 @@ mod tests {
                 inode: NS,
                 name: Some("blue".into()),
                 tcp: tcp(drops),
-                sockets: sockets.to_vec(),
+                listeners: sockets
+                    .iter()
+                    .map(|&(ino, drops)| SockEntry {
+                        listening: true,
+                        addr: std::net::Ipv4Addr::LOCALHOST.into(),
+                        port: 8000 + ino as u16,
+                        rqueue: 0,
+                        wqueue: 8,
+                        inode: ino as u32,
+                        drops: Some(drops),
+                    })
+                    .collect(),
                 first,
                 last: false,
             }],

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 
-use super::diag::Diag;
+use super::diag::{Diag, SockEntry};
 use super::netns::{self, NetnsInfo};
 use super::netstat::Netstat;
 
@@ -78,13 +78,22 @@ pub struct NsReading {
     pub inode: u32,
     pub name: Option<String>,
     pub tcp: Tcp,
-    /// Listening sockets: (socket inode, SK_MEMINFO_DROPS).
-    pub sockets: Vec<(u64, u32)>,
+    /// Every listening socket: address, port, queue length and limit, socket inode
+    /// and its own drop counter (SK_MEMINFO_DROPS). Reconciliation reads the
+    /// counters; the live session shows every listener from it, as `ss -lnt` would.
+    pub listeners: Vec<SockEntry>,
     /// Set on a namespace's first reading: what its baseline is.
     pub first: Option<Origin>,
     /// The namespace is no longer in use (no process, no name): this is its final
     /// reading and it has been released.
     pub last: bool,
+}
+
+impl NsReading {
+    /// (socket inode, SK_MEMINFO_DROPS) of every listening socket.
+    pub fn sockets(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.listeners.iter().map(|e| (u64::from(e.inode), e.drops.unwrap_or(0)))
+    }
 }
 
 /// Every namespace in scope at one moment, and those that could not be read.
@@ -126,8 +135,8 @@ fn read_tcp(netstat: &mut Netstat) -> io::Result<Tcp> {
 
 fn read_held(h: &mut Held) -> io::Result<NsReading> {
     let tcp = read_tcp(&mut h.netstat)?;
-    let sockets = h.diag.listeners()?.iter().map(|e| (u64::from(e.inode), e.drops.unwrap_or(0))).collect();
-    Ok(NsReading { inode: h.info.inode, name: h.info.name.clone(), tcp, sockets, first: None, last: false })
+    let listeners = h.diag.listeners()?;
+    Ok(NsReading { inode: h.info.inode, name: h.info.name.clone(), tcp, listeners, first: None, last: false })
 }
 
 impl Reader {
@@ -292,7 +301,9 @@ mod tests {
         let (mut c, base) = Counters::start(Scope::Only(vec![me])).unwrap();
         let own = base.namespaces.iter().find(|n| n.inode == me).expect("own namespace read");
         assert_eq!(own.first, Some(Origin::Start));
-        assert!(own.sockets.iter().any(|(i, d)| *i == ino && *d == 0), "{own:?}");
+        assert!(own.sockets().any(|(i, d)| i == ino && d == 0), "{own:?}");
+        let mine = own.listeners.iter().find(|e| u64::from(e.inode) == ino).expect("own listener listed");
+        assert!(mine.wqueue > 0 && mine.port != 0, "{mine:?}");
         assert!(c.ask());
         assert!(!c.ask(), "one reading at a time");
         let next = c.wait().unwrap().unwrap();

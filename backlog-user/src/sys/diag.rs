@@ -13,7 +13,7 @@ use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr};
 
 /// One socket as the kernel reports it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SockEntry {
     pub listening: bool,
     pub addr: IpAddr,

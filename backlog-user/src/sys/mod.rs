@@ -8,6 +8,7 @@ pub mod netns;
 pub mod netstat;
 pub mod procs;
 pub mod sysctl;
+pub mod term;
 
 /// A listening socket of this process on loopback, and its inode as /proc/PID/fd
 /// and sock_diag name it: what the readers' tests look for.

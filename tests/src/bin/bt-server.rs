@@ -1,12 +1,14 @@
 //! Test workload: a TCP listener whose accept behaviour the tests control.
 //!
 //! bt-server --port P [--addr IP] [--backlog N] [--accept none|all|delay=MS]
-//!           [--fork N] [--reuseport N] [--ready-file PATH] [--lifetime SECS]
+//!           [--fork N] [--reuseport N] [--pin] [--ready-file PATH] [--lifetime SECS]
 //!
 //! --fork N: listen in the parent, then fork N workers that accept (nginx-style);
 //! the parent keeps the listening fds open. --reuseport N: N SO_REUSEPORT sockets
-//! on the port, each with listen(backlog). The ready file, written once
-//! everything listens, lists the pids of every process holding the listener(s).
+//! on the port, each with listen(backlog). --pin: worker i accepts from socket i
+//! only, though every process holds every socket. The ready file, written once
+//! everything listens, lists the pids of every process holding the listener(s), a
+//! pinned worker's followed by the inode of its socket.
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -29,6 +31,14 @@ fn parse_accept(s: &str) -> Accept {
             None => panic!("--accept must be none, all or delay=MS, not '{s}'"),
         },
     }
+}
+
+/// The socket's inode, as /proc/PID/fd and the tracer name it.
+fn inode(fd: RawFd) -> u64 {
+    // SAFETY: all-zero is a valid stat; fstat fills it for our own descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstat(fd, &mut st) }, "fstat");
+    st.st_ino
 }
 
 fn listener(addr: SocketAddr, backlog: i32, reuseport: bool) -> RawFd {
@@ -90,16 +100,19 @@ fn main() {
     unsafe { libc::alarm(flags.get("lifetime", 600)) };
 
     let fds: Vec<RawFd> = (0..reuseport.max(1)).map(|_| listener(addr, backlog, reuseport > 0)).collect();
+    let pin = flags.opt("pin").is_some();
     // SAFETY: plain syscall.
-    let mut pids = vec![unsafe { libc::getpid() }];
-    for _ in 0..workers {
+    let mut lines = vec![unsafe { libc::getpid() }.to_string()];
+    for i in 0..workers {
+        let own = fds[i % fds.len()];
         match fork_worker() {
+            None if pin => serve(&[own], mode),
             None => serve(&fds, mode),
-            Some(pid) => pids.push(pid),
+            Some(pid) if pin => lines.push(format!("{pid} {}", inode(own))),
+            Some(pid) => lines.push(pid.to_string()),
         }
     }
     if let Some(path) = flags.opt("ready-file") {
-        let lines: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
         write_ready_file(path, &(lines.join("\n") + "\n"));
     }
     if workers > 0 {

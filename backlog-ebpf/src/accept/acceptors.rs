@@ -1,0 +1,41 @@
+//! Which processes take connections from which listener. accept() returns in the
+//! acceptor's own context, so the current task is the process that took the
+//! connection (unlike at drop time, where it is whoever ran the softirq): a count per
+//! (listener, process). SO_REUSEPORT groups whose sockets every worker holds (nginx)
+//! are told apart by this, not by the owners /proc shows.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::map,
+    maps::PerCpuHashMap,
+};
+use backlog_common::{global, Acceptor, AcceptorKey, ListenerKey, ACCEPTORS_MAX_ENTRIES, COMM_LEN};
+
+use crate::maps;
+
+/// (listener, tgid) -> accepts and the task's comm, per CPU. Not LRU, for the reason
+/// WAIT_HIST is not; allocated on use, a failed insert counted (`acceptors_full`);
+/// user space deletes a released listener's entries.
+#[map(name = "ACCEPTORS")]
+static ACCEPTORS: PerCpuHashMap<AcceptorKey, Acceptor> =
+    PerCpuHashMap::with_max_entries(ACCEPTORS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The current process took a connection from `listener`.
+#[inline(always)]
+pub fn count(listener: &ListenerKey) {
+    let key = AcceptorKey { listener: *listener, tgid: (bpf_get_current_pid_tgid() >> 32) as u32, _pad: 0 };
+    if let Some(a) = ACCEPTORS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's copy; another CPU's insert left it zeroed.
+        unsafe {
+            if (*a).accepts == 0 {
+                (*a).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+            }
+            (*a).accepts += 1;
+        }
+        return;
+    }
+    let fresh = Acceptor { accepts: 1, comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]) };
+    if ACCEPTORS.insert(&key, &fresh, 0).is_err() {
+        maps::count(global::ACCEPTORS_FULL);
+    }
+}
