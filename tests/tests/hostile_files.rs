@@ -294,7 +294,11 @@ fn rotate_with_many_listeners(max_size: u64) -> serde_json::Value {
          left out {}; stderr: {stderr}",
         recording["left_out"]
     );
-    assert!(stop < Duration::from_secs(1), "SIGTERM took {stop:?}");
+    // Liveness, not speed: the end must not wait for the rotations a flood would
+    // still ask for. Its usual time is one sync (the session ends on the sync after
+    // SIGTERM, ~1 s here: with every listener listed from the start, that sync reads
+    // and records 5,000 of them); 3 s leaves a loaded machine its scheduling noise.
+    assert!(stop < Duration::from_secs(3), "SIGTERM took {stop:?}");
     recording
 }
 
