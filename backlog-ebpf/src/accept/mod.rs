@@ -12,6 +12,9 @@ use aya_ebpf::{
 };
 use backlog_common::{global, hist, Enqueued, EventKind, HistKey, ListenerKey, HIST_MAX_ENTRIES};
 
+/// The kernel's ENOENT, as a map operation returns it (negated).
+const ENOENT: i32 = 2;
+
 use crate::fields;
 use crate::maps;
 
@@ -74,8 +77,10 @@ pub fn accepted(child: u64) {
         return;
     };
     // Whoever removes the entry owns the child's outcome (accepted or abandoned), so
-    // a close racing this accept on the same CPU cannot count it twice.
-    if ENQUEUED.remove(&child).is_err() {
+    // a close racing this accept on the same CPU cannot count it twice. Only ENOENT
+    // says another took it: a delete can also fail with EBUSY (the bucket's lock
+    // held by a program this one interrupted), and the accept happened all the same.
+    if ENQUEUED.remove(&child) == Err(-ENOENT) {
         return;
     }
     let wait = maps::now_ns().saturating_sub(e.ts_ns);
@@ -108,7 +113,7 @@ pub fn forget(child: u64) {
 pub fn closed(child: u64) {
     // SAFETY: plain value copy out of the map.
     let Some(e) = (unsafe { ENQUEUED.get(&child) }).copied() else { return };
-    if ENQUEUED.remove(&child).is_err() {
+    if ENQUEUED.remove(&child) == Err(-ENOENT) {
         return;
     }
     let o = fields::offsets();
