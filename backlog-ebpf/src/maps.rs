@@ -59,6 +59,20 @@ pub fn atomic_add(p: *mut u64, n: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
 }
 
+/// This CPU's value under `key` after inserting `init` there, or the value another
+/// program put there first: BPF_NOEXIST, because a program that preempted this one
+/// may have created the entry since the caller's lookup, and replacing it would lose
+/// its counts. None, counted at GLOBAL[`full`], only when the map has no room.
+#[inline(always)]
+pub fn create<K, V>(map: &PerCpuHashMap<K, V>, key: &K, init: &V, full: u32) -> Option<*mut V> {
+    let _ = map.insert(key, init, BPF_NOEXIST as u64);
+    let p = map.get_ptr_mut(key);
+    if p.is_none() {
+        count(full);
+    }
+    p
+}
+
 /// This CPU's counters for a listener, created on first use with the listener's
 /// identity filled in. Callers that already hold the listener's key pass it: it
 /// costs four dependent reads (sock -> socket -> file -> inode).
@@ -71,13 +85,7 @@ pub fn stats(key: &ListenerKey) -> Option<*mut ListenerStats> {
     }
     let zero = SCRATCH.get_ptr(0)?;
     // SAFETY: the zeroed slot is only read.
-    // NOEXIST: another program on this CPU (one that preempted this one) may have
-    // created the entry since the lookup above; replacing it would lose its counts.
-    if STATS.insert(key, unsafe { &*zero }, BPF_NOEXIST as u64).is_err() && STATS.get_ptr_mut(key).is_none() {
-        count(global::STATS_FULL);
-        return None;
-    }
-    let p = STATS.get_ptr_mut(key)?;
+    let p = create(&STATS, key, unsafe { &*zero }, global::STATS_FULL)?;
     // The identity is written in place: every writer of one key writes the same values.
     let (family, laddr, lport) = fields::local_addr(sk, &o);
     // SAFETY: this CPU's copy of the value.

@@ -4,7 +4,7 @@
 //! (listener, process). SO_REUSEPORT groups whose sockets every worker holds (nginx)
 //! are told apart by this, not by the owners /proc shows.
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_F_NO_PREALLOC,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
     maps::PerCpuHashMap,
@@ -24,23 +24,15 @@ static ACCEPTORS: PerCpuHashMap<AcceptorKey, Acceptor> =
 #[inline(always)]
 pub fn count(listener: &ListenerKey) {
     let key = AcceptorKey { listener: *listener, tgid: (bpf_get_current_pid_tgid() >> 32) as u32, _pad: 0 };
-    if let Some(a) = ACCEPTORS.get_ptr_mut(&key) {
+    let fresh = Acceptor { accepts: 0, comm: [0; COMM_LEN] };
+    let a = ACCEPTORS.get_ptr_mut(&key).or_else(|| maps::create(&ACCEPTORS, &key, &fresh, global::ACCEPTORS_FULL));
+    if let Some(a) = a {
         bump(a);
-        return;
-    }
-    let fresh = Acceptor { accepts: 1, comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]) };
-    // NOEXIST: a program that preempted this one on this CPU may have created the
-    // entry since the lookup; replacing it would lose its count (maps::atomic_add).
-    if ACCEPTORS.insert(&key, &fresh, BPF_NOEXIST as u64).is_err() {
-        match ACCEPTORS.get_ptr_mut(&key) {
-            Some(a) => bump(a),
-            None => maps::count(global::ACCEPTORS_FULL),
-        }
     }
 }
 
-/// One more accept in an existing entry (this CPU's copy; another CPU's insert left
-/// it zeroed, without a comm).
+/// One more accept in an entry (this CPU's copy; a new entry, or another CPU's insert,
+/// left it zeroed, without a comm).
 #[inline(always)]
 fn bump(a: *mut Acceptor) {
     // SAFETY: `a` is this CPU's copy of a live map value.

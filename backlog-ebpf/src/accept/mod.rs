@@ -6,17 +6,17 @@ pub mod acceptors;
 pub mod tracepoint;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{LruHashMap, PerCpuHashMap},
 };
 use backlog_common::{global, hist, Enqueued, EventKind, HistKey, ListenerKey, HIST_MAX_ENTRIES};
 
-/// The kernel's ENOENT, as a map operation returns it (negated).
-const ENOENT: i32 = 2;
-
 use crate::fields;
 use crate::maps;
+
+/// The kernel's ENOENT, as a map operation returns it (negated).
+const ENOENT: i32 = 2;
 
 /// Queued children by socket address. LRU, so a flood of never-accepted children
 /// can only evict the oldest, never fail or grow without bound.
@@ -47,17 +47,8 @@ pub fn enqueued(child: u64, listener: u64) {
 #[inline(always)]
 fn count_wait(listener: ListenerKey, wait_ns: u64) {
     let key = HistKey { listener, bucket: hist::bucket(wait_ns / 1000) as u32, _pad: 0 };
-    match WAIT_HIST.get_ptr_mut(&key) {
-        Some(c) => maps::atomic_add(c, 1),
-        None => {
-            // NOEXIST: a program that preempted this one may have created it meanwhile.
-            if WAIT_HIST.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
-                match WAIT_HIST.get_ptr_mut(&key) {
-                    Some(c) => maps::atomic_add(c, 1),
-                    None => maps::count(global::HIST_FULL),
-                }
-            }
-        }
+    if let Some(c) = WAIT_HIST.get_ptr_mut(&key).or_else(|| maps::create(&WAIT_HIST, &key, &0, global::HIST_FULL)) {
+        maps::atomic_add(c, 1);
     }
 }
 
