@@ -110,11 +110,15 @@ enum Task {
         /// SYN sender threads (default: one per core).
         #[arg(long)]
         flood_threads: Option<usize>,
+        /// getppid() calls per syscall-loop measurement (fewer in an emulated guest).
+        #[arg(long, default_value_t = bench::SYSCALL_CALLS, value_parser = clap::value_parser!(u64).range(1000..))]
+        syscall_calls: u64,
         /// Replace the run recorded in BENCH.md with this one.
         #[arg(long)]
         record: bool,
-        /// Run only these parts: rate (nginx+wrk), flood (SYN flood), syscall (getppid loop).
-        #[arg(long, value_delimiter = ',', value_parser = ["rate", "flood", "syscall"])]
+        /// Run only these parts: rate (nginx+wrk), flood (SYN flood), syscall (getppid loop),
+        /// profile (rate's per-program run alone, with one pair for the estimate: ~1 min).
+        #[arg(long, value_delimiter = ',', value_parser = ["rate", "flood", "syscall", "profile"])]
         only: Vec<String>,
     },
     /// Repeat the exact-count drop scenarios (tests/tests/drops.rs) under concurrent load and
@@ -196,23 +200,33 @@ fn run() -> Result<bool> {
             }
             Ok(true)
         }
-        Task::Bench { tracer, pairs, seconds, connections, port, flood_seconds, flood_threads, record, only } => {
-            bench::run(
-                workspace,
-                &bench::Options {
-                    tracer,
-                    pairs: pairs as usize,
-                    seconds,
-                    connections,
-                    port,
-                    flood_seconds,
-                    flood_threads: flood_threads
-                        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                    record,
-                    only,
-                },
-            )
-        }
+        Task::Bench {
+            tracer,
+            pairs,
+            seconds,
+            connections,
+            port,
+            flood_seconds,
+            flood_threads,
+            syscall_calls,
+            record,
+            only,
+        } => bench::run(
+            workspace,
+            &bench::Options {
+                tracer,
+                pairs: pairs as usize,
+                seconds,
+                connections,
+                port,
+                flood_seconds,
+                flood_threads: flood_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                syscall_calls,
+                record,
+                only,
+            },
+        ),
         Task::Stress { runs, scenario, load, tracer, drops_test, no_build, out } => stress::run(
             workspace,
             &stress::Options {

@@ -9,6 +9,8 @@ mod rate;
 mod syscall;
 mod table;
 
+pub use syscall::CALLS as SYSCALL_CALLS;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
@@ -31,8 +33,12 @@ pub struct Options {
     pub port: u16,
     pub flood_seconds: u64,
     pub flood_threads: usize,
+    /// getppid() calls per syscall-loop measurement.
+    pub syscall_calls: u64,
     pub record: bool,
-    /// Which parts to run: `rate`, `flood`, `syscall` (all when empty).
+    /// Which parts to run: `rate`, `flood`, `syscall` (all when empty), or `profile`
+    /// (the rate part's per-program run with one pair for the estimate: ~1 minute,
+    /// for A/B work on the programs).
     pub only: Vec<String>,
 }
 
@@ -67,9 +73,10 @@ pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
     let t0 = Instant::now();
     let part = |p: &str| o.only.is_empty() || o.only.iter().any(|x| x == p);
     if part("syscall") {
-        syscall::measure(&tracer, &mut t)?;
+        syscall::measure(&tracer, o.syscall_calls, &mut t)?;
     }
-    let load = if part("rate") { Some(connection_rates(workspace, o, &tracer, &mut t)?) } else { None };
+    let quick = !part("rate") && o.only.iter().any(|x| x == "profile");
+    let load = if part("rate") || quick { Some(connection_rates(workspace, o, quick, &tracer, &mut t)?) } else { None };
     let flood = if part("flood") {
         // Without the rate part, the stats floor is measured beside the flood's profile.
         Some(drop_throughput(o, &tracer, &mut t, load.as_ref().map(|l| l.floor_ns))?)
@@ -99,17 +106,25 @@ pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
 }
 
 /// nginx + wrk: bare vs backlog-trace (default, --events) vs bpftrace, then one
-/// profiled run. Returns the per-program profile under this load.
-fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table) -> Result<hooks::Profile> {
+/// profiled run. Returns the per-program profile under this load. `quick`: one pair
+/// of the default tracer only, then the profile.
+fn connection_rates(
+    workspace: &Path,
+    o: &Options,
+    quick: bool,
+    tracer: &Path,
+    t: &mut Table,
+) -> Result<hooks::Profile> {
     let nginx = nginx::Nginx::start(&nginx::dir(workspace), o.port, nginx::BACKLOG, None)?;
     let threads = thread::available_parallelism().map_or(2, |n| n.get());
     let wrk = Wrk { url: nginx.url.clone(), seconds: o.seconds, connections: o.connections, threads };
     eprintln!("bench: warm-up run ({} s)", o.seconds);
     wrk.run()?;
-    let default = rate::alternate("backlog-trace", &wrk, &nginx, o.pairs, &|| Probe::tracer(tracer, &[]))?;
+    let (pairs, others) = if quick { (1, 0) } else { (o.pairs, o.pairs) };
+    let default = rate::alternate("backlog-trace", &wrk, &nginx, pairs, &|| Probe::tracer(tracer, &[]))?;
     let events =
-        rate::alternate("backlog-trace --events", &wrk, &nginx, o.pairs, &|| Probe::tracer(tracer, &["--events"]))?;
-    let peer = rate::alternate("bpftrace peer", &wrk, &nginx, o.pairs, &|| Probe::bpftrace(PEER_SCRIPT))?;
+        rate::alternate("backlog-trace --events", &wrk, &nginx, others, &|| Probe::tracer(tracer, &["--events"]))?;
+    let peer = rate::alternate("bpftrace peer", &wrk, &nginx, others, &|| Probe::bpftrace(PEER_SCRIPT))?;
 
     let bare: Vec<Measured> = [&default, &events, &peer].iter().flat_map(|p| p.without.clone()).collect();
     let (r, c) =
@@ -128,7 +143,10 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
         ("backlog-trace (default)", &default, judged),
         ("backlog-trace --events", &events, judged),
         ("bpftrace peer (7 tracepoints)", &peer, None),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(_, p, _)| !p.with.is_empty())
+    {
         let (r, c, cpu) = (p.ratio(), p.cost_ratio(), Spread::of(p.with.iter().map(|w| w.cpu_pct).collect()));
         let text =
             if target.is_some() { "≥ 0.98 (median)" } else { "peer: 0.92–0.97 (3 tracepoints, quiet machine)" };
@@ -146,10 +164,12 @@ fn connection_rates(workspace: &Path, o: &Options, tracer: &Path, t: &mut Table)
             Status::Info,
         );
     }
-    let s = Spread::of(default.with.iter().chain(&events.with).map(|w| w.startup.as_secs_f64()).collect());
+    let starts: Vec<f64> = default.with.iter().chain(&events.with).map(|w| w.startup.as_secs_f64()).collect();
+    let n = starts.len();
+    let s = Spread::of(starts);
     t.add(
         "Start to JSON start line",
-        format!("median {:.0} ms, max {:.0} ms ({} starts)", s.median * 1e3, s.max * 1e3, 2 * o.pairs),
+        format!("median {:.0} ms, max {:.0} ms ({n} starts)", s.median * 1e3, s.max * 1e3),
         "< 500 ms (max)",
         Status::from(s.max < STARTUP_TARGET.as_secs_f64()),
     );

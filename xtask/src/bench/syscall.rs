@@ -13,8 +13,8 @@ use crate::harness::sys;
 use super::rate::{Spread, SETTLE};
 use super::table::{Status, Table};
 
-/// Calls per measurement (the figure): ~1 s each on this host.
-const CALLS: u64 = 5_000_000;
+/// Calls per measurement by default (the figure): ~1 s each on this host.
+pub const CALLS: u64 = 5_000_000;
 /// Alternating bare/with pairs per probe.
 const PAIRS: usize = 5;
 /// Target in modes with no syscall tracepoint (fentry, kprobe, `--no-accept-timing`).
@@ -30,24 +30,31 @@ fn thread_cpu_ns() -> u128 {
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
-/// CPU ns per getppid() call over `CALLS` calls.
-fn loop_ns() -> f64 {
+/// CPU ns per getppid() call over `calls` calls.
+fn loop_ns(calls: u64) -> f64 {
     let t0 = thread_cpu_ns();
-    for _ in 0..CALLS {
+    for _ in 0..calls {
         // SAFETY: getppid has no arguments and cannot fail.
         unsafe { libc::syscall(libc::SYS_getppid) };
     }
-    (thread_cpu_ns() - t0) as f64 / CALLS as f64
+    (thread_cpu_ns() - t0) as f64 / calls as f64
 }
 
 /// A probe to compare: its label, how to start it, and the ratio it must reach.
 type Candidate<'a> = (&'a str, &'a dyn Fn() -> Result<Probe>, Option<f64>);
 
-/// bare/with ratios of the getppid loop, per probe, as table rows. Returns the
-/// default tracer's median ratio.
-pub fn measure(tracer: &Path, t: &mut Table) -> Result<f64> {
-    let probes: [Candidate; 3] = [
-        ("backlog-trace (default)", &|| Probe::tracer(tracer, &[]), None),
+/// bare/with ratios of the getppid loop (`calls` calls a measurement), per probe, as
+/// table rows. In fentry and kprobe modes ($BACKLOG_MODE, as the kernel matrix sets
+/// it) the tracer attaches no syscall tracepoint, so its default configuration is
+/// held to the target and `--no-accept-timing` (tracepoint mode's) is not run.
+/// Returns the default tracer's median ratio.
+pub fn measure(tracer: &Path, calls: u64, t: &mut Table) -> Result<f64> {
+    let mode = crate::harness::probe::mode();
+    let no_tax = matches!(mode.as_deref(), Some("fentry" | "kprobe"));
+    let default_label =
+        format!("backlog-trace (default{})", mode.as_deref().map(|m| format!(", --mode {m}")).unwrap_or_default());
+    let all: [Candidate; 3] = [
+        (&default_label, &|| Probe::tracer(tracer, &[]), no_tax.then_some(TARGET)),
         ("backlog-trace --no-accept-timing", &|| Probe::tracer(tracer, &["--no-accept-timing"]), Some(TARGET)),
         (
             "bpftrace on sys_exit_accept4 alone",
@@ -55,16 +62,17 @@ pub fn measure(tracer: &Path, t: &mut Table) -> Result<f64> {
             None,
         ),
     ];
+    let probes = all.into_iter().enumerate().filter(|(i, _)| !(no_tax && *i == 1)).map(|(_, c)| c);
     let mut default_ratio = 0.0;
     for (label, start, target) in probes {
-        eprintln!("bench: getppid loop, {CALLS} calls, bare vs {label}");
+        eprintln!("bench: getppid loop, {calls} calls, bare vs {label}");
         let (mut bare, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..PAIRS {
             sys::check_interrupt()?;
-            let b = loop_ns();
+            let b = loop_ns(calls);
             let p = start()?;
             thread::sleep(SETTLE);
-            let w = loop_ns();
+            let w = loop_ns(calls);
             p.stop()?;
             bare.push(b);
             with.push(w);

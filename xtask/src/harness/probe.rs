@@ -27,6 +27,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// resolution of the start-up figure.
 const POLL: Duration = Duration::from_millis(5);
 
+/// The attach mode the bench asks backlog-trace for ($BACKLOG_MODE), if any.
+pub fn mode() -> Option<String> {
+    std::env::var("BACKLOG_MODE").ok().filter(|m| !m.is_empty())
+}
+
 pub struct Probe {
     name: &'static str,
     child: Child,
@@ -57,9 +62,14 @@ pub struct Stopped {
 }
 
 impl Probe {
+    /// backlog-trace with `--json` and `args`, in the attach mode $BACKLOG_MODE names
+    /// when set (a kernel-matrix guest sets it, as for the tests).
     pub fn tracer(path: &Path, args: &[&str]) -> Result<Probe> {
         let mut cmd = Command::new(path);
         cmd.arg("--json").args(args);
+        if let Some(mode) = mode() {
+            cmd.arg("--mode").arg(mode);
+        }
         Probe::start("backlog-trace", cmd, |l| l.contains(r#""type":"start""#))
     }
 
