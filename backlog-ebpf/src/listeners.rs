@@ -4,13 +4,24 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::TracePointContext,
 };
 use backlog_common::EventKind;
 
 use crate::fields::{self, TCP_CLOSE, TCP_LISTEN};
 use crate::maps;
+
+/// Listeners closed since the tracer started, in all: a CPU's cached listener key
+/// (drops/window.rs) is valid only while this has not moved. Shared by every CPU,
+/// added to atomically.
+#[map(name = "LISTENERS_GEN")]
+static LISTENERS_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn generation() -> u64 {
+    LISTENERS_GEN.get(0).copied().unwrap_or(0)
+}
 
 /// listen() backlog argument by thread, from sys_enter_listen until the socket
 /// reaches LISTEN inside the same syscall.
@@ -46,6 +57,12 @@ pub fn on_state(sk: u64, old: u8, new: u8) {
     } else {
         return;
     };
+    if kind == EventKind::Unlisten {
+        // Before the sock can be freed and reused: see `generation`.
+        if let Some(g) = LISTENERS_GEN.get_ptr_mut(0) {
+            maps::atomic_add(g, 1);
+        }
+    }
     let o = fields::offsets();
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut requested = 0;

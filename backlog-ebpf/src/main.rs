@@ -57,7 +57,7 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
             // (inet_csk_complete_hashdance). Timing it here, not when it turns
             // ESTABLISHED, keeps an accept() on another CPU from taking it first.
             if let Some(listener) = window::child_born(sk) {
-                accept::enqueued(sk, listener);
+                accept::enqueued(sk, &listener);
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => window::finish_ack(sk),

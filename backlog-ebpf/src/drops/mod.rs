@@ -6,9 +6,9 @@ pub mod fentry_kprobe;
 pub mod tracepoint;
 pub mod window;
 
-use backlog_common::{global, DropReason, EventKind, KernelOffsets};
+use backlog_common::{global, DropReason, EventKind, KernelOffsets, ListenerKey};
 
-use crate::fields::{self, QueueState};
+use crate::fields::QueueState;
 use crate::maps;
 
 /// The peer of a dropped connection, as seen in the packet.
@@ -23,9 +23,8 @@ pub struct Peer {
 /// counted as suppressed instead. The counts stay exact either way; what the budget
 /// saves under a flood is the ring-buffer event and its decoding in user space.
 #[inline(always)]
-pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
-    let key = fields::listener_key(sk, o);
-    if let Some(s) = maps::stats(&key) {
+pub fn record(key: &ListenerKey, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
+    if let Some(s) = maps::stats(key) {
         // SAFETY: this CPU's copy of the value.
         maps::atomic_add(unsafe { &raw mut (*s).drops[reason as usize] }, 1);
         maps::note_queue(s, q);
@@ -36,7 +35,7 @@ pub fn record(sk: u64, reason: DropReason, q: &QueueState, peer: &Peer, o: &Kern
             return;
         }
     }
-    maps::emit_listener_event(EventKind::Drop, &key, o, |ev| {
+    maps::emit_listener_event(EventKind::Drop, key, o, |ev| {
         ev.reason = reason as u8;
         ev.rport = peer.port;
         ev.raddr = peer.addr;

@@ -16,7 +16,7 @@ use aya_ebpf::{helpers::bpf_skc_to_tcp_sock, programs::SkBuffContext};
 use backlog_common::{WindowKind, AF_INET6};
 
 use super::window;
-use crate::fields::{self, TCP_LISTEN, TH_ACK, TH_RST, TH_SYN};
+use crate::fields::{self, Btf, TCP_LISTEN, TH_ACK, TH_RST, TH_SYN};
 
 const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
 const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
@@ -76,7 +76,16 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     if family == AF_INET6 as u32 && ctx.skb.protocol() == ETH_P_IP_BE {
         peer = fields::v4_mapped(&peer);
     }
-    window::open(tp as u64, kind, &peer, u16::from_ne_bytes([th[0], th[1]]), u16::from_ne_bytes([th[2], th[3]]));
+    // SAFETY: as above; the bound port, host order.
+    let lport = unsafe { (*bsk).src_port } as u16;
+    // `tp` is a BTF-typed tcp_sock: the window reads the listener with plain loads.
+    let seg = window::Segment {
+        peer,
+        lport,
+        sport_be: u16::from_ne_bytes([th[0], th[1]]),
+        dport_be: u16::from_ne_bytes([th[2], th[3]]),
+    };
+    window::open::<Btf>(tp as u64, kind, &seg);
 }
 
 /// consume_skb / kfree_skb: when the freed skb is the window's segment, its
@@ -84,7 +93,8 @@ pub fn on_ingress(ctx: &SkBuffContext) {
 #[inline(always)]
 pub fn on_free(skb: u64) {
     let Some(w) = window::current() else { return };
-    let Some(th) = fields::skb_tcp_head(skb, &fields::offsets()) else { return };
+    // `skb` is the tracepoint's BTF-typed argument: its fields are plain loads.
+    let Some(th) = fields::skb_tcp_head::<Btf>(skb, &fields::offsets()) else { return };
     if th.sport_be == w.sport_be && th.dport_be == w.dport_be {
         window::close(w);
     }

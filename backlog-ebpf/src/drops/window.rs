@@ -14,10 +14,10 @@
 //! opens a window, or when user space flushes the CPU; the counters make a late
 //! settlement as exact as a timely one.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use backlog_common::{global, DropReason, WindowKind};
+use backlog_common::{global, DropReason, ListenerKey, WindowKind};
 
-use crate::fields::{self, QueueState};
-use crate::maps;
+use crate::fields::{self, Mem, QueueState};
+use crate::{listeners, maps};
 
 /// `WindowKind`s as the window stores them (a zeroed slot is no kind at all).
 const SYN: u8 = WindowKind::Syn as u8;
@@ -43,6 +43,8 @@ pub struct Window {
     /// The segment's TCP ports, raw (network order), as the peer sent them.
     pub sport_be: u16,
     pub dport_be: u16,
+    /// The listener's bound port (host order): whether a child is the listener's.
+    lport: u16,
     pub open: u8,
     /// A `WindowKind`, once opened.
     kind: u8,
@@ -51,6 +53,14 @@ pub struct Window {
     busy: u8,
     cpu_off_known: u8,
     pub peer: [u8; 16],
+    /// The last listener whose key this CPU computed, its socket inode, and the
+    /// listener generation then (see `key`).
+    key_sk: u64,
+    key_ino: u64,
+    key_gen: u64,
+    /// The three above folded together: a program interrupting another's update on
+    /// this CPU can leave them torn, and a torn entry fails this check.
+    key_check: u64,
 }
 
 #[map(name = "WINDOW")]
@@ -77,12 +87,23 @@ fn cpu_offset(w: &mut Window) -> u64 {
     w.cpu_off
 }
 
-/// Opens this CPU's window on listener `sk` for a segment from `peer` with the given
-/// ports, settling a window its segment's end left open. A function of its own: the
-/// callers' packet parsing and the settlement's recording each need much of the
-/// 512-byte stack, and a call chain adds its frames up.
+/// A segment at a listener, as a window opens on it.
+pub struct Segment {
+    pub peer: [u8; 16],
+    /// The listener's bound port, host order.
+    pub lport: u16,
+    /// The segment's TCP ports, raw (network order).
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// Opens this CPU's window on listener `sk` for segment `seg`, settling a window
+/// its segment's end left open. `M`:
+/// how the caller's `sk` can be read (a BTF-typed tcp_sock in tracepoint mode). A
+/// function of its own: the callers' packet parsing and the settlement's recording
+/// each need much of the 512-byte stack, and a call chain adds its frames up.
 #[inline(never)]
-pub fn open(sk: u64, kind: WindowKind, peer: &[u8; 16], sport_be: u16, dport_be: u16) {
+pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
     let Some(w) = slot() else { return };
     w.busy = 1;
     if w.open != 0 {
@@ -90,20 +111,22 @@ pub fn open(sk: u64, kind: WindowKind, peer: &[u8; 16], sport_be: u16, dport_be:
         settle(w, true);
     }
     let o = fields::offsets();
-    let stats = fields::read::<u64>(fields::sk_net(sk, o), o.net_mib_net_statistics);
+    // A per-CPU pointer: the helper reads it (the verifier types it apart).
+    let stats = fields::read::<u64>(M::get::<u64>(sk, o.skc_net), o.net_mib_net_statistics);
     w.mib = stats.wrapping_add(cpu_offset(w));
     w.listen_drops = fields::read::<u64>(w.mib, o.mib_listen_drops);
     w.overflows = fields::read::<u64>(w.mib, o.mib_listen_overflows);
     // Only a SYN can be dropped for a full SYN queue.
     w.reqq_full = if kind == WindowKind::Syn { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
     w.sk = sk;
-    w.sk_drops = fields::sk_drops(sk, o);
-    w.ack_backlog = fields::read::<u32>(sk, o.sk_ack_backlog);
-    w.syn_qlen = fields::read::<u32>(sk, o.icsk_accept_queue_qlen);
-    w.sport_be = sport_be;
-    w.dport_be = dport_be;
+    w.sk_drops = M::get::<u32>(sk, o.sk_drops);
+    w.ack_backlog = M::get::<u32>(sk, o.sk_ack_backlog);
+    w.syn_qlen = M::get::<u32>(sk, o.icsk_accept_queue_qlen);
+    w.lport = seg.lport;
+    w.sport_be = seg.sport_be;
+    w.dport_be = seg.dport_be;
     w.kind = kind as u8;
-    w.peer = *peer;
+    w.peer = seg.peer;
     w.open = 1;
     w.busy = 0;
 }
@@ -186,22 +209,56 @@ fn settle(w: &mut Window, late: bool) {
     };
     let q = queues_at_drop(w);
     let peer = super::Peer { addr: w.peer, port: u16::from_be(w.sport_be) };
-    super::record(w.sk, reason, &q, &peer, o);
+    super::record(&key(w), reason, &q, &peer, o);
 }
 
-/// Whether `child` belongs to the listener of window `w` (same local port).
+/// The window's listener's key. Its inode takes four dependent reads (sock ->
+/// socket -> file -> inode), so each CPU keeps the last one it computed, valid while
+/// no listener anywhere has closed since (`listeners::generation`): a closed
+/// listener's sock can be reused for a new listener at the same address, with a new
+/// inode, only after its close bumped the generation. The generation is read before
+/// the inode, so a close racing the reads leaves a stale generation behind, not a
+/// stale inode. (A close whose program run the kernel skipped would not bump it; the
+/// kernel counts such skipped runs, and they are reported.)
+#[inline(always)]
+fn key(w: &mut Window) -> ListenerKey {
+    let (sk, gen) = (w.sk, listeners::generation());
+    let cached = w.key_ino;
+    if w.key_sk == sk && w.key_gen == gen && w.key_check == fold(sk, cached, gen) {
+        return ListenerKey { sk, ino: cached };
+    }
+    let ino = fields::socket_inode(sk, &fields::offsets());
+    w.key_sk = sk;
+    w.key_ino = ino;
+    w.key_gen = gen;
+    w.key_check = fold(sk, ino, gen);
+    ListenerKey { sk, ino }
+}
+
+#[inline(always)]
+fn fold(sk: u64, ino: u64, gen: u64) -> u64 {
+    (sk ^ ino.rotate_left(21) ^ gen.rotate_left(42)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Whether `child` belongs to the listener of window `w` (same local port). `child`
+/// is inet_sock_set_state's BTF-typed argument, in every mode.
 #[inline(always)]
 fn owns(w: &Window, child: u64) -> bool {
-    let o = fields::offsets();
-    fields::read::<u16>(child, o.skc_num) == fields::read::<u16>(w.sk, o.skc_num)
+    fields::load::<u16>(child, fields::offsets().skc_num) == w.lport
 }
 
 /// inet_sock_set_state LISTEN -> SYN_RECV: a child was born from the final ACK this
 /// CPU is handling. Returns the listener, which is about to queue the child.
 #[inline(always)]
-pub fn child_born(child: u64) -> Option<u64> {
+pub fn child_born(child: u64) -> Option<ListenerKey> {
     let w = current()?;
-    (w.kind == ACK && owns(w, child)).then_some(w.sk)
+    if w.kind != ACK || !owns(w, child) {
+        return None;
+    }
+    w.busy = 1;
+    let k = key(w);
+    w.busy = 0;
+    Some(k)
 }
 
 /// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
