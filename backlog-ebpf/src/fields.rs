@@ -144,6 +144,20 @@ pub fn address_of<T>(p: *const T) -> u64 {
     read::<u64>(&slot as *const *const T as u64, 0)
 }
 
+/// Two `T`s at `base + a` and `base + b`: one read when they sit side by side (the
+/// offsets are load-time constants, so the verifier drops the other branch), as
+/// ListenOverflows/ListenDrops and sk_ack_backlog/sk_max_ack_backlog do on every
+/// kernel we run on.
+#[inline(always)]
+pub fn read_pair<T: Copy>(base: u64, a: u32, b: u32) -> (T, T) {
+    if b as usize == a as usize + core::mem::size_of::<T>() {
+        let v = read::<[T; 2]>(base, a);
+        (v[0], v[1])
+    } else {
+        (read::<T>(base, a), read::<T>(base, b))
+    }
+}
+
 /// What the drop logic needs to know about a listener at one instant.
 #[derive(Clone, Copy)]
 pub struct QueueState {
@@ -155,11 +169,8 @@ pub struct QueueState {
 
 #[inline(always)]
 pub fn queue_state(sk: u64, o: &KernelOffsets) -> QueueState {
-    QueueState {
-        ack_backlog: read::<u32>(sk, o.sk_ack_backlog),
-        max_ack_backlog: read::<u32>(sk, o.sk_max_ack_backlog),
-        syn_qlen: read::<u32>(sk, o.icsk_accept_queue_qlen),
-    }
+    let (ack_backlog, max_ack_backlog) = read_pair::<u32>(sk, o.sk_ack_backlog, o.sk_max_ack_backlog);
+    QueueState { ack_backlog, max_ack_backlog, syn_qlen: read::<u32>(sk, o.icsk_accept_queue_qlen) }
 }
 
 #[inline(always)]

@@ -22,30 +22,70 @@ const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
 const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
 const IPPROTO_TCP: u8 = 6;
 
-/// The segment's peer address and TCP ports and flags, read with one load per
-/// header (each load is a helper call; this runs for every segment to a listener).
-#[inline(always)]
-fn parse(ctx: &SkBuffContext) -> Option<([u8; 16], [u8; 14])> {
+/// Fills `seg`'s peer and ports from the segment's headers and returns its TCP
+/// flags (None: not TCP). This runs for every segment to a listener: the headers are
+/// read in place (direct packet access, no helper) when they have their usual sizes
+/// and lie in the linear part, else through one helper call per header. A function
+/// of its own, so that its frame is not on the stack beside the window's (512 bytes
+/// for the whole call chain); it fills the caller's `seg` because a BPF function
+/// cannot return an aggregate.
+#[inline(never)]
+fn parse(ctx: &SkBuffContext, seg: &mut window::Segment) -> Option<u8> {
     let proto = ctx.skb.protocol();
-    let mut peer = [0u8; 16];
+    // SAFETY: context fields the verifier turns into packet pointers.
+    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    if proto == ETH_P_IP_BE && data + 20 + 14 <= end {
+        // SAFETY: 34 bytes from `data` are inside the packet (checked just above).
+        let (ip, th) = unsafe { (&*(data as *const [u8; 20]), &*((data + 20) as *const [u8; 14])) };
+        if ip[0] == 0x45 {
+            if ip[9] != IPPROTO_TCP {
+                return None;
+            }
+            seg.peer[..4].copy_from_slice(&ip[12..16]);
+            return Some(ports(seg, th));
+        }
+    } else if proto == ETH_P_IPV6_BE && data + 40 + 14 <= end {
+        // SAFETY: 54 bytes from `data` are inside the packet (checked just above).
+        let (ip, th) = unsafe { (&*(data as *const [u8; 40]), &*((data + 40) as *const [u8; 14])) };
+        if ip[6] != IPPROTO_TCP {
+            return None;
+        }
+        seg.peer.copy_from_slice(&ip[8..24]);
+        return Some(ports(seg, th));
+    }
+    parse_loaded(ctx, proto, seg)
+}
+
+/// `parse` for headers with options or outside the linear part.
+#[inline(always)]
+fn parse_loaded(ctx: &SkBuffContext, proto: u32, seg: &mut window::Segment) -> Option<u8> {
     let th = if proto == ETH_P_IP_BE {
         let ip: [u8; 20] = ctx.load(0).ok()?;
         if ip[9] != IPPROTO_TCP {
             return None;
         }
-        peer[..4].copy_from_slice(&ip[12..16]);
+        seg.peer[..4].copy_from_slice(&ip[12..16]);
         ((ip[0] & 0x0f) as usize) * 4
     } else if proto == ETH_P_IPV6_BE {
         let ip: [u8; 24] = ctx.load(0).ok()?;
         if ip[6] != IPPROTO_TCP {
             return None;
         }
-        peer.copy_from_slice(&ip[8..24]);
+        seg.peer.copy_from_slice(&ip[8..24]);
         40
     } else {
         return None;
     };
-    Some((peer, ctx.load(th).ok()?))
+    let th: [u8; 14] = ctx.load(th).ok()?;
+    Some(ports(seg, &th))
+}
+
+/// The TCP header's ports into `seg`; returns its flags.
+#[inline(always)]
+fn ports(seg: &mut window::Segment, th: &[u8; 14]) -> u8 {
+    seg.sport_be = u16::from_ne_bytes([th[0], th[1]]);
+    seg.dport_be = u16::from_ne_bytes([th[2], th[3]]);
+    th[13]
 }
 
 /// cgroup_skb/ingress: a segment is about to be handled by a listener.
@@ -67,24 +107,19 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     if tp.is_null() {
         return;
     }
-    let Some((mut peer, th)) = parse(ctx) else { return };
-    let kind = match th[13] & (TH_SYN | TH_ACK | TH_RST) {
+    // SAFETY: as above; the bound port, host order.
+    let lport = unsafe { (*bsk).src_port } as u16;
+    let mut seg = window::Segment { peer: [0; 16], lport, sport_be: 0, dport_be: 0 };
+    let Some(flags) = parse(ctx, &mut seg) else { return };
+    let kind = match flags & (TH_SYN | TH_ACK | TH_RST) {
         TH_SYN => WindowKind::Syn,
         TH_ACK => WindowKind::Ack,
         _ => return,
     };
     if family == AF_INET6 as u32 && ctx.skb.protocol() == ETH_P_IP_BE {
-        peer = fields::v4_mapped(&peer);
+        seg.peer = fields::v4_mapped(&seg.peer);
     }
-    // SAFETY: as above; the bound port, host order.
-    let lport = unsafe { (*bsk).src_port } as u16;
     // `tp` is a BTF-typed tcp_sock: the window reads the listener with plain loads.
-    let seg = window::Segment {
-        peer,
-        lport,
-        sport_be: u16::from_ne_bytes([th[0], th[1]]),
-        dport_be: u16::from_ne_bytes([th[2], th[3]]),
-    };
     window::open::<Btf>(tp as u64, kind, &seg);
 }
 

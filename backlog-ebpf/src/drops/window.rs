@@ -114,8 +114,7 @@ pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
     // A per-CPU pointer: the helper reads it (the verifier types it apart).
     let stats = fields::read::<u64>(M::get::<u64>(sk, o.skc_net), o.net_mib_net_statistics);
     w.mib = stats.wrapping_add(cpu_offset(w));
-    w.listen_drops = fields::read::<u64>(w.mib, o.mib_listen_drops);
-    w.overflows = fields::read::<u64>(w.mib, o.mib_listen_overflows);
+    (w.overflows, w.listen_drops) = fields::read_pair::<u64>(w.mib, o.mib_listen_overflows, o.mib_listen_drops);
     // Only a SYN can be dropped for a full SYN queue.
     w.reqq_full = if kind == WindowKind::Syn { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
     w.sk = sk;
@@ -176,12 +175,12 @@ pub fn flush() {
 #[inline(never)]
 fn settle(w: &mut Window, late: bool) {
     let o = fields::offsets();
-    let drops = fields::read::<u64>(w.mib, o.mib_listen_drops);
+    // Both in one read: the pair sits side by side in the MIB.
+    let (overflows, drops) = fields::read_pair::<u64>(w.mib, o.mib_listen_overflows, o.mib_listen_drops);
     let made = drops.wrapping_sub(w.listen_drops);
     if made == 0 {
         return;
     }
-    let overflows = fields::read::<u64>(w.mib, o.mib_listen_overflows);
     let reqq_full = if w.kind == SYN { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { w.reqq_full };
     let (overflowed, syn_queue_full) = (overflows != w.overflows, reqq_full != w.reqq_full);
     w.listen_drops = drops;
