@@ -419,6 +419,10 @@ pub struct Config {
     /// Drop lines (ring-buffer events) per listener, per CPU, per second; 0 = no
     /// limit. Above it a drop is still counted in STATS, and its line in `suppressed`.
     pub max_drop_lines: u32,
+    /// 1 when the kernel has bpf_get_current_task_btf (5.11): the accept exit then
+    /// walks task -> files -> fdtable with plain loads. 0 leaves that branch dead,
+    /// and the verifier removes it before it would look the helper up.
+    pub task_btf: u32,
 }
 
 #[cfg(feature = "user")]

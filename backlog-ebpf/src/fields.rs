@@ -45,8 +45,14 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 };
 
 #[no_mangle]
-static CONFIG: Config =
-    Config { listen_backlog_off: 24, accept_ret_off: 16, emit_accepts: 0, accept_nargs: 0, max_drop_lines: 0 };
+static CONFIG: Config = Config {
+    listen_backlog_off: 24,
+    accept_ret_off: 16,
+    emit_accepts: 0,
+    accept_nargs: 0,
+    max_drop_lines: 0,
+    task_btf: 0,
+};
 
 /// The offsets, read in place. The pointer is laundered through a volatile stack
 /// slot so the compiler cannot fold the zero initialiser into the loads, while each
@@ -179,17 +185,31 @@ pub fn sk_drops(sk: u64, o: &KernelOffsets) -> u32 {
 }
 
 /// The sock behind file descriptor `fd` of the current task (what accept() returned).
+/// With a BTF-typed task (5.11+, `Config::task_btf`) the first four steps are plain
+/// loads; the fd array holds pointers to pointers, which the verifier does not type,
+/// so the rest takes the helper either way.
 #[inline(always)]
 pub fn current_fd_sock(fd: u64, o: &KernelOffsets) -> u64 {
-    // SAFETY: no preconditions; the task pointer is only used as an address to read.
-    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
-    let files = read::<u64>(task, o.task_files);
-    let fdt = read::<u64>(files, o.files_fdt);
-    let max = read::<u32>(fdt, o.fdtable_max_fds);
+    if config().task_btf != 0 {
+        // SAFETY: no preconditions; the result is a task_struct the verifier knows.
+        let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() } as u64;
+        fd_sock::<Btf>(task, fd, o)
+    } else {
+        // SAFETY: no preconditions; the task pointer is only used as an address to read.
+        let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+        fd_sock::<Probe>(task, fd, o)
+    }
+}
+
+#[inline(always)]
+fn fd_sock<M: Mem>(task: u64, fd: u64, o: &KernelOffsets) -> u64 {
+    let files = M::get::<u64>(task, o.task_files);
+    let fdt = M::get::<u64>(files, o.files_fdt);
+    let max = M::get::<u32>(fdt, o.fdtable_max_fds);
     if fd >= max as u64 {
         return 0;
     }
-    let fds = read::<u64>(fdt, o.fdtable_fd);
+    let fds = M::get::<u64>(fdt, o.fdtable_fd);
     let file = read::<u64>(fds, (fd * 8) as u32);
     let socket = read::<u64>(file, o.file_private_data);
     read::<u64>(socket, o.socket_sk)

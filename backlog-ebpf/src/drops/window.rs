@@ -181,8 +181,15 @@ fn settle(w: &mut Window, late: bool) {
     if made == 0 {
         return;
     }
-    let reqq_full = if w.kind == SYN { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { w.reqq_full };
-    let (overflowed, syn_queue_full) = (overflows != w.overflows, reqq_full != w.reqq_full);
+    let overflowed = overflows != w.overflows;
+    // A SYN drop adds to ListenOverflows or to TCPReqQFullDrop, never both, and
+    // always to ListenDrops: one drop that overflowed leaves the other as it was.
+    let reqq_full = if w.kind == SYN && !(overflowed && made == 1) {
+        fields::read::<u64>(w.mib, o.mib_reqq_full_drop)
+    } else {
+        w.reqq_full
+    };
+    let syn_queue_full = reqq_full != w.reqq_full;
     w.listen_drops = drops;
     w.overflows = overflows;
     w.reqq_full = reqq_full;
@@ -206,7 +213,7 @@ fn settle(w: &mut Window, late: bool) {
         (ACK, true, _) => DropReason::AckOverflow,
         _ => DropReason::Other,
     };
-    let q = queues_at_drop(w);
+    let q = queues_at_drop(w, reason);
     let peer = super::Peer { addr: w.peer, port: u16::from_be(w.sport_be) };
     super::record(&key(w), reason, &q, &peer, o);
 }
@@ -272,15 +279,18 @@ pub fn finish_ack(child: u64) {
 }
 
 /// The listener's queues for the drop's record: the kernel tested them between our
-/// two looks, so take the fuller of the two.
+/// two looks, so take the fuller of the two. The SYN queue is looked at again only
+/// when it is what the kernel found full (one read less per drop under a flood of
+/// accept-queue overflows).
 #[inline(always)]
-fn queues_at_drop(w: &Window) -> QueueState {
-    let now = fields::queue_state(w.sk, &fields::offsets());
-    QueueState {
-        ack_backlog: max(w.ack_backlog, now.ack_backlog),
-        max_ack_backlog: now.max_ack_backlog,
-        syn_qlen: max(w.syn_qlen, now.syn_qlen),
-    }
+fn queues_at_drop(w: &Window, reason: DropReason) -> QueueState {
+    let o = fields::offsets();
+    let (ack_backlog, max_ack_backlog) = fields::read_pair::<u32>(w.sk, o.sk_ack_backlog, o.sk_max_ack_backlog);
+    let syn_qlen = match reason {
+        DropReason::SynQueueFull => max(w.syn_qlen, fields::read::<u32>(w.sk, o.icsk_accept_queue_qlen)),
+        _ => w.syn_qlen,
+    };
+    QueueState { ack_backlog: max(w.ack_backlog, ack_backlog), max_ack_backlog, syn_qlen }
 }
 
 #[inline(always)]

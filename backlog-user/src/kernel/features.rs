@@ -20,6 +20,9 @@ pub struct Features {
     /// allocator (`struct bpf_mem_alloc`, Linux 6.1) made that safe; before it the
     /// kernel warns (and PREEMPT_RT refuses), so STATS is preallocated (object.rs).
     pub run_time_alloc_safe: bool,
+    /// Whether the kernel has the bpf_get_current_task_btf helper (5.11): the accept
+    /// exit's descriptor walk then reads with plain loads (`Config::task_btf`).
+    pub task_btf: bool,
 }
 
 impl Features {
@@ -28,6 +31,7 @@ impl Features {
             accept_args: function_args(btf, "inet_csk_accept"),
             kfree_skb_args: tracepoint_args(btf, "kfree_skb"),
             run_time_alloc_safe: btf.resolve_ids_by_name("bpf_mem_alloc").is_ok_and(|ids| !ids.is_empty()),
+            task_btf: enum_has(btf, "bpf_func_id", "BPF_FUNC_get_current_task_btf"),
         }
     }
 
@@ -59,6 +63,16 @@ fn function_args(btf: &Btf, name: &str) -> Option<usize> {
         return None;
     };
     Some(proto.parameters.len())
+}
+
+/// Whether the kernel's enum `name` has enumerator `value` (the helpers a kernel
+/// offers are the members of its enum bpf_func_id).
+fn enum_has(btf: &Btf, name: &str, value: &str) -> bool {
+    let Ok(types) = btf.resolve_types_by_name(name) else { return false };
+    types.iter().any(|t| match t {
+        Type::Enum(e) => e.members.iter().any(|m| btf.resolve_name(m).is_ok_and(|n| n == value)),
+        _ => false,
+    })
 }
 
 /// The arguments a raw tracepoint passes to tp_btf programs: its `btf_trace_<name>`
@@ -101,14 +115,17 @@ mod tests {
         assert_eq!(function_args(&b, "inet_csk_accept"), Some(2));
         assert_eq!(function_args(&b, "no_such_function_xyz"), None);
         assert!(Features::probe(&b).run_time_alloc_safe, "this machine's 6.18 has the BPF memory allocator");
+        assert!(Features::probe(&b).task_btf, "this machine's 6.18 has bpf_get_current_task_btf");
+        assert!(!enum_has(&b, "bpf_func_id", "BPF_FUNC_no_such_helper_xyz"));
     }
 
     #[test]
     fn a_kernel_without_the_features_is_told_in_one_line_each() {
         // What Linux 5.10's BTF says (measured on Debian's 5.10.0-46-amd64) is enough.
-        let old = Features { accept_args: Some(4), kfree_skb_args: Some(2), run_time_alloc_safe: false };
+        let old =
+            Features { accept_args: Some(4), kfree_skb_args: Some(2), run_time_alloc_safe: false, task_btf: false };
         assert_eq!((old.fexit_unavailable(), old.kfree_skb_unavailable()), (None, None));
-        let none = Features { accept_args: None, kfree_skb_args: None, run_time_alloc_safe: true };
+        let none = Features { accept_args: None, kfree_skb_args: None, run_time_alloc_safe: true, task_btf: true };
         for why in [none.fexit_unavailable(), none.kfree_skb_unavailable()] {
             let why = why.expect("neither is there");
             assert!(!why.contains('\n') && why.contains("use --mode"), "{why}");

@@ -113,6 +113,7 @@ impl Session {
             emit_accepts: u32::from(opts.emit_accepts),
             accept_nargs: features.accept_args.unwrap_or(0) as u32,
             max_drop_lines: opts.max_drop_lines,
+            task_btf: u32::from(features.task_btf),
         };
         let (mut ebpf, mode, fallbacks) = attach_best(opts, &features, &offsets, &config)?;
         let p: &mut RawTracePoint = ebpf.program_mut(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
