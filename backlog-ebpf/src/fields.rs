@@ -119,6 +119,12 @@ pub fn load<T: Copy>(base: u64, off: u32) -> T {
 /// once for both.
 pub trait Mem {
     fn get<T: Copy>(base: u64, off: u32) -> T;
+
+    /// Two fields; `Probe` reads a side-by-side pair at once (`read_pair`).
+    #[inline(always)]
+    fn pair<T: Copy>(base: u64, a: u32, b: u32) -> (T, T) {
+        (Self::get(base, a), Self::get(base, b))
+    }
 }
 
 /// Any address, through the helper: kprobe arguments, pointers kept in maps.
@@ -131,6 +137,11 @@ impl Mem for Probe {
     #[inline(always)]
     fn get<T: Copy>(base: u64, off: u32) -> T {
         read(base, off)
+    }
+
+    #[inline(always)]
+    fn pair<T: Copy>(base: u64, a: u32, b: u32) -> (T, T) {
+        read_pair(base, a, b)
     }
 }
 

@@ -56,8 +56,8 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
             // A child born from a final ACK joins its listener's accept queue next
             // (inet_csk_complete_hashdance). Timing it here, not when it turns
             // ESTABLISHED, keeps an accept() on another CPU from taking it first.
-            if let Some(listener) = window::child_born(sk) {
-                accept::enqueued(sk, &listener);
+            if let Some((listener, queues)) = window::child_born(sk) {
+                accept::enqueued(sk, &listener, &queues);
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => window::finish_ack(sk),

@@ -34,11 +34,10 @@ static WAIT_HIST: PerCpuHashMap<HistKey, u64> = PerCpuHashMap::with_max_entries(
 /// `accepted`): bt_set_state also closes windows, whose settlement is a function
 /// call of its own, and the two stack frames together must stay within 512 bytes.
 #[inline(never)]
-pub fn enqueued(child: u64, listener: &ListenerKey) {
-    let o = fields::offsets();
+pub fn enqueued(child: u64, listener: &ListenerKey, queues: &fields::QueueState) {
     let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener: *listener }, 0);
     if let Some(s) = maps::stats(listener) {
-        maps::note_queue(s, &fields::queue_state(listener.sk, &o));
+        maps::note_queue(s, queues);
     }
 }
 

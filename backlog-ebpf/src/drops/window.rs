@@ -39,6 +39,7 @@ pub struct Window {
     /// window was open belongs to its listener only if this moved too.
     sk_drops: u32,
     pub ack_backlog: u32,
+    max_ack_backlog: u32,
     pub syn_qlen: u32,
     /// The segment's TCP ports, raw (network order), as the peer sent them.
     pub sport_be: u16,
@@ -119,7 +120,7 @@ pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
     w.reqq_full = if kind == WindowKind::Syn { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
     w.sk = sk;
     w.sk_drops = M::get::<u32>(sk, o.sk_drops);
-    w.ack_backlog = M::get::<u32>(sk, o.sk_ack_backlog);
+    (w.ack_backlog, w.max_ack_backlog) = M::pair::<u32>(sk, o.sk_ack_backlog, o.sk_max_ack_backlog);
     w.syn_qlen = M::get::<u32>(sk, o.icsk_accept_queue_qlen);
     w.lport = seg.lport;
     w.sport_be = seg.sport_be;
@@ -254,9 +255,10 @@ fn owns(w: &Window, child: u64) -> bool {
 }
 
 /// inet_sock_set_state LISTEN -> SYN_RECV: a child was born from the final ACK this
-/// CPU is handling. Returns the listener, which is about to queue the child.
+/// CPU is handling. Returns the listener, which is about to queue the child, and its
+/// queues as this ACK found them (read when the window opened, in this softirq).
 #[inline(always)]
-pub fn child_born(child: u64) -> Option<ListenerKey> {
+pub fn child_born(child: u64) -> Option<(ListenerKey, QueueState)> {
     let w = current()?;
     if w.kind != ACK || !owns(w, child) {
         return None;
@@ -264,7 +266,7 @@ pub fn child_born(child: u64) -> Option<ListenerKey> {
     w.busy = 1;
     let k = key(w);
     w.busy = 0;
-    Some(k)
+    Some((k, QueueState { ack_backlog: w.ack_backlog, max_ack_backlog: w.max_ack_backlog, syn_qlen: w.syn_qlen }))
 }
 
 /// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
