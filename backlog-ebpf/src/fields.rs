@@ -87,9 +87,11 @@ pub const TCP_LISTEN: u8 = 10;
 /// The `T` at `base + off` in kernel memory, or zeroes if it cannot be read.
 #[inline(always)]
 pub fn read<T: Copy>(base: u64, off: u32) -> T {
-    let mut v = core::mem::MaybeUninit::<T>::zeroed();
-    // SAFETY: the helper writes at most size_of::<T>() bytes into `v` and zero-fills
-    // it on failure, so `v` is initialised either way; T is plain old data.
+    // Not zeroed first: the helper fills all of `v` either way, and zeroing a
+    // 16-byte array became a call to `memset`, a frame of its own on the drop path.
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes size_of::<T>() bytes into `v`, the value read or
+    // zeroes on failure, so `v` is initialised either way; T is plain old data.
     unsafe {
         bpf_probe_read_kernel(
             v.as_mut_ptr() as *mut core::ffi::c_void,
