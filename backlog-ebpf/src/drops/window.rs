@@ -99,10 +99,10 @@ pub struct Segment {
 }
 
 /// Opens this CPU's window on listener `sk` for segment `seg`, settling a window
-/// its segment's end left open. `M`:
-/// how the caller's `sk` can be read (a BTF-typed tcp_sock in tracepoint mode). A
-/// function of its own: the callers' packet parsing and the settlement's recording
-/// each need much of the 512-byte stack, and a call chain adds its frames up.
+/// its segment's end left open. `M` says how the caller's `sk` can be read (a
+/// BTF-typed tcp_sock in tracepoint mode). A function of its own: the callers' packet
+/// parsing and the settlement's recording each need much of the 512-byte stack, and a
+/// call chain adds its frames up.
 #[inline(never)]
 pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
     let Some(w) = slot() else { return };
