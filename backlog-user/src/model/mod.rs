@@ -216,9 +216,7 @@ impl Model {
         if buckets.is_empty() {
             return;
         }
-        for (have, kernel) in l.wait.buckets_mut().iter_mut().zip(all) {
-            *have = (*have).max(kernel);
-        }
+        l.wait.raise_to(&all);
     }
 
     /// The kernel's count of who accepted from `key`: (pid, comm, accepts) each.
@@ -264,6 +262,34 @@ mod tests {
     fn drop_ev(sk: u64, reason: DropReason) -> ListenerEvent {
         let peer = Endpoint::default();
         at(sk, What::Drop(Dropped { reason, peer, queue_len: 9, queue_max: 8, syn_queue_len: 0 }))
+    }
+
+    #[test]
+    fn a_wait_read_from_the_kernel_before_its_event_arrives_is_counted_once() {
+        let mut m = Model::default();
+        let k = ListenerKey { sk: 7, ino: 0 };
+        let waits = [40_000_000u64, 41_000_000, 90_000_000];
+        let bucket = |ns: u64| hist::bucket(ns / 1000);
+        // The first accept's event arrives before the sync; the sync then reads all
+        // three from the kernel; then the other two events come out of the ring.
+        m.apply(&at(7, What::Accept { wait_ns: waits[0], queue_len: 0 }));
+        m.set_kernel_hist(k, &waits.iter().map(|w| (bucket(*w), 1)).collect::<Vec<_>>());
+        for w in &waits[1..] {
+            m.apply(&at(7, What::Accept { wait_ns: *w, queue_len: 0 }));
+        }
+        let l = &m.listeners[&k];
+        assert_eq!(
+            l.wait.count(),
+            3,
+            "{:?}",
+            l.wait.buckets.iter().enumerate().filter(|b| *b.1 > 0).collect::<Vec<_>>()
+        );
+        // Events alone (the kernel's reading lost) still count each wait.
+        let mut only = Model::default();
+        for w in waits {
+            only.apply(&at(7, What::Accept { wait_ns: w, queue_len: 0 }));
+        }
+        assert_eq!(only.listeners[&k].wait.count(), 3);
     }
 
     #[test]
