@@ -52,16 +52,14 @@ pub fn measure(tracer: &Path, calls: u64, t: &mut Table) -> Result<()> {
     let no_tax = matches!(mode.as_deref(), Some("fentry" | "kprobe"));
     let default_label =
         format!("backlog-trace (default{})", mode.as_deref().map(|m| format!(", --mode {m}")).unwrap_or_default());
-    let all: [Candidate; 3] = [
-        (&default_label, &|| Probe::tracer(tracer, &[]), no_tax.then_some(TARGET)),
-        ("backlog-trace --no-accept-timing", &|| Probe::tracer(tracer, &["--no-accept-timing"]), Some(TARGET)),
-        (
-            "bpftrace on sys_exit_accept4 alone",
-            &|| Probe::bpftrace("tracepoint:syscalls:sys_exit_accept4 { @n = count(); }"),
-            None,
-        ),
-    ];
-    let probes = all.into_iter().enumerate().filter(|(i, _)| !(no_tax && *i == 1)).map(|(_, c)| c);
+    let default = || Probe::tracer(tracer, &[]);
+    let no_accept_timing = || Probe::tracer(tracer, &["--no-accept-timing"]);
+    let peer = || Probe::bpftrace("tracepoint:syscalls:sys_exit_accept4 { @n = count(); }");
+    let mut probes: Vec<Candidate> = vec![(&default_label, &default, no_tax.then_some(TARGET))];
+    if !no_tax {
+        probes.push(("backlog-trace --no-accept-timing", &no_accept_timing, Some(TARGET)));
+    }
+    probes.push(("bpftrace on sys_exit_accept4 alone", &peer, None));
     for (label, start, target) in probes {
         eprintln!("bench: getppid loop, {calls} calls, bare vs {label}");
         let (mut bare, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
