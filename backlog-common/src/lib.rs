@@ -423,6 +423,11 @@ pub struct Config {
     /// walks task -> files -> fdtable with plain loads. 0 leaves that branch dead,
     /// and the verifier removes it before it would look the helper up.
     pub task_btf: u32,
+    /// 1 when something sees accept() (every mode but tracepoint mode with
+    /// `--no-accept-timing`): queued children are then remembered in ENQUEUED. With
+    /// nothing to take them out at accept, each accepted child would only be found
+    /// there at its close and counted as accepted unseen (`unmatched_accepts`).
+    pub time_accepts: u32,
 }
 
 #[cfg(feature = "user")]

@@ -52,6 +52,7 @@ static CONFIG: Config = Config {
     accept_nargs: 0,
     max_drop_lines: 0,
     task_btf: 0,
+    time_accepts: 0,
 };
 
 /// The offsets, read in place. The pointer is laundered through a volatile stack

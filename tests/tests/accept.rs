@@ -501,6 +501,44 @@ fn foreign_accepts_are_not_counted() {
             stop.store(true, Ordering::Relaxed);
         });
     });
+    let m = measured.expect("workload ran");
+    let summary = summary_line(&out);
     let l = summary_listener(&out, &ns);
-    assert_all_timed(&l, &measured.expect("workload ran"), &spec);
+    // Under the foreign load a program run can be skipped (the kernel counts it): a
+    // child whose queueing was not seen is not timed. Short by no more than that,
+    // never silently; otherwise exact.
+    let (n, missed) = (u64::from(spec.clients), summary["missed_runs"].as_u64().expect("missed_runs"));
+    if missed > 0 && l.accepts < n {
+        assert!(n - l.accepts <= missed, "{} accepts of {n}, only {missed} runs missed: {summary:#}", l.accepts);
+        println!("{} accepts of {n}: short by what {missed} missed runs account for", l.accepts);
+        return;
+    }
+    assert_all_timed(&l, &m, &spec);
+}
+
+/// Issue 15: with `--no-accept-timing`, tracepoint mode has nothing that sees
+/// accept(), so it must not remember queued children either: each accepted child was
+/// found at its close and counted as accepted unseen (20 `unmatched_accepts` for 20
+/// connections), and every connection paid for the bookkeeping. Accepts are then
+/// not counted at all, and nothing is reported missing. Modes that see accept()
+/// without a syscall tracepoint ignore the flag and time every accept.
+#[test]
+fn without_accept_timing_accepted_children_are_not_reported_unseen() {
+    let spec = Spec { addr: "127.0.0.1", clients: 20, accept: "blocking", interval_ms: 0 };
+    let ns = Netns::new("untimed");
+    let mut measured = None;
+    let out = traced(&[&ns], &["--json", "--no-accept-timing"], || {
+        measured = Some(Acceptor::start(&ns, &spec).finish());
+    });
+    let m = measured.expect("workload ran");
+    assert_eq!(m.accepted, u64::from(spec.clients), "bt-acceptor accepted {} of {}", m.accepted, spec.clients);
+    let start = json_lines(&out, "start").pop().expect("start line");
+    let summary = summary_line(&out);
+    let l = summary_listener(&out, &ns);
+    if start["mode"] == "tracepoint" {
+        let unseen = summary["unmatched_accepts"].as_u64().expect("unmatched_accepts");
+        assert_eq!((l.accepts, l.pending, l.abandoned, unseen), (0, 0, 0, 0), "untimed accepts: {summary:#}");
+    } else {
+        assert_all_timed(&l, &m, &spec);
+    }
 }

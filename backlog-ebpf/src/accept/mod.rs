@@ -35,7 +35,9 @@ static WAIT_HIST: PerCpuHashMap<HistKey, u64> = PerCpuHashMap::with_max_entries(
 /// call of its own, and the two stack frames together must stay within 512 bytes.
 #[inline(never)]
 pub fn enqueued(child: u64, listener: &ListenerKey, queues: &fields::QueueState) {
-    let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener: *listener }, 0);
+    if fields::config().time_accepts != 0 {
+        let _ = ENQUEUED.insert(&child, &Enqueued { ts_ns: maps::now_ns(), listener: *listener }, 0);
+    }
     if let Some(s) = maps::stats(listener) {
         maps::note_queue(s, queues);
     }
@@ -92,6 +94,9 @@ pub fn accepted(child: u64) {
 /// `child` died before it reached the accept queue: not a wait, not abandoned.
 #[inline(always)]
 pub fn forget(child: u64) {
+    if fields::config().time_accepts == 0 {
+        return;
+    }
     let _ = ENQUEUED.remove(&child);
 }
 
@@ -100,6 +105,9 @@ pub fn forget(child: u64) {
 /// it was accepted by a path we do not see (io_uring, in-kernel accept).
 #[inline(never)]
 pub fn closed(child: u64) {
+    if fields::config().time_accepts == 0 {
+        return;
+    }
     // SAFETY: plain value copy out of the map.
     let Some(e) = (unsafe { ENQUEUED.get(&child) }).copied() else { return };
     if ENQUEUED.remove(&child) == Err(-ENOENT) {

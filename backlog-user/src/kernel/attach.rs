@@ -16,6 +16,11 @@ pub trait AttachMode {
     fn probe(&self) -> Option<String> {
         None
     }
+    /// Whether the mode sees accept() return, so that queued children are worth
+    /// remembering (`Config::time_accepts`).
+    fn sees_accepts(&self) -> bool {
+        true
+    }
     /// Attaches the mode's programs; returns notes on hooks done another way.
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>>;
 }

@@ -114,6 +114,7 @@ impl Session {
             accept_nargs: features.accept_args.unwrap_or(0) as u32,
             max_drop_lines: opts.max_drop_lines,
             task_btf: u32::from(features.task_btf),
+            time_accepts: 1,
         };
         let (mut ebpf, mode, fallbacks) = attach_best(opts, &features, &offsets, &config)?;
         let p: &mut RawTracePoint = ebpf.program_mut(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
@@ -270,12 +271,13 @@ fn attach_best(
     // One loader for every attempt: creating one parses the kernel's BTF, which is
     // dropped before parsing the copy the programs' loads need too, so that the two
     // (~20 MB each) never coexist.
+    // A mode that cannot see accept() must not remember queued children.
+    let untimed = Config { time_accepts: 0, ..*config };
     let mut loader = EbpfLoader::new();
     loader.btf(None);
     let aya_btf = Btf::from_sys_fs().context("parsing kernel BTF")?;
     loader.btf(Some(&aya_btf));
     loader.override_global(names::OFFSETS, offsets, true);
-    loader.override_global(names::CONFIG, config, true);
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     let sizings = object::sizings(features.run_time_alloc_safe, cpus);
     for m in &sizings {
@@ -295,6 +297,7 @@ fn attach_best(
             fallbacks.push(format!("{} mode unavailable: {why}", mode.name()));
             continue;
         }
+        loader.override_global(names::CONFIG, if imp.sees_accepts() { config } else { &untimed }, true);
         // A fresh load per attempt: a half-attached mode must leave nothing behind.
         let mut ebpf = loader.load(&obj).context("loading the eBPF object")?;
         let attached = attach_listeners(&mut ebpf, &aya_btf).and_then(|()| imp.attach(&mut ebpf, &aya_btf));

@@ -35,6 +35,10 @@ impl AttachMode for Tracepoint {
         features.kfree_skb_unavailable()
     }
 
+    fn sees_accepts(&self) -> bool {
+        self.syscalls
+    }
+
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<String>> {
         // The free hooks close windows, so they attach first; the ingress hook that
         // opens windows attaches last.
