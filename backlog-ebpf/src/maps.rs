@@ -155,7 +155,8 @@ pub fn emit_listener_event(kind: EventKind, key: &ListenerKey, o: &KernelOffsets
     let ev = unsafe { &mut *slot.as_mut_ptr() };
     let (family, laddr, lport) = fields::local_addr(sk, o);
     let q = fields::queue_state(sk, o);
-    zero(ev);
+    // SAFETY: an Event is plain integers and arrays, 8-byte aligned (its u64 fields).
+    unsafe { zero(ev) };
     ev.ts_ns = now_ns();
     ev.sk = sk;
     ev.sock_ino = key.ino;
@@ -171,17 +172,21 @@ pub fn emit_listener_event(kind: EventKind, key: &ListenerKey, o: &KernelOffsets
     slot.submit(0);
 }
 
-/// Zeroes an event in place (no Event on the stack) with plain stores. Volatile,
-/// so that LLVM does not turn them into a call to `memset`: a BPF-to-BPF call whose
-/// frame 5.10's verifier rounds up to 32 bytes, which took the drop path's call chain
-/// past the 512-byte stack there.
+/// Zeroes `*v` in place with 8-byte stores. Volatile, so that LLVM does not turn
+/// them into a call to `memset`, which on this target is a subprogram zeroing byte by
+/// byte: a frame of its own (5.10's verifier rounds it up to 32 bytes, which took the
+/// drop path's call chain past the 512-byte stack there) and ~4 instructions a byte.
+/// An array repeat expression (`[0; 16]`) becomes such a call too.
+///
+/// # Safety
+/// `v` points at a `T` (initialised or not) that may be all zero bytes, 8-byte
+/// aligned and a whole number of words long (checked at compile time).
 #[inline(always)]
-fn zero(ev: &mut Event) {
-    const WORDS: usize = core::mem::size_of::<Event>() / 8;
-    const _: () = assert!(core::mem::size_of::<Event>() % 8 == 0 && core::mem::align_of::<Event>() >= 8);
-    let p = ev as *mut Event as *mut u64;
-    for i in 0..WORDS {
-        // SAFETY: within the event, which is 8-byte aligned and a whole number of words.
+pub unsafe fn zero<T>(v: *mut T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 8) };
+    let p = v as *mut u64;
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        // SAFETY: within `*v` (the caller's promise).
         unsafe { core::ptr::write_volatile(p.add(i), 0) };
     }
 }

@@ -24,8 +24,12 @@ static ACCEPTORS: PerCpuHashMap<AcceptorKey, Acceptor> =
 #[inline(always)]
 pub fn count(listener: &ListenerKey) {
     let key = AcceptorKey { listener: *listener, tgid: (bpf_get_current_pid_tgid() >> 32) as u32, _pad: 0 };
-    let fresh = Acceptor { accepts: 0, comm: [0; COMM_LEN] };
-    let a = ACCEPTORS.get_ptr_mut(&key).or_else(|| maps::create(&ACCEPTORS, &key, &fresh, global::ACCEPTORS_FULL));
+    // The initial value is built only when the entry is missing: its zeroed comm is a
+    // `memset` call (see `maps::zero`), which every accept paid for.
+    let a = ACCEPTORS.get_ptr_mut(&key).or_else(|| {
+        let fresh = Acceptor { accepts: 0, comm: [0; COMM_LEN] };
+        maps::create(&ACCEPTORS, &key, &fresh, global::ACCEPTORS_FULL)
+    });
     if let Some(a) = a {
         bump(a);
     }

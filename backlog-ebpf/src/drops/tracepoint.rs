@@ -17,6 +17,7 @@ use backlog_common::{WindowKind, AF_INET6};
 
 use super::window;
 use crate::fields::{self, Btf, TCP_LISTEN, TH_ACK, TH_RST, TH_SYN};
+use crate::maps;
 
 const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
 const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
@@ -109,8 +110,15 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     }
     // SAFETY: as above; the bound port, host order.
     let lport = unsafe { (*bsk).src_port } as u16;
-    let mut seg = window::Segment { peer: [0; 16], lport, sport_be: 0, dport_be: 0 };
-    let Some(flags) = parse(ctx, &mut seg) else { return };
+    let mut seg = core::mem::MaybeUninit::<window::Segment>::uninit();
+    // SAFETY: a Segment is plain integers and arrays, 8-byte aligned, 24 bytes; the
+    // peer must start zeroed (an IPv4 address fills only its first four bytes).
+    let seg = unsafe {
+        maps::zero(seg.as_mut_ptr());
+        seg.assume_init_mut()
+    };
+    seg.lport = lport;
+    let Some(flags) = parse(ctx, seg) else { return };
     let kind = match flags & (TH_SYN | TH_ACK | TH_RST) {
         TH_SYN => WindowKind::Syn,
         TH_ACK => WindowKind::Ack,
@@ -120,7 +128,7 @@ pub fn on_ingress(ctx: &SkBuffContext) {
         seg.peer = fields::v4_mapped(&seg.peer);
     }
     // `tp` is a BTF-typed tcp_sock: the window reads the listener with plain loads.
-    window::open::<Btf>(tp as u64, kind, &seg);
+    window::open::<Btf>(tp as u64, kind, seg);
 }
 
 /// consume_skb / kfree_skb: when the freed skb is the window's segment, its
