@@ -101,6 +101,7 @@ impl Session {
         }
         env::require_privileges()?;
         env::require_btf()?;
+        large_blocks_from_mmap();
         // The mapped BTF is released as soon as the offsets and features are known.
         let (offsets, features) = {
             let kbtf = btf::KernelBtf::open(btf::VMLINUX)?;
@@ -313,6 +314,21 @@ fn attach_best(
         }
     }
     bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))
+}
+
+/// Makes every heap block of 128 KiB or more a mapping of its own, for the rest of
+/// the run. glibc's default threshold rises to the largest block freed so far, so
+/// after the first BTF parse freed its tables the next parse's grew inside the heap,
+/// where a growing Vec is copied beside its old self and the space freed stays
+/// resident; as mappings, a Vec grows by mremap and a freed one leaves at once.
+/// Start-up peak RSS on 6.18 (5.5 MB of BTF): 29.2 → 24.7 MB. After start-up such
+/// blocks are rare (a map read over many listeners), and a mapping each is cheap.
+fn large_blocks_from_mmap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes the allocator's policy for later allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Hands the heap that start-up freed back to the kernel. Parsing BTF and loading
