@@ -273,14 +273,6 @@ pub fn local_addr(sk: u64, o: &KernelOffsets) -> (u16, [u8; 16], u16) {
     (family, addr, port)
 }
 
-/// The TCP ports (raw, network order) of the segment an skb carries,
-/// through its transport header.
-#[derive(Clone, Copy)]
-pub struct TcpHead {
-    pub sport_be: u16,
-    pub dport_be: u16,
-}
-
 /// An IPv4 address as an IPv4-mapped IPv6 address (how a dual-stack listener sees it).
 #[inline(always)]
 pub fn v4_mapped(a: &[u8; 16]) -> [u8; 16] {
@@ -305,14 +297,15 @@ pub const TH_SYN: u8 = 0x02;
 pub const TH_RST: u8 = 0x04;
 pub const TH_ACK: u8 = 0x10;
 
-/// `M` says how `skb` itself can be read; the header behind it always takes the helper.
+/// The TCP source port (raw, network order) of the segment an skb carries, through
+/// its transport header. `M` says how `skb` itself can be read; the header behind it
+/// always takes the helper.
 #[inline(always)]
-pub fn skb_tcp_head<M: Mem>(skb: u64, o: &KernelOffsets) -> Option<TcpHead> {
+pub fn skb_source_port<M: Mem>(skb: u64, o: &KernelOffsets) -> Option<u16> {
     let head = M::get::<u64>(skb, o.skb_head);
     let th = M::get::<u16>(skb, o.skb_transport_header);
     if th == u16::MAX {
         return None;
     }
-    let hdr = read::<[u8; 4]>(head, th as u32);
-    Some(TcpHead { sport_be: u16::from_ne_bytes([hdr[0], hdr[1]]), dport_be: u16::from_ne_bytes([hdr[2], hdr[3]]) })
+    Some(u16::from_ne_bytes(read::<[u8; 2]>(head, th as u32)))
 }

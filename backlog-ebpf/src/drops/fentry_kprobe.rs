@@ -14,14 +14,14 @@ use crate::fields::{self, Probe};
 fn open(sk: u64, skb: u64, kind: WindowKind) {
     let o = fields::offsets();
     let (mut peer, v4) = fields::skb_peer(skb, &o);
-    let Some(th) = fields::skb_tcp_head::<Probe>(skb, &o) else { return };
+    let Some(sport_be) = fields::skb_source_port::<Probe>(skb, &o) else { return };
     if v4 && fields::read::<u16>(sk, o.skc_family) == AF_INET6 {
         peer = fields::v4_mapped(&peer);
     }
     // The same functions are kprobed, whose arguments are plain numbers: every read
     // takes the helper (fentry could load them directly; not yet measured there).
     let lport = fields::read::<u16>(sk, o.skc_num);
-    window::open::<Probe>(sk, kind, &window::Segment { peer, lport, sport_be: th.sport_be, dport_be: th.dport_be });
+    window::open::<Probe>(sk, kind, &window::Segment { peer, skb, lport, sport_be });
 }
 
 /// Entry of a hooked function that handles a `kind` segment for listener `sk`.

@@ -6,7 +6,7 @@
 //! 1. `cgroup_skb/ingress` runs inside tcp_filter() for every segment delivered to a
 //!    listener, with the listener in hand, before any listen drop it can cause: it
 //!    opens the per-CPU window.
-//! 2. The segment is freed (`consume_skb` / `kfree_skb`, matched by its ports), or
+//! 2. The segment is freed (`consume_skb` / `kfree_skb`, recognised by its address), or
 //!    for an admitted final ACK its child turns ESTABLISHED: the window closes, and
 //!    the CPU's own listen counters say whether the segment was dropped (window.rs).
 //!
@@ -81,11 +81,10 @@ fn parse_loaded(ctx: &SkBuffContext, proto: u32, seg: &mut window::Segment) -> O
     Some(ports(seg, &th))
 }
 
-/// The TCP header's ports into `seg`; returns its flags.
+/// The TCP header's source port into `seg`; returns its flags.
 #[inline(always)]
 fn ports(seg: &mut window::Segment, th: &[u8; 14]) -> u8 {
     seg.sport_be = u16::from_ne_bytes([th[0], th[1]]);
-    seg.dport_be = u16::from_ne_bytes([th[2], th[3]]);
     th[13]
 }
 
@@ -111,13 +110,15 @@ pub fn on_ingress(ctx: &SkBuffContext) {
     // SAFETY: as above; the bound port, host order.
     let lport = unsafe { (*bsk).src_port } as u16;
     let mut seg = core::mem::MaybeUninit::<window::Segment>::uninit();
-    // SAFETY: a Segment is plain integers and arrays, 8-byte aligned, 24 bytes; the
+    // SAFETY: a Segment is plain integers and arrays, 8-byte aligned, 32 bytes; the
     // peer must start zeroed (an IPv4 address fills only its first four bytes).
     let seg = unsafe {
         maps::zero(seg.as_mut_ptr());
         seg.assume_init_mut()
     };
     seg.lport = lport;
+    // The context is the skb itself: the freed skb is recognised by its address.
+    seg.skb = ctx.skb.skb as u64;
     let Some(flags) = parse(ctx, seg) else { return };
     let kind = match flags & (TH_SYN | TH_ACK | TH_RST) {
         TH_SYN => WindowKind::Syn,
@@ -132,13 +133,12 @@ pub fn on_ingress(ctx: &SkBuffContext) {
 }
 
 /// consume_skb / kfree_skb: when the freed skb is the window's segment, its
-/// handling is over.
+/// handling is over. Compared by address, not by its headers: no reads at all for
+/// the many skbs freed while a window is open (a flood keeps one open on every CPU).
 #[inline(always)]
 pub fn on_free(skb: u64) {
     let Some(w) = window::current() else { return };
-    // `skb` is the tracepoint's BTF-typed argument: its fields are plain loads.
-    let Some(th) = fields::skb_tcp_head::<Btf>(skb, &fields::offsets()) else { return };
-    if th.sport_be == w.sport_be && th.dport_be == w.dport_be {
+    if skb == w.skb {
         window::close(w);
     }
 }

@@ -27,6 +27,8 @@ const ACK: u8 = WindowKind::Ack as u8;
 #[repr(C)]
 pub struct Window {
     pub sk: u64,
+    /// The segment's skb (its address: only ever compared, never read through).
+    pub skb: u64,
     /// This CPU's `struct linux_mib` in the listener's namespace.
     mib: u64,
     /// This CPU's counters when the window opened or was last settled.
@@ -41,9 +43,8 @@ pub struct Window {
     pub ack_backlog: u32,
     max_ack_backlog: u32,
     pub syn_qlen: u32,
-    /// The segment's TCP ports, raw (network order), as the peer sent them.
-    pub sport_be: u16,
-    pub dport_be: u16,
+    /// The segment's TCP source port, raw (network order): the peer's.
+    sport_be: u16,
     /// The listener's bound port (host order): whether a child is the listener's.
     lport: u16,
     pub open: u8,
@@ -94,11 +95,12 @@ fn cpu_offset(w: &mut Window) -> u64 {
 #[repr(C, align(8))]
 pub struct Segment {
     pub peer: [u8; 16],
+    /// The skb's address: whether a freed skb is this segment's.
+    pub skb: u64,
     /// The listener's bound port, host order.
     pub lport: u16,
-    /// The segment's TCP ports, raw (network order).
+    /// The segment's TCP source port, raw (network order).
     pub sport_be: u16,
-    pub dport_be: u16,
 }
 
 /// Opens this CPU's window on listener `sk` for segment `seg`, settling a window
@@ -126,8 +128,8 @@ pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
     (w.ack_backlog, w.max_ack_backlog) = M::pair::<u32>(sk, o.sk_ack_backlog, o.sk_max_ack_backlog);
     w.syn_qlen = M::get::<u32>(sk, o.icsk_accept_queue_qlen);
     w.lport = seg.lport;
+    w.skb = seg.skb;
     w.sport_be = seg.sport_be;
-    w.dport_be = seg.dport_be;
     w.kind = kind as u8;
     w.peer = seg.peer;
     w.open = 1;
