@@ -3,7 +3,8 @@
 //! accept style is seen, children a closing listener never accepted are counted
 //! as abandoned and leave nothing behind, and --hist prints the histogram.
 //! Each listener's numbers are its own, also when listeners come and go and
-//! when other namespaces accept connections at the same time.
+//! when other namespaces accept connections at the same time, and beside a second
+//! backlog-trace.
 //!
 //! Run as root, serially, once backlog-trace is built in release mode:
 //!   cargo test -p backlog-tests --test accept -- --test-threads=1
@@ -545,5 +546,33 @@ fn without_accept_timing_accepted_children_are_not_reported_unseen() {
         assert_eq!((l.accepts, l.pending, l.abandoned, unseen), (0, 0, 0, 0), "untimed accepts: {summary:#}");
     } else {
         assert_all_timed(&l, &m, &spec);
+    }
+}
+
+/// Two tracers at once (an operator's beside a recorder, say): each keeps its own
+/// queued children and counters, so each must count and time every accept, with
+/// the waits the workload measured, and neither may report the other's work as
+/// unseen or abandoned. The second watches every namespace and every port, as a
+/// fleet exporter would.
+#[test]
+fn accepts_are_exact_beside_a_second_tracer() {
+    let spec = Spec { addr: "127.0.0.1", clients: 30, accept: "accept4", interval_ms: 5 };
+    let ns = Netns::new("twin");
+    let mut second = Tracer::spawn(&["--json"]);
+    let mut measured = None;
+    let out = traced(&[&ns], &["--json"], || measured = Some(Acceptor::start(&ns, &spec).finish()));
+    let status = second.stop_sigint();
+    assert!(status.success(), "the second backlog-trace ended with {status}; stderr:\n{}", second.stderr());
+    let m = measured.expect("workload ran");
+    for (who, out) in [("the scoped tracer", out), ("the second tracer", second.stdout())] {
+        let summary = summary_line(&out);
+        let l = summary_listener(&out, &ns);
+        println!("{who}: {l:?}");
+        if short_by_missed_runs(&summary, l.accepts, u64::from(spec.clients)) {
+            continue;
+        }
+        assert_all_timed(&l, &m, &spec);
+        assert_eq!(summary["unmatched_accepts"], 0, "{who}: {summary:#}");
+        assert_waits_match(&l, &m);
     }
 }
