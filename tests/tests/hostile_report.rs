@@ -31,7 +31,7 @@ fn crc32(data: &[u8]) -> u32 {
 
 fn header(event_len: u16) -> Vec<u8> {
     let mut h = b"BLGTRACE".to_vec();
-    h.extend_from_slice(&1u16.to_le_bytes());
+    h.extend_from_slice(&2u16.to_le_bytes());
     h.extend_from_slice(&event_len.to_le_bytes());
     let crc = crc32(&h);
     h.extend_from_slice(&crc.to_le_bytes());
@@ -170,7 +170,7 @@ fn another_event_size_names_the_size_found_and_expected() {
     std::fs::write(&path, data).unwrap();
     let out = report(&[&path], &[]);
     refused(&out, &["120-byte events", "112 bytes"]);
-    assert!(!out.stderr.contains("reads version 1;"), "not a version mismatch: {}", out.stderr);
+    assert!(!out.stderr.contains("reads version 2;"), "not a version mismatch: {}", out.stderr);
     let _ = std::fs::remove_file(path);
 }
 

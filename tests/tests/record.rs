@@ -190,6 +190,40 @@ fn report_equals_the_live_summary_and_the_kernel() {
     let _ = std::fs::remove_file(&r.file);
 }
 
+/// Issue 15: over `--max-drop-lines` a drop has no line, so the report cannot name
+/// its reason or its peer, but it still accounts for it: the timeline's drops from
+/// lines plus its drops without a line equal the kernel's drops, and the peers line
+/// says how many drops have no known peer.
+#[test]
+fn report_accounts_for_drops_without_lines() {
+    let r = record_run("nolines", slow_server(), &["--max-drop-lines", "1"], flood);
+    let rep = report(&[&r.file], &["--json"]);
+    assert_eq!(rep.code, 0, "{}", rep.stderr);
+    let offline = line(&rep.lines, "summary");
+    // Each listener's suppressed lines included (version 1 of the format lost them).
+    assert_same_summary(line(&r.live, "summary"), offline);
+    assert_eq!(offline["lost_events"], 0);
+    let l = listener_on(offline, r.netns, PORT);
+    let (drops, suppressed) = (l["drops"].as_u64().unwrap(), l["suppressed_lines"].as_u64().unwrap());
+    assert_eq!(drops, r.delta.get("ListenDrops"), "drops vs ListenDrops: {l:#}");
+    assert!(suppressed > 0, "300 clients at one line per CPU a second must go over the budget: {l:#}");
+
+    let seconds = line(&rep.lines, "timeline")["seconds"].as_array().unwrap().clone();
+    let sum = |f: &dyn Fn(&Value) -> u64| seconds.iter().map(f).sum::<u64>();
+    let from_lines = sum(&|s| s["drops"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum());
+    let no_line = sum(&|s| s["suppressed_lines"].as_u64().unwrap());
+    assert_eq!((from_lines, no_line), (drops - suppressed, suppressed), "timeline: {seconds:#?}");
+    let peers = line(&rep.lines, "peers");
+    assert_eq!(peers["suppressed_lines"].as_u64(), Some(suppressed), "{peers:#}");
+    assert_eq!(peers["top"][0]["drops"].as_u64(), Some(drops - suppressed), "{peers:#}");
+
+    let text = tracer_command().arg("report").arg(&r.file).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    let note = format!("(and {suppressed} drops whose lines were suppressed by --max-drop-lines: peers unknown)");
+    assert!(text.contains("NO_LINE") && text.contains(&note), "{text}");
+    println!("{drops} drops: {from_lines} with a line, {no_line} without");
+}
+
 /// `--since`/`--until` DURATION count back from the recording's end: with D the
 /// recording's length, `--since D-2ms` is all but its first 2 ms (every drop), and
 /// `--until D-2ms` its first 2 ms (none). Empty and inverted windows: exit 2, one line.

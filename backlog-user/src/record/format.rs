@@ -1,4 +1,5 @@
-//! The recording file format (version 1): what `record` writes and `report` reads.
+//! The recording file format (version 2): what `record` writes and `report` reads.
+//! Version 1's sync records lacked each listener's suppressed drop lines.
 //!
 //! ```text
 //! file   = header record*
@@ -36,7 +37,7 @@ use crate::sys::counters::Origin;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: &[u8; 8] = b"BLGTRACE";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 16;
 /// kind + length before the payload, crc32 after it.
 pub const RECORD_OVERHEAD: usize = 1 + 4 + 4;
@@ -312,6 +313,7 @@ fn put_state(b: &mut BytesMut, l: &ListenerState) {
     b.put_u64_le(s.abandoned);
     b.put_u32_le(s.queue_peak);
     b.put_u32_le(s.queue_max);
+    b.put_u64_le(s.suppressed);
     b.put_u64_le(l.pending);
     put_list(b, &l.wait, |b, (i, n)| {
         b.put_u16_le(*i);
@@ -523,6 +525,7 @@ fn get_state(b: &mut &[u8]) -> R<ListenerState> {
     s.abandoned = b.try_get_u64_le()?;
     s.queue_peak = b.try_get_u32_le()?;
     s.queue_max = b.try_get_u32_le()?;
+    s.suppressed = b.try_get_u64_le()?;
     let pending = b.try_get_u64_le()?;
     let wait = get_list(b, |b| Ok((b.try_get_u16_le()?, b.try_get_u64_le()?)))?;
     if wait.iter().any(|(i, _)| usize::from(*i) >= backlog_common::hist::BUCKETS) {
@@ -679,8 +682,14 @@ pub(crate) mod tests {
         ev.raddr[..4].copy_from_slice(&[10, 0, 0, 9]);
         ev.queue_len = 9;
         ev.queue_max = 8;
-        let stats =
-            ListenerStats { drops: [1, 2, 3, 4], lport: 8080, accepts: 7, wait_max_ns: 9, ..Default::default() };
+        let stats = ListenerStats {
+            drops: [1, 2, 3, 4],
+            lport: 8080,
+            accepts: 7,
+            wait_max_ns: 9,
+            suppressed: 5,
+            ..Default::default()
+        };
         vec![
             Record::Recording(Recording {
                 id: 17,
@@ -784,10 +793,10 @@ pub(crate) mod tests {
         flipped[9] ^= 0x40;
         assert_eq!(check_header(&flipped), Err(HeaderError::Corrupt));
         let mut newer = h;
-        newer[8..10].copy_from_slice(&2u16.to_le_bytes());
+        newer[8..10].copy_from_slice(&(VERSION + 1).to_le_bytes());
         let crc = crc32fast::hash(&newer[..12]);
         newer[12..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(check_header(&newer), Err(HeaderError::Version(2)));
+        assert_eq!(check_header(&newer), Err(HeaderError::Version(VERSION + 1)));
         let mut wider = h;
         wider[10..12].copy_from_slice(&120u16.to_le_bytes());
         let crc = crc32fast::hash(&wider[..12]);

@@ -31,6 +31,7 @@ pub fn state_of(l: &Listener) -> ListenerState {
         abandoned: l.abandoned,
         queue_peak: l.queue_peak,
         queue_max: l.queue_max,
+        suppressed: l.suppressed,
         ..Default::default()
     };
     let wait = l.wait.buckets.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| (i as u16, *n)).collect();

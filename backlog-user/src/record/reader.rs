@@ -245,7 +245,7 @@ mod tests {
         let crc = crc32fast::hash(&h[..12]);
         h[12..].copy_from_slice(&crc.to_le_bytes());
         let e = read_all(&h).unwrap_err();
-        assert!(e.contains("version 9") && e.contains("reads version 1"), "{e}");
+        assert!(e.contains("version 9") && e.contains("reads version 2"), "{e}");
         // Same version, other event size: both sizes are named.
         let mut h = header();
         h[10..12].copy_from_slice(&120u16.to_le_bytes());

@@ -78,7 +78,7 @@ fn owners_of(l: &Listener) -> Owners {
 
 /// Bytes a listener's state takes in a sync record (see `format::put_state`).
 fn state_len(s: &ListenerState) -> usize {
-    116 + 10 * s.wait.len()
+    124 + 10 * s.wait.len()
 }
 
 fn total_drops(s: &ListenerState) -> u64 {

@@ -27,7 +27,12 @@ use crate::time::{fmt_utc, TimeSpec};
 /// What one second of the recording saw at one listener.
 #[derive(Clone, Copy, Default)]
 pub struct Second {
+    /// Drops by reason, from their lines.
     pub drops: [u64; N_REASONS],
+    /// Drops without a line (over `--max-drop-lines`), from the exact counters: at
+    /// the second of the counter sync that first counted them (a second or less
+    /// after they happened), as their reasons and peers are unknown.
+    pub suppressed: u64,
     pub accepts: u64,
     pub queue_peak: u32,
 }
@@ -37,6 +42,7 @@ impl Second {
         for (a, b) in self.drops.iter_mut().zip(o.drops) {
             *a += b;
         }
+        self.suppressed += o.suppressed;
         self.accepts += o.accepts;
         self.queue_peak = self.queue_peak.max(o.queue_peak);
     }
@@ -70,6 +76,9 @@ pub struct Replay {
     pub queue_peaks: HashMap<(u32, u64, u64), u32>,
     /// (listener, peer address) -> drops.
     pub peers: HashMap<(ListenerKey, IpAddr), u64>,
+    /// Each listener's suppressed lines as of its latest counter sync, whatever
+    /// the window: a sync's increase over it goes to the timeline.
+    suppressed_synced: HashMap<ListenerKey, u64>,
     pub start: Option<Snapshot>,
     pub end: Option<Snapshot>,
     /// CLOCK_MONOTONIC of the first and last timed records, to measure duration.
@@ -146,8 +155,17 @@ impl Replay {
             Record::Owners(o) => self.owners.entry(ListenerKey { sk: o.sk, ino: o.ino }).or_default().extend(o.owners),
             Record::CounterSync(mut s) => {
                 self.seen(s.ts_ns);
+                let wall = self.wall(s.ts_ns);
+                let (in_window, sec) = (self.in_window(wall), self.second(wall));
                 for l in std::mem::take(&mut s.listeners) {
-                    self.states.insert(state_key(&l), l);
+                    let key = state_key(&l);
+                    let before = self.suppressed_synced.insert(key, l.stats.suppressed).unwrap_or(0);
+                    // Saturating: a crafted or restarted counter must not wrap.
+                    let new = l.stats.suppressed.saturating_sub(before);
+                    if in_window && new > 0 {
+                        self.timeline.entry((key, sec)).or_default().suppressed += new;
+                    }
+                    self.states.insert(key, l);
                 }
                 self.last_sync = Some(s);
             }

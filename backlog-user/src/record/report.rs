@@ -73,7 +73,9 @@ pub fn run(args: &ReportSettings, w: &mut dyn Write) -> Result<i32> {
             let seconds = Seconds { start: session.id, seconds: &timeline };
             stream_line(&mut w, &TimelineLine { seconds, kind: "timeline" })?;
             let peers: Vec<Value> = peers.iter().map(|(p, n)| json!({"peer": p.to_string(), "drops": n})).collect();
-            json_out::line(&mut w, &json!({"type": "peers", "top": peers}))?;
+            // Drops without a line have no known peer: how many, beside the list.
+            let unknown: u64 = timeline.values().map(|x| x.suppressed).sum();
+            json_out::line(&mut w, &json!({"type": "peers", "top": peers, "suppressed_lines": unknown}))?;
             stream_line(&mut w, &NamespacesLine { namespaces: &namespaces, kind: "namespaces" })?;
         } else {
             text_header(&mut w, &replay, &session, &results, windowed)?;
@@ -211,6 +213,7 @@ impl Serialize for Seconds<'_> {
                 "t": fmt_utc(wall_of(self.start, *sec)),
                 "offset_s": sec,
                 "drops": drops,
+                "suppressed_lines": x.suppressed,
                 "queue_peak": x.queue_peak,
                 "accepts": x.accepts,
             })
@@ -376,24 +379,29 @@ fn text_sections(
     namespaces: &[NamespaceView],
 ) -> std::io::Result<()> {
     writeln!(w)?;
-    writeln!(w, "Per second (UTC, seconds with activity):")?;
     writeln!(
         w,
-        "{:<13} {:>6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8}",
-        "TIME", "+S", "ACCEPTQ", "SYNQ", "ACK_OVF", "OTHER", "QPEAK", "ACCEPTS"
+        "Per second (UTC, seconds with activity; NO_LINE: drops whose lines --max-drop-lines suppressed, in the \
+         second their counters were read):"
+    )?;
+    writeln!(
+        w,
+        "{:<13} {:>6} {:>8} {:>8} {:>8} {:>6} {:>8} {:>6} {:>8}",
+        "TIME", "+S", "ACCEPTQ", "SYNQ", "ACK_OVF", "OTHER", "NO_LINE", "QPEAK", "ACCEPTS"
     )?;
     for (sec, x) in t {
         let wall = fmt_utc(wall_of(s.id, *sec));
         let d = |r: DropReason| x.drops[r as usize];
         writeln!(
             w,
-            "{:<13} {:>6} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8}",
+            "{:<13} {:>6} {:>8} {:>8} {:>8} {:>6} {:>8} {:>6} {:>8}",
             &wall[11..19],
             sec,
             d(DropReason::AcceptQueueFull),
             d(DropReason::SynQueueFull),
             d(DropReason::AckOverflow),
             d(DropReason::Other),
+            x.suppressed,
             x.queue_peak,
             x.accepts
         )?;
@@ -405,6 +413,10 @@ fn text_sections(
     }
     for (p, n) in peers {
         writeln!(w, "  {:<40} {n}", p.to_string())?;
+    }
+    let unknown: u64 = t.values().map(|x| x.suppressed).sum();
+    if unknown > 0 {
+        writeln!(w, "  (and {unknown} drops whose lines were suppressed by --max-drop-lines: peers unknown)")?;
     }
     let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
     for ns in namespaces {
