@@ -301,6 +301,22 @@ pub struct Acceptor {
 /// acceptors (its workers); a failed insert is counted (`global::ACCEPTORS_FULL`).
 pub const ACCEPTORS_MAX_ENTRIES: u32 = 16384;
 
+/// Key of the PEERS map: a peer address whose connections a listener dropped, as the
+/// drop's segment carried it (IPv4 in the first four bytes at an IPv4 listener,
+/// v4-mapped at an IPv6 one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub listener: ListenerKey,
+    pub addr: [u8; 16],
+}
+
+/// (listener, peer) pairs PEERS holds at once. Counted per drop in the kernel, so
+/// that every drop names its peer whether or not it got a line; a spoofed-source
+/// flood fills it, and drops from peers without an entry are counted
+/// (`global::PEERS_FULL`) and shown per listener as drops with no peer entry.
+pub const PEERS_MAX_ENTRIES: u32 = 4096;
+
 /// Counters that are not per listener (index into the `GLOBAL` per-CPU array). Each
 /// is a way the kernel side can see less than everything; user space reports every
 /// one that is not zero (the JSON summary's `diagnostics`).
@@ -334,11 +350,14 @@ pub mod global {
     /// Accepts whose (listener, process) pair found ACCEPTORS full: that process is
     /// missing from the listener's "accepted by" (its accepts still count).
     pub const ACCEPTORS_FULL: u32 = 9;
-    pub const N: u32 = 10;
+    /// Drops whose (listener, peer) pair found PEERS full: counted at their
+    /// listener as ever, under no peer.
+    pub const PEERS_FULL: u32 = 10;
+    pub const N: u32 = 11;
 
     /// JSON names of the diagnostics, by index (`LOST_EVENTS` and
     /// `UNMATCHED_ACCEPT` are reported under their own names).
-    pub const DIAGNOSTICS: [(u32, &str); 8] = [
+    pub const DIAGNOSTICS: [(u32, &str); 9] = [
         (WINDOWS_REPLACED, "windows_replaced"),
         (SETTLED_LATE, "settled_late"),
         (UNATTRIBUTED, "unattributed"),
@@ -347,6 +366,7 @@ pub mod global {
         (HIST_FULL, "hist_full"),
         (SUPPRESSED_LINES, "suppressed_lines"),
         (ACCEPTORS_FULL, "acceptors_full"),
+        (PEERS_FULL, "peers_full"),
     ];
 }
 
@@ -442,6 +462,7 @@ mod pod {
     unsafe impl aya::Pod for super::Enqueued {}
     unsafe impl aya::Pod for super::AcceptorKey {}
     unsafe impl aya::Pod for super::Acceptor {}
+    unsafe impl aya::Pod for super::PeerKey {}
 }
 
 /// Listeners the STATS map holds at most (the loader may size it lower to fit its
@@ -469,6 +490,7 @@ pub mod names {
     pub const WAIT_HIST: &str = "WAIT_HIST";
     pub const ENQUEUED: &str = "ENQUEUED";
     pub const ACCEPTORS: &str = "ACCEPTORS";
+    pub const PEERS: &str = "PEERS";
 }
 
 /// Program names: the loader finds each program by these. aya-ebpf's macros name a

@@ -88,7 +88,17 @@ pub fn nofile_hard_limit() -> usize {
 
 /// A non-blocking connect to `addr`, issued and not waited for.
 pub fn connect_nonblocking(addr: SocketAddr) -> RawFd {
+    connect_nonblocking_from(addr, None)
+}
+
+/// `connect_nonblocking` from source address `from` (any port) when given.
+pub fn connect_nonblocking_from(addr: SocketAddr, from: Option<IpAddr>) -> RawFd {
     let fd = tcp_socket(&addr, libc::SOCK_NONBLOCK);
+    if let Some(ip) = from {
+        let (sa, len) = sockaddr(SocketAddr::new(ip, 0));
+        // SAFETY: `sa` is a valid sockaddr of length `len`.
+        check(unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) }, "bind");
+    }
     let (sa, len) = sockaddr(addr);
     // SAFETY: `sa` is a valid sockaddr of length `len`.
     let r = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };

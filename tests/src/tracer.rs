@@ -16,6 +16,13 @@ use crate::wait_for;
 /// generous because the VM runner emulates the CPU (qemu TCG).
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A peer and its drops, in a listener's `dropped_peers`.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PeerDrops {
+    pub peer: String,
+    pub drops: u64,
+}
+
 /// One listener of the final summary line.
 #[derive(Deserialize, Debug, Clone)]
 pub struct Listener {
@@ -42,6 +49,10 @@ pub struct Listener {
     /// Drops whose line `--max-drop-lines` held back (counted in `drops`).
     #[serde(default)]
     pub suppressed_lines: u64,
+    /// The peers with most drops, from the kernel's per-peer counts, and the drops
+    /// of every other peer (or of none).
+    pub dropped_peers: Vec<PeerDrops>,
+    pub drops_other_peers: u64,
     /// The accept queue's limit (sk_max_ack_backlog).
     #[serde(default)]
     pub queue_max: u32,

@@ -138,11 +138,13 @@ pub struct Clients {
     pub hold_secs: u32,
     /// Send one byte on each socket once connected.
     pub send: bool,
+    /// Each connect from a source address of its own (127.1.x.y; at most 65,536).
+    pub sources: bool,
 }
 
 impl Clients {
     pub fn new(addr: &str, port: u16, count: u32) -> Clients {
-        Clients { addr: addr.into(), port, count, hold_secs: 5, send: false }
+        Clients { addr: addr.into(), port, count, hold_secs: 5, send: false, sources: false }
     }
 
     /// Starts the batch in `ns`; returns once every connect has been issued
@@ -156,6 +158,9 @@ impl Clients {
         ];
         if self.send {
             flags.push("--send".into());
+        }
+        if self.sources {
+            flags.push("--sources".into());
         }
         let (proc, sent) = launch(ns, "bt-client", flags, |text| {
             text.strip_prefix("sent ").map(|n| n.trim().parse().expect("count in client ready file"))

@@ -9,7 +9,7 @@ use backlog_tests::require_root;
 use std::time::{Duration, Instant};
 
 use backlog_tests::scenario::{fence, settled, traced, HeldAcks, Run};
-use backlog_tests::tracer::Tracer;
+use backlog_tests::tracer::{PeerDrops, Tracer};
 use backlog_tests::workload::{Clients, Server, ServerSpec};
 
 const PORT: u16 = 8080;
@@ -95,6 +95,9 @@ fn drop_lines_over_the_budget_are_suppressed_and_counted_exactly() {
     assert!(lines <= BUDGET * cpus * seconds, "{lines} lines over {seconds} s on {cpus} CPUs, budget {BUDGET}");
     let global = run.summary().diagnostics.get("suppressed_lines").copied().unwrap_or(0);
     assert!(global >= l.suppressed_lines, "diagnostics' suppressed_lines {global} < the listener's");
+    // Every drop is counted under its peer in the kernel, lines or not.
+    let one = vec![PeerDrops { peer: spec.addr.clone(), drops: kernel }];
+    assert_eq!((&l.dropped_peers, l.drops_other_peers), (&one, 0), "{l:#?}");
 }
 
 /// The types of the BPF links process `pid` holds (`link_type:` of each link fd's

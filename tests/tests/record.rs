@@ -191,9 +191,10 @@ fn report_equals_the_live_summary_and_the_kernel() {
 }
 
 /// Issue 15: over `--max-drop-lines` a drop has no line, so the report cannot name
-/// its reason or its peer, but it still accounts for it: the timeline's drops from
-/// lines plus its drops without a line equal the kernel's drops, and the peers line
-/// says how many drops have no known peer.
+/// its reason or its second exactly, but it still accounts for it: the timeline's
+/// drops from lines plus its drops without a line equal the kernel's drops. Its peer
+/// is known all the same, from the kernel's per-peer counts; a time window, which
+/// only lines can place, says how many drops' peers it cannot name.
 #[test]
 fn report_accounts_for_drops_without_lines() {
     let r = record_run("nolines", slow_server(), &["--max-drop-lines", "1"], flood);
@@ -214,12 +215,19 @@ fn report_accounts_for_drops_without_lines() {
     let no_line = sum(&|s| s["suppressed_lines"].as_u64().unwrap());
     assert_eq!((from_lines, no_line), (drops - suppressed, suppressed), "timeline: {seconds:#?}");
     let peers = line(&rep.lines, "peers");
-    assert_eq!(peers["suppressed_lines"].as_u64(), Some(suppressed), "{peers:#}");
-    assert_eq!(peers["top"][0]["drops"].as_u64(), Some(drops - suppressed), "{peers:#}");
+    assert_eq!(peers["from"], "kernel counters", "{peers:#}");
+    assert_eq!(peers["top"][0], serde_json::json!({"peer": "127.0.0.1", "drops": drops}), "{peers:#}");
+    assert_eq!(peers["drops_other_peers"].as_u64(), Some(0), "{peers:#}");
 
-    let text = tracer_command().arg("report").arg(&r.file).output().unwrap();
+    // A window over all but the first millisecond: peers from lines, the rest named unknown.
+    let windowed = report(&[&r.file], &["--json", "--since", "+1ms"]);
+    let peers = line(&windowed.lines, "peers");
+    assert_eq!(peers["from"], "drop lines", "{peers:#}");
+    assert_eq!(peers["top"][0]["drops"].as_u64(), Some(drops - suppressed), "{peers:#}");
+    assert_eq!(peers["drops_other_peers"].as_u64(), Some(suppressed), "{peers:#}");
+    let text = tracer_command().args(["report", "--since", "+1ms"]).arg(&r.file).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    let note = format!("(and {suppressed} drops whose lines were suppressed by --max-drop-lines: peers unknown)");
+    let note = format!("(and {suppressed} drops of other peers, {suppressed} of them without a line");
     assert!(text.contains("NO_LINE") && text.contains(&note), "{text}");
     println!("{drops} drops: {from_lines} with a line, {no_line} without");
 }

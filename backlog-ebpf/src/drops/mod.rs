@@ -3,6 +3,7 @@
 //! the CPU's own TcpExt counters that a tcp_listendrop() happened and why, then calls
 //! [`record`].
 pub mod fentry_kprobe;
+mod peers;
 pub mod tracepoint;
 pub mod window;
 
@@ -18,9 +19,9 @@ pub struct Peer {
     pub port: u16,
 }
 
-/// Counts the drop in the listener's per-CPU stats and emits an event, unless the
-/// listener is over its line budget on this CPU this second: then the line is
-/// counted as suppressed instead. The counts stay exact either way; what the budget
+/// Counts the drop in the listener's per-CPU stats and under its peer, and emits an
+/// event, unless the listener is over its line budget on this CPU this second: then
+/// the line is counted as suppressed instead. The counts stay exact either way; what the budget
 /// saves under a flood is the ring-buffer event and its decoding in user space.
 #[inline(always)]
 pub fn record(key: &ListenerKey, reason: DropReason, q: &QueueState, peer: &Peer, o: &KernelOffsets) {
@@ -28,6 +29,7 @@ pub fn record(key: &ListenerKey, reason: DropReason, q: &QueueState, peer: &Peer
         // SAFETY: this CPU's copy of the value.
         maps::atomic_add(unsafe { &raw mut (*s).drops[reason as usize] }, 1);
         maps::note_queue(s, q);
+        peers::count(key, &peer.addr);
         if !maps::take_line(s) {
             // SAFETY: as above.
             maps::atomic_add(unsafe { &raw mut (*s).suppressed }, 1);

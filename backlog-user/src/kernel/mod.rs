@@ -22,7 +22,7 @@ use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestR
 use aya::{Btf, Ebpf, EbpfLoader};
 use backlog_common::{
     global, names, programs, Acceptor, AcceptorKey, Config, Enqueued, HistKey, KernelOffsets, ListenerKey,
-    ListenerStats, COMM_LEN,
+    ListenerStats, PeerKey, COMM_LEN,
 };
 
 use attach::AttachMode;
@@ -177,6 +177,27 @@ impl Session {
         let mut h: PerCpuHashMap<&mut MapData, AcceptorKey, Acceptor> = PerCpuHashMap::try_from(m)?;
         for tgid in tgids {
             let _ = h.remove(&AcceptorKey { listener, tgid, _pad: 0 });
+        }
+        Ok(())
+    }
+
+    /// Drops per (listener, peer address), summed over CPUs.
+    pub fn peers(&self) -> Result<std::collections::HashMap<ListenerKey, Vec<([u8; 16], u64)>>> {
+        let m = self.ebpf.map(names::PEERS).context("PEERS map")?;
+        let h: PerCpuHashMap<&MapData, PeerKey, u64> = PerCpuHashMap::try_from(m)?;
+        let mut out: std::collections::HashMap<ListenerKey, Vec<([u8; 16], u64)>> = std::collections::HashMap::new();
+        for (k, per_cpu) in h.iter().filter_map(|r| r.ok()) {
+            out.entry(k.listener).or_default().push((k.addr, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a released listener's peer entries (addresses as `peers` gave them).
+    pub fn forget_peers(&mut self, listener: ListenerKey, addrs: impl Iterator<Item = [u8; 16]>) -> Result<()> {
+        let m = self.ebpf.map_mut(names::PEERS).context("PEERS map")?;
+        let mut h: PerCpuHashMap<&mut MapData, PeerKey, u64> = PerCpuHashMap::try_from(m)?;
+        for addr in addrs {
+            let _ = h.remove(&PeerKey { listener, addr });
         }
         Ok(())
     }
@@ -368,7 +389,15 @@ mod tests {
         named.sort_unstable();
         assert_eq!(in_object, named, "programs in the object vs backlog_common::programs::ALL");
         // OFFSETS and CONFIG are globals in .rodata, not maps.
-        for map in [names::EVENTS, names::STATS, names::GLOBAL, names::WAIT_HIST, names::ENQUEUED, names::ACCEPTORS] {
+        for map in [
+            names::EVENTS,
+            names::STATS,
+            names::GLOBAL,
+            names::WAIT_HIST,
+            names::ENQUEUED,
+            names::ACCEPTORS,
+            names::PEERS,
+        ] {
             assert!(obj.maps.contains_key(map), "the object has no map {map}");
         }
     }

@@ -16,7 +16,9 @@
 use std::borrow::Cow;
 
 use anyhow::{anyhow, Context, Result};
-use backlog_common::{names, Acceptor, ListenerStats, ACCEPTORS_MAX_ENTRIES, HIST_MAX_ENTRIES, STATS_MAX_ENTRIES};
+use backlog_common::{
+    names, Acceptor, ListenerStats, ACCEPTORS_MAX_ENTRIES, HIST_MAX_ENTRIES, PEERS_MAX_ENTRIES, STATS_MAX_ENTRIES,
+};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 /// Byte offset of `map_flags` in `struct bpf_map_def`.
@@ -33,7 +35,7 @@ pub struct Sizing {
 }
 
 /// How the maps allocated on use are created on this kernel.
-pub fn sizings(run_time_alloc_safe: bool, cpus: usize) -> [Sizing; 3] {
+pub fn sizings(run_time_alloc_safe: bool, cpus: usize) -> [Sizing; 4] {
     let size = |name, max: u32, value_bytes: usize, on_use: bool| {
         if on_use {
             return Sizing { name, prealloc: false, max_entries: max };
@@ -47,6 +49,8 @@ pub fn sizings(run_time_alloc_safe: bool, cpus: usize) -> [Sizing; 3] {
         size(names::WAIT_HIST, HIST_MAX_ENTRIES, std::mem::size_of::<u64>(), run_time_alloc_safe),
         // Like WAIT_HIST: a failed insert only leaves a process out of "accepted by".
         size(names::ACCEPTORS, ACCEPTORS_MAX_ENTRIES, std::mem::size_of::<Acceptor>(), run_time_alloc_safe),
+        // Likewise: a failed insert only leaves a peer out (`peers_full`).
+        size(names::PEERS, PEERS_MAX_ENTRIES, std::mem::size_of::<u64>(), run_time_alloc_safe),
     ]
 }
 
@@ -103,13 +107,13 @@ mod tests {
 
     #[test]
     fn preallocated_maps_fit_the_budget() {
-        let [stats, hist, _] = sizings(false, 2);
-        assert!(stats.prealloc && hist.prealloc);
+        let [stats, hist, _, peers] = sizings(false, 2);
+        assert!(stats.prealloc && hist.prealloc && peers.prealloc && peers.max_entries == PEERS_MAX_ENTRIES);
         assert_eq!(stats.max_entries, STATS_MAX_ENTRIES);
-        let [big, _, _] = sizings(false, 4096);
+        let [big, _, _, _] = sizings(false, 4096);
         assert!(big.max_entries < STATS_MAX_ENTRIES && big.max_entries >= 1024);
-        let [stats, hist, acceptors] = sizings(true, 4096);
-        assert!(!acceptors.prealloc);
+        let [stats, hist, acceptors, peers] = sizings(true, 4096);
+        assert!(!acceptors.prealloc && !peers.prealloc);
         assert!(stats.prealloc && !hist.prealloc && hist.max_entries == HIST_MAX_ENTRIES);
     }
 }

@@ -1,6 +1,6 @@
 //! A listener as every output shows it: identity, owners, limits and the exact
 //! counts, plus the filter that selects listeners for display.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use backlog_common::{hist, DropReason, ListenerKey, N_REASONS};
@@ -35,6 +35,9 @@ pub struct Listener {
     /// pid -> the processes that took connections from it by accept(), which of
     /// the owners serve this socket (SO_REUSEPORT workers all hold every socket).
     pub acceptors: BTreeMap<u32, Acceptor>,
+    /// Drops by peer address, exact from the kernel's per-peer counts (bounded by
+    /// its PEERS map: drops of peers it had no room for are under no peer).
+    pub peers: HashMap<IpAddr, u64>,
     /// What the application passed to listen(), when the tracer saw it.
     pub requested_backlog: Option<u32>,
     pub queue_max: u32,
@@ -179,6 +182,14 @@ impl Listener {
             .sum()
     }
 
+    /// The `n` peers with most drops, most first (ties by address), and the drops
+    /// of every other peer or of none.
+    pub fn top_peers(&self, n: usize) -> (Vec<(IpAddr, u64)>, u64) {
+        let top = top_n(self.peers.iter().map(|(p, c)| (*p, *c)).collect(), n);
+        let shown: u64 = top.iter().map(|(_, c)| c).sum();
+        (top, self.total_drops().saturating_sub(shown))
+    }
+
     /// Acceptors, most accepts first.
     pub fn acceptors_by_accepts(&self) -> Vec<(u32, &Acceptor)> {
         let mut v: Vec<(u32, &Acceptor)> = self.acceptors.iter().map(|(p, a)| (*p, a)).collect();
@@ -213,4 +224,16 @@ impl std::fmt::Display for SockAddr {
 
 pub fn fmt_sockaddr(addr: Option<IpAddr>, port: u16) -> String {
     SockAddr(addr, port).to_string()
+}
+
+/// The `n` peers with most drops, most first, ties by address. Only those are
+/// sorted: a flood can leave thousands.
+pub fn top_n(mut v: Vec<(IpAddr, u64)>, n: usize) -> Vec<(IpAddr, u64)> {
+    let order = |a: &(IpAddr, u64), b: &(IpAddr, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+    if v.len() > n && n > 0 {
+        v.select_nth_unstable_by(n - 1, order);
+    }
+    v.truncate(n);
+    v.sort_by(order);
+    v
 }

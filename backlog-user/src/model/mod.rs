@@ -14,7 +14,7 @@ use crate::event::{comm_str, Endpoint, ListenerEvent, ListenerRef, What};
 use crate::sys::diag::SockEntry;
 #[cfg(test)]
 pub use listener::{fmt_sockaddr, Wait};
-pub use listener::{Counts, Filter, Latency, Listener, Owners, SockAddr};
+pub use listener::{top_n, Counts, Filter, Latency, Listener, Owners, SockAddr};
 pub use reconciled::{Folded, NetnsCounts, Reconciled};
 use retired::Retired;
 
@@ -228,6 +228,27 @@ impl Model {
             if comm[0] != 0 {
                 a.comm = comm_str(comm);
             }
+        }
+    }
+
+    /// The kernel's drops per peer at `key`: (address as the drop's segment carried
+    /// it, drops) each, shown as peers are (v4-mapped as IPv4, like ss).
+    pub fn set_kernel_peers(&mut self, key: ListenerKey, list: &[([u8; 16], u64)]) {
+        let Some(l) = self.listeners.get(&key) else { return };
+        let family = match l.addr {
+            Some(std::net::IpAddr::V4(_)) => backlog_common::AF_INET,
+            _ => backlog_common::AF_INET6,
+        };
+        let peers: Vec<_> = list.iter().map(|(a, n)| (Endpoint { family, addr: *a, port: 0 }.ip(), *n)).collect();
+        self.set_peers(key, &peers);
+    }
+
+    /// Drops per peer at `key`, exact; counts only grow.
+    pub fn set_peers(&mut self, key: ListenerKey, list: &[(std::net::IpAddr, u64)]) {
+        let Some(l) = self.listeners.get_mut(&key) else { return };
+        for (peer, drops) in list {
+            let c = l.peers.entry(*peer).or_default();
+            *c = (*c).max(*drops);
         }
     }
 

@@ -43,8 +43,12 @@ fn aggregate_json(k: &AggKey, a: &Aggregate) -> Value {
     v
 }
 
+/// Peers a listener's JSON names, most drops first; the rest are summed.
+const TOP_PEERS: usize = 10;
+
 pub fn listener_json(l: &Listener) -> Value {
     let by_reason = drops_by_reason(&l.drops);
+    let (peers, other_peers) = l.top_peers(TOP_PEERS);
     json!({
         "netns": l.netns,
         "port": l.port,
@@ -68,6 +72,8 @@ pub fn listener_json(l: &Listener) -> Value {
         "waits_unrecorded": l.waits_unrecorded(),
         "undetected": l.undetected,
         "suppressed_lines": l.suppressed,
+        "dropped_peers": peers.iter().map(|(p, n)| json!({"peer": p.to_string(), "drops": n})).collect::<Vec<_>>(),
+        "drops_other_peers": other_peers,
         "accept_latency_us": l.wait.latency().map(|w| json!({
             "count": w.count, "p50": w.p50, "p90": w.p90, "p99": w.p99, "max": w.max,
         })),

@@ -1,5 +1,5 @@
 //! The recording file format (version 2): what `record` writes and `report` reads.
-//! Version 1's sync records lacked each listener's suppressed drop lines.
+//! Version 1's sync records lacked each listener's suppressed drop lines and peers.
 //!
 //! ```text
 //! file   = header record*
@@ -29,6 +29,8 @@
 //! likewise. A rotated file's preamble repeats live listeners only, at most a
 //! quarter of the file; lists too long for a file (syncs, queues) are cut into
 //! several records of one instant.
+use std::net::{IpAddr, Ipv6Addr};
+
 use backlog_common::{Event, ListenerStats, COMM_LEN};
 
 use crate::event::{self as typed, ListenerEvent};
@@ -94,6 +96,8 @@ pub struct ListenerState {
     pub pending: u64,
     /// Non-empty accept-wait histogram buckets: (bucket index, count).
     pub wait: Vec<(u16, u64)>,
+    /// The peers it dropped most, with their drops (the rest: its drops minus these).
+    pub peers: Vec<(IpAddr, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -319,6 +323,15 @@ fn put_state(b: &mut BytesMut, l: &ListenerState) {
         b.put_u16_le(*i);
         b.put_u64_le(*n);
     });
+    // IPv4 peers as v4-mapped IPv6, read back as IPv4.
+    put_list(b, &l.peers, |b, (p, n)| {
+        let v6 = match p {
+            IpAddr::V4(a) => a.to_ipv6_mapped(),
+            IpAddr::V6(a) => *a,
+        };
+        b.put_slice(&v6.octets());
+        b.put_u64_le(*n);
+    });
 }
 
 fn encode(rec: &Record, b: &mut BytesMut) -> u8 {
@@ -531,7 +544,8 @@ fn get_state(b: &mut &[u8]) -> R<ListenerState> {
     if wait.iter().any(|(i, _)| usize::from(*i) >= backlog_common::hist::BUCKETS) {
         return Err(Malformed);
     }
-    Ok(ListenerState { sk, stats: s, pending, wait })
+    let peers = get_list(b, |b| Ok((Ipv6Addr::from(get_array::<16>(b)?).to_canonical(), b.try_get_u64_le()?)))?;
+    Ok(ListenerState { sk, stats: s, pending, wait, peers })
 }
 
 fn get_snapshot_ns(b: &mut &[u8]) -> R<NetnsSnapshot> {
@@ -711,7 +725,13 @@ pub(crate) mod tests {
                 lost_events: 1,
                 unmatched_accepts: 2,
                 pending_enqueued: Some(3),
-                listeners: vec![ListenerState { sk: ev.sk, stats, pending: 4, wait: vec![(0, 3), (200, 1)] }],
+                listeners: vec![ListenerState {
+                    sk: ev.sk,
+                    stats,
+                    pending: 4,
+                    wait: vec![(0, 3), (200, 1)],
+                    peers: vec![("10.0.0.7".parse().unwrap(), 6), ("2001:db8::1".parse().unwrap(), 1)],
+                }],
             }),
             Record::Snapshot(Snapshot {
                 ts_ns: 6,

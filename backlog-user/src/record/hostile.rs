@@ -107,7 +107,7 @@ pub(crate) fn listener_records(n: usize) -> Vec<Record> {
                 queue_max: 8,
                 ..Default::default()
             };
-            ListenerState { sk: sk(i), stats, pending: 0, wait: vec![(40, 3)] }
+            ListenerState { sk: sk(i), stats, pending: 0, wait: vec![(40, 3)], peers: vec![] }
         })
         .collect();
     recs.push(Record::CounterSync(CounterSync {

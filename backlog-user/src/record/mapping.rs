@@ -9,6 +9,9 @@ use crate::model::{Listener, Model};
 
 /// A listener as the kernel's counters describe it, from the model (which holds
 /// the exact counters after a sync).
+/// Peers a sync record keeps per listener, most drops first: the report names ten.
+const RECORDED_PEERS: usize = 64;
+
 pub fn state_of(l: &Listener) -> ListenerState {
     let (family, laddr) = match l.addr {
         Some(IpAddr::V6(a)) => (AF_INET6, a.octets()),
@@ -35,7 +38,7 @@ pub fn state_of(l: &Listener) -> ListenerState {
         ..Default::default()
     };
     let wait = l.wait.buckets.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| (i as u16, *n)).collect();
-    ListenerState { sk: l.sk, stats, pending: l.pending, wait }
+    ListenerState { sk: l.sk, stats, pending: l.pending, wait, peers: l.top_peers(RECORDED_PEERS).0 }
 }
 
 /// The listener a recorded state belongs to (its stats carry the socket inode).

@@ -78,7 +78,7 @@ fn owners_of(l: &Listener) -> Owners {
 
 /// Bytes a listener's state takes in a sync record (see `format::put_state`).
 fn state_len(s: &ListenerState) -> usize {
-    124 + 10 * s.wait.len()
+    128 + 10 * s.wait.len() + 24 * s.peers.len()
 }
 
 fn total_drops(s: &ListenerState) -> u64 {
@@ -462,9 +462,10 @@ mod tests {
             let s = CounterSync { ts_ns: 1, lost_events: 2, unmatched_accepts: 3, pending_enqueued: None, listeners };
             format::frame(&Record::CounterSync(s)).len()
         };
-        let mut s = ListenerState { sk: 1, stats: Default::default(), pending: 0, wait: vec![] };
+        let mut s = ListenerState { sk: 1, stats: Default::default(), pending: 0, wait: vec![], peers: vec![] };
         assert_eq!(sync(vec![s.clone()]) - sync(vec![]), state_len(&s));
         s.wait = vec![(1, 2), (3, 4), (5, 6)];
+        s.peers = vec![("10.0.0.1".parse().unwrap(), 7), ("::1".parse().unwrap(), 1)];
         assert_eq!(sync(vec![s.clone(), s.clone()]) - sync(vec![]), 2 * state_len(&s));
     }
 

@@ -218,6 +218,7 @@ impl Replay {
             let buckets: Vec<(usize, u64)> = st.wait.iter().map(|&(b, n)| (usize::from(b), n)).collect();
             self.model.set_kernel_hist(key, &buckets);
             self.model.set_pending(key, st.pending);
+            self.model.set_peers(key, &st.peers);
         }
         if let Some(s) = &self.last_sync {
             self.model.totals = KernelTotals {

@@ -61,7 +61,7 @@ pub fn run(args: &ReportSettings, w: &mut dyn Write) -> Result<i32> {
     let selected: Vec<&Listener> = replay.model.matching(&filters).collect();
     let secs = replay.duration_s();
     let timeline = timeline(&replay, &selected, &filters);
-    let peers = top_peers(&replay, &selected, 10);
+    let peers = top_peers(&replay, &selected, &timeline, 10);
     let table = rows(&replay.model, &filters, args.top);
     let namespaces = namespaces(&replay);
 
@@ -72,10 +72,17 @@ pub fn run(args: &ReportSettings, w: &mut dyn Write) -> Result<i32> {
             json_out::summary(&mut w, &replay.model, &table, secs, args.hist)?;
             let seconds = Seconds { start: session.id, seconds: &timeline };
             stream_line(&mut w, &TimelineLine { seconds, kind: "timeline" })?;
-            let peers: Vec<Value> = peers.iter().map(|(p, n)| json!({"peer": p.to_string(), "drops": n})).collect();
-            // Drops without a line have no known peer: how many, beside the list.
-            let unknown: u64 = timeline.values().map(|x| x.suppressed).sum();
-            json_out::line(&mut w, &json!({"type": "peers", "top": peers, "suppressed_lines": unknown}))?;
+            let top: Vec<Value> = peers.top.iter().map(|(p, n)| json!({"peer": p.to_string(), "drops": n})).collect();
+            json_out::line(
+                &mut w,
+                &json!({
+                    "type": "peers",
+                    "from": if peers.from_kernel { "kernel counters" } else { "drop lines" },
+                    "top": top,
+                    "drops_other_peers": peers.other,
+                    "suppressed_lines": peers.no_line,
+                }),
+            )?;
             stream_line(&mut w, &NamespacesLine { namespaces: &namespaces, kind: "namespaces" })?;
         } else {
             text_header(&mut w, &replay, &session, &results, windowed)?;
@@ -127,23 +134,39 @@ fn timeline(r: &Replay, rows: &[&Listener], f: &Filter) -> BTreeMap<u64, Second>
     out
 }
 
-fn top_peers(r: &Replay, rows: &[&Listener], n: usize) -> Vec<(IpAddr, u64)> {
-    let selected: HashSet<ListenerKey> = rows.iter().map(|l| l.key()).collect();
+/// The peers that lost most connections at the selected listeners.
+struct Peers {
+    top: Vec<(IpAddr, u64)>,
+    /// The selected drops not in `top`: other peers', and those with no known peer.
+    other: u64,
+    /// From the kernel's per-peer counts (the whole recording), else from drop lines
+    /// (a time window: the counts are cumulative, only lines have a time).
+    from_kernel: bool,
+    /// Drops without a line: in `other` when the peers come from lines.
+    no_line: u64,
+}
+
+fn top_peers(r: &Replay, rows: &[&Listener], t: &BTreeMap<u64, Second>, n: usize) -> Peers {
+    let no_line: u64 = t.values().map(|x| x.suppressed).sum();
+    let from_kernel = r.window == (None, None) && rows.iter().any(|l| !l.peers.is_empty());
     let mut all: HashMap<IpAddr, u64> = HashMap::new();
-    for ((key, p), c) in &r.peers {
-        if selected.contains(key) {
+    let total: u64 = if from_kernel {
+        for (p, c) in rows.iter().flat_map(|l| &l.peers) {
             *all.entry(*p).or_default() += c;
         }
-    }
-    let mut v: Vec<(IpAddr, u64)> = all.into_iter().collect();
-    // Only the first n are printed: select them, then sort those.
-    let order = |a: &(IpAddr, u64), b: &(IpAddr, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
-    if v.len() > n && n > 0 {
-        v.select_nth_unstable_by(n - 1, order);
-    }
-    v.truncate(n);
-    v.sort_by(order);
-    v
+        rows.iter().map(|l| l.total_drops()).sum()
+    } else {
+        let selected: HashSet<ListenerKey> = rows.iter().map(|l| l.key()).collect();
+        for ((key, p), c) in &r.peers {
+            if selected.contains(key) {
+                *all.entry(*p).or_default() += c;
+            }
+        }
+        all.values().sum::<u64>() + no_line
+    };
+    let top = crate::model::top_n(all.into_iter().collect(), n);
+    let other = total.saturating_sub(top.iter().map(|(_, c)| c).sum());
+    Peers { top, other, from_kernel, no_line }
 }
 
 fn recording_json(r: &Replay, s: &Recording, files: &[FileResult], windowed: bool) -> Value {
@@ -375,7 +398,7 @@ fn text_sections(
     w: &mut impl Write,
     s: &Recording,
     t: &BTreeMap<u64, Second>,
-    peers: &[(IpAddr, u64)],
+    peers: &Peers,
     namespaces: &[NamespaceView],
 ) -> std::io::Result<()> {
     writeln!(w)?;
@@ -407,16 +430,22 @@ fn text_sections(
         )?;
     }
     writeln!(w)?;
-    writeln!(w, "Top peers by drops:")?;
-    if peers.is_empty() {
+    let from = if peers.from_kernel { "the kernel's per-peer counts" } else { "drop lines" };
+    writeln!(w, "Top peers by drops (from {from}):")?;
+    if peers.top.is_empty() && peers.other == 0 {
         writeln!(w, "  (none)")?;
     }
-    for (p, n) in peers {
+    for (p, n) in &peers.top {
         writeln!(w, "  {:<40} {n}", p.to_string())?;
     }
-    let unknown: u64 = t.values().map(|x| x.suppressed).sum();
-    if unknown > 0 {
-        writeln!(w, "  (and {unknown} drops whose lines were suppressed by --max-drop-lines: peers unknown)")?;
+    if peers.other > 0 {
+        let unknown = match peers.no_line {
+            n if n > 0 && !peers.from_kernel => {
+                format!(", {n} of them without a line (--max-drop-lines): peers unknown")
+            }
+            _ => String::new(),
+        };
+        writeln!(w, "  (and {} drops of other peers{unknown})", peers.other)?;
     }
     let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
     for ns in namespaces {

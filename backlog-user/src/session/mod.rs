@@ -271,6 +271,13 @@ impl Live {
                 session.forget_acceptors(*key, list.iter().map(|a| a.0))?;
             }
         }
+        // Likewise whom each listener dropped.
+        for (key, list) in &session.peers()? {
+            self.model.set_kernel_peers(*key, list);
+            if released.contains(key) || self.model.retired.was_merged(key) {
+                session.forget_peers(*key, list.iter().map(|p| p.0))?;
+            }
+        }
         let now = Instant::now();
         for key in released {
             in_kernel.remove(&key);

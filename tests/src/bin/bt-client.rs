@@ -1,8 +1,9 @@
 //! Test workload: many concurrent TCP connects, held open for a while.
 //!
-//! bt-client --port P [--addr IP] [--count N] [--hold SECS] [--send] [--ready-file PATH]
+//! bt-client --port P [--addr IP] [--count N] [--sources] [--hold SECS] [--send] [--ready-file PATH]
 //!
-//! Issues N non-blocking connects at once; with --send, writes one byte on each
+//! Issues N non-blocking connects at once (with --sources, IPv4 only, the i-th from
+//! 127.1.x.y, its own loopback source address: N peers); with --send, writes one byte on each
 //! socket as soon as its connect completes (waiting at most SECS for that).
 //! Then writes the ready file, keeps the sockets open for SECS more and exits.
 //! Counting the hold from the ready point keeps the window after it the same
@@ -11,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use backlog_tests::sys::{connect_nonblocking as connect, raise_nofile, write_ready_file, Flags};
+use backlog_tests::sys::{connect_nonblocking_from, raise_nofile, write_ready_file, Flags};
 
 /// Waits (until `deadline`) for each connect to finish and sends one byte on
 /// those that succeeded. Returns how many sent.
@@ -59,7 +60,9 @@ fn main() {
     let hold = Duration::from_secs(flags.get("hold", 5));
     raise_nofile(count);
 
-    let fds: Vec<RawFd> = (0..count).map(|_| connect(addr)).collect();
+    let many = flags.opt("sources").is_some();
+    let source = |i: usize| many.then(|| IpAddr::from([127, 1, (i >> 8) as u8, i as u8]));
+    let fds: Vec<RawFd> = (0..count).map(|i| connect_nonblocking_from(addr, source(i))).collect();
     let report = if flags.opt("send").is_some() {
         format!("sent {}\n", send_when_connected(&fds, Instant::now() + hold))
     } else {
