@@ -8,6 +8,7 @@ use backlog_tests::netns::Netns;
 use backlog_tests::require_root;
 use std::time::{Duration, Instant};
 
+use backlog_common::PEERS_MAX_ENTRIES;
 use backlog_tests::scenario::{fence, settled, traced, HeldAcks, Run};
 use backlog_tests::tracer::{PeerDrops, Tracer};
 use backlog_tests::workload::{Clients, Server, ServerSpec};
@@ -98,6 +99,31 @@ fn drop_lines_over_the_budget_are_suppressed_and_counted_exactly() {
     // Every drop is counted under its peer in the kernel, lines or not.
     let one = vec![PeerDrops { peer: spec.addr.clone(), drops: kernel }];
     assert_eq!((&l.dropped_peers, l.drops_other_peers), (&one, 0), "{l:#?}");
+}
+
+/// Issue 15: the kernel's per-peer table is bounded. A flood from more peers than it
+/// holds still counts every drop exactly at its listener; the drops whose peer found
+/// no room are counted (`peers_full`), never silently dropped, and the peers shown
+/// are the flood's.
+#[test]
+fn drops_from_more_peers_than_the_peer_table_holds_are_still_counted() {
+    require_root();
+    let peers = PEERS_MAX_ENTRIES + 904;
+    let ns = Netns::new("peers");
+    let spec = ServerSpec::new("127.0.0.1", PORT);
+    let _server = Server::start(&ns, spec.clone());
+    let run = traced(&[&ns], &[], || {
+        Clients { sources: true, hold_secs: 2, ..Clients::new(&spec.addr, spec.port, peers) }.run(&ns)
+    });
+    run.assert_counts(&ns);
+    let l = run.listener(&ns, PORT);
+    let full = run.summary().diagnostics.get("peers_full").copied().unwrap_or(0);
+    let shown: u64 = l.dropped_peers.iter().map(|p| p.drops).sum();
+    println!("{} drops from {peers} peers: {full} found the table full; top {:?}", l.drops, l.dropped_peers);
+    // Every one of the table's entries holds a drop at least; the rest found it full.
+    assert!(full > 0 && full <= l.drops - u64::from(PEERS_MAX_ENTRIES), "{full} of {} drops: {l:#?}", l.drops);
+    assert_eq!((l.dropped_peers.len() as u64, shown + l.drops_other_peers), (10, l.drops), "{l:#?}");
+    assert!(l.dropped_peers.iter().all(|p| p.peer.starts_with("127.1.") && p.drops > 0), "{l:#?}");
 }
 
 /// The types of the BPF links process `pid` holds (`link_type:` of each link fd's

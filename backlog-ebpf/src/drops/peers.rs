@@ -3,7 +3,7 @@
 //! lines back. Bounded: once the map is full, a new peer's drops count at their
 //! listener as ever and in `global::PEERS_FULL`, under no peer.
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::map, maps::PerCpuHashMap};
-use backlog_common::{global, ListenerKey, PeerKey, PEERS_MAX_ENTRIES};
+use backlog_common::{global, PeerKey, PEERS_MAX_ENTRIES};
 
 use crate::maps;
 
@@ -13,11 +13,10 @@ use crate::maps;
 #[map(name = "PEERS")]
 static PEERS: PerCpuHashMap<PeerKey, u64> = PerCpuHashMap::with_max_entries(PEERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// One more drop from `addr` at `listener`.
+/// One more drop under `key`, which the caller keeps off the stack (see `record`).
 #[inline(always)]
-pub fn count(listener: &ListenerKey, addr: &[u8; 16]) {
-    let key = PeerKey { listener: *listener, addr: *addr };
-    if let Some(c) = PEERS.get_ptr_mut(&key).or_else(|| maps::create(&PEERS, &key, &0, global::PEERS_FULL)) {
+pub fn count(key: &PeerKey) {
+    if let Some(c) = PEERS.get_ptr_mut(key).or_else(|| maps::create(&PEERS, key, &0, global::PEERS_FULL)) {
         maps::atomic_add(c, 1);
     }
 }

@@ -14,7 +14,7 @@
 //! opens a window, or when user space flushes the CPU; the counters make a late
 //! settlement as exact as a timely one.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use backlog_common::{global, DropReason, ListenerKey, WindowKind};
+use backlog_common::{global, DropReason, ListenerKey, PeerKey, WindowKind};
 
 use crate::fields::{self, Mem, QueueState};
 use crate::{listeners, maps};
@@ -63,6 +63,9 @@ pub struct Window {
     /// The three above folded together: a program interrupting another's update on
     /// this CPU can leave them torn, and a torn entry fails this check.
     key_check: u64,
+    /// The drop being recorded: its listener and peer, the PEERS map's key. Here
+    /// rather than on the stack, which 5.10 limits to 512 bytes for a call chain.
+    drop_peer: PeerKey,
 }
 
 #[map(name = "WINDOW")]
@@ -220,8 +223,9 @@ fn settle(w: &mut Window, late: bool) {
         _ => DropReason::Other,
     };
     let q = queues_at_drop(w, reason);
-    let peer = super::Peer { addr: w.peer, port: u16::from_be(w.sport_be) };
-    super::record(&key(w), reason, &q, &peer, o);
+    w.drop_peer.listener = key(w);
+    w.drop_peer.addr = w.peer;
+    super::record(&w.drop_peer, u16::from_be(w.sport_be), reason, &q, o);
 }
 
 /// The window's listener's key. Its inode takes four dependent reads (sock ->
