@@ -416,7 +416,8 @@ mod tests {
             r#"{"type":"summary","duration_s":1.5,"lost_events":0,"missed_runs":0,"listeners":[{"netns":1,
                 "port":80,"local":"127.0.0.1:80","pids":[7],"comms":["x"],"drops":3,
                 "overflows":2,"drops_by_reason":{"accept_queue_full":2,"syn_queue_full":1,
-                "ack_overflow":0,"other":0},"undetected":1}],"undetected":2,
+                "ack_overflow":0,"other":0},"undetected":1,
+                "dropped_peers":[{"peer":"10.0.0.7","drops":2}],"drops_other_peers":1}],"undetected":2,
                 "namespaces":[{"netns":1,"name":"blue","baseline":"start","listen_drops":5,
                 "listen_overflows":3,"reqq_full_drop":1,"detected":3,"undetected":2,"unplaced":1,
                 "gone":false}],"gone_namespaces":{"namespaces":0,"listen_drops":0,"detected":0,
@@ -427,6 +428,7 @@ mod tests {
         .unwrap();
         let l = &summary.listeners[0];
         assert_eq!((l.drops, l.overflows, l.reason("syn_queue_full"), l.undetected), (3, 2, 1, 1));
+        assert_eq!((l.dropped_peers[0].drops, l.drops_other_peers), (2, 1));
         let n = summary.netns(1);
         assert_eq!(n.detected + n.undetected, n.listen_drops);
         assert_eq!(summary.diagnostics.len(), 7);
