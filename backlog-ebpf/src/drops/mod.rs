@@ -14,8 +14,9 @@ use crate::maps;
 
 /// Counts the drop in the listener's per-CPU stats and under its peer, and emits an
 /// event, unless the listener is over its line budget on this CPU this second: then
-/// the line is counted as suppressed instead. The counts stay exact either way; what the budget
-/// saves under a flood is the ring-buffer event and its decoding in user space.
+/// the line is counted as suppressed instead. The counts stay exact either way;
+/// what the budget saves under a flood is the ring-buffer event and its decoding in
+/// user space.
 ///
 /// `peer` is the listener with the peer's address, as the PEERS map keys it, and
 /// `port` the peer's port; the caller keeps `peer` in its window, not on the stack
