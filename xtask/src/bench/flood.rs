@@ -25,6 +25,11 @@ const MAX_PPS: u64 = 20_000_000;
 const RSS_EVERY: Duration = Duration::from_millis(250);
 /// Time for the receive backlog to drain after the last send, before counting.
 const DRAIN: Duration = Duration::from_millis(200);
+/// A spoofed-source flood's addresses: 198.18.0.0/15, the range RFC 2544 sets aside
+/// for benchmarks. The listener refuses each SYN before answering it, so nothing
+/// is ever sent to them.
+const SPOOF_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+pub const SPOOF_MAX: u32 = 1 << 17;
 
 pub struct Flood {
     client: Netns,
@@ -85,8 +90,19 @@ impl Flood {
         self.server.name()
     }
 
-    /// One flood; with `probe` (already attached), also what it cost.
+    /// One flood from the client's own address; with `probe` (already attached),
+    /// also what it cost.
     pub fn run(&self, probe: Option<&Probe>) -> Result<Outcome> {
+        self.run_from(probe, 1)
+    }
+
+    /// One flood whose SYNs come from `sources` addresses in turn (1: the client's
+    /// own; more: spoofed, at most `SPOOF_MAX`), as a real SYN flood's do: every
+    /// one a peer the tracer has not seen.
+    pub fn run_from(&self, probe: Option<&Probe>, sources: u32) -> Result<Outcome> {
+        if sources == 0 || sources > SPOOF_MAX {
+            bail!("a flood's source count must be 1..={SPOOF_MAX}, not {sources}");
+        }
         let before = self.server.netstat().get("ListenDrops");
         let usage0 = probe.map(Probe::usage).transpose()?;
         let t0 = Instant::now();
@@ -96,7 +112,8 @@ impl Flood {
         for i in 0..self.threads {
             let ns = File::open(self.client.path()).context("opening the flood client netns")?;
             let (threads, addrs) = (self.threads as u64, (self.addrs.client_addr, self.addrs.server_addr));
-            workers.push(thread::spawn(move || generate(ns, addrs, i as u64, threads, deadline, limit)));
+            let sender = Sender { index: i as u64, threads, sources, deadline, limit };
+            workers.push(thread::spawn(move || generate(ns, addrs, sender)));
         }
         let mut rss_kb = 0;
         while !workers.iter().all(|w| w.is_finished()) {
@@ -140,26 +157,33 @@ fn fill(server: Ipv4Addr) -> Result<Vec<TcpStream>> {
     bail!("the flood listener's accept queue did not fill after 8 connections")
 }
 
-/// One sender thread: returns (sent, refused). `index` of `threads` interleaves
-/// source ports so no two threads send the same segment.
-fn generate(
-    ns: File,
-    (client, server): (Ipv4Addr, Ipv4Addr),
+/// One sender thread's share: `index` of `threads` interleaves source ports (and
+/// addresses) so no two threads send the same segment.
+struct Sender {
     index: u64,
     threads: u64,
+    sources: u32,
     deadline: Instant,
     limit: u64,
-) -> Result<(u64, u64)> {
+}
+
+/// One sender thread: returns (sent, refused).
+fn generate(ns: File, (client, server): (Ipv4Addr, Ipv4Addr), s: Sender) -> Result<(u64, u64)> {
     netns::join(&ns).context("entering the flood client netns")?;
     let sock = RawSocket::new().context("opening a raw socket")?;
     let (mut sent, mut refused) = (0u64, 0u64);
-    for n in 0..limit {
+    for n in 0..s.limit {
         // Reading the clock costs more than a send's bookkeeping: look every 256.
-        if n % 256 == 0 && (Instant::now() >= deadline || sys::interrupted()) {
+        if n % 256 == 0 && (Instant::now() >= s.deadline || sys::interrupted()) {
             break;
         }
-        let sport = 1024 + ((n * threads + index) % 64_000) as u16;
-        let pkt = syn(client, server, sport, PORT, (n as u32).wrapping_mul(2_654_435_761));
+        let k = n * s.threads + s.index;
+        let sport = 1024 + (k % 64_000) as u16;
+        let src = match s.sources {
+            1 => client,
+            m => Ipv4Addr::from(SPOOF_BASE + (k % u64::from(m)) as u32),
+        };
+        let pkt = syn(src, server, sport, PORT, (n as u32).wrapping_mul(2_654_435_761));
         match sock.send(&pkt, server) {
             Ok(()) => sent += 1,
             Err(e) if e.raw_os_error() == Some(105) => refused += 1, // ENOBUFS

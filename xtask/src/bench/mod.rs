@@ -303,6 +303,8 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: Option<f
         );
     }
 
+    spoofed_flood(&f, tracer, t)?;
+
     let bare = bare_flood()?;
     eprintln!("bench: SYN flood under the bpftrace peer (drops per listener port)");
     let p = Probe::bpftrace(FLOOD_PEER_SCRIPT)?;
@@ -355,6 +357,71 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: Option<f
     let profile = hooks::Profile::new(&before, &after, started.elapsed(), out.drops_per_sec(), floor_ns);
     p.stop()?;
     Ok(profile)
+}
+
+/// Sources of the spoofed-source flood: far more than the kernel's peer table holds.
+const SPOOFED_SOURCES: u32 = 65_536;
+/// How long the tracer's CPU is watched after the spoofed flood, its peer table full,
+/// and from when: the peer counts are read at the two syncs after drops last moved.
+const QUIET: Duration = Duration::from_secs(5);
+const QUIET_FROM: Duration = Duration::from_secs(3);
+
+/// The flood as an attacker sends it, from a new address every SYN: the kernel's
+/// peer table fills and stays full. What that costs per drop, and afterwards, when
+/// the drops have stopped but the table's entries remain (they go only with their
+/// listener).
+fn spoofed_flood(f: &Flood, tracer: &Path, t: &mut Table) -> Result<()> {
+    let label = format!("{SPOOFED_SOURCES} spoofed sources");
+    eprintln!("bench: SYN flood from {label}, no probe");
+    let bare = f.run_from(None, SPOOFED_SOURCES)?;
+    let p = Probe::tracer(tracer, &["--netns", f.server_netns()])?;
+    thread::sleep(SETTLE);
+    eprintln!("bench: SYN flood from {label} under backlog-trace");
+    let out = f.run_from(Some(&p), SPOOFED_SOURCES)?;
+    thread::sleep(QUIET_FROM);
+    let quiet0 = p.usage()?;
+    thread::sleep(QUIET);
+    let quiet1 = p.usage()?;
+    let stopped = p.stop()?;
+    let s = Summary::find(&stopped)?;
+    let ratio = out.drops_per_sec() / bare.drops_per_sec();
+    t.add(
+        &format!("Drops/s, SYN flood from {label}, backlog-trace default; ratio to the bare run just before"),
+        format!("{:.0} vs {:.0}; {ratio:.3}", out.drops_per_sec(), bare.drops_per_sec()),
+        "≥ 0.85",
+        Status::from(ratio >= FLOOD_TARGET),
+    );
+    t.add(
+        &format!("Tracer total = ListenDrops, {label}; lost events"),
+        format!("{} vs {}; {} lost", s.drops, out.listen_drops, s.lost_events),
+        "equal; 0",
+        Status::from(s.drops == out.listen_drops && s.lost_events == 0),
+    );
+    t.add(
+        &format!("Drops under no peer (peer table full), {label}"),
+        format!(
+            "{} of {} ({:.1} %); the table holds {} peers",
+            s.peers_full,
+            s.drops,
+            s.peers_full as f64 * 100.0 / s.drops.max(1) as f64,
+            backlog_common::PEERS_MAX_ENTRIES
+        ),
+        "counted",
+        Status::Info,
+    );
+    let cost = out.cost.as_ref().context("no usage sampled for the tracer")?;
+    let quiet_pct = quiet1.cpu.saturating_sub(quiet0.cpu).as_secs_f64() / QUIET.as_secs_f64() * 100.0;
+    t.add(
+        &format!(
+            "Tracer CPU during the flood from {label}; over {} s from {} s after it (no drops, table full)",
+            QUIET.as_secs(),
+            QUIET_FROM.as_secs()
+        ),
+        format!("{:.1} % of a core; {quiet_pct:.2} % of a core", cost.cpu_pct),
+        "",
+        Status::Info,
+    );
+    Ok(())
 }
 
 fn utc_now() -> String {

@@ -194,6 +194,8 @@ pub struct Summary {
     pub lost_events: u64,
     /// Drop lines held back by `--max-drop-lines` (the drops are in `drops`).
     pub suppressed_lines: u64,
+    /// Drops counted under no peer: the kernel's peer table was full.
+    pub peers_full: u64,
 }
 
 impl Summary {
@@ -215,6 +217,7 @@ impl Summary {
             drops,
             lost_events: v["lost_events"].as_u64().unwrap_or(0),
             suppressed_lines: v["diagnostics"]["suppressed_lines"].as_u64().unwrap_or(0),
+            peers_full: v["diagnostics"]["peers_full"].as_u64().unwrap_or(0),
         })
     }
 }
