@@ -169,8 +169,10 @@ impl Model {
     /// Replaces event-derived counts with the kernel's exact per-listener counters
     /// (summed over CPUs). Events can be lost; these cannot, and they carry the
     /// listener's identity for the case where every event about it was lost.
-    pub fn set_kernel_stats(&mut self, key: ListenerKey, per_cpu: &[ListenerStats]) {
-        let Some(id) = per_cpu.iter().find(|s| s.lport != 0) else { return };
+    /// Returns whether the listener's drops moved (a drop the kernel's peer counts
+    /// may hold that the model's do not yet).
+    pub fn set_kernel_stats(&mut self, key: ListenerKey, per_cpu: &[ListenerStats]) -> bool {
+        let Some(id) = per_cpu.iter().find(|s| s.lport != 0) else { return false };
         let r =
             ListenerRef { key, netns: id.netns, local: Endpoint { family: id.family, addr: id.laddr, port: id.lport } };
         let l = self.entry(&r);
@@ -186,10 +188,12 @@ impl Model {
             l.queue_peak = l.queue_peak.max(s.queue_peak);
             l.queue_max = l.queue_max.max(s.queue_max);
         }
+        let moved = l.drops != drops;
         l.drops = drops;
         l.accepts = accepts;
         l.abandoned = abandoned;
         l.suppressed = suppressed;
+        moved
     }
 
     /// The kernel entry of `key`, just read into the model by `set_kernel_stats`,
