@@ -54,7 +54,6 @@ pub struct Window {
     /// interrupt leaves it alone.
     busy: u8,
     cpu_off_known: u8,
-    pub peer: [u8; 16],
     /// The last listener whose key this CPU computed, its socket inode, and the
     /// listener generation then (see `key`).
     key_sk: u64,
@@ -63,8 +62,9 @@ pub struct Window {
     /// The three above folded together: a program interrupting another's update on
     /// this CPU can leave them torn, and a torn entry fails this check.
     key_check: u64,
-    /// The drop being recorded: its listener and peer, the PEERS map's key. Here
-    /// rather than on the stack, which 5.10 limits to 512 bytes for a call chain.
+    /// The segment's peer (`addr`, set when the window opens) and, once a drop is
+    /// being recorded, its listener: the PEERS map's key. Here rather than on the
+    /// stack, which 5.10 limits to 512 bytes for a call chain.
     drop_peer: PeerKey,
 }
 
@@ -134,7 +134,7 @@ pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
     w.skb = seg.skb;
     w.sport_be = seg.sport_be;
     w.kind = kind as u8;
-    w.peer = seg.peer;
+    w.drop_peer.addr = seg.peer;
     w.open = 1;
     w.busy = 0;
 }
@@ -224,7 +224,6 @@ fn settle(w: &mut Window, late: bool) {
     };
     let q = queues_at_drop(w, reason);
     w.drop_peer.listener = key(w);
-    w.drop_peer.addr = w.peer;
     super::record(&w.drop_peer, u16::from_be(w.sport_be), reason, &q, o);
 }
 
