@@ -185,9 +185,7 @@ impl Listener {
     /// The `n` peers with most drops, most first (ties by address), and the drops
     /// of every other peer or of none.
     pub fn top_peers(&self, n: usize) -> (Vec<(IpAddr, u64)>, u64) {
-        let top = top_n(self.peers.iter().map(|(p, c)| (*p, *c)).collect(), n);
-        let shown: u64 = top.iter().map(|(_, c)| c).sum();
-        (top, self.total_drops().saturating_sub(shown))
+        top_n(self.peers.iter().map(|(p, c)| (*p, *c)).collect(), n, self.total_drops())
     }
 
     /// Acceptors, most accepts first.
@@ -226,14 +224,16 @@ pub fn fmt_sockaddr(addr: Option<IpAddr>, port: u16) -> String {
     SockAddr(addr, port).to_string()
 }
 
-/// The `n` peers with most drops, most first, ties by address. Only those are
-/// sorted: a flood can leave thousands.
-pub fn top_n(mut v: Vec<(IpAddr, u64)>, n: usize) -> Vec<(IpAddr, u64)> {
+/// The `n` peers with most drops, most first, ties by address, and what `total`
+/// counts beyond them (other peers' drops, and drops under no peer). Only the `n`
+/// are sorted: a flood can leave thousands.
+pub fn top_n(mut v: Vec<(IpAddr, u64)>, n: usize, total: u64) -> (Vec<(IpAddr, u64)>, u64) {
     let order = |a: &(IpAddr, u64), b: &(IpAddr, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
     if v.len() > n && n > 0 {
         v.select_nth_unstable_by(n - 1, order);
     }
     v.truncate(n);
     v.sort_by(order);
-    v
+    let rest = total.saturating_sub(v.iter().map(|(_, c)| c).sum());
+    (v, rest)
 }

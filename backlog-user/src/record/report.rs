@@ -164,8 +164,7 @@ fn top_peers(r: &Replay, rows: &[&Listener], t: &BTreeMap<u64, Second>, n: usize
         }
         all.values().sum::<u64>() + no_line
     };
-    let top = crate::model::top_n(all.into_iter().collect(), n);
-    let other = total.saturating_sub(top.iter().map(|(_, c)| c).sum());
+    let (top, other) = crate::model::top_n(all.into_iter().collect(), n, total);
     Peers { top, other, from_kernel, no_line }
 }
 
