@@ -61,6 +61,20 @@ fn accepted_by(l: &Listener) -> Option<String> {
     Some(s.join(", "))
 }
 
+/// The peers it dropped most, with how many each, and the drops of every other peer
+/// (or of none: the kernel's peer table was full) as `other`. None without drops.
+fn dropped_from(l: &Listener) -> Option<String> {
+    if l.total_drops() == 0 {
+        return None;
+    }
+    let (top, other) = l.top_peers(3);
+    let mut s: Vec<String> = top.iter().map(|(p, n)| format!("{p} {n}")).collect();
+    if other > 0 {
+        s.push(format!("other {other}"));
+    }
+    Some(s.join(", "))
+}
+
 /// Owners, as many as fit in `room` characters with the count of the rest; when not
 /// even one fits with its name, pids alone (the count of owners is never cut off).
 fn owners_within(l: &Listener, room: usize) -> String {
@@ -219,7 +233,7 @@ fn wide_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Previo
         cols.push(col("ACC/s", 7, true));
     }
     cols.extend([col("P50ms", 7, true), col("P99ms", 7, true), col("MAXms", 7, true), col("OWNERS", 0, false)]);
-    cols.push(col("ACCEPTED_BY", 0, false));
+    cols.extend([col("ACCEPTED_BY", 0, false), col("DROPPED_FROM", 0, false)]);
     let rows: Vec<Vec<String>> = listeners
         .iter()
         .map(|l| {
@@ -237,6 +251,7 @@ fn wide_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Previo
             r.extend(latency_cells(l));
             r.push(owners(l));
             r.push(accepted_by(l).unwrap_or_else(|| "-".into()));
+            r.push(dropped_from(l).unwrap_or_else(|| "-".into()));
             r
         })
         .collect();
@@ -281,7 +296,11 @@ fn narrow_table(model: &Model, listeners: &[&Listener], rate: Option<(f64, &Prev
             if let Some(asked) = l.requested_backlog.filter(|r| *r != l.queue_max) {
                 more.push(format!("listen() asked {asked}, limit {}", l.queue_max));
             }
-            details.push((!more.is_empty()).then(|| fit(&format!("  {}", more.join("; ")), columns)));
+            // Peers on a line of their own: the line above is often cut already.
+            let mut extra: Vec<String> =
+                (!more.is_empty()).then(|| fit(&format!("  {}", more.join("; ")), columns)).into_iter().collect();
+            extra.extend(dropped_from(l).map(|d| fit(&format!("  dropped from {d}"), columns)));
+            details.push(extra);
             r
         })
         .collect();
@@ -527,6 +546,8 @@ mod tests {
         l.owners.insert(4_194_303, "nginx".into());
         l.owners.insert(4_194_302, "nginx: worker process".into());
         l.wait.record(1_234_567_890);
+        l.peers.insert("10.0.0.7".parse().unwrap(), 2_999_990);
+        l.peers.insert("10.0.0.9".parse().unwrap(), 10);
         l
     }
 
@@ -542,13 +563,14 @@ mod tests {
             for r in &rows {
                 assert!(r.chars().count() <= 100, "{} columns: {r}", r.chars().count());
             }
-            // Header, and each listener's row with its second line.
-            assert_eq!(rows.len(), 7, "{rows:#?}");
+            // Header, and each listener's row with its two detail lines.
+            assert_eq!(rows.len(), 10, "{rows:#?}");
+            assert_eq!(rows[3], "  dropped from 10.0.0.7 2999990, 10.0.0.9 10, other 3");
             assert!(rows[1].starts_with("255.255.255.255:65535 "), "{}", rows[1]);
             assert!(rows[1].contains("129/128"), "queue now/limit: {}", rows[1]);
             assert!(rows[2].contains("accept_queue_full 3000000") && rows[2].contains("asked 4096"), "{}", rows[2]);
             // An IPv6 address is cut in its middle: the port stays.
-            assert!(rows[3].contains("…") && rows[3].contains(":7334]:65535"), "{}", rows[3]);
+            assert!(rows[4].contains("…") && rows[4].contains(":7334]:65535"), "{}", rows[4]);
             assert!(rows[1].contains("4194302"), "an owner, cut to what is left: {}", rows[1]);
         }
         // A wider terminal, or --wide: every column on one line.
@@ -557,6 +579,9 @@ mod tests {
         assert!(wide[2].contains("[2001:db8:85a3:1234:5678:8a2e:370:7334]:65535"), "{}", wide[2]);
         assert!(wide[0].contains("DROP_ACCQ") && !wide[0].contains(" ACCEPTQ"), "{}", wide[0]);
         assert!(wide[1].contains("128(4096)"), "{}", wide[1]);
+        // The peers it dropped most; `other` is the rest of its drops.
+        assert!(wide[1].ends_with(" 10.0.0.7 2999990, 10.0.0.9 10, other 3"), "{}", wide[1]);
+
         let roomy = table(&m, &[&v4, &v6], None, Width { columns: 400, wide: false });
         assert_eq!(roomy, wide);
         assert_eq!(clock(3_723_004_000_000), "01:02:03.004");
