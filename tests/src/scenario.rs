@@ -208,6 +208,41 @@ impl Run {
             ns.name(),
             s.lost_events
         );
+        self.assert_peers(ns);
+    }
+
+    /// Each port's drops per peer, as the kernel's peer counts give them in the
+    /// summary, equal the drop lines' peers: two separate paths (a map counted per
+    /// drop, and one event per drop). Exact when every listener's peers fit its
+    /// shown list (`drops_other_peers` 0); otherwise each shown peer has at most
+    /// the lines' count (SO_REUSEPORT siblings can show a peer one of them drops
+    /// less). Needs a line per drop, as `assert_exact` checks.
+    pub fn assert_peers(&self, ns: &Netns) {
+        let mut lines: BTreeMap<(u16, String), u64> = BTreeMap::new();
+        for e in self.drops().iter().filter(|e| e.netns == ns.inode()) {
+            let peer: std::net::SocketAddr =
+                e.peer.parse().unwrap_or_else(|err| panic!("drop line peer {:?}: {err}", e.peer));
+            *lines.entry((e.port, peer.ip().to_string())).or_default() += 1;
+        }
+        let listeners = self.listeners(ns);
+        let mut counted: BTreeMap<(u16, String), u64> = BTreeMap::new();
+        for l in &listeners {
+            assert!(
+                l.dropped_peers.iter().map(|p| p.drops).sum::<u64>() + l.drops_other_peers == l.drops,
+                "shown peers + other vs the listener's drops: {l:#?}"
+            );
+            for p in &l.dropped_peers {
+                *counted.entry((l.port, p.peer.clone())).or_default() += p.drops;
+            }
+        }
+        if listeners.iter().all(|l| l.drops_other_peers == 0) {
+            assert_eq!(counted, lines, "drops per (port, peer) in {}: kernel counts vs drop lines", ns.name());
+        } else {
+            for (k, n) in &counted {
+                let seen = lines.get(k).copied().unwrap_or(0);
+                assert!(*n <= seen, "{k:?}: {n} drops in the kernel's peer counts, {seen} drop lines");
+            }
+        }
     }
 
     /// [`Run::assert_exact`] but for the drop lines: every count exact, every drop
