@@ -115,7 +115,10 @@ fn drops_from_more_peers_than_the_peer_table_holds_are_still_counted() {
     let run = traced(&[&ns], &[], || {
         Clients { sources: true, hold_secs: 2, ..Clients::new(&spec.addr, spec.port, peers) }.run(&ns)
     });
-    run.assert_counts(&ns);
+    // 5,000 clients' SYN retransmits land together on timers: on a PREEMPT_RT guest
+    // in kprobe mode the kernel skipped 92 program runs here once (46 drops undetected,
+    // and shown so).
+    run.assert_counts_or_short_by_missed_runs(&ns);
     let l = run.listener(&ns, PORT);
     let full = run.summary().diagnostics.get("peers_full").copied().unwrap_or(0);
     let shown: u64 = l.dropped_peers.iter().map(|p| p.drops).sum();
