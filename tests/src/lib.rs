@@ -27,6 +27,21 @@ pub fn require_root() {
     }
 }
 
+/// Whether `counted` falls short of `expected` only by program runs the kernel
+/// skipped (`missed`, the tracer's `missed_runs`): on PREEMPT_RT a kprobe run that
+/// finds another BPF program preempted on its CPU is skipped, and what it would have
+/// seen is missing. False when nothing was skipped or nothing is missing, so the
+/// caller's exact check applies; panics when the shortfall is more than the skipped
+/// runs, or when nothing was counted at all.
+pub fn short_by_missed_runs(what: &str, counted: u64, expected: u64, missed: u64) -> bool {
+    if missed == 0 || counted >= expected {
+        return false;
+    }
+    assert!(counted > 0 && expected - counted <= missed, "{counted} {what} of {expected}, only {missed} runs skipped");
+    println!("{counted} {what} of {expected}: short by what {missed} skipped runs account for");
+    true
+}
+
 /// The Cargo workspace this crate belongs to.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()

@@ -18,7 +18,7 @@ use backlog_common::hist;
 use backlog_tests::netns::Netns;
 use backlog_tests::tracer::{tracer_command, Tracer};
 use backlog_tests::workload::{workload_bin, Spawned};
-use backlog_tests::{scratch_path, wait_for};
+use backlog_tests::{scratch_path, short_by_missed_runs, wait_for};
 
 /// The listening port, one per test process. The tracer's kernel side follows
 /// every listener on the port it is told, whatever the namespace, and keys
@@ -220,18 +220,9 @@ fn assert_all_timed(l: &Listener, m: &Measured, spec: &Spec) {
     assert_eq!((l.accepts, count, l.abandoned, l.pending), (n, Some(n), 0, 0), "{} accepts: {l:#?}", spec.accept);
 }
 
-/// Whether `accepts` fell short of `expected` by no more than the program runs the
-/// kernel skipped and the tracer counted (`missed_runs`): never silently short. Fails
-/// the test when the shortfall is larger; false when nothing was missed or nothing
-/// is short, and the caller then checks the counts exactly.
-fn short_by_missed_runs(summary: &serde_json::Value, accepts: u64, expected: u64) -> bool {
-    let missed = summary["missed_runs"].as_u64().expect("missed_runs");
-    if missed == 0 || accepts >= expected {
-        return false;
-    }
-    assert!(expected - accepts <= missed, "{accepts} accepts of {expected}, only {missed} runs missed: {summary:#}");
-    println!("{accepts} accepts of {expected}: short by what {missed} missed runs account for");
-    true
+/// The program runs the kernel skipped, as the tracer's summary line counts them.
+fn missed_runs(summary: &serde_json::Value) -> u64 {
+    summary["missed_runs"].as_u64().expect("missed_runs in the summary line")
 }
 
 /// What the tracer's and the workload's clocks may disagree by beyond the
@@ -461,7 +452,7 @@ fn successive_listeners_keep_their_own_accepts() {
     // On PREEMPT_RT a kprobe run that finds another BPF program preempted on its CPU
     // is skipped.
     let total: u64 = [&a, &b].iter().flat_map(|ns| listeners_in(&summary, ns)).map(|l| l.accepts).sum();
-    if short_by_missed_runs(&summary, total, (2 * ROUNDS) as u64 * u64::from(spec.clients)) {
+    if short_by_missed_runs("accepts", total, (2 * ROUNDS) as u64 * u64::from(spec.clients), missed_runs(&summary)) {
         return;
     }
     for ns in [&a, &b] {
@@ -516,7 +507,7 @@ fn foreign_accepts_are_not_counted() {
     let l = summary_listener(&out, &ns);
     // Under the foreign load a program run can be skipped: a child whose queueing was
     // not seen is not timed.
-    if short_by_missed_runs(&summary, l.accepts, u64::from(spec.clients)) {
+    if short_by_missed_runs("accepts", l.accepts, u64::from(spec.clients), missed_runs(&summary)) {
         return;
     }
     assert_all_timed(&l, &m, &spec);
@@ -568,7 +559,7 @@ fn accepts_are_exact_beside_a_second_tracer() {
         let summary = summary_line(&out);
         let l = summary_listener(&out, &ns);
         println!("{who}: {l:?}");
-        if short_by_missed_runs(&summary, l.accepts, u64::from(spec.clients)) {
+        if short_by_missed_runs("accepts", l.accepts, u64::from(spec.clients), missed_runs(&summary)) {
             continue;
         }
         assert_all_timed(&l, &m, &spec);
