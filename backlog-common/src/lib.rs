@@ -235,15 +235,33 @@ pub mod hist {
     }
 }
 
-/// Value of the ENQUEUED map (keyed by the child socket's address): a child on its
-/// listener's accept queue, timed from when it joined.
+/// A child on its listener's accept queue, timed from when it joined: one slot of
+/// the ENQUEUED table. `child` 0 is an empty slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Enqueued {
+    /// The child socket's address.
+    pub child: u64,
     /// CLOCK_MONOTONIC nanoseconds when the child joined the queue.
     pub ts_ns: u64,
     pub listener: ListenerKey,
 }
+
+/// Slots of one ENQUEUED entry: a child's address picks an entry, and the child may
+/// sit in any of its slots (a 4-way set-associative table).
+pub const ENQUEUED_WAYS: usize = 4;
+
+/// One entry of the ENQUEUED array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnqueuedSet {
+    pub slots: [Enqueued; ENQUEUED_WAYS],
+}
+
+/// log2 of the ENQUEUED array's entries: 16,384 entries of 4 slots (65,536 queued
+/// children, 2 MiB), the capacity of the LRU hash it replaced.
+pub const ENQUEUED_SETS_LOG2: u32 = 14;
+pub const ENQUEUED_SETS: u32 = 1 << ENQUEUED_SETS_LOG2;
 
 /// What segment a drop window (backlog-ebpf/src/drops/window.rs) covers; the
 /// segment's kind decides which drop reasons it can have.
@@ -353,11 +371,15 @@ pub mod global {
     /// Drops whose (listener, peer) pair found PEERS full: counted at their
     /// listener as ever, under no peer.
     pub const PEERS_FULL: u32 = 10;
-    pub const N: u32 = 11;
+    /// Queued children whose ENQUEUED entry was full, so that the oldest child there
+    /// lost its slot: that child's accept is counted as unmatched, and an abandon
+    /// of it goes uncounted.
+    pub const ENQUEUED_EVICTED: u32 = 11;
+    pub const N: u32 = 12;
 
     /// JSON names of the diagnostics, by index (`LOST_EVENTS` and
     /// `UNMATCHED_ACCEPT` are reported under their own names).
-    pub const DIAGNOSTICS: [(u32, &str); 9] = [
+    pub const DIAGNOSTICS: [(u32, &str); 10] = [
         (WINDOWS_REPLACED, "windows_replaced"),
         (SETTLED_LATE, "settled_late"),
         (UNATTRIBUTED, "unattributed"),
@@ -367,6 +389,7 @@ pub mod global {
         (SUPPRESSED_LINES, "suppressed_lines"),
         (ACCEPTORS_FULL, "acceptors_full"),
         (PEERS_FULL, "peers_full"),
+        (ENQUEUED_EVICTED, "enqueued_evicted"),
     ];
 }
 
@@ -460,6 +483,7 @@ mod pod {
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::Enqueued {}
+    unsafe impl aya::Pod for super::EnqueuedSet {}
     unsafe impl aya::Pod for super::AcceptorKey {}
     unsafe impl aya::Pod for super::Acceptor {}
     unsafe impl aya::Pod for super::PeerKey {}

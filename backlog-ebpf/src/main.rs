@@ -51,23 +51,26 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
         listeners::on_state(sk, old, new);
         return 0;
     }
+    // The accept side finds a child by its address, as a number: `sk` is a pointer
+    // the verifier typed from BTF, on which it allows no arithmetic.
+    let child = || fields::address_of(sk as *const u8);
     match (old, new) {
         (TCP_LISTEN, TCP_SYN_RECV) => {
             // A child born from a final ACK joins its listener's accept queue next
             // (inet_csk_complete_hashdance). Timing it here, not when it turns
             // ESTABLISHED, keeps an accept() on another CPU from taking it first.
             if let Some((listener, queues)) = window::child_born(sk) {
-                accept::enqueued(sk, &listener, &queues);
+                accept::enqueued(child(), &listener, &queues);
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => window::finish_ack(sk),
         // Died before it was queued (syn_recv_sock failed after cloning).
-        (TCP_SYN_RECV, TCP_CLOSE) => accept::forget(sk),
+        (TCP_SYN_RECV, TCP_CLOSE) => accept::forget(child()),
         // A queued child is ESTABLISHED or CLOSE_WAIT; leaving those states for
         // CLOSE (reset, listener closed) or FIN_WAIT1 / LAST_ACK (an owner closed
         // it, so it was accepted) ends its time in the queue. Sockets leaving any
         // other state were never queued or were seen leaving already.
-        (TCP_ESTABLISHED | TCP_CLOSE_WAIT, TCP_CLOSE | TCP_FIN_WAIT1 | TCP_LAST_ACK) => accept::closed(sk),
+        (TCP_ESTABLISHED | TCP_CLOSE_WAIT, TCP_CLOSE | TCP_FIN_WAIT1 | TCP_LAST_ACK) => accept::closed(child()),
         _ => {}
     }
     0

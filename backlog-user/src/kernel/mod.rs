@@ -16,13 +16,15 @@ mod objinfo;
 mod progstats;
 mod tracepoint;
 
+use std::os::fd::{AsFd, AsRawFd};
+
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun};
 use aya::{Btf, Ebpf, EbpfLoader};
 use backlog_common::{
-    global, names, programs, Acceptor, AcceptorKey, Config, Enqueued, HistKey, KernelOffsets, ListenerKey,
-    ListenerStats, PeerKey, COMM_LEN,
+    global, names, programs, Acceptor, AcceptorKey, Config, EnqueuedSet, HistKey, KernelOffsets, ListenerKey,
+    ListenerStats, PeerKey, COMM_LEN, ENQUEUED_SETS,
 };
 
 use attach::AttachMode;
@@ -92,6 +94,8 @@ pub struct Session {
     pub fallbacks: Vec<String>,
     /// CPUs a flush could not reach (the tracer confined to that one CPU).
     flushes_skipped: u64,
+    /// The kernel's ENQUEUED table, mapped read-only on first use.
+    enqueued: Option<memmap2::Mmap>,
 }
 
 impl Session {
@@ -122,7 +126,7 @@ impl Session {
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
         let links = links::Links::of(&ebpf).context("finding the links of the attached programs")?;
         release_freed_heap();
-        Ok(Session { links, ebpf, mode, kernel: env::kernel_release(), fallbacks, flushes_skipped: 0 })
+        Ok(Session { links, ebpf, mode, kernel: env::kernel_release(), fallbacks, flushes_skipped: 0, enqueued: None })
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
@@ -202,13 +206,31 @@ impl Session {
         Ok(())
     }
 
-    /// Children still timed as queued, counted per listener.
-    pub fn enqueued_by_listener(&self) -> Result<std::collections::HashMap<ListenerKey, u64>> {
-        let m = self.ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
-        let h: HashMap<&MapData, u64, Enqueued> = HashMap::try_from(m)?;
+    /// Children still timed as queued, counted per listener: read in place from the
+    /// mapped table (2 MiB), not with a syscall per slot.
+    pub fn enqueued_by_listener(&mut self) -> Result<std::collections::HashMap<ListenerKey, u64>> {
+        if self.enqueued.is_none() {
+            let m = self.ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
+            let aya::maps::Map::Array(data) = m else { bail!("the ENQUEUED map is not an array") };
+            let len = ENQUEUED_SETS as usize * std::mem::size_of::<EnqueuedSet>();
+            // SAFETY: an array map created BPF_F_MMAPABLE, `len` bytes long, mapped
+            // read-only; its slots are only copied out with volatile reads below,
+            // since the kernel's programs write them meanwhile.
+            let view = unsafe { memmap2::MmapOptions::new().len(len).map(data.fd().as_fd().as_raw_fd()) }
+                .context("mapping the ENQUEUED table into memory (BPF_F_MMAPABLE arrays need Linux 5.5)")?;
+            self.enqueued = Some(view);
+        }
+        let view = self.enqueued.as_ref().expect("mapped above");
+        let sets = view.as_ptr().cast::<EnqueuedSet>();
         let mut out = std::collections::HashMap::new();
-        for (_, e) in h.iter().filter_map(|r| r.ok()) {
-            *out.entry(e.listener).or_insert(0) += 1;
+        for i in 0..ENQUEUED_SETS as usize {
+            // SAFETY: within the mapping, aligned (page-aligned start, 128-byte sets);
+            // a slot a program is writing may be copied half old, half new, which
+            // at worst counts one child under the wrong listener for this reading.
+            let set = unsafe { std::ptr::read_volatile(sets.add(i)) };
+            for slot in set.slots.iter().filter(|s| s.child != 0) {
+                *out.entry(slot.listener).or_insert(0) += 1;
+            }
         }
         Ok(out)
     }
