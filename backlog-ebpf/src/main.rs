@@ -60,7 +60,7 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
             // (inet_csk_complete_hashdance). Timing it here, not when it turns
             // ESTABLISHED, keeps an accept() on another CPU from taking it first.
             if let Some((listener, queues)) = window::child_born(sk) {
-                accept::enqueued(child(), &listener, &queues);
+                accept::enqueued(child(), &listener, queues.as_ref());
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => window::finish_ack(sk),

@@ -177,6 +177,7 @@ struct Listener {
     accepts: u64,
     abandoned: u64,
     pending: u64,
+    queue_peak: u32,
     accept_latency_us: Option<Latency>,
     accept_wait_hist_us: Option<Vec<(u64, u64, u64)>>,
 }
@@ -289,6 +290,11 @@ fn paced_and_measured(tag: &str, spec: Spec) {
         let (m, l) = (measured.expect("workload ran"), summary_listener(&out, &ns));
         assert_all_timed(&l, &m, &spec);
         assert!(l.accept_wait_hist_us.is_none(), "histogram without --hist: {l:#?}");
+        // Every client connects before the first accept: the last child's birth saw
+        // the others queued (the kernel side notes the queue then), and a sync's
+        // socket listing may have seen all of them.
+        let n = spec.clients;
+        assert!((n - 1..=n).contains(&l.queue_peak), "queue peak {} with {n} children queued: {l:#?}", l.queue_peak);
         let loose = [(m.quantile_bounds(0.5), true), (m.quantile_bounds(1.0), false)]
             .into_iter()
             .any(|(bounds, bucketed)| !judgeable(allowed(bounds, bucketed)));

@@ -113,16 +113,20 @@ fn take(child: u64) -> Option<Enqueued> {
 #[map(name = "WAIT_HIST")]
 static WAIT_HIST: PerCpuHashMap<HistKey, u64> = PerCpuHashMap::with_max_entries(HIST_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// A child is on `listener`'s accept queue now. Not inlined (nor `closed`,
-/// `accepted`): bt_set_state also closes windows, whose settlement is a function
-/// call of its own, and the two stack frames together must stay within 512 bytes.
+/// A child is on `listener`'s accept queue now; `queues` is what its listener's
+/// counters have not seen yet, if anything (see `window::child_born`). Not inlined
+/// (nor `closed`, `accepted`): bt_set_state also closes windows, whose settlement is
+/// a function call of its own, and the two stack frames together must stay within
+/// 512 bytes.
 #[inline(never)]
-pub fn enqueued(child: u64, listener: &ListenerKey, queues: &fields::QueueState) {
+pub fn enqueued(child: u64, listener: &ListenerKey, queues: Option<&fields::QueueState>) {
     if fields::config().time_accepts != 0 {
         remember(child, listener);
     }
-    if let Some(s) = maps::stats(listener) {
-        maps::note_queue(s, queues);
+    if let Some(q) = queues {
+        if let Some(s) = maps::stats(listener) {
+            maps::note_queue(s, q);
+        }
     }
 }
 

@@ -62,6 +62,11 @@ pub struct Window {
     /// The three above folded together: a program interrupting another's update on
     /// this CPU can leave them torn, and a torn entry fails this check.
     key_check: u64,
+    /// The highest accept-queue length and the limit this CPU has noted in that
+    /// listener's STATS (which only ever keeps maxima): a child's birth that shows
+    /// neither a longer queue nor another limit skips the STATS lookup.
+    folded_peak: u32,
+    folded_max: u32,
     /// The segment's peer (`addr`, set when the window opens) and, once a drop is
     /// being recorded, its listener: the PEERS map's key. Here rather than on the
     /// stack, which 5.10 limits to 512 bytes for a call chain.
@@ -247,6 +252,8 @@ fn key(w: &mut Window) -> ListenerKey {
     w.key_ino = ino;
     w.key_gen = gen;
     w.key_check = fold(sk, ino, gen);
+    w.folded_peak = 0;
+    w.folded_max = 0;
     ListenerKey { sk, ino }
 }
 
@@ -264,17 +271,25 @@ fn owns(w: &Window, child: u64) -> bool {
 
 /// inet_sock_set_state LISTEN -> SYN_RECV: a child was born from the final ACK this
 /// CPU is handling. Returns the listener, which is about to queue the child, and its
-/// queues as this ACK found them (read when the window opened, in this softirq).
+/// queues as this ACK found them (read when the window opened, in this softirq) when
+/// they show this CPU a longer queue or another limit than it has noted for that
+/// listener; the caller notes them then (`maps::note_queue`).
 #[inline(always)]
-pub fn child_born(child: u64) -> Option<(ListenerKey, QueueState)> {
+pub fn child_born(child: u64) -> Option<(ListenerKey, Option<QueueState>)> {
     let w = current()?;
     if w.kind != ACK || !owns(w, child) {
         return None;
     }
     w.busy = 1;
     let k = key(w);
+    let new = w.ack_backlog > w.folded_peak || w.max_ack_backlog != w.folded_max;
+    if new {
+        w.folded_peak = max(w.folded_peak, w.ack_backlog);
+        w.folded_max = w.max_ack_backlog;
+    }
     w.busy = 0;
-    Some((k, QueueState { ack_backlog: w.ack_backlog, max_ack_backlog: w.max_ack_backlog, syn_qlen: w.syn_qlen }))
+    let q = QueueState { ack_backlog: w.ack_backlog, max_ack_backlog: w.max_ack_backlog, syn_qlen: w.syn_qlen };
+    Some((k, new.then_some(q)))
 }
 
 /// A child turned ESTABLISHED: its final ACK's story is over, so the window closes
