@@ -24,7 +24,7 @@ use crate::maps;
 /// picks one entry by arithmetic and the child sits in one of its ENQUEUED_WAYS
 /// slots, so finding it is an inlined array access and a few compares, where the LRU
 /// hash map this replaces took a bucket lock and an LRU list lock to insert and
-/// again to delete (~0.8 µs of a connection's 2.9 µs, BENCH.md). A child whose entry
+/// again to delete (~0.4 µs of a connection's ~3 µs saved; BENCH.md). A child whose entry
 /// is full evicts the oldest slot (`enqueued_evicted`): a flood of never-accepted
 /// children cannot grow it, and the evicted child's accept is counted as unmatched.
 /// Memory-mappable, so user space counts the queued children in place.
