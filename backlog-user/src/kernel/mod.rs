@@ -94,8 +94,8 @@ pub struct Session {
     pub fallbacks: Vec<String>,
     /// CPUs a flush could not reach (the tracer confined to that one CPU).
     flushes_skipped: u64,
-    /// The kernel's ENQUEUED table, mapped read-only on first use.
-    enqueued: Option<memmap2::Mmap>,
+    /// The kernel's ENQUEUED table, mapped read-only.
+    enqueued: memmap2::Mmap,
 }
 
 impl Session {
@@ -125,8 +125,9 @@ impl Session {
         let p: &mut RawTracePoint = ebpf.program_mut(programs::FLUSH).context(programs::FLUSH)?.try_into()?;
         p.load().context("loading the flush program (raw_tracepoint, run through BPF_PROG_TEST_RUN)")?;
         let links = links::Links::of(&ebpf).context("finding the links of the attached programs")?;
+        let enqueued = map_enqueued(&ebpf)?;
         release_freed_heap();
-        Ok(Session { links, ebpf, mode, kernel: env::kernel_release(), fallbacks, flushes_skipped: 0, enqueued: None })
+        Ok(Session { links, ebpf, mode, kernel: env::kernel_release(), fallbacks, flushes_skipped: 0, enqueued })
     }
 
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
@@ -208,20 +209,8 @@ impl Session {
 
     /// Children still timed as queued, counted per listener: read in place from the
     /// mapped table (2 MiB), not with a syscall per slot.
-    pub fn enqueued_by_listener(&mut self) -> Result<std::collections::HashMap<ListenerKey, u64>> {
-        if self.enqueued.is_none() {
-            let m = self.ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
-            let aya::maps::Map::Array(data) = m else { bail!("the ENQUEUED map is not an array") };
-            let len = ENQUEUED_SETS as usize * std::mem::size_of::<EnqueuedSet>();
-            // SAFETY: an array map created BPF_F_MMAPABLE, `len` bytes long, mapped
-            // read-only; its slots are only copied out with volatile reads below,
-            // since the kernel's programs write them meanwhile.
-            let view = unsafe { memmap2::MmapOptions::new().len(len).map(data.fd().as_fd().as_raw_fd()) }
-                .context("mapping the ENQUEUED table into memory (BPF_F_MMAPABLE arrays need Linux 5.5)")?;
-            self.enqueued = Some(view);
-        }
-        let view = self.enqueued.as_ref().expect("mapped above");
-        let sets = view.as_ptr().cast::<EnqueuedSet>();
+    pub fn enqueued_by_listener(&self) -> std::collections::HashMap<ListenerKey, u64> {
+        let sets = self.enqueued.as_ptr().cast::<EnqueuedSet>();
         let mut out = std::collections::HashMap::new();
         for i in 0..ENQUEUED_SETS as usize {
             // SAFETY: within the mapping, aligned (page-aligned start, 128-byte sets);
@@ -232,7 +221,7 @@ impl Session {
                 *out.entry(slot.listener).or_insert(0) += 1;
             }
         }
-        Ok(out)
+        out
     }
 
     /// Settles every CPU's open window: a drop whose segment's end no program saw
@@ -357,6 +346,19 @@ fn attach_best(
         }
     }
     bail!("no attach mode works on this kernel: {}", fallbacks.join("; "))
+}
+
+/// The ENQUEUED table mapped read-only into this process, for
+/// `Session::enqueued_by_listener`.
+fn map_enqueued(ebpf: &Ebpf) -> Result<memmap2::Mmap> {
+    let m = ebpf.map(names::ENQUEUED).context("ENQUEUED map")?;
+    let aya::maps::Map::Array(data) = m else { bail!("the ENQUEUED map is not an array") };
+    let len = ENQUEUED_SETS as usize * std::mem::size_of::<EnqueuedSet>();
+    // SAFETY: an array map created BPF_F_MMAPABLE, `len` bytes long, mapped read-only;
+    // its slots are only copied out with volatile reads, since the kernel's programs
+    // write them meanwhile.
+    unsafe { memmap2::MmapOptions::new().len(len).map(data.fd().as_fd().as_raw_fd()) }
+        .context("mapping the ENQUEUED table into memory (BPF_F_MMAPABLE arrays need Linux 5.5)")
 }
 
 /// Makes every heap block of 128 KiB or more a mapping of its own, for the rest of

@@ -204,7 +204,7 @@ impl Live {
         self.model.diagnostics = session.diagnostics()?;
         self.closed_since_sync = 0;
         self.model.missed_runs = session.missed_runs()?;
-        let pending = session.enqueued_by_listener()?;
+        let pending = session.enqueued_by_listener();
         self.model.totals = KernelTotals {
             lost_events: session.global(global::LOST_EVENTS)?,
             unmatched_accepts: session.global(global::UNMATCHED_ACCEPT)?,
