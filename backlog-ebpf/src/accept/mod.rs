@@ -49,12 +49,13 @@ fn remember(child: u64, listener: &ListenerKey) {
         let slots = &raw mut (*e).slots;
         let mut pick = &raw mut (*slots)[0];
         let mut oldest = u64::MAX;
+        let mut evicts = true;
         for w in 0..ENQUEUED_WAYS {
             let s = &raw mut (*slots)[w];
             let c = read_volatile(&raw const (*s).child);
             if c == child || c == 0 {
                 pick = s;
-                oldest = 0;
+                evicts = false;
                 break;
             }
             let ts = read_volatile(&raw const (*s).ts_ns);
@@ -63,7 +64,7 @@ fn remember(child: u64, listener: &ListenerKey) {
                 pick = s;
             }
         }
-        if oldest != 0 {
+        if evicts {
             maps::count(global::ENQUEUED_EVICTED);
         }
         // The address first: a reader that finds it unchanged after copying the
