@@ -34,10 +34,14 @@ use crate::fields::{
 // ---- every mode: user space settles each CPU's open window (BPF_PROG_TEST_RUN) ----
 
 /// Never attached: user space runs it on each CPU in turn before reading counts.
+/// Returns 1 when the CPU was busy with its window and nothing was flushed.
 #[raw_tracepoint]
 pub fn bt_flush(_ctx: RawTracePointContext) -> i32 {
-    window::flush();
-    0
+    if window::flush() {
+        0
+    } else {
+        1
+    }
 }
 
 // ---- every mode: socket state changes and listen() ----

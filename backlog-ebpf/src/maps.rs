@@ -111,19 +111,17 @@ pub fn note_queue(s: *mut ListenerStats, q: &fields::QueueState) {
     }
 }
 
-/// Whether a drop line may be sent for this listener now: at most
-/// `Config::max_drop_lines` per second on this CPU (0: no limit). Per CPU, so that
-/// the budget needs no shared cache line under a flood, at the price of a bound of
-/// N lines per CPU rather than N in all. Not atomic: a program preempting another
-/// on this CPU can let one line more or fewer through, never miscount a drop
+/// Whether a drop line may be sent for this listener in second `sec`: at most
+/// `limit` (`Config::max_drop_lines`) per second on this CPU (0: no limit). Per CPU,
+/// so that the budget needs no shared cache line under a flood, at the price of a
+/// bound of N lines per CPU rather than N in all. Not atomic: a program preempting
+/// another on this CPU can let one line more or fewer through, never miscount a drop
 /// (each drop is either a line or `suppressed`).
 #[inline(always)]
-pub fn take_line(s: *mut ListenerStats) -> bool {
-    let limit = u64::from(fields::config().max_drop_lines);
+pub fn take_line(s: *mut ListenerStats, sec: u64, limit: u64) -> bool {
     if limit == 0 {
         return true;
     }
-    let sec = now_ns() / 1_000_000_000;
     // SAFETY: `s` is this CPU's copy of a map value.
     unsafe {
         if (*s).lines_sec != sec {

@@ -12,29 +12,66 @@ use backlog_common::{global, DropReason, EventKind, KernelOffsets, PeerKey};
 use crate::fields::QueueState;
 use crate::maps;
 
+/// Drops held back from the maps: consecutive drops on this CPU of one listener,
+/// from one peer, for one reason, in one second in which the listener has no line
+/// budget left on this CPU. Under a flood nearly every drop is one of these, and
+/// adding to the window (a cache line this CPU already holds) instead of looking up
+/// STATS and PEERS and adding to each with a locked instruction is most of what a
+/// drop costs after the hooks themselves (BENCH.md). The run is added to the maps
+/// (`drain`) when a drop does not extend it and when user space flushes the CPU
+/// before reading counts, so what user space reads is exact.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Run {
+    pub peer: PeerKey,
+    /// The budget's second (ktime / 1e9): the next second's first drops may be lines.
+    sec: u64,
+    pub drops: u64,
+    /// The longest accept queue and the limit the run's drops found.
+    queue_peak: u32,
+    queue_max: u32,
+    reason: u8,
+}
+
 /// Counts the drop in the listener's per-CPU stats and under its peer, and emits an
 /// event, unless the listener is over its line budget on this CPU this second: then
-/// the line is counted as suppressed instead. The counts stay exact either way;
-/// what the budget saves under a flood is the ring-buffer event and its decoding in
-/// user space.
+/// the drop joins `run` (or starts it), to be counted as suppressed when the run
+/// drains. The counts stay exact either way; what the budget saves under a flood is
+/// the ring-buffer event and its decoding in user space, and the run the map updates.
 ///
 /// `peer` is the listener with the peer's address, as the PEERS map keys it, and
-/// `port` the peer's port; the caller keeps `peer` in its window, not on the stack
-/// (5.10's verifier allows 512 bytes for the whole call chain).
+/// `port` the peer's port; the caller keeps `peer` and `run` in its window, not on
+/// the stack (5.10's verifier allows 512 bytes for the whole call chain).
 #[inline(always)]
-pub fn record(peer: &PeerKey, port: u16, reason: DropReason, q: &QueueState, o: &KernelOffsets) {
+pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &QueueState, o: &KernelOffsets) {
+    let limit = u64::from(crate::fields::config().max_drop_lines);
+    let sec = if limit == 0 { 0 } else { maps::now_ns() / 1_000_000_000 };
+    if run.drops != 0 {
+        if run.sec == sec && run.reason == reason as u8 && same_peer(&run.peer, peer) {
+            run.drops += 1;
+            run.queue_peak = max(run.queue_peak, q.ack_backlog);
+            run.queue_max = q.max_ack_backlog;
+            return;
+        }
+        drain(run);
+    }
     let key = &peer.listener;
     if let Some(s) = maps::stats(key) {
+        if !maps::take_line(s, sec, limit) {
+            *run = Run {
+                peer: *peer,
+                sec,
+                drops: 1,
+                queue_peak: q.ack_backlog,
+                queue_max: q.max_ack_backlog,
+                reason: reason as u8,
+            };
+            return;
+        }
         // SAFETY: this CPU's copy of the value.
         maps::atomic_add(unsafe { &raw mut (*s).drops[reason as usize] }, 1);
         maps::note_queue(s, q);
-        peers::count(peer);
-        if !maps::take_line(s) {
-            // SAFETY: as above.
-            maps::atomic_add(unsafe { &raw mut (*s).suppressed }, 1);
-            maps::count(global::SUPPRESSED_LINES);
-            return;
-        }
+        peers::count(peer, 1);
     }
     maps::emit_listener_event(EventKind::Drop, key, o, |ev| {
         ev.reason = reason as u8;
@@ -45,4 +82,44 @@ pub fn record(peer: &PeerKey, port: u16, reason: DropReason, q: &QueueState, o: 
         ev.queue_max = q.max_ack_backlog;
         ev.syn_queue_len = q.syn_qlen;
     });
+}
+
+/// Adds the run's drops to its listener's stats, as suppressed lines, and under its
+/// peer; the run is then empty.
+#[inline(always)]
+pub fn drain(run: &mut Run) {
+    let n = run.drops;
+    if n == 0 {
+        return;
+    }
+    run.drops = 0;
+    if let Some(s) = maps::stats(&run.peer.listener) {
+        let q = QueueState { ack_backlog: run.queue_peak, max_ack_backlog: run.queue_max, syn_qlen: 0 };
+        // SAFETY: this CPU's copy of the value; `reason` came from a DropReason.
+        unsafe {
+            maps::atomic_add(&raw mut (*s).drops[run.reason as usize % backlog_common::N_REASONS], n);
+            maps::atomic_add(&raw mut (*s).suppressed, n);
+        }
+        maps::note_queue(s, &q);
+    }
+    maps::add(global::SUPPRESSED_LINES, n);
+    peers::count(&run.peer, n);
+}
+
+/// Whether two PEERS keys are equal, word by word (an array compare would be a
+/// `bcmp` call, which BPF does not have).
+#[inline(always)]
+fn same_peer(a: &PeerKey, b: &PeerKey) -> bool {
+    // SAFETY: PeerKey is 32 bytes of plain integers, aligned to 8.
+    let (a, b) = unsafe { (&*(a as *const PeerKey as *const [u64; 4]), &*(b as *const PeerKey as *const [u64; 4])) };
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+#[inline(always)]
+fn max(a: u32, b: u32) -> u32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
 }

@@ -3,7 +3,7 @@
 //! lines back. Bounded: once the map is full, a new peer's drops count at their
 //! listener as ever and in `global::PEERS_FULL`, under no peer.
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap},
 };
@@ -29,11 +29,11 @@ const FULL_BACKOFF: u64 = 256;
 #[map(name = "PEERS_BACKOFF")]
 static BACKOFF: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// One more drop under `key`, which the caller keeps off the stack (see `record`).
+/// `n` more drops under `key`, which the caller keeps off the stack (see `record`).
 #[inline(always)]
-pub fn count(key: &PeerKey) {
+pub fn count(key: &PeerKey, n: u64) {
     if let Some(c) = PEERS.get_ptr_mut(key) {
-        maps::atomic_add(c, 1);
+        maps::atomic_add(c, n);
         return;
     }
     let Some(backoff) = BACKOFF.get_ptr_mut(0) else { return };
@@ -42,13 +42,18 @@ pub fn count(key: &PeerKey) {
     unsafe {
         if *backoff > 0 {
             *backoff -= 1;
-            maps::count(global::PEERS_FULL);
+            maps::add(global::PEERS_FULL, n);
             return;
         }
     }
-    match maps::create(&PEERS, key, &0, global::PEERS_FULL) {
-        Some(c) => maps::atomic_add(c, 1),
-        // SAFETY: as above.
-        None => unsafe { *backoff = FULL_BACKOFF },
+    // `maps::create` would count one drop under no peer; these are `n`.
+    let _ = PEERS.insert(key, &0, BPF_NOEXIST as u64);
+    match PEERS.get_ptr_mut(key) {
+        Some(c) => maps::atomic_add(c, n),
+        None => {
+            maps::add(global::PEERS_FULL, n);
+            // SAFETY: as above.
+            unsafe { *backoff = FULL_BACKOFF }
+        }
     }
 }

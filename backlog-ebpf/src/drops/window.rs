@@ -71,6 +71,9 @@ pub struct Window {
     /// being recorded, its listener: the PEERS map's key. Here rather than on the
     /// stack, which 5.10 limits to 512 bytes for a call chain.
     drop_peer: PeerKey,
+    /// Drops held back from the maps while the listener is over its line budget
+    /// (see `super::Run`); drained by `flush` too, so user space reads them.
+    run: super::Run,
 }
 
 #[map(name = "WINDOW")]
@@ -169,17 +172,21 @@ pub fn close(w: &mut Window) {
 
 /// User space's flush, run on each CPU in turn: settles the open window without
 /// closing it (its segment may still be in hand on this CPU, interrupted; whatever
-/// it drops later is still counted at its close).
+/// it drops later is still counted at its close), and drains the held-back run.
+/// False when it interrupted a program updating the window: nothing was done, and
+/// user space tries again.
 #[inline(always)]
-pub fn flush() {
-    let Some(w) = slot() else { return };
+pub fn flush() -> bool {
+    let Some(w) = slot() else { return true };
     if w.busy != 0 {
         maps::count(global::FLUSH_BUSY);
-        return;
+        return false;
     }
     if w.open != 0 {
         settle(w, true);
     }
+    super::drain(&mut w.run);
+    true
 }
 
 /// Records the listen drops this CPU counted since the window opened or was last
@@ -229,7 +236,7 @@ fn settle(w: &mut Window, late: bool) {
     };
     let q = queues_at_drop(w, reason);
     w.drop_peer.listener = key(w);
-    super::record(&w.drop_peer, u16::from_be(w.sport_be), reason, &q, o);
+    super::record(&mut w.run, &w.drop_peer, u16::from_be(w.sport_be), reason, &q, o);
 }
 
 /// The window's listener's key. Its inode takes four dependent reads (sock ->
