@@ -34,10 +34,14 @@ use crate::fields::{
 // ---- every mode: user space settles each CPU's open window (BPF_PROG_TEST_RUN) ----
 
 /// Never attached: user space runs it on each CPU in turn before reading counts.
-/// Returns 1 when the CPU was busy with its window and nothing was flushed.
+/// Returns 1 when a program on the CPU was updating what it flushes (its drop
+/// window, its held-back accepts) and that part was left for another try.
 #[raw_tracepoint]
 pub fn bt_flush(_ctx: RawTracePointContext) -> i32 {
-    if window::flush() {
+    // Both, whatever the first says: each leaves alone only what is busy.
+    let drops = window::flush();
+    let accepts = accept::flush();
+    if drops && accepts {
         0
     } else {
         1

@@ -3,12 +3,14 @@
 //! the bookkeeping (a bounded map of queued children, per-listener counters and
 //! histograms) is here.
 pub mod acceptors;
+mod batch;
 pub mod tracepoint;
 
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    helpers::bpf_get_current_pid_tgid,
     macros::map,
     maps::{Array, PerCpuHashMap},
 };
@@ -131,12 +133,19 @@ pub fn enqueued(child: u64, listener: &ListenerKey, queues: Option<&fields::Queu
     }
 }
 
-/// Counts one wait in the listener's histogram.
+/// The listener's histogram bucket, made if missing (None, counted as `hist_full`,
+/// when the map has no room).
 #[inline(always)]
-fn count_wait(listener: ListenerKey, wait_ns: u64) {
-    let key = HistKey { listener, bucket: hist::bucket(wait_ns / 1000) as u32, _pad: 0 };
-    if let Some(c) = WAIT_HIST.get_ptr_mut(&key).or_else(|| maps::create(&WAIT_HIST, &key, &0, global::HIST_FULL)) {
-        maps::atomic_add(c, 1);
+fn hist_entry(listener: ListenerKey, bucket: u32) -> Option<*mut u64> {
+    let key = HistKey { listener, bucket, _pad: 0 };
+    WAIT_HIST.get_ptr_mut(&key).or_else(|| maps::create(&WAIT_HIST, &key, &0, global::HIST_FULL))
+}
+
+/// Counts `n` waits in the listener's histogram bucket.
+#[inline(always)]
+fn count_wait(listener: ListenerKey, bucket: u32, n: u64) {
+    if let Some(c) = hist_entry(listener, bucket) {
+        maps::atomic_add(c, n);
     }
 }
 
@@ -155,17 +164,21 @@ pub fn accepted(child: u64) {
         return;
     };
     let wait = maps::now_ns().saturating_sub(e.ts_ns);
-    if let Some(s) = maps::stats(&e.listener) {
-        // SAFETY: this CPU's copy.
-        unsafe {
-            maps::atomic_add(&raw mut (*s).accepts, 1);
-            if wait > (*s).wait_max_ns {
-                (*s).wait_max_ns = wait;
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    let bucket = hist::bucket(wait / 1000) as u32;
+    if !batch::add(&e.listener, tgid, wait, bucket) {
+        if let Some(s) = maps::stats(&e.listener) {
+            // SAFETY: this CPU's copy.
+            unsafe {
+                maps::atomic_add(&raw mut (*s).accepts, 1);
+                if wait > (*s).wait_max_ns {
+                    (*s).wait_max_ns = wait;
+                }
             }
         }
+        count_wait(e.listener, bucket, 1);
+        acceptors::count(&e.listener, tgid, 1, None);
     }
-    count_wait(e.listener, wait);
-    acceptors::count(&e.listener);
     if fields::config().emit_accepts != 0 {
         listener_event(EventKind::Accept, &e.listener, wait);
     }
@@ -199,4 +212,11 @@ pub fn closed(child: u64) {
         maps::atomic_add(unsafe { &raw mut (*s).abandoned }, 1);
     }
     listener_event(EventKind::Abandon, &e.listener, maps::now_ns().saturating_sub(e.ts_ns));
+}
+
+/// User space's flush, on each CPU in turn: see `batch`. False when an accept
+/// program was busy there and nothing was done.
+#[inline(always)]
+pub fn flush() -> bool {
+    batch::flush()
 }

@@ -58,6 +58,10 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
     let key = &peer.listener;
     if let Some(s) = maps::stats(key) {
         if !maps::take_line(s, sec, limit) {
+            // The run's first drop goes under its peer now, which makes the peer's
+            // entry if need be: a drain in user space's flush runs in an interrupt,
+            // where a map allocated on use may have no element to give.
+            peers::count(peer, 1);
             *run = Run {
                 peer: *peer,
                 sec,
@@ -84,8 +88,8 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
     });
 }
 
-/// Adds the run's drops to its listener's stats, as suppressed lines, and under its
-/// peer; the run is then empty.
+/// Adds the run's drops to its listener's stats, as suppressed lines, and the rest
+/// of them under its peer; the run is then empty.
 #[inline(always)]
 pub fn drain(run: &mut Run) {
     let n = run.drops;
@@ -103,7 +107,10 @@ pub fn drain(run: &mut Run) {
         maps::note_queue(s, &q);
     }
     maps::add(global::SUPPRESSED_LINES, n);
-    peers::count(&run.peer, n);
+    // The first is under its peer already (see `record`).
+    if n > 1 {
+        peers::count(&run.peer, n - 1);
+    }
 }
 
 /// Whether two PEERS keys are equal, word by word (an array compare would be a
