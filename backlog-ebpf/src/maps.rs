@@ -99,6 +99,12 @@ pub fn stats(key: &ListenerKey) -> Option<*mut ListenerStats> {
     Some(p)
 }
 
+/// This CPU's counters for a listener that has them already (no identity to read).
+#[inline(always)]
+pub fn stats_entry(key: &ListenerKey) -> Option<*mut ListenerStats> {
+    STATS.get_ptr_mut(key)
+}
+
 /// Folds an observation of the listener's accept queue into this CPU's stats.
 #[inline(always)]
 pub fn note_queue(s: *mut ListenerStats, q: &fields::QueueState) {

@@ -62,14 +62,15 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
             // entry if need be: a drain in user space's flush runs in an interrupt,
             // where a map allocated on use may have no element to give.
             peers::count(peer, 1);
-            *run = Run {
-                peer: *peer,
-                sec,
-                drops: 1,
-                queue_peak: q.ack_backlog,
-                queue_max: q.max_ack_backlog,
-                reason: reason as u8,
-            };
+            // Field by field: a `Run` built whole is a 64-byte stack temporary, which
+            // takes 5.10's drop path past its 512-byte stack.
+            run.peer.listener = peer.listener;
+            run.peer.addr = peer.addr;
+            run.sec = sec;
+            run.drops = 1;
+            run.queue_peak = q.ack_backlog;
+            run.queue_max = q.max_ack_backlog;
+            run.reason = reason as u8;
             return;
         }
         // SAFETY: this CPU's copy of the value.
@@ -97,14 +98,21 @@ pub fn drain(run: &mut Run) {
         return;
     }
     run.drops = 0;
-    if let Some(s) = maps::stats(&run.peer.listener) {
-        let q = QueueState { ack_backlog: run.queue_peak, max_ack_backlog: run.queue_max, syn_qlen: 0 };
-        // SAFETY: this CPU's copy of the value; `reason` came from a DropReason.
-        unsafe {
-            maps::atomic_add(&raw mut (*s).drops[run.reason as usize % backlog_common::N_REASONS], n);
-            maps::atomic_add(&raw mut (*s).suppressed, n);
+    // The run's first drop made the entry; only a listener released since (user
+    // space reads and deletes its counts after a flush, which drains first) has none.
+    let Some(s) = maps::stats_entry(&run.peer.listener) else {
+        maps::add(global::UNATTRIBUTED, n);
+        return;
+    };
+    // SAFETY: this CPU's copy of the value; `reason` came from a DropReason.
+    // (`maps::note_queue`'s work, without a QueueState on the stack.)
+    unsafe {
+        maps::atomic_add(&raw mut (*s).drops[run.reason as usize % backlog_common::N_REASONS], n);
+        maps::atomic_add(&raw mut (*s).suppressed, n);
+        if run.queue_peak > (*s).queue_peak {
+            (*s).queue_peak = run.queue_peak;
         }
-        maps::note_queue(s, &q);
+        (*s).queue_max = run.queue_max;
     }
     maps::add(global::SUPPRESSED_LINES, n);
     // The first is under its peer already (see `record`).
