@@ -62,13 +62,14 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
     // The accept side finds a child by its address, as a number: `sk` is a pointer
     // the verifier typed from BTF, on which it allows no arithmetic.
     let child = || fields::address_of(sk as *const u8);
+    let port = || fields::load::<u16>(sk, fields::offsets().skc_num);
     match (old, new) {
         (TCP_LISTEN, TCP_SYN_RECV) => {
             // A child born from a final ACK joins its listener's accept queue next
             // (inet_csk_complete_hashdance). Timing it here, not when it turns
             // ESTABLISHED, keeps an accept() on another CPU from taking it first.
             if let Some((listener, queues)) = window::child_born(sk) {
-                accept::enqueued(child(), &listener, queues.as_ref());
+                accept::enqueued(child(), port(), &listener, queues.as_ref());
             }
         }
         (TCP_SYN_RECV, TCP_ESTABLISHED) => window::finish_ack(sk),
@@ -78,7 +79,13 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
         // CLOSE (reset, listener closed) or FIN_WAIT1 / LAST_ACK (an owner closed
         // it, so it was accepted) ends its time in the queue. Sockets leaving any
         // other state were never queued or were seen leaving already.
-        (TCP_ESTABLISHED | TCP_CLOSE_WAIT, TCP_CLOSE | TCP_FIN_WAIT1 | TCP_LAST_ACK) => accept::closed(child()),
+        (TCP_ESTABLISHED | TCP_CLOSE_WAIT, TCP_CLOSE | TCP_FIN_WAIT1 | TCP_LAST_ACK) => {
+            // A socket turning CLOSE has given its port back already (inet_put_port
+            // runs before the state is stored, and the tracepoint with it).
+            if new == TCP_CLOSE || accept::may_be_queued(port()) {
+                accept::closed(child());
+            }
+        }
         _ => {}
     }
     0
