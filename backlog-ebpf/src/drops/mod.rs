@@ -26,6 +26,8 @@ pub struct Run {
     pub peer: PeerKey,
     /// The budget's second (ktime / 1e9): the next second's first drops may be lines.
     sec: u64,
+    /// The second of user space's last flush of this CPU (see `record`).
+    pub flushed_sec: u64,
     pub drops: u64,
     /// The longest accept queue and the limit the run's drops found.
     queue_peak: u32,
@@ -47,7 +49,11 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
     let limit = u64::from(crate::fields::config().max_drop_lines);
     let sec = if limit == 0 { 0 } else { maps::now_ns() / 1_000_000_000 };
     if run.drops != 0 {
-        if run.sec == sec && run.reason == reason as u8 && same_peer(&run.peer, peer) {
+        // A run grows only while user space flushes this CPU (every second): a CPU it
+        // cannot flush (the tracer confined to it, or starved) holds back one drop at
+        // most, as its window did before runs, instead of a run that may never drain.
+        let flushed = sec <= run.flushed_sec + 2;
+        if flushed && run.sec == sec && run.reason == reason as u8 && same_peer(&run.peer, peer) {
             run.drops += 1;
             run.queue_peak = max(run.queue_peak, q.ack_backlog);
             run.queue_max = q.max_ack_backlog;

@@ -186,6 +186,7 @@ pub fn flush() -> bool {
         settle(w, true);
     }
     super::drain(&mut w.run);
+    w.run.flushed_sec = maps::now_ns() / 1_000_000_000;
     true
 }
 
