@@ -65,12 +65,18 @@ pub fn atomic_add(p: *mut u64, n: u64) {
 /// its counts. None, counted at GLOBAL[`full`], only when the map has no room.
 #[inline(always)]
 pub fn create<K, V>(map: &PerCpuHashMap<K, V>, key: &K, init: &V, full: u32) -> Option<*mut V> {
-    let _ = map.insert(key, init, BPF_NOEXIST as u64);
-    let p = map.get_ptr_mut(key);
+    let p = try_create(map, key, init);
     if p.is_none() {
         count(full);
     }
     p
+}
+
+/// `create` for a caller that counts a full map itself.
+#[inline(always)]
+pub fn try_create<K, V>(map: &PerCpuHashMap<K, V>, key: &K, init: &V) -> Option<*mut V> {
+    let _ = map.insert(key, init, BPF_NOEXIST as u64);
+    map.get_ptr_mut(key)
 }
 
 /// This CPU's counters for a listener, created on first use with the listener's
@@ -107,13 +113,13 @@ pub fn stats_entry(key: &ListenerKey) -> Option<*mut ListenerStats> {
 
 /// Folds an observation of the listener's accept queue into this CPU's stats.
 #[inline(always)]
-pub fn note_queue(s: *mut ListenerStats, q: &fields::QueueState) {
+pub fn note_queue(s: *mut ListenerStats, ack_backlog: u32, max_ack_backlog: u32) {
     // SAFETY: `s` is this CPU's copy of a map value.
     unsafe {
-        if q.ack_backlog > (*s).queue_peak {
-            (*s).queue_peak = q.ack_backlog;
+        if ack_backlog > (*s).queue_peak {
+            (*s).queue_peak = ack_backlog;
         }
-        (*s).queue_max = q.max_ack_backlog;
+        (*s).queue_max = max_ack_backlog;
     }
 }
 

@@ -12,7 +12,7 @@
 //! nothing is flushed, and user space tries again). The accept side only adds, with
 //! atomic instructions: a syscall exit's program can be preempted by another task's
 //! on the same CPU, and both may add at once.
-use aya_ebpf::{macros::map, maps::PerCpuArray};
+use aya_ebpf::{helpers::bpf_get_current_comm, macros::map, maps::PerCpuArray};
 use backlog_common::{global, hist, ListenerKey, COMM_LEN};
 
 use crate::maps;
@@ -71,7 +71,7 @@ pub fn add(listener: &ListenerKey, tgid: u64, wait_ns: u64, bucket: u32) -> bool
         } else {
             (*p).next_listener = *listener;
             (*p).next_tgid = tgid;
-            (*p).next_comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+            (*p).next_comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
         }
         maps::atomic_add(&raw mut (*p).busy, u64::MAX);
         mine
@@ -95,12 +95,7 @@ pub fn flush() -> bool {
         let n = (*p).accepts;
         if n != 0 {
             let listener = (*p).listener;
-            if let Some(s) = maps::stats(&listener) {
-                maps::atomic_add(&raw mut (*s).accepts, n);
-                if (*p).wait_max_ns > (*s).wait_max_ns {
-                    (*s).wait_max_ns = (*p).wait_max_ns;
-                }
-            }
+            super::count_accepts(&listener, n, (*p).wait_max_ns);
             super::acceptors::count(&listener, (*p).tgid, n, Some(&(*p).comm));
             for bucket in 0..hist::BUCKETS as u32 {
                 let Some(h) = PENDING_HIST.get_ptr_mut(bucket) else { break };

@@ -165,7 +165,7 @@ pub fn enqueued(child: u64, port: u16, listener: &ListenerKey, queues: Option<&f
     }
     if let Some(q) = queues {
         if let Some(s) = maps::stats(listener) {
-            maps::note_queue(s, q);
+            maps::note_queue(s, q.ack_backlog, q.max_ack_backlog);
         }
     }
 }
@@ -176,6 +176,20 @@ pub fn enqueued(child: u64, port: u16, listener: &ListenerKey, queues: Option<&f
 fn hist_entry(listener: ListenerKey, bucket: u32) -> Option<*mut u64> {
     let key = HistKey { listener, bucket, _pad: 0 };
     WAIT_HIST.get_ptr_mut(&key).or_else(|| maps::create(&WAIT_HIST, &key, &0, global::HIST_FULL))
+}
+
+/// Counts `n` accepts in the listener's stats, the longest of which waited `wait_max_ns`.
+#[inline(always)]
+fn count_accepts(listener: &ListenerKey, n: u64, wait_max_ns: u64) {
+    if let Some(s) = maps::stats(listener) {
+        // SAFETY: this CPU's copy.
+        unsafe {
+            maps::atomic_add(&raw mut (*s).accepts, n);
+            if wait_max_ns > (*s).wait_max_ns {
+                (*s).wait_max_ns = wait_max_ns;
+            }
+        }
+    }
 }
 
 /// Counts `n` waits in the listener's histogram bucket.
@@ -204,15 +218,7 @@ pub fn accepted(child: u64) {
     let tgid = bpf_get_current_pid_tgid() >> 32;
     let bucket = hist::bucket(wait / 1000) as u32;
     if !batch::add(&e.listener, tgid, wait, bucket) {
-        if let Some(s) = maps::stats(&e.listener) {
-            // SAFETY: this CPU's copy.
-            unsafe {
-                maps::atomic_add(&raw mut (*s).accepts, 1);
-                if wait > (*s).wait_max_ns {
-                    (*s).wait_max_ns = wait;
-                }
-            }
-        }
+        count_accepts(&e.listener, 1, wait);
         count_wait(e.listener, bucket, 1);
         acceptors::count(&e.listener, tgid, 1, None);
     }

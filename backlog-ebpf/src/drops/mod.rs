@@ -55,7 +55,7 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
         let flushed = sec <= run.flushed_sec + 2;
         if flushed && run.sec == sec && run.reason == reason as u8 && same_peer(&run.peer, peer) {
             run.drops += 1;
-            run.queue_peak = max(run.queue_peak, q.ack_backlog);
+            run.queue_peak = window::max(run.queue_peak, q.ack_backlog);
             run.queue_max = q.max_ack_backlog;
             return;
         }
@@ -81,7 +81,7 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
         }
         // SAFETY: this CPU's copy of the value.
         maps::atomic_add(unsafe { &raw mut (*s).drops[reason as usize] }, 1);
-        maps::note_queue(s, q);
+        maps::note_queue(s, q.ack_backlog, q.max_ack_backlog);
         peers::count(peer, 1);
     }
     maps::emit_listener_event(EventKind::Drop, key, o, |ev| {
@@ -111,15 +111,11 @@ pub fn drain(run: &mut Run) {
         return;
     };
     // SAFETY: this CPU's copy of the value; `reason` came from a DropReason.
-    // (`maps::note_queue`'s work, without a QueueState on the stack.)
     unsafe {
         maps::atomic_add(&raw mut (*s).drops[run.reason as usize % backlog_common::N_REASONS], n);
         maps::atomic_add(&raw mut (*s).suppressed, n);
-        if run.queue_peak > (*s).queue_peak {
-            (*s).queue_peak = run.queue_peak;
-        }
-        (*s).queue_max = run.queue_max;
     }
+    maps::note_queue(s, run.queue_peak, run.queue_max);
     maps::add(global::SUPPRESSED_LINES, n);
     // The first is under its peer already (see `record`).
     if n > 1 {
@@ -134,13 +130,4 @@ fn same_peer(a: &PeerKey, b: &PeerKey) -> bool {
     // SAFETY: PeerKey is 32 bytes of plain integers, aligned to 8.
     let (a, b) = unsafe { (&*(a as *const PeerKey as *const [u64; 4]), &*(b as *const PeerKey as *const [u64; 4])) };
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
-}
-
-#[inline(always)]
-fn max(a: u32, b: u32) -> u32 {
-    if a > b {
-        a
-    } else {
-        b
-    }
 }

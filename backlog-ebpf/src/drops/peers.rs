@@ -3,7 +3,7 @@
 //! lines back. Bounded: once the map is full, a new peer's drops count at their
 //! listener as ever and in `global::PEERS_FULL`, under no peer.
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap},
 };
@@ -46,9 +46,8 @@ pub fn count(key: &PeerKey, n: u64) {
             return;
         }
     }
-    // `maps::create` would count one drop under no peer; these are `n`.
-    let _ = PEERS.insert(key, &0, BPF_NOEXIST as u64);
-    match PEERS.get_ptr_mut(key) {
+    // Counted here, not by `maps::create`: these are `n` drops under no peer.
+    match maps::try_create(&PEERS, key, &0) {
         Some(c) => maps::atomic_add(c, n),
         None => {
             maps::add(global::PEERS_FULL, n);

@@ -327,7 +327,7 @@ fn queues_at_drop(w: &Window, reason: DropReason) -> QueueState {
 }
 
 #[inline(always)]
-fn max(a: u32, b: u32) -> u32 {
+pub(super) fn max(a: u32, b: u32) -> u32 {
     if a > b {
         a
     } else {

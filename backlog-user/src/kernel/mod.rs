@@ -77,7 +77,7 @@ pub struct StartOptions {
 /// The user-side diagnostic beside the kernel side's `global::DIAGNOSTICS`.
 const FLUSHES_SKIPPED: &str = "flushes_skipped";
 
-/// Flushes of one CPU tried before its window is left for the next sync.
+/// Flushes of one CPU tried before what it holds is left for the next sync.
 const FLUSH_TRIES: usize = 16;
 
 /// Every diagnostic's name, as `Session::diagnostics` reports them.
@@ -248,9 +248,9 @@ impl Session {
                 continue;
             };
             pinned.run_on(from)?;
-            // A flush that found the CPU's window being updated did nothing (and was
-            // counted, `flush_busy`); the update takes well under a microsecond, so
-            // a few more tries settle it, and the held-back run with it.
+            // A flush that found a program updating what it flushes (the CPU's drop
+            // window, its held-back accepts) left that part (counted, `flush_busy`);
+            // an update takes well under a microsecond, so a few more tries do it.
             for _ in 0..FLUSH_TRIES {
                 let run = p
                     .test_run(RawTracePointRunOptions { cpu: Some(cpu), ..RawTracePointRunOptions::new() })
