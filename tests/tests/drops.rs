@@ -101,6 +101,72 @@ fn drop_lines_over_the_budget_are_suppressed_and_counted_exactly() {
     assert_eq!((&l.dropped_peers, l.drops_other_peers), (&one, 0), "{l:#?}");
 }
 
+/// Issue 15: over the budget, drops from one peer and then from a new peer each (a
+/// flood from spoofed sources) are held back together (backlog-ebpf/src/drops/mod.rs,
+/// `Run`), each peer's share put under it as the next peer arrives: every drop is
+/// still counted under its own peer, and lines + suppressed are the kernel's drops.
+#[test]
+fn drops_from_a_new_peer_each_over_the_budget_are_counted_under_their_peers() {
+    require_root();
+    let ns = Netns::new("peerrun");
+    let spec = ServerSpec::new("127.0.0.1", PORT);
+    let _server = Server::start(&ns, spec.clone());
+    let run = traced(&[&ns], &["--max-drop-lines", "1"], || {
+        // Both batches on one CPU (the clients inherit this thread's affinity, and
+        // loopback SYNs are handled on the sender's CPU): a run is per CPU, and the
+        // peers must take turns inside one.
+        let all = on_cpu(0);
+        // 127.0.0.1, then three peers of their own (127.1.0.0-2, the same three each
+        // time), three times over: four peers, fewer than the output names, so
+        // `drops_other_peers` must be 0 and every drop shows under its peer.
+        let mut batches = Vec::new();
+        for _ in 0..3 {
+            batches.push(Clients { hold_secs: 2, ..Clients::new(&spec.addr, spec.port, 70) }.start(&ns));
+            batches.push(Clients { sources: true, hold_secs: 2, ..Clients::new(&spec.addr, spec.port, 3) }.start(&ns));
+        }
+        on_cpus(&all);
+        for b in batches {
+            b.finish();
+        }
+    });
+    run.assert_counts_or_short_by_missed_runs(&ns);
+    let l = run.listener(&ns, PORT);
+    let kernel = run.delta(&ns).get("ListenDrops");
+    let lines = run.drops().iter().filter(|e| e.netns == ns.inode()).count() as u64;
+    let full = run.summary().diagnostics.get("peers_full").copied().unwrap_or(0);
+    let shown: u64 = l.dropped_peers.iter().map(|p| p.drops).sum();
+    println!("{} drops: {lines} lines, {} suppressed; top peers {:?}", l.drops, l.suppressed_lines, l.dropped_peers);
+    assert!(l.suppressed_lines > 0, "219 connects against listen(8), a budget of 1: {l:#?}");
+    assert_eq!(lines + l.suppressed_lines + run.summary().lost_events, kernel, "{l:#?}");
+    assert_eq!(full, 0, "4 peers fit the peer table");
+    assert_eq!(
+        (shown, l.drops_other_peers, l.dropped_peers.len()),
+        (l.drops, 0, 4),
+        "every drop under its peer: {l:#?}"
+    );
+    assert_eq!(l.dropped_peers.first().map(|p| p.peer.as_str()), Some("127.0.0.1"), "the busiest peer: {l:#?}");
+    assert!(l.dropped_peers.iter().all(|p| p.peer.starts_with("127.") && p.drops > 0), "{l:#?}");
+}
+
+/// Pins the calling thread to `cpu`; returns the CPU set it had.
+fn on_cpu(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: plain-data set, filled by the kernel.
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old), 0, "getaffinity");
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        on_cpus(&one);
+        old
+    }
+}
+
+fn on_cpus(set: &libc::cpu_set_t) {
+    // SAFETY: a valid set of the size given.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    assert_eq!(r, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
 /// Issue 15: the kernel's per-peer table is bounded. A flood from more peers than it
 /// holds still counts every drop exactly at its listener; the drops whose peer found
 /// no room are counted (`peers_full`), never silently dropped, and the peers shown

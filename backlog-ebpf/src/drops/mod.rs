@@ -12,14 +12,18 @@ use backlog_common::{global, DropReason, EventKind, KernelOffsets, PeerKey};
 use crate::fields::QueueState;
 use crate::maps;
 
-/// Drops held back from the maps: consecutive drops on this CPU of one listener,
-/// from one peer, for one reason, in one second in which the listener has no line
-/// budget left on this CPU. Under a flood nearly every drop is one of these, and
-/// adding to the window (a cache line this CPU already holds) instead of looking up
-/// STATS and PEERS and adding to each with a locked instruction is most of what a
-/// drop costs after the hooks themselves (BENCH.md). The run is added to the maps
-/// (`drain`) when a drop does not extend it and when user space flushes the CPU
-/// before reading counts, so what user space reads is exact.
+/// Drops held back from the maps: consecutive drops on this CPU of one listener, for
+/// one reason, in one second in which the listener has no line budget left on this
+/// CPU. Under a flood nearly every drop is one of these, and adding to the window (a
+/// cache line this CPU already holds) instead of looking up STATS and PEERS and
+/// adding to each with a locked instruction is most of what a drop costs after the
+/// hooks themselves (BENCH.md). The run is added to the maps (`drain`) when a drop
+/// does not extend it and when user space flushes the CPU before reading counts, so
+/// what user space reads is exact.
+///
+/// A new peer does not end the run, only the peer's share of it (`peer_drops`): a
+/// flood from spoofed sources brings a new peer with nearly every SYN, and ending
+/// the run there cost each drop two more STATS lookups.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct Run {
@@ -29,6 +33,8 @@ pub struct Run {
     /// The second of user space's last flush of this CPU (see `record`).
     pub flushed_sec: u64,
     pub drops: u64,
+    /// How many of `drops` are `peer`'s and not yet under it in PEERS.
+    peer_drops: u64,
     /// The longest accept queue and the limit the run's drops found.
     queue_peak: u32,
     queue_max: u32,
@@ -53,10 +59,16 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
         // cannot flush (the tracer confined to it, or starved) holds back one drop at
         // most, as its window did before runs, instead of a run that may never drain.
         let flushed = sec <= run.flushed_sec + 2;
-        if flushed && run.sec == sec && run.reason == reason as u8 && same_peer(&run.peer, peer) {
+        if flushed && run.sec == sec && run.reason == reason as u8 && same_listener(&run.peer, peer) {
             run.drops += 1;
             run.queue_peak = window::max(run.queue_peak, q.ack_backlog);
             run.queue_max = q.max_ack_backlog;
+            if same_addr(&run.peer, peer) {
+                run.peer_drops += 1;
+            } else {
+                drain_peer(run);
+                start_peer(run, peer);
+            }
             return;
         }
         drain(run);
@@ -64,14 +76,9 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
     let key = &peer.listener;
     if let Some(s) = maps::stats(key) {
         if !maps::take_line(s, sec, limit) {
-            // The run's first drop goes under its peer now, which makes the peer's
-            // entry if need be: a drain in user space's flush runs in an interrupt,
-            // where a map allocated on use may have no element to give.
-            peers::count(peer, 1);
             // Field by field: a `Run` built whole is a 64-byte stack temporary, which
             // takes 5.10's drop path past its 512-byte stack.
-            run.peer.listener = peer.listener;
-            run.peer.addr = peer.addr;
+            start_peer(run, peer);
             run.sec = sec;
             run.drops = 1;
             run.queue_peak = q.ack_backlog;
@@ -108,6 +115,7 @@ pub fn drain(run: &mut Run) {
     // space reads and deletes its counts after a flush, which drains first) has none.
     let Some(s) = maps::stats_entry(&run.peer.listener) else {
         maps::add(global::UNATTRIBUTED, n);
+        run.peer_drops = 0;
         return;
     };
     // SAFETY: this CPU's copy of the value; `reason` came from a DropReason.
@@ -117,17 +125,44 @@ pub fn drain(run: &mut Run) {
     }
     maps::note_queue(s, run.queue_peak, run.queue_max);
     maps::add(global::SUPPRESSED_LINES, n);
-    // The first is under its peer already (see `record`).
-    if n > 1 {
-        peers::count(&run.peer, n - 1);
+    drain_peer(run);
+}
+
+/// `peer` is the run's peer from this drop on. Its first drop goes under it now,
+/// which makes the peer's entry if need be: a drain in user space's flush runs in an
+/// interrupt, where a map allocated on use may have no element to give.
+#[inline(always)]
+fn start_peer(run: &mut Run, peer: &PeerKey) {
+    peers::count(peer, 1);
+    run.peer.listener = peer.listener;
+    run.peer.addr = peer.addr;
+    run.peer_drops = 0;
+}
+
+/// Adds the run's peer's held-back drops under it.
+#[inline(always)]
+fn drain_peer(run: &mut Run) {
+    if run.peer_drops != 0 {
+        peers::count(&run.peer, run.peer_drops);
+        run.peer_drops = 0;
     }
 }
 
-/// Whether two PEERS keys are equal, word by word (an array compare would be a
-/// `bcmp` call, which BPF does not have).
+/// PeerKey as words: an array compare would be a `bcmp` call, which BPF does not have.
 #[inline(always)]
-fn same_peer(a: &PeerKey, b: &PeerKey) -> bool {
-    // SAFETY: PeerKey is 32 bytes of plain integers, aligned to 8.
-    let (a, b) = unsafe { (&*(a as *const PeerKey as *const [u64; 4]), &*(b as *const PeerKey as *const [u64; 4])) };
-    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+pub(super) fn words(k: &PeerKey) -> &[u64; 4] {
+    // SAFETY: PeerKey is 32 bytes of plain integers, aligned to 8: listener, address.
+    unsafe { &*(k as *const PeerKey as *const [u64; 4]) }
+}
+
+#[inline(always)]
+fn same_listener(a: &PeerKey, b: &PeerKey) -> bool {
+    let (a, b) = (words(a), words(b));
+    a[0] == b[0] && a[1] == b[1]
+}
+
+#[inline(always)]
+fn same_addr(a: &PeerKey, b: &PeerKey) -> bool {
+    let (a, b) = (words(a), words(b));
+    a[2] == b[2] && a[3] == b[3]
 }
