@@ -212,3 +212,41 @@ fn reuseport_sockets_name_the_worker_that_accepts_from_each() {
     }
     assert_eq!(total, passive, "accepts at both sockets vs PassiveOpens");
 }
+
+/// Six forked workers take turns accepting from one shared socket while the tracer
+/// syncs every 200 ms: each CPU holds back the accepts of a few of them at a time
+/// (backlog-ebpf/src/accept/batch.rs, four slots, more workers than that), and every
+/// accept must still be counted, once, under a worker.
+#[test]
+fn many_workers_on_one_socket_are_each_counted_across_syncs() {
+    let ns = Netns::new("wrk6");
+    let spec = ServerSpec { accept: "all".into(), fork: 6, backlog: 128, ..ServerSpec::new("127.0.0.1", 7202) };
+    let mut server = None;
+    let (batches, per_batch) = (5, 40);
+    let mut passive = 0;
+    let run = traced(&[&ns], &["--interval", "200ms"], || {
+        let s = Server::start(&ns, spec);
+        let before = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"];
+        for _ in 0..batches {
+            Clients { hold_secs: 0, ..Clients::new("127.0.0.1", 7202, per_batch) }.run(&ns);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        wait_for("every connection accepted", Duration::from_secs(30), || {
+            let q = kernel_listeners(&ns);
+            (q.values().all(|(len, _)| *len == 0)).then_some(())
+        });
+        passive = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"] - before;
+        std::thread::sleep(Duration::from_millis(1500));
+        server = Some(s);
+    });
+    let server = server.expect("server started");
+    assert_eq!(passive, u64::from(batches * per_batch), "harness: PassiveOpens");
+    let l = run.listener(&ns, 7202);
+    assert_eq!(l.accepts, passive, "accepts vs PassiveOpens: {l:#?}");
+    let by_workers: u64 = l.accepted_by.iter().map(|a| a.accepts).sum();
+    assert_eq!(by_workers, l.accepts, "accepted_by adds up to the accepts: {l:#?}");
+    for a in &l.accepted_by {
+        assert!(server.pids[1..].contains(&a.pid), "accepted by {} , not one of the workers {:?}", a.pid, server.pids);
+        assert!(a.comm.starts_with("bt-server"), "{a:?}");
+    }
+}
