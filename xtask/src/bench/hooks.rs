@@ -130,49 +130,46 @@ impl Profile {
     }
 }
 
-/// Side by side: the same programs under connection load and under the flood.
-pub fn markdown(load: &Profile, flood: &Profile) -> String {
-    let mut s = format!(
-        "bpf_stats adds {:.0} ns to every call (an empty program's ns/call); the net columns subtract it.\n\n\
-         | program | wrk: calls/s | ns/call | net ns per connection | flood: calls/s | ns/call | net ns per drop |\n\
-         |---|---|---|---|---|---|---|\n",
-        load.floor_ns
-    );
-    for (name, ..) in &load.rows {
-        let (r, n, u) = load.get(name);
-        let (fr, fnc, fu) = flood.get(name);
-        s += &format!("| {name} | {r:.0} | {n:.0} | {u:.0} | {fr:.0} | {fnc:.0} | {fu:.0} |\n");
-    }
-    s += &format!(
-        "| **all** ({:.0} conn/s; {:.0} drops/s) | | net {:.1} % of a core | **{:.0}** | | net {:.1} % of a core | **{:.0}** |\n",
-        load.per_sec,
-        flood.per_sec,
-        load.net_cpu_pct(),
-        load.net_per_unit(),
-        flood.net_cpu_pct(),
-        flood.net_per_unit()
-    );
-    s
+/// One column group of the per-program table: a profile and what its rate counts.
+pub struct Column<'a> {
+    pub label: &'a str,
+    pub unit: &'a str,
+    pub profile: &'a Profile,
 }
 
-/// One profile alone (a run of one bench part): `unit` is what `per_sec` counts.
-pub fn markdown_one(p: &Profile, unit: &str) -> String {
+/// Side by side: the same programs under each load (connections, floods).
+pub fn markdown(columns: &[Column]) -> String {
+    let Some(first) = columns.first() else { return String::new() };
     let mut s = format!(
-        "bpf_stats adds {:.0} ns to every call (an empty program's ns/call); the net column subtracts it.\n\n\
-         | program | calls/s | ns/call | net ns per {unit} |\n|---|---|---|---|\n",
-        p.floor_ns
+        "bpf_stats adds {:.0} ns to every call (an empty program's ns/call); the net columns subtract it.\n\n| program |",
+        first.profile.floor_ns
     );
-    for (name, ..) in &p.rows {
-        let (r, n, u) = p.get(name);
-        s += &format!("| {name} | {r:.0} | {n:.0} | {u:.0} |\n");
+    for c in columns {
+        s += &format!(" {}: calls/s | ns/call | net ns per {} |", c.label, c.unit);
     }
-    s += &format!(
-        "| **all** ({:.0} {unit}s/s) | | net {:.1} % of a core | **{:.0}** |\n",
-        p.per_sec,
-        p.net_cpu_pct(),
-        p.net_per_unit()
-    );
-    s
+    s += "\n|---|";
+    s += &"---|---|---|".repeat(columns.len());
+    s += "\n";
+    for (name, ..) in &first.profile.rows {
+        s += &format!("| {name} |");
+        for c in columns {
+            let (r, n, u) = c.profile.get(name);
+            s += &format!(" {r:.0} | {n:.0} | {u:.0} |");
+        }
+        s += "\n";
+    }
+    s += "| **all** |";
+    for c in columns {
+        let p = c.profile;
+        s += &format!(
+            " {:.0} {}s/s | net {:.1} % of a core | **{:.0}** |",
+            p.per_sec,
+            c.unit,
+            p.net_cpu_pct(),
+            p.net_per_unit()
+        );
+    }
+    s + "\n"
 }
 
 #[cfg(test)]

@@ -83,12 +83,15 @@ pub fn run(workspace: &Path, o: &Options) -> Result<bool> {
     } else {
         None
     };
-    let profile = match (&load, &flood) {
-        (Some(l), Some(f)) => hooks::markdown(l, f),
-        (None, Some(f)) => hooks::markdown_one(f, "drop"),
-        (Some(l), None) => hooks::markdown_one(l, "connection"),
-        (None, None) => String::new(),
-    };
+    let mut columns = Vec::new();
+    if let Some(l) = &load {
+        columns.push(hooks::Column { label: "wrk", unit: "connection", profile: l });
+    }
+    if let Some((one, spoofed)) = &flood {
+        columns.push(hooks::Column { label: "flood", unit: "drop", profile: one });
+        columns.push(hooks::Column { label: "spoofed flood", unit: "drop", profile: spoofed });
+    }
+    let profile = hooks::markdown(&columns);
     let run = format!(
         "Run of {} UTC ({} s) on {machine}; {conditions}.\n\n{}\nPer-program cost of backlog-trace (default options; bpf_stats, \
          separate runs):\n\n{profile}",
@@ -212,9 +215,15 @@ fn spread_text(r: &Spread) -> String {
     format!("{:.3} (range {:.3}–{:.3})", r.median, r.min, r.max)
 }
 
-/// The SYN flood: bare, under backlog-trace (default, --events), then one profiled
-/// run. Returns the per-program profile under the flood, net of `floor_ns`.
-fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: Option<f64>) -> Result<hooks::Profile> {
+/// The SYN flood: bare, under backlog-trace (default, --events), then profiled runs
+/// from one source and from spoofed ones. Returns their per-program profiles, net of
+/// `floor_ns`.
+fn drop_throughput(
+    o: &Options,
+    tracer: &Path,
+    t: &mut Table,
+    floor_ns: Option<f64>,
+) -> Result<(hooks::Profile, hooks::Profile)> {
     let f = Flood::setup(o.flood_threads, Duration::from_secs(o.flood_seconds))?;
     let ns = f.server_netns().to_string();
     // Every probed flood is paired with a bare one just before it: other load on
@@ -333,9 +342,17 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: Option<f
         Status::Info,
     );
 
-    eprintln!("bench: profiling backlog-trace's programs under the flood");
+    let one = profiled_flood(&f, tracer, floor_ns, 1)?;
+    let spoofed = profiled_flood(&f, tracer, Some(one.floor_ns), SPOOFED_SOURCES)?;
+    Ok((one, spoofed))
+}
+
+/// One flood from `sources` addresses under the tracer with bpf_stats on: the
+/// per-program profile, net of `floor_ns` (measured here beside it when None).
+fn profiled_flood(f: &Flood, tracer: &Path, floor_ns: Option<f64>, sources: u32) -> Result<hooks::Profile> {
+    eprintln!("bench: profiling backlog-trace's programs under the flood from {sources} source(s)");
     let _stats = hooks::StatsOn::enable()?;
-    let p = Probe::tracer(tracer, &["--netns", &ns])?;
+    let p = Probe::tracer(tracer, &["--netns", f.server_netns()])?;
     let floor = match floor_ns {
         Some(_) => None,
         None => Some(Probe::bpftrace(hooks::FLOOR_SCRIPT)?),
@@ -344,7 +361,7 @@ fn drop_throughput(o: &Options, tracer: &Path, t: &mut Table, floor_ns: Option<f
     let before = hooks::sample(p.pid())?;
     let floor0 = floor.as_ref().map(|f| hooks::sample(f.pid())).transpose()?;
     let started = Instant::now();
-    let out = f.run(Some(&p))?;
+    let out = f.run_from(Some(&p), sources)?;
     let after = hooks::sample(p.pid())?;
     let floor_ns = match (floor_ns, &floor, floor0) {
         (Some(ns), _, _) => ns,
