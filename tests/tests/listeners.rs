@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use backlog_tests::netns::Netns;
-use backlog_tests::scenario::traced;
+use backlog_tests::scenario::{traced, Run};
 use backlog_tests::sys::{check, connect_nonblocking, sockaddr, tcp_socket};
 use backlog_tests::tracer::Tracer;
 use backlog_tests::wait_for;
@@ -170,27 +170,35 @@ fn an_unbound_listen_shows_the_port_the_kernel_chose() {
     let drops = run.delta(&ns).get("ListenDrops");
     assert_eq!(l.drops, drops, "drops at the unbound listener vs ListenDrops");
 }
-#[test]
-fn reuseport_sockets_name_the_worker_that_accepts_from_each() {
-    let ns = Netns::new("rup");
-    let spec =
-        ServerSpec { accept: "all".into(), fork: 2, reuseport: 2, pin: true, ..ServerSpec::new("127.0.0.1", 7201) };
+/// Runs `spec`'s accepting server in `ns` under the tracer (with `extra`) while
+/// `clients` connect; returns once every connection was accepted: the run, the
+/// server, and how many connections the kernel made (PassiveOpens).
+fn accepting_run(ns: &Netns, spec: ServerSpec, extra: &[&str], clients: impl FnOnce()) -> (Run, Server, u64) {
     let mut server = None;
-    let connections = 40;
     let mut passive = 0;
-    let run = traced(&[&ns], &[], || {
-        let s = Server::start(&ns, spec);
+    let run = traced(&[ns], extra, || {
+        let s = Server::start(ns, spec);
         let before = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"];
-        Clients::new("127.0.0.1", 7201, connections).run(&ns);
+        clients();
         wait_for("every connection accepted", Duration::from_secs(30), || {
-            let q = kernel_listeners(&ns);
+            let q = kernel_listeners(ns);
             (q.values().all(|(len, _)| *len == 0)).then_some(())
         });
         passive = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"] - before;
         std::thread::sleep(Duration::from_millis(1500));
         server = Some(s);
     });
-    let server = server.expect("server started");
+    (run, server.expect("server started"), passive)
+}
+
+#[test]
+fn reuseport_sockets_name_the_worker_that_accepts_from_each() {
+    let ns = Netns::new("rup");
+    let spec =
+        ServerSpec { accept: "all".into(), fork: 2, reuseport: 2, pin: true, ..ServerSpec::new("127.0.0.1", 7201) };
+    let connections = 40;
+    let (run, server, passive) =
+        accepting_run(&ns, spec, &[], || Clients::new("127.0.0.1", 7201, connections).run(&ns));
     assert_eq!(server.pinned.len(), 2, "{:?}", server.pinned);
     assert_eq!(passive, u64::from(connections), "harness: PassiveOpens");
     let on_port = run.listeners_on(&ns, 7201);
@@ -221,25 +229,13 @@ fn reuseport_sockets_name_the_worker_that_accepts_from_each() {
 fn many_workers_on_one_socket_are_each_counted_across_syncs() {
     let ns = Netns::new("wrk6");
     let spec = ServerSpec { accept: "all".into(), fork: 6, backlog: 128, ..ServerSpec::new("127.0.0.1", 7202) };
-    let mut server = None;
     let (batches, per_batch) = (5, 40);
-    let mut passive = 0;
-    let run = traced(&[&ns], &["--interval", "200ms"], || {
-        let s = Server::start(&ns, spec);
-        let before = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"];
+    let (run, server, passive) = accepting_run(&ns, spec, &["--interval", "200ms"], || {
         for _ in 0..batches {
             Clients { hold_secs: 0, ..Clients::new("127.0.0.1", 7202, per_batch) }.run(&ns);
             std::thread::sleep(Duration::from_millis(300));
         }
-        wait_for("every connection accepted", Duration::from_secs(30), || {
-            let q = kernel_listeners(&ns);
-            (q.values().all(|(len, _)| *len == 0)).then_some(())
-        });
-        passive = ns.counters("/proc/net/snmp", "Tcp")["PassiveOpens"] - before;
-        std::thread::sleep(Duration::from_millis(1500));
-        server = Some(s);
     });
-    let server = server.expect("server started");
     assert_eq!(passive, u64::from(batches * per_batch), "harness: PassiveOpens");
     let l = run.listener(&ns, 7202);
     assert_eq!(l.accepts, passive, "accepts vs PassiveOpens: {l:#?}");
