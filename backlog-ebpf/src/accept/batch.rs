@@ -72,7 +72,7 @@ pub fn add(listener: &ListenerKey, tgid: u64, wait_ns: u64, bucket: u32) -> bool
     // SAFETY: this CPU's copy; shared only with programs on this CPU (see the module).
     unsafe {
         maps::atomic_add(&raw mut (*p).busy, 1);
-        if (*p).listener.sk == listener.sk && (*p).listener.ino == listener.ino {
+        if (*p).listener == *listener {
             for i in 0..SLOTS {
                 let slot = &raw mut (*p).slots[i];
                 if (*slot).tgid != tgid {
@@ -170,7 +170,7 @@ pub fn flush() -> bool {
         if (*p).next_tgid == 0 {
             return true;
         }
-        let moved = (*p).next_listener.sk != listener.sk || (*p).next_listener.ino != listener.ino;
+        let moved = (*p).next_listener != listener;
         if moved {
             (*p).listener = (*p).next_listener;
         }

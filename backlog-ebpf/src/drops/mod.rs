@@ -59,7 +59,7 @@ pub fn record(run: &mut Run, peer: &PeerKey, port: u16, reason: DropReason, q: &
         // cannot flush (the tracer confined to it, or starved) holds back one drop at
         // most, as its window did before runs, instead of a run that may never drain.
         let flushed = sec <= run.flushed_sec + 2;
-        if flushed && run.sec == sec && run.reason == reason as u8 && same_listener(&run.peer, peer) {
+        if flushed && run.sec == sec && run.reason == reason as u8 && run.peer.listener == peer.listener {
             run.drops += 1;
             run.queue_peak = window::max(run.queue_peak, q.ack_backlog);
             run.queue_max = q.max_ack_backlog;
@@ -153,12 +153,6 @@ fn drain_peer(run: &mut Run) {
 pub(super) fn words(k: &PeerKey) -> &[u64; 4] {
     // SAFETY: PeerKey is 32 bytes of plain integers, aligned to 8: listener, address.
     unsafe { &*(k as *const PeerKey as *const [u64; 4]) }
-}
-
-#[inline(always)]
-fn same_listener(a: &PeerKey, b: &PeerKey) -> bool {
-    let (a, b) = (words(a), words(b));
-    a[0] == b[0] && a[1] == b[1]
 }
 
 #[inline(always)]

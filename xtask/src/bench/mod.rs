@@ -179,18 +179,11 @@ fn connection_rates(
 
     sys::check_interrupt()?;
     eprintln!("bench: profiling backlog-trace's programs under wrk ({} s)", o.seconds);
-    let _stats = hooks::StatsOn::enable()?;
-    let p = Probe::tracer(tracer, &[])?;
-    let floor = Probe::bpftrace(hooks::FLOOR_SCRIPT)?;
-    thread::sleep(SETTLE);
-    let (before, floor0) = (hooks::sample(p.pid())?, hooks::sample(floor.pid())?);
-    let started = Instant::now();
-    let rate = wrk.run()?.rate;
-    sys::check_interrupt()?;
-    let (after, floor1) = (hooks::sample(p.pid())?, hooks::sample(floor.pid())?);
-    let profile = hooks::Profile::new(&before, &after, started.elapsed(), rate, hooks::floor(&floor0, &floor1));
-    floor.stop()?;
-    p.stop()?;
+    let profile = profiled(tracer, &[], None, |_| {
+        let rate = wrk.run()?.rate;
+        sys::check_interrupt()?;
+        Ok(rate)
+    })?;
 
     // The rate ratio a dedicated machine would show, from costs that other load
     // barely moves: the programs' own time and the tracer process's CPU, added to
@@ -347,12 +340,23 @@ fn drop_throughput(
     Ok((one, spoofed))
 }
 
-/// One flood from `sources` addresses under the tracer with bpf_stats on: the
-/// per-program profile, net of `floor_ns` (measured here beside it when None).
+/// One flood from `sources` addresses, profiled (see `profiled`).
 fn profiled_flood(f: &Flood, tracer: &Path, floor_ns: Option<f64>, sources: u32) -> Result<hooks::Profile> {
     eprintln!("bench: profiling backlog-trace's programs under the flood from {sources} source(s)");
+    profiled(tracer, &["--netns", f.server_netns()], floor_ns, |p| Ok(f.run_from(Some(p), sources)?.drops_per_sec()))
+}
+
+/// Runs `work` (which returns its unit rate: connections/s, drops/s) under the
+/// tracer started with `args` and bpf_stats on: the per-program profile, net of
+/// `floor_ns`, or of an empty program's cost measured beside it when None.
+fn profiled(
+    tracer: &Path,
+    args: &[&str],
+    floor_ns: Option<f64>,
+    work: impl FnOnce(&Probe) -> Result<f64>,
+) -> Result<hooks::Profile> {
     let _stats = hooks::StatsOn::enable()?;
-    let p = Probe::tracer(tracer, &["--netns", f.server_netns()])?;
+    let p = Probe::tracer(tracer, args)?;
     let floor = match floor_ns {
         Some(_) => None,
         None => Some(Probe::bpftrace(hooks::FLOOR_SCRIPT)?),
@@ -361,7 +365,7 @@ fn profiled_flood(f: &Flood, tracer: &Path, floor_ns: Option<f64>, sources: u32)
     let before = hooks::sample(p.pid())?;
     let floor0 = floor.as_ref().map(|f| hooks::sample(f.pid())).transpose()?;
     let started = Instant::now();
-    let out = f.run_from(Some(&p), sources)?;
+    let rate = work(&p)?;
     let after = hooks::sample(p.pid())?;
     let floor_ns = match (floor_ns, &floor, floor0) {
         (Some(ns), _, _) => ns,
@@ -371,7 +375,7 @@ fn profiled_flood(f: &Flood, tracer: &Path, floor_ns: Option<f64>, sources: u32)
     if let Some(f) = floor {
         f.stop()?;
     }
-    let profile = hooks::Profile::new(&before, &after, started.elapsed(), out.drops_per_sec(), floor_ns);
+    let profile = hooks::Profile::new(&before, &after, started.elapsed(), rate, floor_ns);
     p.stop()?;
     Ok(profile)
 }
