@@ -53,6 +53,9 @@ pub struct Listener {
     /// of every other peer (or of none).
     pub dropped_peers: Vec<PeerDrops>,
     pub drops_other_peers: u64,
+    /// Of `drops`, those under no peer: the kernel's peer table was full.
+    #[serde(default)]
+    pub drops_no_peer: u64,
     /// The accept queue's limit (sk_max_ack_backlog).
     #[serde(default)]
     pub queue_max: u32,

@@ -129,19 +129,17 @@ fn drops_from_a_new_peer_each_over_the_budget_are_counted_under_their_peers() {
             b.finish();
         }
     });
-    run.assert_counts_or_short_by_missed_runs(&ns);
+    // `cargo xtask stress` runs this test (scenario peer-runs) beside other load.
+    run.assert_exact_over_budget(&ns);
     let l = run.listener(&ns, PORT);
-    let kernel = run.delta(&ns).get("ListenDrops");
-    let lines = run.drops().iter().filter(|e| e.netns == ns.inode()).count() as u64;
     let full = run.summary().diagnostics.get("peers_full").copied().unwrap_or(0);
     let shown: u64 = l.dropped_peers.iter().map(|p| p.drops).sum();
-    println!("{} drops: {lines} lines, {} suppressed; top peers {:?}", l.drops, l.suppressed_lines, l.dropped_peers);
+    println!("{} drops, {} suppressed; top peers {:?}", l.drops, l.suppressed_lines, l.dropped_peers);
     assert!(l.suppressed_lines > 0, "219 connects against listen(8), a budget of 1: {l:#?}");
-    assert_eq!(lines + l.suppressed_lines + run.summary().lost_events, kernel, "{l:#?}");
     assert_eq!(full, 0, "4 peers fit the peer table");
     assert_eq!(
-        (shown, l.drops_other_peers, l.dropped_peers.len()),
-        (l.drops, 0, 4),
+        (shown, l.drops_other_peers, l.drops_no_peer, l.dropped_peers.len()),
+        (l.drops, 0, 0, 4),
         "every drop under its peer: {l:#?}"
     );
     assert_eq!(l.dropped_peers.first().map(|p| p.peer.as_str()), Some("127.0.0.1"), "the busiest peer: {l:#?}");
@@ -191,7 +189,12 @@ fn drops_from_more_peers_than_the_peer_table_holds_are_still_counted() {
     println!("{} drops from {peers} peers: {full} found the table full; top {:?}", l.drops, l.dropped_peers);
     // Every one of the table's entries holds a drop at least; the rest found it full.
     assert!(full > 0 && full <= l.drops - u64::from(PEERS_MAX_ENTRIES), "{full} of {} drops: {l:#?}", l.drops);
-    assert_eq!((l.dropped_peers.len() as u64, shown + l.drops_other_peers), (10, l.drops), "{l:#?}");
+    // Three kernel counts tie up: the listener's drops (STATS) less the sum of every
+    // one of its peers' entries (PEERS) are the drops that found the table full
+    // (PEERS_FULL). This namespace's listener is the only one dropping.
+    assert_eq!(l.drops_no_peer, full, "drops under no peer vs peers_full: {l:#?}");
+    assert_eq!(l.dropped_peers.len(), 10, "{l:#?}");
+    assert!(shown <= l.drops - l.drops_no_peer, "{l:#?}");
     assert!(l.dropped_peers.iter().all(|p| p.peer.starts_with("127.1.") && p.drops > 0), "{l:#?}");
 }
 

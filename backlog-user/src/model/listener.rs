@@ -188,6 +188,13 @@ impl Listener {
         top_n(self.peers.iter().map(|(p, c)| (*p, *c)).collect(), n, self.total_drops())
     }
 
+    /// Drops under no peer: the kernel counted them at this listener while its
+    /// peer table had no room for their peer (`peers_full`). Computed from the whole
+    /// table, not the shown peers, so it ties the two kernel counts together.
+    pub fn drops_no_peer(&self) -> u64 {
+        self.total_drops().saturating_sub(self.peers.values().sum())
+    }
+
     /// Acceptors, most accepts first.
     pub fn acceptors_by_accepts(&self) -> Vec<(u32, &Acceptor)> {
         let mut v: Vec<(u32, &Acceptor)> = self.acceptors.iter().map(|(p, a)| (*p, a)).collect();

@@ -74,6 +74,7 @@ pub fn listener_json(l: &Listener) -> Value {
         "suppressed_lines": l.suppressed,
         "dropped_peers": peers.iter().map(|(p, n)| json!({"peer": p.to_string(), "drops": n})).collect::<Vec<_>>(),
         "drops_other_peers": other_peers,
+        "drops_no_peer": l.drops_no_peer(),
         "accept_latency_us": l.wait.latency().map(|w| json!({
             "count": w.count, "p50": w.p50, "p90": w.p90, "p99": w.p99, "max": w.max,
         })),

@@ -38,10 +38,15 @@ pub enum Scenario {
     SynQueue,
     /// Final-ACK overflow with syncookies: the held-back ACKs released together.
     FinalAck,
+    /// Over a line budget of 1 (`--max-drop-lines 1`), bursts from one peer and
+    /// from new peers on one CPU: drops held back in the kernel's runs, each peer's
+    /// share put under it, lines + suppressed exact.
+    PeerRuns,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 3] = [Scenario::AcceptOverflow, Scenario::SynQueue, Scenario::FinalAck];
+    pub const ALL: [Scenario; 4] =
+        [Scenario::AcceptOverflow, Scenario::SynQueue, Scenario::FinalAck, Scenario::PeerRuns];
 
     /// The test in tests/tests/drops.rs that is this scenario.
     fn test(self) -> &'static str {
@@ -49,6 +54,7 @@ impl Scenario {
             Scenario::AcceptOverflow => "ipv4_accept_queue_overflow_is_counted_exactly",
             Scenario::SynQueue => "syn_queue_full_without_syncookies_is_counted_exactly",
             Scenario::FinalAck => "final_ack_overflow_is_counted_exactly",
+            Scenario::PeerRuns => "drops_from_a_new_peer_each_over_the_budget_are_counted_under_their_peers",
         }
     }
 
