@@ -118,8 +118,12 @@ impl Live {
         if self.model.retired.was_merged(&ev.listener.key) {
             return;
         }
-        if ev.what == What::Unlisten {
-            self.closed_since_sync += 1;
+        match ev.what {
+            What::Unlisten => self.closed_since_sync += 1,
+            // The model's drops move with the line, so the next sync's stats will
+            // not show the kernel's peer counts moving: say so here.
+            What::Drop(_) => self.peer_reads_due = PEER_READS,
+            _ => {}
         }
         let l = self.model.apply(&ev);
         self.owners.attribute(l, matches!(ev.what, What::Listen { .. }));
