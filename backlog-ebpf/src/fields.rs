@@ -9,7 +9,7 @@
 //! address is bad, and zero is what every caller wants then. Branching on each of
 //! the dozens of reads in a path multiplied the states older verifiers explore
 //! (6.1 gave up at a million instructions).
-use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
+use aya_ebpf::{helpers::generated::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
 use backlog_common::{Config, KernelOffsets, ListenerKey, AF_INET6};
 
 #[no_mangle]
@@ -123,6 +123,9 @@ pub fn load<T: Copy>(base: u64, off: u32) -> T {
 pub trait Mem {
     fn get<T: Copy>(base: u64, off: u32) -> T;
 
+    /// The address `p` holds, as a plain number (see `number`).
+    fn number(p: u64) -> u64;
+
     /// Two fields; `Probe` reads a side-by-side pair at once (`read_pair`).
     #[inline(always)]
     fn pair<T: Copy>(base: u64, a: u32, b: u32) -> (T, T) {
@@ -143,6 +146,11 @@ impl Mem for Probe {
     }
 
     #[inline(always)]
+    fn number(p: u64) -> u64 {
+        p
+    }
+
+    #[inline(always)]
     fn pair<T: Copy>(base: u64, a: u32, b: u32) -> (T, T) {
         read_pair(base, a, b)
     }
@@ -153,6 +161,11 @@ impl Mem for Btf {
     fn get<T: Copy>(base: u64, off: u32) -> T {
         load(base, off)
     }
+
+    #[inline(always)]
+    fn number(p: u64) -> u64 {
+        number(p)
+    }
 }
 
 /// The address a pointer holds, as a plain number. The verifier forbids arithmetic
@@ -162,6 +175,29 @@ impl Mem for Btf {
 pub fn address_of<T>(p: *const T) -> u64 {
     let slot = p;
     read::<u64>(&slot as *const *const T as u64, 0)
+}
+
+/// Each CPU's anchor: the address of its own copy, once `number` has needed it.
+#[map(name = "ANCHOR")]
+static ANCHOR: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `address_of` for a pointer the verifier typed (a tp_btf argument), without the
+/// helper call on every use: the verifier allows a privileged program one piece of
+/// arithmetic on two pointers, their difference, which it treats as a plain number.
+/// The difference with this CPU's anchor plus the anchor's address (read through
+/// the helper once per CPU) is the address itself, as every mode spells it.
+#[inline(always)]
+pub fn number(p: u64) -> u64 {
+    let Some(anchor) = ANCHOR.get_ptr_mut(0) else { return address_of(p as *const u8) };
+    // SAFETY: this CPU's copy. Any program on this CPU that writes it writes the
+    // same value.
+    let own = unsafe {
+        if *anchor == 0 {
+            *anchor = address_of(anchor);
+        }
+        *anchor
+    };
+    p.wrapping_sub(anchor as u64).wrapping_add(own)
 }
 
 /// Two `T`s at `base + a` and `base + b`: one read when they sit side by side (the

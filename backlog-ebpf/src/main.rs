@@ -61,7 +61,7 @@ pub fn bt_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     // The accept side finds a child by its address, as a number: `sk` is a pointer
     // the verifier typed from BTF, on which it allows no arithmetic.
-    let child = || fields::address_of(sk as *const u8);
+    let child = || fields::number(sk);
     let port = || fields::load::<u16>(sk, fields::offsets().skc_num);
     match (old, new) {
         (TCP_LISTEN, TCP_SYN_RECV) => {

@@ -29,8 +29,13 @@ pub struct Window {
     pub sk: u64,
     /// The segment's skb (its address: only ever compared, never read through).
     pub skb: u64,
-    /// This CPU's `struct linux_mib` in the listener's namespace.
+    /// This CPU's `struct linux_mib` in the listener's namespace: the namespace
+    /// (`struct net`), and the listener generation when `mib` was read from it, folded
+    /// with both into `mib_check` (see `mib_of`).
     mib: u64,
+    mib_net: u64,
+    mib_gen: u64,
+    mib_check: u64,
     /// This CPU's counters when the window opened or was last settled.
     listen_drops: u64,
     overflows: u64,
@@ -100,6 +105,31 @@ fn cpu_offset(w: &mut Window) -> u64 {
     w.cpu_off
 }
 
+/// This CPU's `struct linux_mib` of namespace `net`. A per-CPU pointer, which the
+/// helper must read (the verifier types it apart): each CPU keeps the last one, valid
+/// while `net` is the same and no listener anywhere has closed since. A namespace's
+/// memory can be reused for another only after its listeners closed, and a window
+/// only ever opens on a listener, so a closed listener (`listeners::generation`)
+/// comes between; the generation is read first, as in `key`. Saves a helper call
+/// per window: two per connection, one per dropped SYN. Not inlined: in `open` its
+/// locals took the call chain through `settle` past 5.10's 512 bytes.
+#[inline(never)]
+fn mib_of<M: Mem>(w: &mut Window, net: u64) -> u64 {
+    // `net` may be a pointer the verifier typed, on which it allows no arithmetic.
+    let id = M::number(net);
+    let gen = listeners::generation();
+    let cached = w.mib;
+    if w.mib_net == id && w.mib_gen == gen && w.mib_check == fold(id, cached, gen) {
+        return cached;
+    }
+    let stats = fields::read::<u64>(net, fields::offsets().net_mib_net_statistics);
+    let mib = stats.wrapping_add(cpu_offset(w));
+    w.mib_net = id;
+    w.mib_gen = gen;
+    w.mib_check = fold(id, mib, gen);
+    mib
+}
+
 /// A segment at a listener, as a window opens on it. Aligned to 8 so that it can be
 /// zeroed with word stores (`maps::zero`): it is built for every segment a listener
 /// gets, SYN floods included.
@@ -128,9 +158,7 @@ pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
         settle(w, true);
     }
     let o = fields::offsets();
-    // A per-CPU pointer: the helper reads it (the verifier types it apart).
-    let stats = fields::read::<u64>(M::get::<u64>(sk, o.skc_net), o.net_mib_net_statistics);
-    w.mib = stats.wrapping_add(cpu_offset(w));
+    w.mib = mib_of::<M>(w, M::get::<u64>(sk, o.skc_net));
     (w.overflows, w.listen_drops) = fields::read_pair::<u64>(w.mib, o.mib_listen_overflows, o.mib_listen_drops);
     // Only a SYN can be dropped for a full SYN queue.
     w.reqq_full = if kind == WindowKind::Syn { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
