@@ -432,6 +432,10 @@ pub struct KernelOffsets {
     pub mib_listen_drops: u32,
     pub mib_listen_overflows: u32,
     pub mib_reqq_full_drop: u32,
+    /// `net.ipv4.sysctl_tcp_syncookies` (a u8 on 6.x, an int before: its first
+    /// byte holds the value either way on little-endian machines). TCPReqQFullDrop
+    /// moves only while it is 0.
+    pub net_syncookies: u32,
     /// `struct bpf_array.pptrs`: with it a program finds its CPU's per-CPU offset
     /// from a per-CPU map of its own (this CPU's element minus the map's percpu
     /// base), with no kernel symbol.

@@ -35,6 +35,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     mib_listen_drops: 0,
     mib_listen_overflows: 0,
     mib_reqq_full_drop: 0,
+    net_syncookies: 0,
     bpf_array_pptrs: 0,
     task_files: 0,
     files_fdt: 0,
@@ -121,6 +122,9 @@ pub fn load<T: Copy>(base: u64, off: u32) -> T {
 /// pointers over in different forms (see `load`), and the shared logic is written
 /// once for both.
 pub trait Mem {
+    /// Whether `get` is a plain load (else a helper call).
+    const LOAD: bool;
+
     fn get<T: Copy>(base: u64, off: u32) -> T;
 
     /// The address `p` holds, as a plain number (see `number`).
@@ -140,6 +144,8 @@ pub struct Probe;
 pub struct Btf;
 
 impl Mem for Probe {
+    const LOAD: bool = false;
+
     #[inline(always)]
     fn get<T: Copy>(base: u64, off: u32) -> T {
         read(base, off)
@@ -157,6 +163,8 @@ impl Mem for Probe {
 }
 
 impl Mem for Btf {
+    const LOAD: bool = true;
+
     #[inline(always)]
     fn get<T: Copy>(base: u64, off: u32) -> T {
         load(base, off)

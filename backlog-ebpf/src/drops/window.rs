@@ -19,6 +19,10 @@ use backlog_common::{global, DropReason, ListenerKey, PeerKey, WindowKind};
 use crate::fields::{self, Mem, QueueState};
 use crate::{listeners, maps};
 
+/// The window's TCPReqQFullDrop when it was not read: an ACK's window, or a SYN's
+/// while syncookies are on. The counter cannot move then.
+const REQQ_UNREAD: u64 = u64::MAX;
+
 /// `WindowKind`s as the window stores them (a zeroed slot is no kind at all).
 const SYN: u8 = WindowKind::Syn as u8;
 const ACK: u8 = WindowKind::Ack as u8;
@@ -158,10 +162,19 @@ pub fn open<M: Mem>(sk: u64, kind: WindowKind, seg: &Segment) {
         settle(w, true);
     }
     let o = fields::offsets();
-    w.mib = mib_of::<M>(w, M::get::<u64>(sk, o.skc_net));
+    let net = M::get::<u64>(sk, o.skc_net);
+    w.mib = mib_of::<M>(w, net);
     (w.overflows, w.listen_drops) = fields::read_pair::<u64>(w.mib, o.mib_listen_overflows, o.mib_listen_drops);
-    // Only a SYN can be dropped for a full SYN queue.
-    w.reqq_full = if kind == WindowKind::Syn { fields::read::<u64>(w.mib, o.mib_reqq_full_drop) } else { 0 };
+    // Only a SYN can be dropped for a full SYN queue, and TCPReqQFullDrop only moves
+    // while syncookies are off (tcp_syn_flood_action): with the sysctl at hand in
+    // one load, the counter's read is spared on hosts that keep cookies on. A SYN
+    // handled in the instant the sysctl turns to 0 would show its drop as `other`.
+    let cookies = M::LOAD && M::get::<u8>(net, o.net_syncookies) != 0;
+    w.reqq_full = if kind == WindowKind::Syn && !cookies {
+        fields::read::<u64>(w.mib, o.mib_reqq_full_drop)
+    } else {
+        REQQ_UNREAD
+    };
     w.sk = sk;
     w.sk_drops = M::get::<u32>(sk, o.sk_drops);
     (w.ack_backlog, w.max_ack_backlog) = M::pair::<u32>(sk, o.sk_ack_backlog, o.sk_max_ack_backlog);
@@ -234,7 +247,7 @@ fn settle(w: &mut Window, late: bool) {
     let overflowed = overflows != w.overflows;
     // A SYN drop adds to ListenOverflows or to TCPReqQFullDrop, never both, and
     // always to ListenDrops: one drop that overflowed leaves the other as it was.
-    let reqq_full = if w.kind == SYN && !(overflowed && made == 1) {
+    let reqq_full = if w.kind == SYN && w.reqq_full != REQQ_UNREAD && !(overflowed && made == 1) {
         fields::read::<u64>(w.mib, o.mib_reqq_full_drop)
     } else {
         w.reqq_full

@@ -183,6 +183,7 @@ impl KernelBtf {
             mib_listen_drops: mib(listen_drops),
             mib_listen_overflows: mib(listen_overflows),
             mib_reqq_full_drop: mib(reqq_full_drop),
+            net_syncookies: self.offset("net", &["ipv4", "sysctl_tcp_syncookies"])?,
             bpf_array_pptrs: self.offset("bpf_array", &["pptrs"])?,
             task_files: self.offset("task_struct", &["files"])?,
             files_fdt: self.offset("files_struct", &["fdt"])?,
