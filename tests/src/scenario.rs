@@ -267,16 +267,19 @@ impl Run {
     /// and shown as `missed_runs`), each can hide a drop: every drop must still be
     /// accounted for, detected or shown undetected, and the shortfall be at most the
     /// skipped runs. For workloads heavy enough to meet that (thousands of clients
-    /// retransmitting SYNs on timers); the others stay strict.
-    pub fn assert_counts_or_short_by_missed_runs(&self, ns: &Netns) {
+    /// retransmitting SYNs on timers); the others stay strict. Returns whether the
+    /// counts were exact (not short).
+    pub fn assert_counts_or_short_by_missed_runs(&self, ns: &Netns) -> bool {
         let s = self.summary();
         let drops: u64 = self.listeners(ns).iter().map(|l| l.drops).sum();
         let kernel = self.delta(ns).get("ListenDrops");
         if crate::short_by_missed_runs("drops", drops, kernel, s.missed_runs) {
             // Short, but every missing drop is shown as undetected.
-            return self.assert_accounted(ns);
+            self.assert_accounted(ns);
+            return false;
         }
-        self.assert_counts(ns)
+        self.assert_counts(ns);
+        true
     }
 
     /// Detected plus undetected drops over `ns` equal the namespace's ListenDrops
@@ -303,12 +306,10 @@ impl Run {
     /// by what skipped program runs account for, every missing drop then shown as
     /// undetected (a PREEMPT_RT guest in kprobe mode skips runs under bursts).
     pub fn assert_exact_over_budget(&self, ns: &Netns) {
-        self.report_counts(ns);
-        let c = self.counts(ns);
-        if crate::short_by_missed_runs("drops", c.tracer, c.kernel, c.missed_runs) {
-            return self.assert_accounted(ns);
+        let c = self.report_counts(ns);
+        if !self.assert_counts_or_short_by_missed_runs(ns) {
+            return;
         }
-        self.assert_counts(ns);
         assert_eq!(
             c.lines + c.suppressed + c.lost_events,
             c.kernel,
@@ -317,17 +318,19 @@ impl Run {
         );
     }
 
-    /// Appends the counts of `ns` to `$BACKLOG_COUNTS_FILE`, when it is set, as a
+    /// The counts of `ns`, appended to `$BACKLOG_COUNTS_FILE` when it is set, as a
     /// JSON line, before any assertion can fail (`cargo xtask stress` reads them).
-    fn report_counts(&self, ns: &Netns) {
-        let Some(path) = std::env::var_os(COUNTS_FILE_VAR) else { return };
-        let line = serde_json::to_string(&self.counts(ns)).expect("counts serialize") + "\n";
+    fn report_counts(&self, ns: &Netns) -> Counts {
+        let c = self.counts(ns);
+        let Some(path) = std::env::var_os(COUNTS_FILE_VAR) else { return c };
+        let line = serde_json::to_string(&c).expect("counts serialize") + "\n";
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .unwrap_or_else(|e| panic!("cannot append to ${COUNTS_FILE_VAR} {}: {e}", path.to_string_lossy()));
         f.write_all(line.as_bytes()).unwrap_or_else(|e| panic!("write ${COUNTS_FILE_VAR}: {e}"));
+        c
     }
 
     /// The tracer's and the kernel's numbers for `ns` over the traced window.
